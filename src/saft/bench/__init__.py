@@ -1,0 +1,1 @@
+"""Benchmarks that measure methods against baselines in the same run."""

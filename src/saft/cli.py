@@ -1,0 +1,76 @@
+"""The ``saft`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    from saft.bench.step import StepBenchConfig, format_step_benchmark, run_step_benchmark
+    from saft.io import write_json
+
+    cfg = StepBenchConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
+                          num_classes=args.num_classes, density=args.density, warmup=args.warmup,
+                          repeats=args.repeats, device=args.device, seed=args.seed)
+    report = run_step_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
+    print(format_step_benchmark(report))
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from saft.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out_dir=Path(args.out), steps=args.steps, seeds=tuple(args.seeds)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saft.version import __version__
+
+    parser = argparse.ArgumentParser(prog="saft", description="Sparse Adaptation for Fine-Tuning of CLIP models.")
+    parser.add_argument("--version", action="version", version=f"saft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="benchmarks against baselines measured in the same run")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    step = bench_sub.add_parser("step", help="per-step time and training-state memory: full vs masked-dense vs saft")
+    step.add_argument("--out", help="write the JSON report here")
+    step.add_argument("--arch", default="ViT-B-32", help="open_clip architecture, random init (default: ViT-B-32)")
+    step.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default: 224)")
+    step.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+    step.add_argument("--num-classes", type=int, default=10, help="class prompts through the text tower (default: 10)")
+    step.add_argument("--density", type=float, default=0.001, help="mask density (default: 0.001)")
+    step.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: 2)")
+    step.add_argument("--repeats", type=int, default=5, help="timed steps per method; the median is reported")
+    step.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    step.add_argument("--seed", type=int, default=0, help="seed for weights, data and mask (default: 0)")
+    step.set_defaults(func=_bench_step)
+
+    demo = sub.add_parser("demo", help="score, fine-tune (saft, random, full) and compare on a small built-in task")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--steps", type=int, default=60, help="optimizer steps per method (default: 60)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                      help="few-shot split / training seeds; results are mean +- std over them (default: 1 2 3)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        print(f"saft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""One trainer for the three methods users compare: ``saft``, ``random`` and ``full``.
+
+``saft`` and ``random`` train only the values of a mask (a ``SparseUpdate``); ``full`` is
+conventional fine-tuning of every eligible parameter. All return a ``Delta`` and leave
+the model as it was given (the base), so a result is always "base + delta".
+
+Runs are deterministic for a seed: the batch order is a function of (seed, epoch), and
+a checkpoint holds the trainable tensors, optimizer, schedule and RNG state, so a run
+resumed after a kill ends bit-identical to an uninterrupted one (on the same device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from saft.progress import progress_bar
+
+from saft.io import atomic_path
+from saft.models.fingerprint import fingerprint_model
+from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
+from saft.sparse.mask import Mask
+from saft.sparse.objective import ClassPrompts, class_embeddings, clip_logits
+from saft.sparse.scores import Eligibility
+from saft.sparse.update import SparseUpdate
+from saft.version import __version__
+
+METHODS = ("saft", "random", "full")
+DEFAULT_LR = {"saft": 1e-4, "random": 1e-4, "full": 1e-5}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run (``lr=None`` takes the method's default)."""
+
+    method: str = "saft"
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    checkpoint_every: int = 0
+    num_workers: int = 0
+    eligible_include: Sequence[str] = ("*",)
+    eligible_exclude: Sequence[str] = ("logit_scale", "logit_bias")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        self.betas = tuple(self.betas)
+        self.eligible_include = tuple(self.eligible_include)
+        self.eligible_exclude = tuple(self.eligible_exclude)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr"] = self.learning_rate
+        d["betas"] = list(self.betas)
+        d["eligible_include"] = list(self.eligible_include)
+        d["eligible_exclude"] = list(self.eligible_exclude)
+        return d
+
+
+@dataclass
+class FinetuneResult:
+    delta: Delta
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class StreamBatches:
+    """Micro-batches ``start..stop`` of an endless stream of seeded epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        cache: dict[int, torch.Tensor] = {}
+        for m in range(self.start, self.stop):
+            out = []
+            for pos in range(m * self.batch_size, (m + 1) * self.batch_size):
+                epoch, offset = divmod(pos, self.n)
+                if epoch not in cache:
+                    cache.clear()
+                    cache[epoch] = self._epoch(epoch)
+                out.append(int(cache[epoch][offset]))
+            yield out
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup, then cosine decay to zero at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _freeze_norm_statistics(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune(
+    model: nn.Module,
+    dataset: Dataset,
+    prompts: ClassPrompts,
+    *,
+    config: FinetuneConfig | None = None,
+    mask: Mask | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    meta: dict[str, str] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune and return the delta; the model is left at its base weights.
+
+    ``dataset`` yields ``(image_tensor, label)``. ``mask`` is required for ``saft`` and
+    ``random`` (see ``select_mask`` / ``random_mask``). ``callback`` receives each step's
+    record (loss, lr, grad_norm, images/s) after the optimizer step.
+    """
+    cfg = config or FinetuneConfig()
+    if cfg.method != "full" and mask is None:
+        raise ValueError(f"method {cfg.method!r} trains a mask: pass mask=select_mask(...) or random_mask(...)")
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if resume and ckpt_path is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    base_fp = fingerprint_model(model)
+    amp_dtype = _autocast_dtype(cfg.precision, device)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    eligibility = Eligibility(cfg.eligible_include, cfg.eligible_exclude)
+
+    update: SparseUpdate | None = None
+    backup: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.method == "full":
+        trainable = list(eligibility.select(model).items())
+        backup = {n: p.detach().clone() for n, p in trainable}
+        for _, p in trainable:
+            p.requires_grad_(True)
+        params = [p for _, p in trainable]
+    else:
+        update = SparseUpdate(mask, device=device)
+        params = list(update.values)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_steps)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    history: list[dict] = []
+    start_step = 0
+    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        start_step, history = _load_checkpoint(ckpt_path, params, optimizer, scheduler, scaler, config_json, base_fp)
+
+    t0 = time.perf_counter()
+    try:
+        model.train()
+        if cfg.method != "full":
+            _freeze_norm_statistics(model)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=StreamBatches(len(dataset), cfg.batch_size, cfg.seed,
+                                        start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        prompts = prompts.to(device)
+        cached_text: torch.Tensor | None = None
+        bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"finetune[{cfg.method}]", unit="step",
+                           enabled=progress)
+        batches = iter(loader)
+        for step in range(start_step, cfg.steps):
+            t_step = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for _ in range(cfg.grad_accum):
+                images, labels = next(batches)
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with _attached(update, model), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                               enabled=amp_dtype is not None):
+                    text = cached_text if cached_text is not None else class_embeddings(model, prompts)
+                    if cached_text is None and not text.requires_grad:
+                        cached_text = text.detach()  # the text tower has nothing to train
+                    logits = clip_logits(model, images, text)
+                    loss = nn.functional.cross_entropy(logits.float(), labels)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) * labels.numel()
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += labels.numel()
+            scaler.unscale_(optimizer)
+            grad_norm = _clip(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            record = {"step": step + 1, "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr,
+                      "grad_norm": grad_norm, "images_per_s": seen / max(time.perf_counter() - t_step, 1e-9)}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_s']:.1f}")
+            bar.update(1)
+            if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, scaler, config_json, base_fp, history)
+            if callback is not None:
+                callback(record)
+        bar.close()
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+        trained_full = {n: p.detach().clone() for n, p in model.named_parameters() if n in backup}
+        if backup:  # leave the base in place whatever happened
+            with torch.no_grad():
+                named = dict(model.named_parameters())
+                for n, b in backup.items():
+                    named[n].copy_(b)
+
+    info = {"method": cfg.method, "steps": str(cfg.steps), "lr": repr(cfg.learning_rate),
+            "config": config_json, "library_version": __version__}
+    if mask is not None:
+        info.update({f"mask_{k}": v for k, v in mask.meta.items()})
+    info.update(meta or {})
+    if update is not None:
+        delta = delta_from_sparse(update, base_fp, info)
+    else:
+        delta = delta_from_dense(backup, trained_full, base_fp, info)
+    return FinetuneResult(delta, history, cfg.to_dict(), time.perf_counter() - t0)
+
+
+class _attached:
+    """``update.attached(model)`` or nothing, as one context manager."""
+
+    def __init__(self, update: SparseUpdate | None, model: nn.Module):
+        self.cm = update.attached(model) if update is not None else None
+
+    def __enter__(self):
+        return self.cm.__enter__() if self.cm is not None else None
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc) if self.cm is not None else False
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+
+def _save_checkpoint(path, step, params, optimizer, scheduler, scaler, config_json, base_fp, history) -> None:
+    state = {
+        "step": step,
+        "params": [p.detach().cpu() for p in params],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": config_json,
+        "base_fingerprint": base_fp,
+        "history": history,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path, params, optimizer, scheduler, scaler, config_json, base_fp):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != config_json:
+        raise ValueError(
+            f"{path}: checkpoint was written with another configuration; resume only with the same "
+            f"settings, or start fresh in an empty checkpoint directory.\n checkpoint: {state['config']}\n"
+            f" now:        {config_json}"
+        )
+    if state["base_fingerprint"] != base_fp:
+        raise ValueError(f"{path}: checkpoint belongs to another base model (fingerprint mismatch)")
+    if len(state["params"]) != len(params) or any(
+        a.shape != b.shape for a, b in zip(state["params"], params)
+    ):
+        raise ValueError(f"{path}: checkpoint tensors do not match this run's mask or model")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved.to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"]), list(state["history"])
