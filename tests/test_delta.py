@@ -97,6 +97,10 @@ def test_delta_file_is_small_and_validated(tmp_path, trained):
         saft.load_delta(_other_file(tmp_path))
     with pytest.raises(FileNotFoundError):
         saft.load_delta(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 not a tensor file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        saft.load_delta(garbage)
 
 
 def _other_file(tmp_path):

@@ -30,3 +30,35 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict[str, str], fmt: str) -> Path:
+    """Write a safetensors artifact atomically, tagged with its format and library version."""
+    from safetensors.torch import save_file
+
+    from saft.version import __version__
+
+    meta = {**meta, "format": fmt}
+    meta.setdefault("library_version", __version__)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[str, str]]:
+    """Read a safetensors artifact of format ``fmt``; a missing or foreign file is a clear error."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a SAFT {what} (format={meta.get('format')!r}, expected {fmt!r})")
+    meta.pop("format")
+    return load_file(str(path)), meta

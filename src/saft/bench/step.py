@@ -52,19 +52,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(step: Callable[[], None], cfg: StepBenchConfig, device: torch.device) -> list[float]:
-    for _ in range(cfg.warmup):
-        step()
-    times = []
-    for _ in range(cfg.repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 class _InputGradHooks:
     """Make the first activations of both towers require grad: backward then runs through
     every layer computing input gradients only (the floor)."""
@@ -92,79 +79,76 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
 
     progress(f"scoring a one-batch |grad| mask at density {cfg.density} ...")
     mask = select_mask(importance_scores(model, [(images, labels)], prompts, progress=False), cfg.density)
-    results: dict[str, dict] = {}
+    params = list(eligible.values())
 
-    def set_trainable(names) -> None:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names)
-            p.grad = None
+    def trainable(flag: bool) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(flag)
 
-    # full fine-tuning
-    progress("timing full ...")
-    set_trainable(eligible)
-    opt = torch.optim.AdamW([p for p in eligible.values()], lr=cfg.lr)
+    full_opt = torch.optim.AdamW(params, lr=cfg.lr)
+    masked_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    dense_masks = {n: mask.to_dense(n).to(device) for n in eligible}
+    update = SparseUpdate(mask, device=device)
+    saft_opt = torch.optim.AdamW(list(update.values), lr=cfg.lr)
 
     def full_step():
-        opt.zero_grad(set_to_none=True)
+        trainable(True)
+        full_opt.zero_grad(set_to_none=True)
         classification_loss(model, images, labels, prompts)[0].backward()
-        opt.step()
+        full_opt.step()
+        return _tensor_bytes(p.grad for p in params) + _optimizer_bytes(full_opt)
 
-    base = {n: p.detach().clone() for n, p in eligible.items()}
-    times = _time_steps(full_step, cfg, device)
-    results["full"] = {"step_times_s": times,
-                       "state_bytes": _tensor_bytes(p.grad for p in eligible.values()) + _optimizer_bytes(opt)}
-
-    # naive masked SAFT: dense gradients and optimizer, gradients multiplied by the mask
-    progress("timing masked_dense ...")
-    with torch.no_grad():
-        for n, p in eligible.items():
-            p.copy_(base[n])
-    dense_masks = {n: mask.to_dense(n).to(device) for n in eligible}
-    opt = torch.optim.AdamW([p for p in eligible.values()], lr=cfg.lr, weight_decay=0.0)
-
-    def masked_step():
-        opt.zero_grad(set_to_none=True)
+    def masked_step():  # the naive way: dense gradients and optimizer, gradients masked
+        trainable(True)
+        masked_opt.zero_grad(set_to_none=True)
         classification_loss(model, images, labels, prompts)[0].backward()
         for n, p in eligible.items():
             if p.grad is not None:
                 p.grad.mul_(dense_masks[n])
-        opt.step()
-
-    times = _time_steps(masked_step, cfg, device)
-    results["masked_dense"] = {"step_times_s": times,
-                               "state_bytes": _tensor_bytes(p.grad for p in eligible.values()) + _optimizer_bytes(opt)}
-    del dense_masks
-
-    # ours: values only
-    progress("timing saft ...")
-    with torch.no_grad():
-        for n, p in eligible.items():
-            p.copy_(base[n])
-    set_trainable(())
-    update = SparseUpdate(mask, device=device)
-    opt = torch.optim.AdamW(list(update.values), lr=cfg.lr)
+        masked_opt.step()
+        return _tensor_bytes(p.grad for p in params) + _optimizer_bytes(masked_opt)
 
     def saft_step():
-        opt.zero_grad(set_to_none=True)
+        trainable(False)
+        saft_opt.zero_grad(set_to_none=True)
         with update.attached(model):
             loss = classification_loss(model, images, labels, prompts)[0]
         loss.backward()
-        opt.step()
+        saft_opt.step()
+        return _tensor_bytes(v.grad for v in update.values) + _optimizer_bytes(saft_opt)
 
-    times = _time_steps(saft_step, cfg, device)
-    results["saft"] = {"step_times_s": times,
-                       "state_bytes": _tensor_bytes(v.grad for v in update.values) + _optimizer_bytes(opt)}
+    def floor_step():  # forward + input-gradient backward only
+        trainable(False)
+        hooks = _InputGradHooks(model)
+        try:
+            classification_loss(model, images, labels, prompts)[0].backward()
+        finally:
+            hooks.remove()
+        return 0
 
-    # the floor: forward + input-gradient backward
-    progress("timing floor ...")
-    hooks = _InputGradHooks(model)
-
-    def floor_step():
-        classification_loss(model, images, labels, prompts)[0].backward()
-
-    times = _time_steps(floor_step, cfg, device)
-    hooks.remove()
-    results["floor"] = {"step_times_s": times, "state_bytes": 0}
+    steps = {"full": full_step, "masked_dense": masked_step, "saft": saft_step, "floor": floor_step}
+    results: dict[str, dict] = {m: {"step_times_s": []} for m in METHODS}
+    rounds = cfg.warmup + cfg.repeats
+    for r in range(rounds):
+        # round-robin: every method sees the same background load on the machine
+        progress(f"round {r + 1}/{rounds}{' (warm-up)' if r < cfg.warmup else ''} ...")
+        for method in METHODS:
+            for p in params:
+                p.grad = None
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            state = steps[method]()
+            _sync(device)
+            if r >= cfg.warmup:
+                results[method]["step_times_s"].append(time.perf_counter() - t0)
+            results[method]["state_bytes"] = state
+            if device.type == "cuda":  # includes weights and the other methods' resident state
+                results[method]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    trainable(True)
 
     for r in results.values():
         r["step_time_s"] = statistics.median(r["step_times_s"])

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from saft.io import atomic_path
+from saft.io import load_tensors, save_tensors
 from saft.models.fingerprint import fingerprint_model
 from saft.sparse.kernels import scatter_values
-from saft.version import __version__
 
 DELTA_FORMAT = "saft-delta/1"
 _IDX, _VAL = "::indices", "::values"
@@ -49,42 +48,22 @@ class Delta:
         return sum(t.numel() * t.element_size() for t in [*self.values.values(), *self.indices.values()])
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         tensors = {}
         for name, v in self.values.items():
-            tensors[name + _VAL] = v.detach().cpu().contiguous()
+            tensors[name + _VAL] = v
             if name in self.indices:
                 idx = self.indices[name]
                 small = int(idx.max()) < 2**31 if idx.numel() else True
-                tensors[name + _IDX] = idx.to(torch.int32 if small else torch.int64).cpu().contiguous()
-        meta = dict(self.meta)
-        meta.update(format=DELTA_FORMAT, base_fingerprint=self.base_fingerprint,
-                    library_version=meta.get("library_version", __version__))
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return Path(path)
+                tensors[name + _IDX] = idx.to(torch.int32 if small else torch.int64)
+        meta = {**self.meta, "base_fingerprint": self.base_fingerprint}
+        return save_tensors(path, tensors, meta, DELTA_FORMAT)
 
     @classmethod
     def load(cls, path: str | Path) -> "Delta":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"delta file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != DELTA_FORMAT:
-                raise ValueError(f"{path}: not a SAFT delta (format={meta.get('format')!r})")
-            values, indices = {}, {}
-            for key in f.keys():
-                if key.endswith(_VAL):
-                    values[key[: -len(_VAL)]] = f.get_tensor(key)
-                elif key.endswith(_IDX):
-                    indices[key[: -len(_IDX)]] = f.get_tensor(key).long()
-        fp = meta.pop("base_fingerprint", "")
-        meta.pop("format", None)
-        return cls(values, indices, fp, meta)
+        tensors, meta = load_tensors(path, DELTA_FORMAT, "delta")
+        values = {k[: -len(_VAL)]: t for k, t in tensors.items() if k.endswith(_VAL)}
+        indices = {k[: -len(_IDX)]: t.long() for k, t in tensors.items() if k.endswith(_IDX)}
+        return cls(values, indices, meta.pop("base_fingerprint", ""), meta)
 
 
 def save_delta(delta: Delta, path: str | Path) -> Path:

@@ -17,9 +17,8 @@ from typing import Mapping
 
 import torch
 
-from saft.io import atomic_path
+from saft.io import load_tensors, save_tensors
 from saft.sparse.scores import Scores
-from saft.version import __version__
 
 MASK_FORMAT = "saft-mask/1"
 
@@ -80,39 +79,21 @@ class Mask:
         }
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         tensors = {}
         for name, idx in self.indices.items():
             dtype = torch.int32 if math.prod(self.shapes[name]) < 2**31 else torch.int64
-            tensors[name] = idx.to(dtype).contiguous()
+            tensors[name] = idx.to(dtype)
         meta = dict(self.meta)
-        meta.update(
-            format=MASK_FORMAT,
-            shapes=json.dumps({n: list(s) for n, s in self.shapes.items()}, sort_keys=True),
-            num_selected=str(self.num_selected),
-            library_version=meta.get("library_version", __version__),
-        )
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return Path(path)
+        meta.update(shapes=json.dumps({n: list(s) for n, s in self.shapes.items()}, sort_keys=True),
+                    num_selected=str(self.num_selected))
+        return save_tensors(path, tensors, meta, MASK_FORMAT)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"mask file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != MASK_FORMAT:
-                raise ValueError(f"{path}: not a SAFT mask (format={meta.get('format')!r})")
-            indices = {n: f.get_tensor(n).long() for n in f.keys()}
+        tensors, meta = load_tensors(path, MASK_FORMAT, "mask")
         shapes = {n: tuple(s) for n, s in json.loads(meta.pop("shapes")).items()}
         meta.pop("num_selected", None)
-        meta.pop("format", None)
-        return cls(indices, shapes, meta)
+        return cls({n: t.long() for n, t in tensors.items()}, shapes, meta)
 
 
 _BLOCK_RE = re.compile(r"^(.*?(?:resblocks|blocks?|layers?\d*)\.\d+)\.")
