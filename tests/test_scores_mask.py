@@ -139,8 +139,8 @@ def test_random_mask_global_and_per_tensor():
 
 def test_mask_save_load_and_stats(tmp_path, vit, dataset, vit_prompts):
     scores = saft.importance_scores(vit.model, batches(dataset, 16), vit_prompts, progress=False)
-    mask = saft.select_mask(scores, density=0.002, meta={"base_fingerprint": vit.fingerprint,
-                                                          "manifest_hash": "abc"})
+    assert scores.meta["base_fingerprint"] == vit.fingerprint  # recorded by scoring itself
+    mask = saft.select_mask(scores, density=0.002, meta={"manifest_hash": "abc"})
     path = mask.save(tmp_path / "mask.safetensors")
     again = saft.Mask.load(path)
     assert again.counts() == mask.counts()
@@ -148,6 +148,7 @@ def test_mask_save_load_and_stats(tmp_path, vit, dataset, vit_prompts):
     assert again.shapes == mask.shapes
     for key in ("density", "score_rule", "base_fingerprint", "manifest_hash", "library_version"):
         assert key in again.meta
+    assert again.meta["base_model"] == "saft-tiny-vit@random"
     stats = again.stats()
     assert stats["num_selected"] == mask.num_selected
     assert sum(b["selected"] for b in stats["per_block"].values()) == mask.num_selected

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seed", type=int, default=0, help="seed for weights, data and mask (default: 0)")
     step.set_defaults(func=_bench_step)
 
+    from saft.data.cli import register as register_data
+
+    register_data(sub)
+
     demo = sub.add_parser("demo", help="score, fine-tune (saft, random, full) and compare on a small built-in task")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps per method (default: 60)")

@@ -162,5 +162,6 @@ def load_model(
             spec.arch, pretrained=spec.source, cache_dir=cache_dir, weights_only=True
         )
     model = model.to(device).eval()
+    model.saft_model_spec = str(spec)  # masks and deltas record which base they belong to
     tokenizer = open_clip.get_tokenizer(spec.arch)
     return LoadedModel(model, preprocess, tokenizer, fingerprint_state_dict(model.state_dict()), spec)

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from saft.progress import progress_bar
 
+from saft.models.fingerprint import fingerprint_model
 from saft.sparse.objective import ClassPrompts, classification_loss
 
 SCORE_RULES = ("abs_mean", "mean_abs", "mean_sq")
@@ -124,4 +125,7 @@ def importance_scores(
         t.div_(seen)
         if rule == "abs_mean":
             t.abs_()
-    return Scores(acc, rule, seen)
+    meta = {"base_fingerprint": fingerprint_model(model)}
+    if getattr(model, "saft_model_spec", None):
+        meta["base_model"] = model.saft_model_spec
+    return Scores(acc, rule, seen, meta)

@@ -268,6 +268,8 @@ def finetune(
 
     info = {"method": cfg.method, "steps": str(cfg.steps), "lr": repr(cfg.learning_rate),
             "config": config_json, "library_version": __version__}
+    if getattr(model, "saft_model_spec", None):
+        info["base_model"] = model.saft_model_spec
     if mask is not None:
         info.update({f"mask_{k}": v for k, v in mask.meta.items()})
     info.update(meta or {})

@@ -1,0 +1,208 @@
+"""``saft data``: prepare few-shot manifests and check dataset roots from the shell.
+
+:func:`register` adds the commands to the ``saft`` parser; :func:`main` runs them on
+their own (handy in tests and in containers that only need the data step). Handlers
+turn every expected failure (missing root, bad flags, unsafe manifest lines, broken
+images) into one ``saft data <command>: error: ...`` paragraph on stderr and exit code
+2, so a pipeline log shows what to fix instead of a traceback. ``validate`` exits 1
+when it ran fine but found problems, so scripts can tell "bad data" from "bad call".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from saft.data.manifest import read_manifest
+from saft.data.prepare import SUBSETS, SUPPORTED_DATASETS, PrepareResult, check_dataset, prepare_dataset
+from saft.data.storage import StorageError, open_storage
+from saft.data.validate import validate_root
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+
+# Failures caused by the input rather than by a bug. The data layer's input errors
+# (PrepareError, DataValidationError, FewShotError, ManifestError, UnsafePathError, and
+# future adapter errors) all derive from ValueError; StorageError covers unreachable
+# roots and OSError unwritable output folders. Anything else keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, StorageError, OSError)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _fail(command: str, err: BaseException) -> int:
+    print(f"saft data {command}: error: {err}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _guarded(command: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``handler``, reporting input errors as one message with exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except USER_ERRORS as err:
+            return _fail(command, err)
+
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def format_summary(result: PrepareResult) -> str:
+    """The few lines a user needs after ``prepare``: what was drawn and where it went."""
+    record = result.record
+    lines = [
+        f"prepared {record['root']} ({record['dataset']}, subset {record['subset']}, "
+        f"{record['shots']} shot(s), seed {record['seed']})",
+        f"  classes:       {len(result.classes)}",
+        f"  train images:  {result.train_count}",
+        f"  val images:    {result.val_count}",
+    ]
+    if result.skipped:
+        lines.append(f"  skipped:       {result.skipped} broken file(s)")
+    lines.append(f"  manifest hash: {result.manifest_hash} (train.jsonl)")
+    if result.val_hash is not None:
+        lines.append(f"  val hash:      {result.val_hash} (val.jsonl)")
+    lines.append(f"  output folder: {result.out_dir}")
+    return "\n".join(lines)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Handler of ``saft data prepare``."""
+    result = prepare_dataset(
+        args.root,
+        args.out,
+        dataset=args.dataset,
+        shots=args.shots,
+        seed=args.seed,
+        val_shots=args.val_shots,
+        subset=args.subset,
+        templates=args.templates,
+        skip_corrupt=args.skip_corrupt,
+    )
+    print(format_summary(result))
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Handler of ``saft data validate``: print the report, exit 1 when it has errors."""
+    check_dataset(args.dataset)
+    storage = open_storage(args.root)
+    # Manifest problems (unsafe paths, bad fields) are refused before any file is read.
+    entries = read_manifest(args.manifest) if args.manifest else None
+    report = validate_root(storage, entries)
+    print(report.format())
+    if entries is None and not report.classes:
+        # An empty or mistyped root has nothing wrong in it, yet is no dataset.
+        print(f"no class folders found under {storage.uri}; expected the layout ROOT/<class name>/<image>")
+        return EXIT_FINDINGS
+    return EXIT_OK if report.ok else EXIT_FINDINGS
+
+
+def _dataset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset",
+        default="imagefolder",
+        metavar="NAME",
+        help=f"dataset adapter that reads ROOT; supported: {', '.join(SUPPORTED_DATASETS)} (default: imagefolder)",
+    )
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``data prepare`` and ``data validate`` to an argparse subparsers object.
+
+    Each leaf parser sets ``func`` to a handler ``(args) -> int`` for the caller to
+    dispatch. Returns the ``data`` parser.
+    """
+    data = subparsers.add_parser(
+        "data",
+        help="prepare few-shot manifests and check dataset roots",
+        description="Prepare few-shot manifests from a dataset root and check roots for broken files.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="validate a root and write train/val manifests, classes, templates and prepare.json",
+        description=(
+            "Validate ROOT, draw a deterministic few-shot split and write train.jsonl (val.jsonl with "
+            "--val-shots), classes.json, templates.json and prepare.json into --out. The same inputs "
+            "always give byte-identical files; on any error --out is left unchanged."
+        ),
+    )
+    prepare.add_argument("root", metavar="ROOT",
+                         help="dataset root: a local folder or s3://bucket/prefix laid out as ROOT/<class>/<image>")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    _dataset_flag(prepare)
+    prepare.add_argument("--shots", type=_positive_int, default=16, metavar="K",
+                         help="training images per class (default: 16)")
+    prepare.add_argument("--seed", type=_int, default=1, metavar="N",
+                         help="seed of the few-shot draw; same seed, same images on every machine (default: 1)")
+    prepare.add_argument("--val-shots", type=_non_negative_int, default=0, metavar="K",
+                         help="validation images per class, disjoint from training; 0 writes no val.jsonl (default: 0)")
+    prepare.add_argument("--subset", choices=SUBSETS, default="all",
+                         help="classes to keep: all, base (first half in label order) or new (second half, "
+                              "labels renumbered from 0) (default: all)")
+    prepare.add_argument("--templates", metavar="FILE",
+                         help="prompt templates: .json/.yaml list, or text with one template per line; each "
+                              "needs one '{}' for the class name (default: 'a photo of a {}.')")
+    prepare.add_argument("--skip-corrupt", action="store_true",
+                         help="drop broken image files (counted in the summary) instead of refusing the root")
+    prepare.set_defaults(func=_guarded("prepare", _prepare))
+
+    validate = data_sub.add_parser(
+        "validate",
+        help="check a root (or a manifest over it) for broken, unsafe or duplicate files",
+        description=(
+            "Check every image under ROOT, or the files a manifest lists, and print a report. "
+            "Exit code 0: no errors (warnings allowed); 1: errors found; 2: the check could not run."
+        ),
+    )
+    validate.add_argument("root", metavar="ROOT", help="dataset root: a local folder or s3://bucket/prefix")
+    _dataset_flag(validate)
+    validate.add_argument("--manifest", metavar="FILE",
+                         help="check only the files this JSON-lines manifest lists, including their sha256")
+    validate.set_defaults(func=_guarded("validate", _validate))
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser holding only the ``data`` commands."""
+    parser = argparse.ArgumentParser(prog="saft", description="SAFT data commands.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; returns the exit code (argparse's 2 for bad flags)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The prepare step: from a dataset root to the files every later step reads.
+
+``prepare_dataset`` turns a root (local folder or ``s3://bucket/prefix``) into a folder of
+small, versionable files:
+
+- ``train.jsonl`` (and ``val.jsonl`` when ``val_shots > 0``): few-shot manifests, one
+  image per line with its label, class name and sha256 (see :mod:`saft.data.manifest`)
+- ``classes.json``: the class names in label order (position = label)
+- ``templates.json``: the prompt templates that turn a class name into a caption
+- ``prepare.json``: what was asked for and what came out (dataset, root, shots, seed,
+  val_shots, subset, counts, manifest hashes, library version)
+
+Why it is built this way:
+
+- The root is validated as a whole before anything is drawn, so a truncated JPEG or a
+  file filed under two classes is found now rather than hours into training. Broken
+  files are refused unless ``skip_corrupt``; then they are dropped and counted, and since
+  each class's sampling order depends only on the seed and the path, dropping a broken
+  image picks the next image of that class without disturbing any other choice.
+  Validation decodes every image of the root once (on S3 that also fills the blob cache).
+- The outputs are a set: ``prepare.json`` records the hashes of the manifests beside it.
+  All inputs are read and checked, and every output is rendered to a temporary file,
+  before any output replaces a file of the folder; a failure therefore leaves the folder
+  as it was, never half of a new result next to half of an old one.
+- Nothing depends on time, machine or output location, so the same inputs give
+  byte-identical files, and ``prepare.json``'s hashes can key pipeline caches.
+
+Subsets follow the base-to-new protocol (:func:`saft.data.fewshot.split_base_new`): of
+the classes in label order the first ceil(n/2) are *base*, the rest *new*. With
+``subset="base"`` or ``"new"`` only that half is kept and labels are renumbered from 0
+within the half (for ``base`` this changes nothing; for ``new`` the first new class
+becomes label 0), and ``classes.json`` lists only that half, so a classifier over the
+half's classes uses the manifest labels directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from saft.data.fewshot import select_few_shot, subsample_classes
+from saft.data.imagefolder import ImageEntry, scan_image_folder
+from saft.data.manifest import canonical_manifest_bytes, hash_entries
+from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
+from saft.data.validate import DataValidationError, skip_corrupt as drop_broken, validate_root
+from saft.io import atomic_path, write_json
+from saft.version import __version__
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DATASETS: tuple[str, ...] = ("imagefolder",)
+"""Dataset adapters ``prepare_dataset`` can read; more (CoOp layouts, ImageNet) come later."""
+
+SUBSETS: tuple[str, ...] = ("all", "base", "new")
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+"""The single CLIP prompt; the same default the training objective uses."""
+
+TRAIN_FILE = "train.jsonl"
+VAL_FILE = "val.jsonl"
+CLASSES_FILE = "classes.json"
+TEMPLATES_FILE = "templates.json"
+RECORD_FILE = "prepare.json"
+RECORD_FORMAT = "saft-prepare-v1"
+
+
+class PrepareError(ValueError):
+    """The prepare step cannot run with these arguments (the message says which and why)."""
+
+
+class TemplateError(PrepareError):
+    """Prompt templates are missing, malformed or lack the ``{}`` class-name placeholder."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What :func:`prepare_dataset` wrote, for summaries and for the next pipeline step."""
+
+    out_dir: Path
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    train_count: int
+    val_count: int
+    skipped: int
+    train_hash: str
+    val_hash: str | None
+    record: dict[str, Any]
+
+    @property
+    def manifest_hash(self) -> str:
+        """The training manifest's sha256: the data version a fine-tuned model records."""
+        return self.train_hash
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Output name -> path, for the files this run wrote."""
+        names = {"train": TRAIN_FILE, "classes": CLASSES_FILE, "templates": TEMPLATES_FILE, "record": RECORD_FILE}
+        if self.val_hash is not None:
+            names["val"] = VAL_FILE
+        return {key: self.out_dir / name for key, name in names.items()}
+
+
+def check_dataset(dataset: str) -> str:
+    """Return ``dataset`` if an adapter exists for it, else raise naming the supported ones."""
+    if dataset not in SUPPORTED_DATASETS:
+        raise PrepareError(
+            f"dataset {dataset!r} is not supported; supported datasets: {', '.join(SUPPORTED_DATASETS)}. "
+            "Arrange other datasets as <root>/<class name>/<image> and use 'imagefolder'"
+        )
+    return dataset
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PrepareError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# --- prompt templates --------------------------------------------------------------------
+
+
+def check_template(template: object, where: str) -> str:
+    """Return ``template`` if ``template.format(class_name)`` fills exactly one ``{}``.
+
+    Checking the format fields (not just searching for ``"{}"``) also refuses templates
+    that would break at training time, like ``"a {name}"`` or an unmatched ``"{"``, and
+    templates whose only braces are escaped (``"{{}}"``), which would ignore the class.
+    """
+    if not isinstance(template, str) or not template.strip():
+        raise TemplateError(f"{where}: a template must be a non-empty string, got {template!r}")
+    try:
+        fields = [
+            (name, conversion, spec)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as err:
+        raise TemplateError(f"{where}: template {template!r} is not a valid format string ({err})") from None
+    if fields != [("", None, "")]:
+        raise TemplateError(
+            f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
+            "(and no other braces; write a literal brace as '{{' or '}}'), e.g. 'a photo of a {}.'"
+        )
+    return template
+
+
+def _templates_from_file(path: Path) -> tuple[list[object], list[str]]:
+    """Raw templates of a file and where each came from (for messages)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TemplateError(f"templates file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TemplateError(f"templates file {path} cannot be read as UTF-8 text: {err}") from None
+    suffix = path.suffix.lower()
+    if suffix in {".json", ".yaml", ".yml"}:
+        try:
+            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            kind = "JSON" if suffix == ".json" else "YAML"
+            raise TemplateError(f"templates file {path} is not valid {kind}: {err}") from None
+        if isinstance(data, dict) and set(data) == {"templates"}:
+            data = data["templates"]
+        if not isinstance(data, list):
+            raise TemplateError(
+                f"templates file {path} must hold a list of templates (or {{\"templates\": [...]}}), "
+                f"got {type(data).__name__}"
+            )
+        return data, [f"templates file {path}, item {i}" for i in range(1, len(data) + 1)]
+    # Plain text: one template per line; blank lines and '#' comment lines are skipped.
+    items: list[object] = []
+    wheres: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            items.append(stripped)
+            wheres.append(f"templates file {path}, line {number}")
+    return items, wheres
+
+
+def load_templates(templates: Sequence[str] | str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Prompt templates from a list, a file, or the default ``("a photo of a {}.",)``.
+
+    A file is read by its extension: ``.json`` / ``.yaml`` / ``.yml`` hold a list of
+    strings (or a mapping with one key ``templates``); anything else is text with one
+    template per line, blank lines and lines starting with ``#`` ignored. Every template
+    must contain one ``{}`` for the class name; duplicates are refused because they would
+    silently double one prompt's weight in the class-embedding average.
+    """
+    if templates is None:
+        return DEFAULT_TEMPLATES
+    if isinstance(templates, (str, os.PathLike)):
+        path = Path(templates).expanduser()
+        items, wheres = _templates_from_file(path)
+        source = f"templates file {path}"
+    elif isinstance(templates, Sequence):
+        items = list(templates)
+        wheres = [f"template {i}" for i in range(1, len(items) + 1)]
+        source = "the template list"
+    else:
+        raise TemplateError(f"templates must be a list of strings or a file path, got {type(templates).__name__}")
+    if not items:
+        raise TemplateError(f"{source} holds no templates; give at least one, e.g. 'a photo of a {{}}.'")
+    checked = [check_template(item, where) for item, where in zip(items, wheres)]
+    seen: dict[str, str] = {}
+    for template, where in zip(checked, wheres):
+        if template in seen:
+            raise TemplateError(f"{where}: template {template!r} repeats {seen[template]}; list each template once")
+        seen[template] = where
+    return tuple(checked)
+
+
+# --- the step ------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path, storage: Storage) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"output folder {out_dir} exists and is not a folder; choose another --out")
+    if isinstance(storage, LocalStorage) and out_dir.resolve().is_relative_to(storage.root.resolve()):
+        raise PrepareError(
+            f"output folder {out_dir} is inside the dataset root {storage.root}, where it would be "
+            "scanned as a class folder; write the outputs outside the root"
+        )
+
+
+def _validated_entries(storage: Storage, skip: bool) -> tuple[list[ImageEntry], tuple[str, ...], int]:
+    """The root's usable images and its classes, and how many broken files were skipped."""
+    report = validate_root(storage)
+    index = scan_image_folder(storage)
+    if index.classes != report.classes:
+        raise PrepareError(
+            f"the class folders of {storage.uri} changed while it was being checked; "
+            "run prepare again once the dataset is no longer being written"
+        )
+    if not index.classes:
+        raise PrepareError(
+            f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
+            "<root>/<class name>/<image>"
+        )
+    for finding in report.warnings:
+        log.warning("%s: %s %s (%s)", storage.uri, finding.kind, finding.subject, finding.detail)
+    entries = list(index.entries)
+    if report.ok:
+        return entries, index.classes, 0
+    if not skip:
+        raise DataValidationError(
+            report,
+            f"dataset root {storage.uri} failed validation; fix or remove the files listed below, "
+            "or pass skip_corrupt=True (CLI: --skip-corrupt) to drop broken image files",
+        )
+    kept = drop_broken(entries, report, logger=log)
+    return kept, index.classes, len(entries) - len(kept)
+
+
+def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]]) -> None:
+    """Write all files beside their targets, then move them into place together.
+
+    Each file goes to a temporary name first; only when every one is complete are they
+    renamed over their targets (``prepare.json`` last, as it vouches for the others). If
+    anything fails, the temporaries are removed and no target has changed. Values are
+    manifest bytes or objects written with :func:`saft.io.write_json`.
+    """
+    order = [name for name in files if name != RECORD_FILE] + [RECORD_FILE]
+    with contextlib.ExitStack() as stack:
+        # ExitStack exits in reverse, so entering prepare.json first renames it last.
+        for name in reversed(order):
+            tmp = stack.enter_context(atomic_path(out_dir / name))
+            content = files[name]
+            if isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                write_json(tmp, content)
+            os.chmod(tmp, 0o644)
+    if VAL_FILE not in files:  # a val manifest from an earlier run would contradict prepare.json
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / VAL_FILE).unlink()
+
+
+def prepare_dataset(
+    root: str | os.PathLike | Storage,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str = "imagefolder",
+    shots: int = 16,
+    seed: int = 1,
+    val_shots: int = 0,
+    subset: str = "all",
+    templates: Sequence[str] | str | os.PathLike | None = None,
+    skip_corrupt: bool = False,
+) -> PrepareResult:
+    """Validate ``root``, draw the ``shots``-per-class split for ``seed`` and write ``out_dir``.
+
+    Raises :class:`PrepareError` (bad arguments or templates), :class:`DataValidationError`
+    (broken data; its ``report`` lists every finding), :class:`saft.data.FewShotError`
+    (a class has fewer than ``shots + val_shots`` images) or
+    :class:`saft.data.StorageError` (unreadable root); in every case ``out_dir`` is left
+    as it was. See the module docstring for the files written.
+    """
+    check_dataset(dataset)
+    _check_int("shots", shots, 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PrepareError(f"seed must be an integer, got {seed!r}")
+    _check_int("val_shots", val_shots, 0)
+    if subset not in SUBSETS:
+        raise PrepareError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+    prompt_templates = load_templates(templates)  # before any data is read: a typo fails fast
+    out = Path(out_dir).expanduser()
+    storage = open_storage(root)
+    _check_out_dir(out, storage)
+
+    entries, all_classes, skipped = _validated_entries(storage, skip_corrupt)
+    entries, classes = subsample_classes(entries, all_classes, subset)  # type: ignore[arg-type]
+    split = select_few_shot(entries, shots, seed, val_shots=val_shots, classes=classes)
+
+    # Manifests are rendered in memory: hashing reads every chosen file, and any failure
+    # here must come before the first byte reaches out_dir.
+    parts = {"train": (TRAIN_FILE, split.train)}
+    if val_shots:
+        parts["val"] = (VAL_FILE, split.val)
+    manifests: dict[str, bytes] = {}
+    manifest_records: dict[str, dict[str, Any]] = {}
+    for key, (name, chosen) in parts.items():
+        manifests[name] = canonical_manifest_bytes(hash_entries(storage, chosen))
+        manifest_records[key] = {"file": name, "sha256": sha256_bytes(manifests[name]), "entries": len(chosen)}
+
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "dataset": dataset,
+        "root": storage.uri,
+        "shots": shots,
+        "seed": seed,
+        "val_shots": val_shots,
+        "subset": subset,
+        "counts": {
+            "classes": len(classes),
+            "images": len(entries),
+            "skipped_broken": skipped,
+            "train": len(split.train),
+            "val": len(split.val),
+        },
+        "manifests": manifest_records,
+        "classes_file": CLASSES_FILE,
+        "templates_file": TEMPLATES_FILE,
+        "saft_version": __version__,
+    }
+    files: dict[str, bytes | list[str] | dict[str, Any]] = dict(manifests)
+    files[CLASSES_FILE] = list(classes)
+    files[TEMPLATES_FILE] = list(prompt_templates)
+    files[RECORD_FILE] = record
+    _commit(out, files)
+    log.info("prepared %s: %d classes, %d train / %d val images -> %s", storage.uri, len(classes),
+             len(split.train), len(split.val), out)
+    return PrepareResult(
+        out_dir=out,
+        classes=tuple(classes),
+        templates=prompt_templates,
+        train_count=len(split.train),
+        val_count=len(split.val),
+        skipped=skipped,
+        train_hash=manifest_records["train"]["sha256"],
+        val_hash=manifest_records["val"]["sha256"] if "val" in manifest_records else None,
+        record=record,
+    )
+
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "PrepareError",
+    "PrepareResult",
+    "SUBSETS",
+    "SUPPORTED_DATASETS",
+    "TemplateError",
+    "check_dataset",
+    "check_template",
+    "load_templates",
+    "prepare_dataset",
+]

@@ -1,0 +1,197 @@
+"""``saft data prepare`` / ``saft data validate``: exit codes and what the user reads."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from saft.data.cli import build_parser, main, register
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def break_image(path: Path) -> None:
+    path.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)
+
+
+# --- prepare -----------------------------------------------------------------------------
+
+
+def test_prepare_prints_a_summary(image_tree: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2",
+                               "--val-shots", "1", "--seed", "4")
+    assert code == 0 and stderr == ""
+    digest = hashlib.sha256((out / "train.jsonl").read_bytes()).hexdigest()
+    assert "classes:       4" in stdout
+    assert "train images:  8" in stdout and "val images:    4" in stdout
+    assert f"manifest hash: {digest}" in stdout
+    assert f"output folder: {out}" in stdout
+    record = json.loads((out / "prepare.json").read_text())
+    assert (record["shots"], record["seed"], record["val_shots"], record["subset"]) == (2, 4, 1, "all")
+
+
+def test_prepare_subset_and_templates_flags(image_tree: Path, tmp_path: Path, capsys) -> None:
+    templates = tmp_path / "prompts.txt"
+    templates.write_text("a photo of a {}.\nan origami {}.\n")
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "1",
+                          "--subset", "new", "--templates", templates)
+    assert code == 0 and "classes:       2" in stdout
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+    assert json.loads((out / "templates.json").read_text()) == ["a photo of a {}.", "an origami {}."]
+
+
+def test_prepare_refuses_corrupt_images_unless_skipped(image_tree: Path, tmp_path: Path, capsys) -> None:
+    break_image(image_tree / "cat" / "img01.jpg")
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2")
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("saft data prepare: error: dataset root")
+    assert "cat/img01.jpg" in stderr and "--skip-corrupt" in stderr
+    assert not out.exists()
+    code, stdout, _ = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2", "--skip-corrupt")
+    assert code == 0 and "skipped:       1 broken file(s)" in stdout
+    assert "cat/img01.jpg" not in (out / "train.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--shots", "0"], "argument --shots: must be an integer >= 1, got '0'"),
+        (["--shots", "many"], "argument --shots: must be an integer, got 'many'"),
+        (["--val-shots", "-2"], "argument --val-shots: must be an integer >= 0"),
+        (["--subset", "half"], "argument --subset: invalid choice: 'half'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--dataset", "cifar10"], "dataset 'cifar10' is not supported; supported datasets: imagefolder"),
+        (["--shots", "7"], "fewer than 7 images"),
+    ],
+)
+def test_prepare_bad_flags_exit_2(image_tree: Path, tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
+    code, stdout, stderr = run(capsys, "data", "prepare", image_tree, "--out", tmp_path / "out", *extra)
+    assert code == 2 and needle in stderr and stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_missing_root_and_out(tmp_path: Path, capsys) -> None:
+    code, _, stderr = run(capsys, "data", "prepare", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert code == 2
+    missing = tmp_path / "nowhere"
+    assert stderr.strip() == f"saft data prepare: error: dataset root {missing} does not exist or is not a directory"
+    code, _, stderr = run(capsys, "data", "prepare", tmp_path)
+    assert code == 2 and "the following arguments are required: --out" in stderr
+
+
+def test_prepare_bad_templates_file_exit_2(image_tree: Path, tmp_path: Path, capsys) -> None:
+    templates = tmp_path / "prompts.txt"
+    templates.write_text("a photo of a {}.\na photo\n")
+    code, _, stderr = run(capsys, "data", "prepare", image_tree, "--out", tmp_path / "out",
+                          "--templates", templates)
+    assert code == 2
+    assert f"templates file {templates}, line 2: template 'a photo' must contain exactly one" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- validate ----------------------------------------------------------------------------
+
+
+def test_validate_root_exit_codes(image_tree: Path, tmp_path: Path, capsys) -> None:
+    code, stdout, _ = run(capsys, "data", "validate", image_tree)
+    assert code == 0 and "24 file(s), 4 class(es): OK" in stdout
+    break_image(image_tree / "ant" / "img05.jpg")
+    code, stdout, stderr = run(capsys, "data", "validate", image_tree)
+    assert code == 1 and stderr == ""
+    assert "FAILED (1 error(s), 0 warning(s))" in stdout and "ant/img05.jpg" in stdout
+    (tmp_path / "empty").mkdir()
+    code, stdout, _ = run(capsys, "data", "validate", tmp_path / "empty")
+    assert code == 1 and "no class folders found" in stdout
+
+
+def test_validate_manifest(image_tree: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2")[0] == 0
+    manifest = out / "train.jsonl"
+    code, stdout, _ = run(capsys, "data", "validate", image_tree, "--manifest", manifest)
+    assert code == 0 and "8 file(s), 4 class(es): OK" in stdout
+    first = json.loads(manifest.read_text().splitlines()[0])
+    (image_tree / first["path"]).write_bytes((image_tree / "dog" / "img00.png").read_bytes())
+    code, stdout, _ = run(capsys, "data", "validate", image_tree, "--manifest", manifest)
+    assert code == 1 and "hash_mismatch" in stdout and first["path"] in stdout
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ({"path": "../secret.png", "label": 0, "class_name": "ant", "sha256": "a" * 64}, "contains '..'"),
+        ({"path": "/etc/passwd", "label": 0, "class_name": "ant", "sha256": "a" * 64}, "is absolute"),
+        ({"path": "ant/img00.png", "label": 0, "class_name": "ant"}, "missing field(s) sha256"),
+    ],
+)
+def test_validate_refuses_bad_manifest_lines(image_tree: Path, tmp_path: Path, capsys, line, needle) -> None:
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    code, stdout, stderr = run(capsys, "data", "validate", image_tree, "--manifest", manifest)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"saft data validate: error: {manifest}:1:") and needle in stderr
+
+
+def test_validate_bad_input_exit_2(image_tree: Path, tmp_path: Path, capsys) -> None:
+    code, _, stderr = run(capsys, "data", "validate", tmp_path / "nowhere")
+    assert code == 2 and "does not exist or is not a directory" in stderr
+    code, _, stderr = run(capsys, "data", "validate", image_tree, "--dataset", "coco")
+    assert code == 2 and "supported datasets: imagefolder" in stderr
+    code, _, stderr = run(capsys, "data", "validate", image_tree, "--manifest", tmp_path / "none.jsonl")
+    assert code == 2 and f"manifest {tmp_path / 'none.jsonl'} does not exist" in stderr
+    code, _, stderr = run(capsys, "data", "validate", "ftp://host/data")
+    assert code == 2 and "unsupported scheme 'ftp'" in stderr
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                leaves = _leaf_parsers(child)
+                found.update({f"{name} {k}".strip(): v for k, v in leaves.items()} or {name: child})
+    return found
+
+
+def test_every_flag_has_help_and_kebab_case() -> None:
+    leaves = _leaf_parsers(build_parser())
+    assert set(leaves) == {"data prepare", "data validate"}
+    for name, parser in leaves.items():
+        for action in parser._actions:
+            assert action.help, f"{name}: {action.dest} has no help"
+            for option in action.option_strings:
+                assert "_" not in option, f"{name}: {option} is not kebab-case"
+
+
+def test_help_exits_0(capsys) -> None:
+    code, stdout, _ = run(capsys, "data", "prepare", "--help")
+    assert code == 0 and "--skip-corrupt" in stdout and "--val-shots" in stdout
+    code, stdout, _ = run(capsys, "data", "validate", "--help")
+    assert code == 0 and "--manifest" in stdout and "1: errors found" in stdout
+
+
+def test_register_plugs_into_another_parser(image_tree: Path, tmp_path: Path, capsys) -> None:
+    parser = argparse.ArgumentParser(prog="saft")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("other")
+    register(sub)
+    args = parser.parse_args(["data", "prepare", str(image_tree), "--out", str(tmp_path / "out"), "--shots", "1"])
+    assert args.func(args) == 0
+    assert "train images:  4" in capsys.readouterr().out
+    args = parser.parse_args(["data", "validate", str(tmp_path / "nowhere")])
+    assert args.func(args) == 2
