@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(sub)
 
+    from saft.steps.cli import register as register_steps
+
+    register_steps(sub)
+
     demo = sub.add_parser("demo", help="score, fine-tune (saft, random, full) and compare on a small built-in task")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps per method (default: 60)")

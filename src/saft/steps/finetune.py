@@ -1,0 +1,49 @@
+"""The finetune step: prepared data + model spec (+ mask) -> delta and training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saft.io import write_json
+from saft.models import load_model
+from saft.sparse import ClassPrompts, FinetuneConfig, Mask, finetune, save_delta
+from saft.steps.prepared import PreparedData
+
+DELTA_FILE = "delta.safetensors"
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "finetune.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, out_dir: str | Path, *,
+                  mask_path: str | Path | None = None, root: str | None = None, resume: bool = False,
+                  device: str = "cpu", skip_corrupt: bool = False, progress: bool = True) -> dict:
+    """Write ``delta.safetensors``, ``history.json`` and the resolved ``finetune.json``.
+
+    Checkpoints go to ``out_dir/checkpoints``; ``resume=True`` continues from there.
+    """
+    if cfg.method != "full" and mask_path is None:
+        raise ValueError(f"method {cfg.method!r} needs a mask: pass the mask file written by `saft score`")
+    data = PreparedData.open(data_dir, root)
+    loaded = load_model(model_spec, device=device)
+    mask = Mask.load(mask_path) if mask_path is not None and cfg.method != "full" else None
+    if mask is not None and mask.meta.get("base_fingerprint", loaded.fingerprint) != loaded.fingerprint:
+        raise ValueError(f"{mask_path}: the mask was scored on another base model "
+                         f"({mask.meta.get('base_model', 'unknown')}); score again for {model_spec}")
+    train = data.dataset(loaded.preprocess, skip_corrupt=skip_corrupt)
+    prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
+    out = Path(out_dir)
+    meta = {"base_model": model_spec, "manifest_hash": data.manifest_hash("train")}
+    result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=out / CHECKPOINT_DIR,
+                      resume=resume, device=device, meta=meta, progress=progress)
+    save_delta(result.delta, out / DELTA_FILE)
+    write_json(out / HISTORY_FILE, result.history)
+    summary = {"model": model_spec, "base_fingerprint": loaded.fingerprint, "data": str(data.folder),
+               "root": data.root, "mask": str(mask_path) if mask_path else None, "config": result.config,
+               "trained_values": result.delta.num_values, "seconds": result.seconds,
+               "final_loss": result.history[-1]["loss"] if result.history else None, **meta}
+    write_json(out / CONFIG_FILE, summary)
+    return summary
+
+
+__all__ = ["finetune_step"]

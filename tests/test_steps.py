@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+import saft
+from saft.cli import main
+from saft.demo import write_shape_tree
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("steps")
+    root = write_shape_tree(base / "shapes", per_class=6, seed=0)
+    assert main(["data", "prepare", str(root), "--out", str(base / "data"), "--shots", "4", "--val-shots", "2"]) == 0
+    return base
+
+
+def test_score_then_finetune_then_resume(prepared, tmp_path, capsys):
+    data = str(prepared / "data")
+    assert main(["score", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path / "score"),
+                 "--density", "0.002", "--batch-size", "8"]) == 0
+    assert "mask:" in capsys.readouterr().out
+    mask = saft.Mask.load(tmp_path / "score" / "mask.safetensors")
+    assert mask.num_selected == round(0.002 * mask.eligible_count)
+    assert mask.meta["manifest_hash"] == json.loads((prepared / "data" / "prepare.json").read_text())[
+        "manifests"]["train"]["sha256"]
+
+    args = ["finetune", "--model", "saft-tiny-vit", "--data", data, "--mask", str(tmp_path / "score" / "mask.safetensors"),
+            "--steps", "4", "--batch-size", "8", "--lr", "1e-2", "--checkpoint-every", "2"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    delta_a = saft.load_delta(tmp_path / "a" / "delta.safetensors")
+    assert delta_a.num_values == mask.num_selected
+    assert (tmp_path / "a" / "checkpoints" / "checkpoint.pt").is_file()
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+    # resume from the step-2 checkpoint of an identical run: same delta
+    (tmp_path / "b").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    assert main(args + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    delta_b = saft.load_delta(tmp_path / "b" / "delta.safetensors")
+    for name in delta_a.values:
+        assert (delta_a.values[name] == delta_b.values[name]).all()
+
+
+def test_finetune_full_needs_no_mask_and_saft_needs_one(prepared, tmp_path, capsys):
+    data = str(prepared / "data")
+    rc = main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path), "--steps", "1"])
+    assert rc == 2 and "needs a mask" in capsys.readouterr().err
+    rc = main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path), "--steps", "2",
+               "--method", "full", "--batch-size", "8"])
+    assert rc == 0
+    assert not saft.load_delta(tmp_path / "delta.safetensors").indices
+
+
+def test_mask_from_another_base_is_refused(prepared, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    data = str(prepared / "data")
+    other = saft.load_model("saft-tiny-vit", seed=7).model.state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "other.safetensors"))
+    assert main(["score", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path / "s"),
+                 "--kind", "random", "--seed", "5"]) == 0
+    rc = main(["finetune", "--model", f"saft-tiny-vit@{tmp_path / 'other.safetensors'}", "--data", data,
+               "--out", str(tmp_path / "f"), "--mask", str(tmp_path / "s" / "mask.safetensors"), "--steps", "1"])
+    assert rc == 2 and "another base model" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    rc = main(["score", "--model", "saft-tiny-vit", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "not a prepared data folder" in err and "saft data prepare" in err
