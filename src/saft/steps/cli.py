@@ -37,6 +37,26 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from saft.eval.suites import load_suite
+    from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
+
+    cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
+                         zeroshot=not args.no_zeroshot, batch_size=args.batch_size, num_workers=args.num_workers,
+                         device=args.device, template_set=args.templates)
+    suite = load_suite(args.suite, args.data_root)
+    doc = evaluate_suite(cfg, suite, args.out)
+    print()
+    for agg in doc["aggregates"]:
+        parts = [f"{agg['model']}" + ("" if agg["alpha"] is None else f" @ alpha {agg['alpha']:g}")]
+        for key, label in (("id", "ID"), ("ood_mean", "OOD mean"), ("base", "base"), ("new", "new"), ("hm", "HM")):
+            if key in agg:
+                parts.append(f"{label} {100 * agg[key]['mean']:.2f} ± {100 * agg[key]['std']:.2f}")
+        print(" | ".join(parts))
+    print(f"wrote {args.out}/metrics.json, report.md, report.html")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: ARCH@TAG, ARCH@/path/weights or ARCH@random")
     p.add_argument("--data", required=True, help="prepared data folder (from `saft data prepare`)")
@@ -83,3 +103,24 @@ def register(sub) -> None:
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
     ft.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of failing")
     ft.set_defaults(func=_finetune)
+
+    ev = sub.add_parser("evaluate", help="top-1 on an evaluation suite for the base and base + alpha * delta",
+                        description="Zero-shot heads from each dataset's class names and templates; writes "
+                                    "metrics.json (one record per model x dataset x seed x alpha, plus "
+                                    "aggregates) and a Markdown/HTML report with plots.")
+    ev.add_argument("--model", required=True, help="base model spec: ARCH@TAG, ARCH@/path/weights or ARCH@random")
+    ev.add_argument("--suite", required=True,
+                    help="imagenet-shifts, base2new, cross-dataset, or the path of a suite YAML file")
+    ev.add_argument("--data-root", help="folder (or s3:// prefix) holding the datasets in their default folders")
+    ev.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED]=PATH",
+                    help="a delta to evaluate, repeatable (e.g. saft:1=runs/s1/saft/delta.safetensors)")
+    ev.add_argument("--alpha", type=float, nargs="+", default=[1.0],
+                    help="evaluate base + alpha * delta for each value (default: 1.0)")
+    ev.add_argument("--no-zeroshot", action="store_true", help="skip the base model itself")
+    ev.add_argument("--templates", default="default",
+                    help="prompt set where a dataset offers several, e.g. simple for ImageNet (default: default)")
+    ev.add_argument("--out", required=True, help="output folder (created if missing)")
+    ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
+    ev.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    ev.set_defaults(func=_evaluate)

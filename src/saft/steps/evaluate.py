@@ -1,0 +1,157 @@
+"""The evaluate step: model spec (+ deltas at alphas) x suite -> metrics JSON and report.
+
+Each model variant is the base (``zeroshot``) or base + alpha * delta; every variant is
+scored on every suite entry with a zero-shot head built from the entry's class names and
+templates (cached on disk per weights/classes/templates). Labels that live in a larger
+class space (ImageNet-A/-R) and base/new halves are scored with logits restricted to
+their classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from saft.data.adapters import get_adapter
+from saft.data.storage import open_storage
+from saft.eval.head import cached_head
+from saft.eval.metrics import ZERO_SHOT, Record, metrics_document
+from saft.eval.report import write_report
+from saft.eval.runner import evaluate_head
+from saft.eval.suites import Suite, SuiteEntry
+from saft.io import write_json
+from saft.models import load_model
+from saft.sparse import apply_delta, load_delta, remove_delta
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class DeltaRun:
+    """A trained delta to evaluate: method name, seed and file."""
+
+    name: str
+    path: str
+    seed: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "DeltaRun":
+        """``NAME[:SEED]=PATH``, e.g. ``saft:1=runs/seed1/saft/delta.safetensors``."""
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--delta {text!r}: expected NAME[:SEED]=PATH, e.g. saft:1=runs/saft/delta.safetensors")
+        name, _, seed = label.partition(":")
+        if name == ZERO_SHOT:
+            raise ValueError(f"--delta {text!r}: the name {ZERO_SHOT!r} is reserved for the base model")
+        try:
+            return cls(name, path, int(seed) if seed else None)
+        except ValueError:
+            raise ValueError(f"--delta {text!r}: the seed must be an integer") from None
+
+
+@dataclass
+class EvaluateConfig:
+    model: str
+    deltas: list[DeltaRun] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    zeroshot: bool = True
+    batch_size: int = 128
+    num_workers: int = 0
+    device: str = "cpu"
+    template_set: str = "default"
+
+
+class EntryImages(Dataset):
+    """(transform(image), label) for indexed entries of a storage root, streamed."""
+
+    def __init__(self, root: str, entries, transform: Callable):
+        self.storage = open_storage(root)
+        self.entries = list(entries)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        entry = self.entries[i]
+        try:
+            with Image.open(self.storage.open(entry.path)) as image:
+                return self.transform(image.convert("RGB")), entry.label
+        except Exception as err:
+            raise OSError(f"cannot read {self.storage.uri_for(entry.path)}: {type(err).__name__}: {err}; "
+                          "check the file or validate the root with `saft data validate`") from err
+
+
+@dataclass
+class _Task:
+    entry: SuiteEntry
+    classes: list[str]
+    templates: list[str]
+    images: list
+    subset: list[int] | None
+
+
+def _task(entry: SuiteEntry, template_set: str) -> _Task:
+    adapter = get_adapter(entry.dataset)
+    if template_set != "default" and template_set in adapter.template_sets:
+        adapter = adapter.with_templates(template_set)
+    split = entry.split or ("test" if "test" in adapter.splits else adapter.default_split)
+    index = adapter.scan(entry.root, split)
+    classes = adapter.class_names(entry.root)
+    subset = adapter.imagenet_subset
+    entries = list(index.entries)
+    if entry.role in ("base", "new"):
+        n_base = (len(classes) + 1) // 2
+        half = range(0, n_base) if entry.role == "base" else range(n_base, len(classes))
+        entries = [e for e in entries if e.label in half]
+        subset = list(half)
+    if not entries:
+        raise ValueError(f"suite entry {entry.name!r}: no images found under {entry.root} (split {split!r})")
+    return _Task(entry, classes, adapter.templates, entries, subset)
+
+
+def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+    """Score every variant on every entry; write metrics.json and the report into ``out_dir``."""
+    loaded = load_model(cfg.model, device=cfg.device)
+    model = loaded.model
+    tasks = [_task(e, cfg.template_set) for e in suite.entries]
+    variants: list[tuple[str, int | None, float | None, DeltaRun | None]] = []
+    if cfg.zeroshot:
+        variants.append((ZERO_SHOT, None, None, None))
+    for run in cfg.deltas:
+        variants += [(run.name, run.seed, alpha, run) for alpha in cfg.alphas]
+    if not variants:
+        raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
+    records = []
+    for name, seed, alpha, run in variants:
+        key = loaded.fingerprint
+        if run is not None:
+            delta = load_delta(run.path)
+            apply_delta(model, delta, alpha)  # refuses a delta of another base
+            key = loaded.fingerprint if alpha == 0 else hashlib.sha256(f"{loaded.fingerprint}|{Path(run.path).resolve()}|"
+                                 f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
+        try:
+            for task in tasks:
+                head = cached_head(model, loaded.tokenizer, task.classes, task.templates, fingerprint=key,
+                                   device=cfg.device, progress=progress)
+                data = EntryImages(task.entry.root, task.images, loaded.preprocess)
+                label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
+                acc = evaluate_head(model, head, data, subset=task.subset, batch_size=cfg.batch_size,
+                                    num_workers=cfg.num_workers, device=cfg.device, progress=progress,
+                                    desc=f"{label} {task.entry.name}")
+                records.append(Record(name, task.entry.name, task.entry.role, acc.top1, acc.n, seed, alpha))
+                log(f"{label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  (n={acc.n})")
+        finally:
+            if run is not None:
+                remove_delta(model, delta)
+    doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint})
+    out = Path(out_dir)
+    write_json(out / METRICS_FILE, doc)
+    write_report(doc, out, title=f"{suite.name}: {cfg.model}")
+    return doc

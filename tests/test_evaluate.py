@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import yaml
+
+from saft.cli import main
+from saft.demo import write_shape_tree
+from saft.eval.suites import SuiteError, load_suite
+from saft.steps.evaluate import DeltaRun
+from saft.steps.finetune import finetune_step
+from saft.steps.score import ScoreConfig, score_step
+from saft.sparse import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    write_shape_tree(base / "id", per_class=6, seed=0)
+    write_shape_tree(base / "shifted", per_class=4, seed=9)
+    assert main(["data", "prepare", str(base / "id"), "--out", str(base / "data"), "--shots", "4"]) == 0
+    score_step(ScoreConfig(model="saft-tiny-vit", density=0.005), base / "data", base / "score", progress=False)
+    for seed in (1, 2):
+        cfg = FinetuneConfig(steps=3, batch_size=8, lr=1e-2, seed=seed)
+        finetune_step("saft-tiny-vit", cfg, base / "data", base / f"saft{seed}",
+                      mask_path=base / "score" / "mask.safetensors", progress=False)
+    suite = {"name": "toy-shifts", "datasets": [
+        {"name": "shapes", "dataset": "imagefolder", "root": "id", "role": "id"},
+        {"name": "shapes-shifted", "dataset": "imagefolder", "root": "shifted", "role": "ood"}]}
+    (base / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return base
+
+
+def test_evaluate_suite_with_seeds_and_alphas(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["evaluate", "--model", "saft-tiny-vit", "--suite", str(world / "suite.yaml"), "--data-root", str(world),
+               "--delta", f"saft:1={world / 'saft1' / 'delta.safetensors'}",
+               "--delta", f"saft:2={world / 'saft2' / 'delta.safetensors'}",
+               "--alpha", "0", "1", "--out", str(tmp_path / "out"), "--batch-size", "16"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    recs = doc["records"]
+    assert len(recs) == 2 + 2 * 2 * 2
+    assert {r["n"] for r in recs if r["dataset"] == "shapes"} == {36}
+    zs = {r["dataset"]: r["top1"] for r in recs if r["model"] == "zeroshot"}
+    for r in recs:
+        if r["model"] == "saft" and r["alpha"] == 0.0:  # base + 0 * delta is the base
+            assert r["top1"] == zs[r["dataset"]]
+    aggs = {(a["model"], a["alpha"]): a for a in doc["aggregates"]}
+    assert aggs[("saft", 1.0)]["seeds"] == [1, 2]
+    assert "effective_robustness" in aggs[("saft", 1.0)]
+    for name in ("report.md", "report.html", "id_vs_ood.png", "per_dataset.png", "alpha_curve.png"):
+        assert (tmp_path / "out" / name).is_file()
+    # one head per distinct weights (both datasets share classes and templates; alpha 0 is the base)
+    assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 1 + 2
+
+
+def test_base_new_roles_score_halves(world, tmp_path):
+    suite = {"datasets": [{"name": "b", "dataset": "imagefolder", "root": "id", "role": "base"},
+                          {"name": "n", "dataset": "imagefolder", "root": "id", "role": "new"}]}
+    (tmp_path / "b2n.yaml").write_text(yaml.safe_dump(suite))
+    rc = main(["evaluate", "--model", "saft-tiny-vit", "--suite", str(tmp_path / "b2n.yaml"), "--data-root",
+               str(world), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {r["dataset"]: r["n"] for r in doc["records"]} == {"b": 18, "n": 18}
+    assert "hm" in doc["aggregates"][0]
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(SuiteError, match="unknown suite"):
+        load_suite("imagenet-shiftz")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"datasets": [{"dataset": "imagefolder", "role": "test"}]}))
+    with pytest.raises(SuiteError, match="role"):
+        load_suite(str(bad))
+    bad.write_text(yaml.safe_dump({"datasets": [{"dataset": "imagefolder", "role": "base"}]}))
+    with pytest.raises(SuiteError, match="both 'base' and 'new'"):
+        load_suite(str(bad))
+    with pytest.raises(ValueError, match="NAME"):
+        DeltaRun.parse("just-a-path.safetensors")
+    assert DeltaRun.parse("full:3=/x/d.safetensors") == DeltaRun("full", "/x/d.safetensors", 3)
+
+
+def test_builtin_suites_resolve_default_folders():
+    suite = load_suite("imagenet-shifts", "/data")
+    roots = {e.name: (e.root, e.role) for e in suite.entries}
+    assert roots["imagenet"] == ("/data/imagenet/images", "id")
+    assert roots["imagenet-r"] == ("/data/imagenet-rendition", "ood")
+    assert len(load_suite("cross-dataset", "s3://bucket/data").entries) == 11
+    assert load_suite("cross-dataset", "s3://bucket/data").entries[1].root == "s3://bucket/data/caltech-101"
+    b2n = load_suite("base2new", "/d")
+    assert len(b2n.entries) == 22 and {e.role for e in b2n.entries} == {"base", "new"}
