@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from saft.data.adapters import get_adapter
 from saft.data.cli import build_parser, main, register
+from test_data_prepare import (
+    GOLDFISH,
+    TENCH,
+    split_records,
+    write_distinct_image,
+    write_imagenet_tree,
+    write_split_json_tree,
+)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -72,7 +81,9 @@ def test_prepare_refuses_corrupt_images_unless_skipped(image_tree: Path, tmp_pat
         (["--val-shots", "-2"], "argument --val-shots: must be an integer >= 0"),
         (["--subset", "half"], "argument --subset: invalid choice: 'half'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-        (["--dataset", "cifar10"], "dataset 'cifar10' is not supported; supported datasets: imagefolder"),
+        (["--dataset", "cifar10"], "dataset 'cifar10' is not supported; supported datasets: caltech101, dtd"),
+        (["--split", "train"], "dataset 'imagefolder' has no split 'train'; its splits: all (default: all)"),
+        (["--dataset", "imagenet"], "imagenet: no class folders with images for split 'train'"),
         (["--shots", "7"], "fewer than 7 images"),
     ],
 )
@@ -148,7 +159,9 @@ def test_validate_bad_input_exit_2(image_tree: Path, tmp_path: Path, capsys) -> 
     code, _, stderr = run(capsys, "data", "validate", tmp_path / "nowhere")
     assert code == 2 and "does not exist or is not a directory" in stderr
     code, _, stderr = run(capsys, "data", "validate", image_tree, "--dataset", "coco")
-    assert code == 2 and "supported datasets: imagefolder" in stderr
+    assert code == 2 and "supported datasets: caltech101, dtd" in stderr and "imagefolder, imagenet" in stderr
+    code, _, stderr = run(capsys, "data", "validate", image_tree, "--split", "test")
+    assert code == 2 and "dataset 'imagefolder' has no split 'test'; its splits: all" in stderr
     code, _, stderr = run(capsys, "data", "validate", image_tree, "--manifest", tmp_path / "none.jsonl")
     assert code == 2 and f"manifest {tmp_path / 'none.jsonl'} does not exist" in stderr
     code, _, stderr = run(capsys, "data", "validate", "ftp://host/data")
@@ -180,9 +193,10 @@ def test_every_flag_has_help_and_kebab_case() -> None:
 
 def test_help_exits_0(capsys) -> None:
     code, stdout, _ = run(capsys, "data", "prepare", "--help")
-    assert code == 0 and "--skip-corrupt" in stdout and "--val-shots" in stdout
+    assert code == 0 and "--skip-corrupt" in stdout and "--val-shots" in stdout and "--split" in stdout
+    assert "imagenet-sketch" in stdout  # --dataset lists the registry
     code, stdout, _ = run(capsys, "data", "validate", "--help")
-    assert code == 0 and "--manifest" in stdout and "1: errors found" in stdout
+    assert code == 0 and "--manifest" in stdout and "1: errors found" in stdout and "--split" in stdout
 
 
 def test_register_plugs_into_another_parser(image_tree: Path, tmp_path: Path, capsys) -> None:
@@ -195,3 +209,71 @@ def test_register_plugs_into_another_parser(image_tree: Path, tmp_path: Path, ca
     assert "train images:  4" in capsys.readouterr().out
     args = parser.parse_args(["data", "validate", str(tmp_path / "nowhere")])
     assert args.func(args) == 2
+
+
+# --- datasets of the adapter registry ----------------------------------------------------
+
+
+@pytest.fixture
+def pets_root(tmp_path: Path) -> Path:
+    return write_split_json_tree(tmp_path / "oxford_pets", get_adapter("oxford_pets"))
+
+
+def test_prepare_a_split_json_dataset_and_split(pets_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "data", "prepare", pets_root, "--out", out, "--dataset", "oxford_pets",
+                               "--shots", "2")
+    assert code == 0 and stderr == ""
+    assert f"prepared {pets_root} (oxford_pets, split train, subset all, 2 shot(s), seed 1)" in stdout
+    assert "classes:       3" in stdout and "train images:  6" in stdout
+    assert json.loads((out / "templates.json").read_text()) == ["a photo of a {}, a type of pet."]
+    code, stdout, _ = run(capsys, "data", "prepare", pets_root, "--out", out, "--dataset", "oxford_pets",
+                          "--split", "val", "--shots", "1")
+    assert code == 0 and "(oxford_pets, split val," in stdout
+    record = json.loads((out / "prepare.json").read_text())
+    assert (record["dataset"], record["split"]) == ("oxford_pets", "val")
+    assert {json.loads(line)["path"] for line in (out / "train.jsonl").read_text().splitlines()} == {
+        f"images/{path}" for path, _, _ in split_records("val")
+    }
+
+
+def test_prepare_refuses_evaluation_only_datasets(tmp_path: Path, capsys) -> None:
+    code, stdout, stderr = run(capsys, "data", "prepare", tmp_path, "--out", tmp_path / "out",
+                               "--dataset", "imagenet-r")
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("saft data prepare: error: dataset 'imagenet-r' (ImageNet-R) is evaluation-only")
+    assert "Train on 'imagenet'" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_a_split_of_a_dataset(pets_root: Path, capsys, make_image) -> None:
+    code, stdout, _ = run(capsys, "data", "validate", pets_root, "--dataset", "oxford_pets")
+    assert code == 0
+    assert stdout.startswith("oxford_pets, split train: 9 image(s) in 3 of the 3 class(es) this split must cover")
+    assert "9 file(s), 3 class(es): OK" in stdout
+    break_image(pets_root / "images" / "abyssinian" / "abyssinian_4.jpg")  # the abyssinian test image
+    assert run(capsys, "data", "validate", pets_root, "--dataset", "oxford_pets")[0] == 0
+    code, stdout, _ = run(capsys, "data", "validate", pets_root, "--dataset", "oxford_pets", "--split", "test")
+    assert code == 1 and "images/abyssinian/abyssinian_4.jpg" in stdout and "error corrupt: 1" in stdout
+    code, _, stderr = run(capsys, "data", "validate", pets_root, "--dataset", "oxford_pets", "--split", "holdout")
+    assert code == 2 and "dataset 'oxford_pets' has no split 'holdout'; its splits: train, val, test" in stderr
+    code, _, stderr = run(capsys, "data", "validate", pets_root, "--dataset", "oxford_pets", "--split", "val",
+                          "--manifest", pets_root / "m.jsonl")
+    assert code == 2 and "give one or the other" in stderr
+
+
+def test_validate_reports_classes_a_fixed_class_list_misses(tmp_path: Path, capsys) -> None:
+    root = write_imagenet_tree(tmp_path / "images", [TENCH])
+    code, stdout, _ = run(capsys, "data", "validate", root, "--dataset", "imagenet", "--split", "val")
+    assert code == 1
+    assert stdout.startswith("imagenet, split val: 2 image(s) in 2 of the 1000 class(es) this split must cover")
+    assert "error missing_class: 998 expected class(es) not found" in stdout
+    # ImageNet-R must cover its 200 classes, not the 1000 its labels live in.
+    r_root = tmp_path / "imagenet-rendition"
+    write_distinct_image(r_root / "imagenet-r" / GOLDFISH / "art_0.png", 7)
+    code, stdout, _ = run(capsys, "data", "validate", r_root, "--dataset", "imagenet-r")
+    assert code == 1 and "error missing_class: 199 expected class(es) not found" in stdout
+    assert "imagenet-r, split test: 1 image(s) in 1 of the 200 class(es)" in stdout
+    # tench is not an ImageNet-R class: a wrong root is a layout error (exit 2) naming the folder.
+    code, _, stderr = run(capsys, "data", "validate", root / "val", "--dataset", "imagenet-r")
+    assert code == 2 and f"'{TENCH}'" in stderr and "covers 200 of the 1000 classes" in stderr

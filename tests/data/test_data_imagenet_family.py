@@ -107,12 +107,12 @@ def test_imagenet_v2_refuses_non_index_folders(tmp_path: Path, make_image, bad: 
         get_adapter("imagenet-v2").scan(root)
 
 
-@pytest.mark.parametrize("nested", [True, False], ids=["sketch-folder", "wnids-at-root"])
-def test_imagenet_sketch(tmp_path: Path, make_image, nested: bool) -> None:
+@pytest.mark.parametrize("nested", ["sketch", "images", ""], ids=["sketch-folder", "images-folder", "wnids-at-root"])
+def test_imagenet_sketch(tmp_path: Path, make_image, nested: str) -> None:
     base = tmp_path / "imagenet-sketch"
-    _tree(base / "sketch" if nested else base, make_image, {GOLDFISH: ["sketch_1.JPEG"], TENCH: ["sketch_0.JPEG"]})
+    _tree(base / nested if nested else base, make_image, {GOLDFISH: ["sketch_1.JPEG"], TENCH: ["sketch_0.JPEG"]})
     index = get_adapter("imagenet-sketch").scan(base)
-    prefix = "sketch/" if nested else ""
+    prefix = f"{nested}/" if nested else ""
     assert [(e.path, e.label, e.class_name) for e in index.entries] == [
         (f"{prefix}{TENCH}/sketch_0.JPEG", 0, "tench"),
         (f"{prefix}{GOLDFISH}/sketch_1.JPEG", 1, "goldfish"),
@@ -121,7 +121,7 @@ def test_imagenet_sketch(tmp_path: Path, make_image, nested: bool) -> None:
 
 def test_empty_root_explains_expected_layout(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    expected = r"looked in .*/sketch/<class>/, .*/<class>/\. Expected layout: <root>/sketch/<wnid>"
+    expected = r"looked in .*/sketch/<class>/, .*/images/<class>/, .*/<class>/\. Expected layout: <root>/sketch/<wnid>"
     with pytest.raises(LayoutError, match=expected):
         get_adapter("imagenet-sketch").scan(tmp_path / "empty")
 

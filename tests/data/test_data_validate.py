@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from saft.data.adapters import AdapterError, UnknownDatasetError, get_adapter
 from saft.data.imagefolder import ImageEntry, scan_image_folder
 from saft.data.manifest import ManifestEntry, hash_entries
 from saft.data.validate import (
     DataValidationError,
     ValidationReport,
+    class_keys,
     image_problem,
     skip_corrupt,
+    validate_dataset,
     validate_root,
 )
+from test_data_prepare import MISSILES, write_distinct_image, write_split_json_tree
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 
@@ -188,3 +193,69 @@ def test_s3_root_validation(s3_bucket, image_tree: Path, upload) -> None:
     assert f"s3://{bucket}/tree/ant/img00.png" in report.findings[0].detail
     cached = [p for p in Path(os.environ["SAFT_CACHE_DIR"]).rglob("*") if p.is_file()]
     assert len(cached) == 26 and not any(p.name.startswith(".partial-") for p in cached)
+
+
+# --- one split of a named dataset --------------------------------------------------------
+
+
+def test_imagefolder_dataset_check_is_the_root_check(image_tree: Path) -> None:
+    (image_tree / "emu").mkdir()
+    (image_tree / "bee" / "bad.jpg").write_bytes(b"not a jpeg at all")
+    check = validate_dataset(image_tree)
+    assert (check.dataset, check.split) == ("imagefolder", "all")
+    assert check.classes == check.keys == tuple(CLASSES + ["emu"])
+    assert kinds(check.report) == {"empty_class": ["emu"], "corrupt": ["bee/bad.jpg"]}
+    assert check.report.findings == validate_root(image_tree).findings
+    assert [e.path for e in check.entries] == [e.path for e in scan_image_folder(image_tree).entries]
+
+
+def test_split_json_check_reads_only_the_split(tmp_path: Path) -> None:
+    root = write_split_json_tree(tmp_path / "dtd", get_adapter("dtd"))
+    (root / "images" / "american_bulldog" / "american_bulldog_4.jpg").write_bytes(b"")  # a test image
+    train = validate_dataset(root, "dtd")
+    assert train.split == "train" and train.report.ok and train.report.files_checked == 9
+    assert train.classes == ("abyssinian", "american bulldog", "yorkshire terrier")
+    test = validate_dataset(root, "dtd", "test")
+    assert test.report.files_checked == 3
+    assert kinds(test.report) == {"zero_byte": ["images/american_bulldog/american_bulldog_4.jpg"]}
+
+
+def test_a_class_without_images_in_the_split_is_missing(tmp_path: Path) -> None:
+    root = write_split_json_tree(tmp_path / "eurosat", get_adapter("eurosat"))
+    split_file = root / "split_zhou_EuroSAT.json"
+    records = json.loads(split_file.read_text())
+    records["val"] = [r for r in records["val"] if r[1] != 2]
+    split_file.write_text(json.dumps(records))
+    report = validate_dataset(root, "eurosat", "val").report
+    assert kinds(report) == {"missing_class": ["yorkshire terrier"]}
+
+
+def test_repeated_class_names_stay_distinct(tmp_path: Path) -> None:
+    assert class_keys(["a", "b", "a"]) == ("a (label 0)", "b", "a (label 2)")
+    assert class_keys(["a", "b", "a"], ["x1", "x2", "x3"]) == ("a (x1)", "b", "a (x3)")
+    assert class_keys(["a", "b"]) == ("a", "b")
+    # The same bytes under ImageNet's two "missile" classes are two classes sharing an image.
+    root = tmp_path / "images"
+    first = write_distinct_image(root / "val" / MISSILES[0] / "a.png", 1)
+    (root / "val" / MISSILES[1]).mkdir(parents=True)
+    shutil.copy(first, root / "val" / MISSILES[1] / "b.png")
+    check = validate_dataset(root, "imagenet", "val")
+    assert check.classes[657] == check.classes[744] == "missile"
+    assert check.keys[657] == f"missile ({MISSILES[0]})" and check.keys[744] == f"missile ({MISSILES[1]})"
+    assert kinds(check.report)["conflicting_duplicate"] == [f"val/{MISSILES[1]}/b.png"]
+    assert check.report.count("missing_class") == 998
+
+
+def test_subset_datasets_expect_only_their_classes(tmp_path: Path) -> None:
+    write_distinct_image(tmp_path / "a" / "n01498041" / "x.png", 3)  # stingray, label 6
+    check = validate_dataset(tmp_path / "a", "imagenet-a")
+    assert check.split == "test" and len(check.expected) == 200 and len(check.classes) == 1000
+    assert [(e.label, e.class_name) for e in check.entries] == [(6, "stingray")]
+    assert check.report.count("missing_class") == 199 and "stingray" not in kinds(check.report)["missing_class"]
+
+
+def test_unknown_dataset_or_split(image_tree: Path) -> None:
+    with pytest.raises(UnknownDatasetError, match="unknown dataset 'coco'; known datasets: caltech101"):
+        validate_dataset(image_tree, "coco")
+    with pytest.raises(AdapterError, match="dataset 'imagenet-v2' has no split 'train'; its splits: test"):
+        validate_dataset(image_tree, "imagenet-v2", "train")

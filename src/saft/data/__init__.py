@@ -1,13 +1,25 @@
-"""Data layer: storage roots (local or S3), ImageFolder adapter, few-shot manifests, validation.
+"""Data layer: storage roots (local or S3), dataset adapters, few-shot manifests, validation, prepare.
 
-The torch ``ManifestDataset`` lives in :mod:`saft.data.dataset` and is imported lazily,
-so manifest and validation tools work without loading torch.
+Dataset adapters (``get_adapter(name)``, ``list_adapters()``) index ImageFolder trees,
+ImageNet and its shifts and the CoOp datasets; ``prepare_dataset`` turns a split of any
+trainable one into few-shot manifests. The torch ``ManifestDataset`` lives in
+:mod:`saft.data.dataset` and is imported lazily, so manifest and validation tools work
+without loading torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from saft.data.adapters import (
+    AdapterError,
+    DatasetAdapter,
+    EvalOnlyError,
+    LayoutError,
+    UnknownDatasetError,
+    get_adapter,
+    list_adapters,
+)
 from saft.data.fewshot import FewShotError, FewShotSplit, select_few_shot, split_base_new, subsample_classes
 from saft.data.imagefolder import IMAGE_EXTENSIONS, ImageEntry, ImageFolderIndex, scan_image_folder
 from saft.data.manifest import (
@@ -29,37 +41,59 @@ from saft.data.storage import (
     StorageError,
     open_storage,
 )
-from saft.data.validate import DataValidationError, ValidationReport, skip_corrupt, validate_root
+from saft.data.prepare import PrepareError, PrepareResult, TemplateError, load_templates, prepare_dataset
+from saft.data.validate import (
+    DataValidationError,
+    DatasetCheck,
+    ValidationReport,
+    skip_corrupt,
+    validate_dataset,
+    validate_root,
+)
 
 __all__ = [
+    "AdapterError",
     "BlobCache",
     "ChecksumMismatchError",
     "DataValidationError",
+    "DatasetAdapter",
+    "DatasetCheck",
+    "EvalOnlyError",
     "FewShotError",
     "FewShotSplit",
     "IMAGE_EXTENSIONS",
     "ImageEntry",
     "ImageFolderIndex",
+    "LayoutError",
     "LocalStorage",
     "ManifestDataset",
     "ManifestEntry",
     "ManifestError",
     "ObjectNotFoundError",
+    "PrepareError",
+    "PrepareResult",
     "S3Storage",
     "Storage",
     "StorageError",
+    "TemplateError",
+    "UnknownDatasetError",
     "UnsafePathError",
     "ValidationReport",
     "check_relpath",
+    "get_adapter",
     "hash_entries",
+    "list_adapters",
+    "load_templates",
     "manifest_hash",
     "open_storage",
+    "prepare_dataset",
     "read_manifest",
     "scan_image_folder",
     "select_few_shot",
     "skip_corrupt",
     "split_base_new",
     "subsample_classes",
+    "validate_dataset",
     "validate_root",
     "write_manifest",
 ]

@@ -15,9 +15,16 @@ import sys
 from typing import Any, Callable, Sequence
 
 from saft.data.manifest import read_manifest
-from saft.data.prepare import SUBSETS, SUPPORTED_DATASETS, PrepareResult, check_dataset, prepare_dataset
+from saft.data.prepare import (
+    SUBSETS,
+    SUPPORTED_DATASETS,
+    PrepareError,
+    PrepareResult,
+    check_dataset,
+    prepare_dataset,
+)
 from saft.data.storage import StorageError, open_storage
-from saft.data.validate import validate_root
+from saft.data.validate import validate_dataset, validate_root
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -25,7 +32,7 @@ EXIT_ERROR = 2
 
 # Failures caused by the input rather than by a bug. The data layer's input errors
 # (PrepareError, DataValidationError, FewShotError, ManifestError, UnsafePathError, and
-# future adapter errors) all derive from ValueError; StorageError covers unreachable
+# the adapters' EvalOnlyError / LayoutError / UnknownDatasetError) all derive from ValueError; StorageError covers unreachable
 # roots and OSError unwritable output folders. Anything else keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, StorageError, OSError)
 
@@ -73,7 +80,7 @@ def format_summary(result: PrepareResult) -> str:
     """The few lines a user needs after ``prepare``: what was drawn and where it went."""
     record = result.record
     lines = [
-        f"prepared {record['root']} ({record['dataset']}, subset {record['subset']}, "
+        f"prepared {record['root']} ({record['dataset']}, split {record['split']}, subset {record['subset']}, "
         f"{record['shots']} shot(s), seed {record['seed']})",
         f"  classes:       {len(result.classes)}",
         f"  train images:  {result.train_count}",
@@ -94,6 +101,7 @@ def _prepare(args: argparse.Namespace) -> int:
         args.root,
         args.out,
         dataset=args.dataset,
+        split=args.split,
         shots=args.shots,
         seed=args.seed,
         val_shots=args.val_shots,
@@ -108,25 +116,38 @@ def _prepare(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     """Handler of ``saft data validate``: print the report, exit 1 when it has errors."""
     check_dataset(args.dataset)
+    if args.manifest and args.split is not None:
+        raise PrepareError(
+            "--split chooses the images of ROOT to check, --manifest lists them itself; give one or the other"
+        )
     storage = open_storage(args.root)
-    # Manifest problems (unsafe paths, bad fields) are refused before any file is read.
-    entries = read_manifest(args.manifest) if args.manifest else None
-    report = validate_root(storage, entries)
-    print(report.format())
-    if entries is None and not report.classes:
+    if args.manifest:
+        # Manifest problems (unsafe paths, bad fields) are refused before any file is read.
+        report = validate_root(storage, read_manifest(args.manifest))
+        print(report.format())
+        return EXIT_OK if report.ok else EXIT_FINDINGS
+    check = validate_dataset(storage, args.dataset, args.split)
+    if check.dataset != "imagefolder":
+        with_images = len({entry.label for entry in check.entries})
+        print(f"{check.dataset}, split {check.split}: {len(check.entries)} image(s) in {with_images} of the "
+              f"{len(check.expected)} class(es) this split must cover")
+    print(check.report.format())
+    if not check.classes:
         # An empty or mistyped root has nothing wrong in it, yet is no dataset.
         print(f"no class folders found under {storage.uri}; expected the layout ROOT/<class name>/<image>")
         return EXIT_FINDINGS
-    return EXIT_OK if report.ok else EXIT_FINDINGS
+    return EXIT_OK if check.report.ok else EXIT_FINDINGS
 
 
-def _dataset_flag(parser: argparse.ArgumentParser) -> None:
+def _dataset_flags(parser: argparse.ArgumentParser, split_help: str) -> None:
     parser.add_argument(
         "--dataset",
         default="imagefolder",
         metavar="NAME",
-        help=f"dataset adapter that reads ROOT; supported: {', '.join(SUPPORTED_DATASETS)} (default: imagefolder)",
+        help=f"dataset adapter that reads ROOT (layouts: docs/datasets.md); one of: {', '.join(SUPPORTED_DATASETS)} "
+             "(default: imagefolder)",
     )
+    parser.add_argument("--split", metavar="NAME", help=split_help)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -146,15 +167,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "prepare",
         help="validate a root and write train/val manifests, classes, templates and prepare.json",
         description=(
-            "Validate ROOT, draw a deterministic few-shot split and write train.jsonl (val.jsonl with "
+            "Validate one split of ROOT, draw a deterministic few-shot split and write train.jsonl (val.jsonl with "
             "--val-shots), classes.json, templates.json and prepare.json into --out. The same inputs "
             "always give byte-identical files; on any error --out is left unchanged."
         ),
     )
     prepare.add_argument("root", metavar="ROOT",
-                         help="dataset root: a local folder or s3://bucket/prefix laid out as ROOT/<class>/<image>")
+                         help="dataset root: a local folder or s3://bucket/prefix, laid out as --dataset expects "
+                              "(imagefolder: ROOT/<class>/<image>)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    _dataset_flag(prepare)
+    _dataset_flags(prepare, "split of the dataset to draw from (default: its training split, e.g. train; "
+                            "imagefolder: all); evaluation-only datasets are refused")
     prepare.add_argument("--shots", type=_positive_int, default=16, metavar="K",
                          help="training images per class (default: 16)")
     prepare.add_argument("--seed", type=_int, default=1, metavar="N",
@@ -166,7 +189,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                               "labels renumbered from 0) (default: all)")
     prepare.add_argument("--templates", metavar="FILE",
                          help="prompt templates: .json/.yaml list, or text with one template per line; each "
-                              "needs one '{}' for the class name (default: 'a photo of a {}.')")
+                              "needs one '{}' for the class name (default: the dataset's own templates, e.g. "
+                              "'a photo of a {}.' for imagefolder, CLIP's 80 prompts for imagenet)")
     prepare.add_argument("--skip-corrupt", action="store_true",
                          help="drop broken image files (counted in the summary) instead of refusing the root")
     prepare.set_defaults(func=_guarded("prepare", _prepare))
@@ -175,16 +199,37 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "validate",
         help="check a root (or a manifest over it) for broken, unsafe or duplicate files",
         description=(
-            "Check every image under ROOT, or the files a manifest lists, and print a report. "
+            "Check every image of one split of ROOT (as --dataset indexes it), or the files a manifest "
+            "lists, and print a report. "
             "Exit code 0: no errors (warnings allowed); 1: errors found; 2: the check could not run."
         ),
     )
     validate.add_argument("root", metavar="ROOT", help="dataset root: a local folder or s3://bucket/prefix")
-    _dataset_flag(validate)
+    _dataset_flags(validate, "split of the dataset to check (default: its default split: train for trainable "
+                             "datasets, test for evaluation-only ones, all for imagefolder)")
     validate.add_argument("--manifest", metavar="FILE",
                          help="check only the files this JSON-lines manifest lists, including their sha256")
     validate.set_defaults(func=_guarded("validate", _validate))
+
+    from saft.data.synth import DOMAINS
+
+    synth = data_sub.add_parser("synth", help="render one domain of the embedded world as an ImageFolder tree",
+                                description="Deterministic shape images (same arguments, same bytes on every "
+                                            "machine) written as OUT/<shape>/<index>.png; existing files are kept.")
+    synth.add_argument("--domain", required=True, choices=DOMAINS, help="rendering domain")
+    synth.add_argument("--per-class", type=int, default=100, help="images per shape (default: 100)")
+    synth.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.set_defaults(func=_guarded("synth", _synth))
     return data
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from saft.data.synth import write_domain
+
+    root = write_domain(args.out, args.domain, args.per_class, seed=args.seed)
+    print(f"wrote {args.per_class} images per shape of domain {args.domain} under {root}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,23 +1,33 @@
 """The prepare step: from a dataset root to the files every later step reads.
 
-``prepare_dataset`` turns a root (local folder or ``s3://bucket/prefix``) into a folder of
-small, versionable files:
+``prepare_dataset`` turns a root (local folder or ``s3://bucket/prefix``) of any trainable
+dataset of the adapter registry (:func:`saft.data.adapters.list_adapters`: a plain
+ImageFolder, ImageNet, the CoOp datasets) into a folder of small, versionable files:
 
 - ``train.jsonl`` (and ``val.jsonl`` when ``val_shots > 0``): few-shot manifests, one
   image per line with its label, class name and sha256 (see :mod:`saft.data.manifest`)
-- ``classes.json``: the class names in label order (position = label)
-- ``templates.json``: the prompt templates that turn a class name into a caption
-- ``prepare.json``: what was asked for and what came out (dataset, root, shots, seed,
-  val_shots, subset, counts, manifest hashes, library version)
+- ``classes.json``: the class names in label order (position = label), as the dataset's
+  adapter names them (folder names, CoOp split files, CLIP's ImageNet names); prompts
+  are built from these
+- ``templates.json``: the prompt templates that turn a class name into a caption; by
+  default the dataset's own (e.g. CLIP's 80 ImageNet prompts), else the user's
+- ``prepare.json``: what was asked for and what came out (dataset adapter, split, root,
+  shots, seed, val_shots, subset, counts, manifest hashes, library version)
 
 Why it is built this way:
 
-- The root is validated as a whole before anything is drawn, so a truncated JPEG or a
-  file filed under two classes is found now rather than hours into training. Broken
+- Images are drawn from one split of the dataset (its training split unless asked
+  otherwise), indexed by the dataset's adapter, so a CoOp test image or an ImageNet
+  validation image never ends up in a training manifest by accident. Evaluation-only
+  sets (ImageNet-V2, -Sketch, -A, -R) are refused: training on them would turn their
+  robustness numbers into in-distribution ones.
+- The split is validated as a whole before anything is drawn, so a truncated JPEG, a file
+  filed under two classes or a class without images is found now rather than hours into
+  training (see :func:`saft.data.validate.validate_dataset`). Broken
   files are refused unless ``skip_corrupt``; then they are dropped and counted, and since
   each class's sampling order depends only on the seed and the path, dropping a broken
   image picks the next image of that class without disturbing any other choice.
-  Validation decodes every image of the root once (on S3 that also fills the blob cache).
+  Validation decodes every image of the split once (on S3 that also fills the blob cache).
 - The outputs are a set: ``prepare.json`` records the hashes of the manifests beside it.
   All inputs are read and checked, and every output is rendered to a temporary file,
   before any output replaces a file of the folder; a failure therefore leaves the folder
@@ -31,6 +41,11 @@ the classes in label order the first ceil(n/2) are *base*, the rest *new*. With
 within the half (for ``base`` this changes nothing; for ``new`` the first new class
 becomes label 0), and ``classes.json`` lists only that half, so a classifier over the
 half's classes uses the manifest labels directly.
+
+Classes are told apart by label, not by name: CLIP's ImageNet names call two classes
+"missile" and two "sunglasses". A manifest maps each class name to one label, so there a
+repeated name carries its wnid (``"missile (n03773504)"``, see
+:func:`saft.data.validate.class_keys`); ``classes.json`` keeps the plain names.
 """
 
 from __future__ import annotations
@@ -46,23 +61,32 @@ from typing import Any, Sequence
 
 import yaml
 
+from saft.data.adapters import DatasetAdapter, UnknownDatasetError, get_adapter, list_adapters
 from saft.data.fewshot import select_few_shot, subsample_classes
-from saft.data.imagefolder import ImageEntry, scan_image_folder
+from saft.data.imagefolder import ImageEntry
 from saft.data.manifest import canonical_manifest_bytes, hash_entries
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
-from saft.data.validate import DataValidationError, skip_corrupt as drop_broken, validate_root
+from saft.data.validate import (
+    CLASS_ERRORS,
+    DataValidationError,
+    DatasetCheck,
+    skip_corrupt as drop_broken,
+    validate_dataset,
+)
 from saft.io import atomic_path, write_json
 from saft.version import __version__
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_DATASETS: tuple[str, ...] = ("imagefolder",)
-"""Dataset adapters ``prepare_dataset`` can read; more (CoOp layouts, ImageNet) come later."""
+SUPPORTED_DATASETS: tuple[str, ...] = tuple(list_adapters())
+"""Dataset adapters ``prepare_dataset`` and ``saft data validate`` know (evaluation-only ones
+can be validated but not prepared)."""
 
 SUBSETS: tuple[str, ...] = ("all", "base", "new")
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-"""The single CLIP prompt; the same default the training objective uses."""
+"""The single CLIP prompt (``load_templates(None)``); ``prepare_dataset`` defaults to the
+dataset's own templates instead, which for ``imagefolder`` are exactly these."""
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -116,6 +140,44 @@ def check_dataset(dataset: str) -> str:
             "Arrange other datasets as <root>/<class name>/<image> and use 'imagefolder'"
         )
     return dataset
+
+
+def trainable_adapter(dataset: str) -> DatasetAdapter:
+    """The adapter of ``dataset``, refusing unknown and evaluation-only datasets.
+
+    Raises :class:`PrepareError` for an unknown name and the adapter's
+    :class:`~saft.data.adapters.EvalOnlyError` for ImageNet-V2, -Sketch, -A and -R.
+    """
+    check_dataset(dataset)
+    try:
+        adapter = get_adapter(dataset)
+    except UnknownDatasetError as err:  # the registry changed since import
+        raise PrepareError(str(err)) from None
+    adapter.check_trainable()
+    return adapter
+
+
+def check_split(adapter: DatasetAdapter, split: object) -> str:
+    """The split to draw from: ``split``, or the dataset's training (default) split when None."""
+    if split is None:
+        return adapter.default_split
+    if not isinstance(split, str) or split not in adapter.splits:
+        raise PrepareError(
+            f"dataset {adapter.name!r} has no split {split!r}; its splits: {', '.join(adapter.splits)} "
+            f"(default: {adapter.default_split})"
+        )
+    return split
+
+
+def _warn_if_evaluation_split(adapter: DatasetAdapter, split: str) -> None:
+    """Log a warning when ``split`` holds the images evaluation scores (e.g. ImageNet's val)."""
+    test = adapter.spec.splits.get("test")
+    if test is not None and adapter.spec.splits[split] == test:
+        log.warning(
+            "drawing training images from split %r of %s, which holds the images its evaluation scores "
+            "(split 'test'); accuracy measured there will not be a held-out number",
+            split, adapter.name,
+        )
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -227,37 +289,43 @@ def _check_out_dir(out_dir: Path, storage: Storage) -> None:
     if isinstance(storage, LocalStorage) and out_dir.resolve().is_relative_to(storage.root.resolve()):
         raise PrepareError(
             f"output folder {out_dir} is inside the dataset root {storage.root}, where it would be "
-            "scanned as a class folder; write the outputs outside the root"
+            "scanned as part of the dataset (an ImageFolder root would gain a class folder); "
+            "write the outputs outside the root"
         )
 
 
-def _validated_entries(storage: Storage, skip: bool) -> tuple[list[ImageEntry], tuple[str, ...], int]:
-    """The root's usable images and its classes, and how many broken files were skipped."""
-    report = validate_root(storage)
-    index = scan_image_folder(storage)
-    if index.classes != report.classes:
-        raise PrepareError(
-            f"the class folders of {storage.uri} changed while it was being checked; "
-            "run prepare again once the dataset is no longer being written"
-        )
-    if not index.classes:
+def _validated_entries(
+    storage: Storage, adapter: DatasetAdapter, split: str, skip: bool
+) -> tuple[list[ImageEntry], DatasetCheck, int]:
+    """The split's usable images (keyed by class key), its check, and how many broken files were skipped."""
+    check = validate_dataset(storage, adapter, split)
+    report = check.report
+    where = f"dataset root {storage.uri} ({adapter.name}, split {split!r})"
+    if not check.classes:
         raise PrepareError(
             f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
             "<root>/<class name>/<image>"
         )
     for finding in report.warnings:
         log.warning("%s: %s %s (%s)", storage.uri, finding.kind, finding.subject, finding.detail)
-    entries = list(index.entries)
+    entries = list(check.entries)
     if report.ok:
-        return entries, index.classes, 0
+        return entries, check, 0
+    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
+        raise DataValidationError(
+            report,
+            f"{where} failed validation: its classes are not what the dataset needs (missing, extra or empty "
+            "classes, or one image filed under two classes). Fix the root or point it at a complete copy; "
+            "skip_corrupt (CLI: --skip-corrupt) only drops broken files and cannot fix these",
+        )
     if not skip:
         raise DataValidationError(
             report,
-            f"dataset root {storage.uri} failed validation; fix or remove the files listed below, "
+            f"{where} failed validation; fix or remove the files listed below, "
             "or pass skip_corrupt=True (CLI: --skip-corrupt) to drop broken image files",
         )
     kept = drop_broken(entries, report, logger=log)
-    return kept, index.classes, len(entries) - len(kept)
+    return kept, check, len(entries) - len(kept)
 
 
 def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]]) -> None:
@@ -289,6 +357,7 @@ def prepare_dataset(
     out_dir: str | os.PathLike,
     *,
     dataset: str = "imagefolder",
+    split: str | None = None,
     shots: int = 16,
     seed: int = 1,
     val_shots: int = 0,
@@ -296,35 +365,46 @@ def prepare_dataset(
     templates: Sequence[str] | str | os.PathLike | None = None,
     skip_corrupt: bool = False,
 ) -> PrepareResult:
-    """Validate ``root``, draw the ``shots``-per-class split for ``seed`` and write ``out_dir``.
+    """Validate ``split`` of ``root``, draw ``shots`` images per class for ``seed``, write ``out_dir``.
 
-    Raises :class:`PrepareError` (bad arguments or templates), :class:`DataValidationError`
-    (broken data; its ``report`` lists every finding), :class:`saft.data.FewShotError`
-    (a class has fewer than ``shots + val_shots`` images) or
-    :class:`saft.data.StorageError` (unreadable root); in every case ``out_dir`` is left
-    as it was. See the module docstring for the files written.
+    ``dataset`` names the adapter that reads the root (``saft.data.list_adapters()``);
+    ``split`` defaults to the dataset's training split (``imagefolder``: the whole root).
+    ``templates`` defaults to the dataset's prompt templates. Raises
+    :class:`PrepareError` (bad arguments or templates), the adapter's
+    :class:`~saft.data.adapters.EvalOnlyError` (evaluation-only dataset) or
+    :class:`~saft.data.adapters.LayoutError` (root not laid out as the dataset expects),
+    :class:`DataValidationError` (broken data; its ``report`` lists every finding),
+    :class:`saft.data.FewShotError` (a class has fewer than ``shots + val_shots`` images)
+    or :class:`saft.data.StorageError` (unreadable root); in every case ``out_dir`` is
+    left as it was. See the module docstring for the files written.
     """
-    check_dataset(dataset)
+    adapter = trainable_adapter(dataset)
+    split = check_split(adapter, split)
     _check_int("shots", shots, 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PrepareError(f"seed must be an integer, got {seed!r}")
     _check_int("val_shots", val_shots, 0)
     if subset not in SUBSETS:
         raise PrepareError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
-    prompt_templates = load_templates(templates)  # before any data is read: a typo fails fast
+    # Before any data is read, so a typo fails fast.
+    prompt_templates = load_templates(adapter.templates if templates is None else templates)
     out = Path(out_dir).expanduser()
     storage = open_storage(root)
     _check_out_dir(out, storage)
+    _warn_if_evaluation_split(adapter, split)
 
-    entries, all_classes, skipped = _validated_entries(storage, skip_corrupt)
-    entries, classes = subsample_classes(entries, all_classes, subset)  # type: ignore[arg-type]
-    split = select_few_shot(entries, shots, seed, val_shots=val_shots, classes=classes)
+    entries, check, skipped = _validated_entries(storage, adapter, split, skip_corrupt)
+    # Halves and shots are drawn per class key, so classes sharing a name stay apart.
+    entries, keys = subsample_classes(entries, check.keys, subset)  # type: ignore[arg-type]
+    drawn = select_few_shot(entries, shots, seed, val_shots=val_shots, classes=keys)
+    name_of = check.name_of_key
+    classes = [name_of[key] for key in keys]
 
     # Manifests are rendered in memory: hashing reads every chosen file, and any failure
     # here must come before the first byte reaches out_dir.
-    parts = {"train": (TRAIN_FILE, split.train)}
+    parts = {"train": (TRAIN_FILE, drawn.train)}
     if val_shots:
-        parts["val"] = (VAL_FILE, split.val)
+        parts["val"] = (VAL_FILE, drawn.val)
     manifests: dict[str, bytes] = {}
     manifest_records: dict[str, dict[str, Any]] = {}
     for key, (name, chosen) in parts.items():
@@ -333,7 +413,8 @@ def prepare_dataset(
 
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
-        "dataset": dataset,
+        "dataset": adapter.name,
+        "split": split,
         "root": storage.uri,
         "shots": shots,
         "seed": seed,
@@ -343,8 +424,8 @@ def prepare_dataset(
             "classes": len(classes),
             "images": len(entries),
             "skipped_broken": skipped,
-            "train": len(split.train),
-            "val": len(split.val),
+            "train": len(drawn.train),
+            "val": len(drawn.val),
         },
         "manifests": manifest_records,
         "classes_file": CLASSES_FILE,
@@ -356,14 +437,14 @@ def prepare_dataset(
     files[TEMPLATES_FILE] = list(prompt_templates)
     files[RECORD_FILE] = record
     _commit(out, files)
-    log.info("prepared %s: %d classes, %d train / %d val images -> %s", storage.uri, len(classes),
-             len(split.train), len(split.val), out)
+    log.info("prepared %s (%s, split %s): %d classes, %d train / %d val images -> %s", storage.uri,
+             adapter.name, split, len(classes), len(drawn.train), len(drawn.val), out)
     return PrepareResult(
         out_dir=out,
         classes=tuple(classes),
         templates=prompt_templates,
-        train_count=len(split.train),
-        val_count=len(split.val),
+        train_count=len(drawn.train),
+        val_count=len(drawn.val),
         skipped=skipped,
         train_hash=manifest_records["train"]["sha256"],
         val_hash=manifest_records["val"]["sha256"] if "val" in manifest_records else None,
@@ -379,7 +460,9 @@ __all__ = [
     "SUPPORTED_DATASETS",
     "TemplateError",
     "check_dataset",
+    "check_split",
     "check_template",
     "load_templates",
     "prepare_dataset",
+    "trainable_adapter",
 ]

@@ -6,6 +6,9 @@ image filed under two classes caps accuracy. :func:`validate_root` finds these u
 front and reports each kind of problem with a count and example paths;
 :class:`DataValidationError` lets a step refuse the data, and :func:`skip_corrupt`
 lets it drop broken files instead, logging how many, without ever losing a class.
+:func:`validate_dataset` does the same for one split of a named dataset, checking the
+images its adapter indexes (ImageNet folders, CoOp split files, ...) against the classes
+the dataset must have.
 
 Problem kinds (``Finding.kind``), errors unless marked:
 
@@ -33,7 +36,9 @@ from typing import Iterable, Sequence, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from saft.data.imagefolder import scan_image_folder
+from saft.data.adapters import AdapterError, DatasetAdapter, LayoutError, get_adapter
+from saft.data.adapters.sources import load_class_space
+from saft.data.imagefolder import ImageEntry, ImageFolderIndex, scan_image_folder
 from saft.data.manifest import LabelledPath
 from saft.data.paths import UnsafePathError, check_relpath
 from saft.data.storage import (
@@ -220,15 +225,30 @@ def validate_root(
     counts as missing.
     """
     storage = open_storage(root)
-    findings: list[Finding] = []
     if entries is None:
-        index = scan_image_folder(storage)
-        items: list[LabelledPath] = list(index.entries)
-        found = tuple(index.classes)
-        findings += [Finding("empty_class", name) for name, n in index.counts().items() if n == 0]
-    else:
-        items = list(entries)
-        found = tuple(sorted({item.class_name for item in items}))
+        return _check_index(storage, scan_image_folder(storage), expected_classes, workers)
+    items = list(entries)
+    found = tuple(sorted({item.class_name for item in items}))
+    return _check_items(storage, items, found, [], expected_classes, workers)
+
+
+def _check_index(
+    storage: Storage, index: ImageFolderIndex, expected_classes: Sequence[str] | None, workers: int
+) -> ValidationReport:
+    """Scan-mode check of an ImageFolder index: its images, plus class folders holding none."""
+    empty = [Finding("empty_class", name) for name, n in index.counts().items() if n == 0]
+    return _check_items(storage, list(index.entries), tuple(index.classes), empty, expected_classes, workers)
+
+
+def _check_items(
+    storage: Storage,
+    items: list[LabelledPath],
+    found: tuple[str, ...],
+    findings: list[Finding],
+    expected_classes: Sequence[str] | None,
+    workers: int,
+) -> ValidationReport:
+    findings = list(findings)
     if expected_classes is not None:
         expected = set(expected_classes)
         findings += [Finding("missing_class", name) for name in sorted(expected - set(found))]
@@ -259,6 +279,124 @@ def validate_root(
                 )
             )
     return ValidationReport(root=storage.uri, files_checked=len(items), classes=found, findings=findings)
+
+
+# --- one split of a named dataset ----------------------------------------------------------
+
+
+def class_keys(classes: Sequence[str], ids: Sequence[str] | None = None) -> tuple[str, ...]:
+    """One distinct name per label: the class name, or ``"<name> (<id>)"`` where names repeat.
+
+    Grouping images by class name is how validation, ``skip_corrupt``, the few-shot draw
+    and manifests tell classes apart, but a fixed class list may repeat a name: CLIP's
+    ImageNet names call two classes "missile" and two "sunglasses". Keying those by name
+    would merge two classes (and their shots) into one, so each gets a key that adds its
+    id (``ids[label]``, e.g. the wnid: ``"missile (n03773504)"``), or ``label N`` without
+    ids. Unique names are their own key, so datasets without repeats are unaffected.
+    """
+    counts: dict[str, int] = {}
+    for name in classes:
+        counts[name] = counts.get(name, 0) + 1
+    keys = tuple(
+        name if counts[name] == 1 else f"{name} ({ids[label] if ids is not None else f'label {label}'})"
+        for label, name in enumerate(classes)
+    )
+    clashes = sorted({key for key in keys if keys.count(key) > 1})
+    if clashes:
+        raise AdapterError(
+            f"the class list has names that cannot be told apart even with their ids: {', '.join(clashes[:5])}; "
+            "rename those classes"
+        )
+    return keys
+
+
+def reads_root_as_image_folder(adapter: DatasetAdapter, split: str) -> bool:
+    """True when ``split`` of this dataset is the root itself laid out as ``<root>/<class>/<image>``.
+
+    Such a root is checked as a whole (:func:`validate_root` without entries): its class
+    folders define the classes, so a class folder without images can only be seen by
+    listing the folders, which an index of images cannot show.
+    """
+    spec = adapter.spec
+    return spec.layout == "class-folders" and spec.classes.source == "folder-names" and spec.splits[split] == ("",)
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """One split of a dataset as its adapter indexes it, and what validation found there.
+
+    ``entries`` carry the class *key* (see :func:`class_keys`) as ``class_name`` and the
+    label in the dataset's label space (ImageNet-A images keep their 1000-class labels);
+    ``classes`` holds the real names in label order, ``keys`` the key of each label and
+    ``expected`` the keys of the classes the split must cover.
+    """
+
+    dataset: str
+    split: str
+    classes: tuple[str, ...]
+    keys: tuple[str, ...]
+    entries: tuple[ImageEntry, ...]
+    expected: tuple[str, ...]
+    report: ValidationReport
+
+    @property
+    def name_of_key(self) -> dict[str, str]:
+        """Class key -> the class name prompts use."""
+        return dict(zip(self.keys, self.classes))
+
+
+def _resolve_adapter(dataset: str | DatasetAdapter) -> DatasetAdapter:
+    return get_adapter(dataset) if isinstance(dataset, str) else dataset
+
+
+def validate_dataset(
+    root: str | os.PathLike | Storage,
+    dataset: str | DatasetAdapter = "imagefolder",
+    split: str | None = None,
+    *,
+    workers: int = 8,
+) -> DatasetCheck:
+    """Index ``split`` (default: the dataset's default split) with the adapter and check it.
+
+    Every indexed image is read and decoded as :func:`validate_root` does. The classes
+    the split must cover are the dataset's (for ImageNet-A/-R, the 200 it covers); a class
+    without any image in the split is a ``missing_class`` error, since a few-shot draw or
+    an evaluation over the full class list would silently lose it. A plain ImageFolder
+    root is checked as a whole, exactly as :func:`validate_root` checks it. Raises
+    :class:`~saft.data.adapters.AdapterError` (unknown dataset or split, or a root that
+    does not match the layout) before any image is read.
+    """
+    adapter = _resolve_adapter(dataset)
+    split = adapter.default_split if split is None else split
+    if split not in adapter.splits:
+        raise AdapterError(f"dataset {adapter.name!r} has no split {split!r}; its splits: {', '.join(adapter.splits)}")
+    storage = open_storage(root)
+    if reads_root_as_image_folder(adapter, split):
+        index = scan_image_folder(storage)
+        report = _check_index(storage, index, None, workers)
+        return DatasetCheck(adapter.name, split, index.classes, index.classes, index.entries, index.classes, report)
+
+    index = adapter.scan(storage, split)
+    classes = tuple(adapter.class_names(storage))
+    if classes != index.classes:
+        raise LayoutError(
+            f"{adapter.name}: the class list of {storage.uri} changed while it was being read; "
+            "check again once the dataset is no longer being written"
+        )
+    ids = load_class_space(adapter.spec.classes).keys if adapter.has_fixed_classes else None
+    keys = class_keys(classes, ids)
+    entries = []
+    for entry in index.entries:
+        if not 0 <= entry.label < len(classes) or classes[entry.label] != entry.class_name:
+            raise LayoutError(
+                f"{adapter.name}: {storage.uri_for(entry.path)} has label {entry.label} and class "
+                f"{entry.class_name!r}, which disagree with the class list; the adapter or its index files are damaged"
+            )
+        entries.append(ImageEntry(entry.path, entry.label, keys[entry.label]))
+    subset = adapter.imagenet_subset
+    expected = tuple(keys[label] for label in subset) if subset is not None else keys
+    report = _check_items(storage, list(entries), tuple(sorted({e.class_name for e in entries})), [], expected, workers)
+    return DatasetCheck(adapter.name, split, classes, keys, tuple(entries), expected, report)
 
 
 def skip_corrupt(entries: Sequence[E], report: ValidationReport, *, logger: logging.Logger = log) -> list[E]:
