@@ -62,3 +62,14 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, di
         raise ValueError(f"{path}: not a SAFT {what} (format={meta.get('format')!r}, expected {fmt!r})")
     meta.pop("format")
     return load_file(str(path)), meta
+
+
+def read_text(path: str | os.PathLike, what: str, error: type[Exception]) -> str:
+    """UTF-8 text of a user-supplied file, or ``error`` naming it and saying what went wrong."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {path} cannot be read as UTF-8 text: {err}") from None

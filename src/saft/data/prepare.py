@@ -73,7 +73,7 @@ from saft.data.validate import (
     skip_corrupt as drop_broken,
     validate_dataset,
 )
-from saft.io import atomic_path, write_json
+from saft.io import atomic_path, read_text, write_json
 from saft.version import __version__
 
 log = logging.getLogger(__name__)
@@ -216,12 +216,7 @@ def check_template(template: object, where: str) -> str:
 
 def _templates_from_file(path: Path) -> tuple[list[object], list[str]]:
     """Raw templates of a file and where each came from (for messages)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TemplateError(f"templates file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TemplateError(f"templates file {path} cannot be read as UTF-8 text: {err}") from None
+    text = read_text(path, "templates file", TemplateError)
     suffix = path.suffix.lower()
     if suffix in {".json", ".yaml", ".yml"}:
         try:

@@ -61,6 +61,7 @@ import yaml
 
 from saft.data.adapters.errors import SpecError, UnknownDatasetError
 from saft.data.paths import UnsafePathError, check_relpath
+from saft.io import read_text
 
 LAYOUTS: tuple[str, ...] = ("class-folders", "index-folders", "split-json", "aircraft-txt")
 CLASS_SOURCES: dict[str, tuple[str, ...]] = {
@@ -502,10 +503,5 @@ def load_packaged_spec(name: str) -> DatasetSpec:
 def load_spec_file(path: str | os.PathLike) -> DatasetSpec:
     """A spec from a YAML file outside the package (its ``class_space`` may name a shipped spec)."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"dataset spec {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"dataset spec {path} cannot be read as UTF-8 text: {err}") from None
+    text = read_text(path, "dataset spec", SpecError)
     return parse_spec(_load_yaml(text, str(path)), str(path), class_space_lookup=load_packaged_spec)
