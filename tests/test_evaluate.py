@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from saft.cli import main
-from saft.demo import write_shape_tree
+from saft.data.synth import write_domain
 from saft.eval.suites import SuiteError, load_suite
 from saft.steps.evaluate import DeltaRun
 from saft.steps.finetune import finetune_step
@@ -15,8 +15,8 @@ from saft.sparse import FinetuneConfig
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
-    write_shape_tree(base / "id", per_class=6, seed=0)
-    write_shape_tree(base / "shifted", per_class=4, seed=9)
+    write_domain(base / "id", "photo", per_class=6)
+    write_domain(base / "shifted", "sketch", per_class=4)
     assert main(["data", "prepare", str(base / "id"), "--out", str(base / "data"), "--shots", "4"]) == 0
     score_step(ScoreConfig(model="saft-tiny-vit", density=0.005), base / "data", base / "score", progress=False)
     for seed in (1, 2):
@@ -40,7 +40,7 @@ def test_evaluate_suite_with_seeds_and_alphas(world, tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
     recs = doc["records"]
     assert len(recs) == 2 + 2 * 2 * 2
-    assert {r["n"] for r in recs if r["dataset"] == "shapes"} == {36}
+    assert {r["n"] for r in recs if r["dataset"] == "shapes"} == {60}
     zs = {r["dataset"]: r["top1"] for r in recs if r["model"] == "zeroshot"}
     for r in recs:
         if r["model"] == "saft" and r["alpha"] == 0.0:  # base + 0 * delta is the base
@@ -62,7 +62,7 @@ def test_base_new_roles_score_halves(world, tmp_path):
                str(world), "--out", str(tmp_path / "out")])
     assert rc == 0
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {r["dataset"]: r["n"] for r in doc["records"]} == {"b": 18, "n": 18}
+    assert {r["dataset"]: r["n"] for r in doc["records"]} == {"b": 30, "n": 30}
     assert "hm" in doc["aggregates"][0]
 
 

@@ -4,13 +4,13 @@ import pytest
 
 import saft
 from saft.cli import main
-from saft.demo import write_shape_tree
+from saft.data.synth import write_domain
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("steps")
-    root = write_shape_tree(base / "shapes", per_class=6, seed=0)
+    root = write_domain(base / "shapes", "photo", per_class=6)
     assert main(["data", "prepare", str(root), "--out", str(base / "data"), "--shots", "4", "--val-shots", "2"]) == 0
     return base
 

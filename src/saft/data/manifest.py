@@ -128,7 +128,6 @@ def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry]) ->
     data = canonical_manifest_bytes(entries)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
     return sha256_bytes(data)
 
 

@@ -341,7 +341,6 @@ def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]])
                 tmp.write_bytes(content)
             else:
                 write_json(tmp, content)
-            os.chmod(tmp, 0o644)
     if VAL_FILE not in files:  # a val manifest from an earlier run would contradict prepare.json
         with contextlib.suppress(FileNotFoundError):
             (out_dir / VAL_FILE).unlink()

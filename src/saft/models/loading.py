@@ -26,6 +26,8 @@ import open_clip
 import torch
 
 from saft.models.fingerprint import fingerprint_state_dict
+from saft.models.tiny import ARCH as TINY_ARCH
+from saft.models.tiny import tiny_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_SOURCE = "random"
@@ -48,6 +50,10 @@ class ModelSpec:
         if isinstance(spec, ModelSpec):
             return spec
         text = str(spec).strip()
+        if text == "tiny":  # the embedded model shipped with the package
+            from saft.models.tiny import ARCH, CHECKPOINT
+
+            return cls(ARCH, str(CHECKPOINT))
         if not text:
             raise ModelSpecError("empty model spec: expected ARCH@TAG, ARCH@/path/weights or ARCH@random")
         arch, _, source = text.partition("@")
@@ -163,5 +169,8 @@ def load_model(
         )
     model = model.to(device).eval()
     model.saft_model_spec = str(spec)  # masks and deltas record which base they belong to
-    tokenizer = open_clip.get_tokenizer(spec.arch)
+    if spec.arch == TINY_ARCH:
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = open_clip.get_tokenizer(spec.arch)
     return LoadedModel(model, preprocess, tokenizer, fingerprint_state_dict(model.state_dict()), spec)

@@ -1,0 +1,174 @@
+"""The synthshift protocol: zero-shot, full fine-tuning, SAFT and a random mask on the world.
+
+Per seed: draw the 16-shot split (plus an ID validation split) from the textile pool,
+score the SAFT mask, draw a random mask of the same density, fine-tune every method at
+every learning rate of its grid, pick each method's rate on the ID validation split, and
+evaluate the ``synthshift`` suite. Validity checks decide whether the world shows the
+failure mode SAFT addresses; they are computed from full fine-tuning and zero-shot only,
+never from SAFT's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from saft.data.prepare import prepare_dataset
+from saft.eval import top1_accuracy
+from saft.eval.suites import load_suite
+from saft.io import write_json
+from saft.models import load_model
+from saft.sparse import (ClassPrompts, Eligibility, FinetuneConfig, apply_delta, finetune, importance_scores,
+                         random_mask, remove_delta, save_delta, select_mask)
+from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
+from saft.steps.prepared import PreparedData
+from saft.world.task import ID_DOMAIN, build_world
+
+DEFAULT_GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4], "saft": [3e-4, 1e-3, 3e-3, 1e-2],
+                 "random": [3e-4, 1e-3, 3e-3, 1e-2]}
+CHOSEN_LR_FILE = Path(__file__).with_name("chosen_lr.json")
+
+
+@dataclass
+class WorldConfig:
+    out_dir: Path = Path("runs/synthshift")
+    world_dir: Path | None = None  # default: out_dir/world
+    model: str = "tiny"
+    seeds: tuple[int, ...] = (1, 2, 3)
+    shots: int = 16
+    val_shots: int = 8
+    density: float = 0.001
+    steps: int = 100
+    batch_size: int = 32
+    grids: dict = field(default_factory=lambda: dict(DEFAULT_GRIDS))
+    alphas: tuple[float, ...] = (1.0,)
+    pool_per_class: int = 64
+    test_per_class: int = 100
+
+
+@dataclass
+class Checks:
+    zero_shot_id: float
+    full_id_gain: float
+    full_ood_gain: float
+    results: dict = field(default_factory=dict)
+
+    @classmethod
+    def compute(cls, aggregates: list[dict]) -> "Checks":
+        by = {(a["model"], a["alpha"]): a for a in aggregates}
+        zs = by[("zeroshot", None)]
+        full = next(a for (m, al), a in by.items() if m == "full" and al in (1.0, None))
+        zs_id, zs_ood = zs["id"]["mean"], zs["ood_mean"]["mean"]
+        c = cls(zs_id, full["id"]["mean"] - zs_id, full["ood_mean"]["mean"] - zs_ood)
+        c.results = {
+            "zero-shot ID accuracy within [30%, 85%]": 0.30 <= zs_id <= 0.85,
+            "full fine-tuning gains >= 5 ID points over zero-shot": c.full_id_gain >= 0.05,
+            "full fine-tuning loses OOD (or gains < 1/3 of its ID gain)":
+                c.full_ood_gain < 0 or c.full_ood_gain < c.full_id_gain / 3,
+            "every OOD set above chance (+5 points) zero-shot": all(
+                v["mean"] > 0.15 for v in zs["per_dataset"].values() if v["role"] == "ood"),
+        }
+        return c
+
+    @property
+    def passed(self) -> bool:
+        return all(self.results.values())
+
+
+def ood_at_matched_id(aggregates: list[dict]) -> dict:
+    """OOD mean of each method at one common ID accuracy, read off its alpha curve.
+
+    Each method's curve runs from the zero-shot point (alpha 0) through its evaluated
+    alphas; the common ID level is the highest one every curve reaches, and OOD is
+    linearly interpolated there. Needs alpha values below 1 to say much.
+    """
+    zs = next(a for a in aggregates if a["model"] == "zeroshot")
+    curves = {}
+    for a in aggregates:
+        if a["model"] != "zeroshot" and a["alpha"] is not None and "id" in a:
+            curves.setdefault(a["model"], [(0.0, zs["id"]["mean"], zs["ood_mean"]["mean"])]).append(
+                (a["alpha"], a["id"]["mean"], a["ood_mean"]["mean"]))
+    if not curves:
+        return {}
+    target = min(max(p[1] for p in pts) for pts in curves.values())
+    out = {"id": target}
+    for model, pts in curves.items():
+        pts.sort()
+        value = None
+        for (_, i0, o0), (_, i1, o1) in zip(pts, pts[1:]):
+            if min(i0, i1) <= target <= max(i0, i1):
+                value = o0 if i1 == i0 else o0 + (o1 - o0) * (target - i0) / (i1 - i0)
+                break
+        out[model] = value if value is not None else next(o for _, i, o in pts if i == target)
+    return out
+
+
+def _lr_label(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    world = build_world(cfg.world_dir or out / "world", pool_per_class=cfg.pool_per_class,
+                        test_per_class=cfg.test_per_class, log=log)
+    loaded = load_model(cfg.model)
+    model = loaded.model
+    chosen_runs: list[DeltaRun] = []
+    grid_log: list[dict] = []
+    chosen_lr: dict[str, list[float]] = {}
+    sizes: dict[str, dict] = {}
+    for seed in cfg.seeds:
+        seed_dir = out / f"seed{seed}"
+        prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "data", shots=cfg.shots, seed=seed,
+                        val_shots=cfg.val_shots)
+        data = PreparedData.open(seed_dir / "data")
+        train, val = data.dataset(loaded.preprocess), data.dataset(loaded.preprocess, "val")
+        prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
+        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size)
+        meta = {"base_model": cfg.model, "manifest_hash": data.manifest_hash()}
+        masks = {"saft": select_mask(importance_scores(model, loader, prompts, progress=progress), cfg.density,
+                                     meta=meta)}
+        shapes = {n: tuple(p.shape) for n, p in Eligibility().select(model).items()}
+        masks["random"] = random_mask(shapes, cfg.density, seed=seed, meta=meta)
+        masks["full"] = None
+        masks["saft"].save(seed_dir / "mask.safetensors")
+        write_json(seed_dir / "mask_stats.json", masks["saft"].stats())
+        for method, grid in cfg.grids.items():
+            best = None
+            for lr in grid:
+                fcfg = FinetuneConfig(method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
+                                      warmup_steps=cfg.steps // 10, seed=seed)
+                result = finetune(model, train, prompts, config=fcfg, mask=masks[method], meta=meta,
+                                  progress=progress)
+                path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / "delta.safetensors")
+                apply_delta(model, result.delta, check_fingerprint=False)
+                val_acc = top1_accuracy(model, val, prompts)
+                remove_delta(model, result.delta)
+                grid_log.append({"seed": seed, "method": method, "lr": lr, "val_acc": val_acc,
+                                 "final_loss": result.history[-1]["loss"], "seconds": result.seconds})
+                log(f"seed {seed} {method:<6} lr {lr:.0e}: ID val {100 * val_acc:5.1f}  "
+                    f"({result.seconds:.1f} s)")
+                if best is None or val_acc > best[0]:
+                    best = (val_acc, lr, path, result.delta.num_values)
+            chosen_runs.append(DeltaRun(method, str(best[2]), seed))
+            chosen_lr.setdefault(method, []).append(best[1])
+            sizes[method] = {"trainable": best[3], "delta_bytes": Path(best[2]).stat().st_size}
+    log("evaluating the synthshift suite")
+    suite = load_suite(str(world / "synthshift.yaml"), str(world))
+    doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=chosen_runs, alphas=list(cfg.alphas)), suite,
+                         out / "eval", progress=progress, log=lambda *_: None)
+    checks = Checks.compute(doc["aggregates"])
+    summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "grid": grid_log,
+               "chosen_lr": {m: max(set(v), key=v.count) for m, v in chosen_lr.items()},
+               "chosen_lr_per_seed": chosen_lr, "sizes": sizes,
+               "ood_at_matched_id": ood_at_matched_id(doc["aggregates"]),
+               "checks": checks.results, "checks_passed": checks.passed,
+               "aggregates": doc["aggregates"], "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "results.json", summary)
+    return summary
