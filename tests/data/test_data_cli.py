@@ -183,7 +183,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.Argumen
 
 def test_every_flag_has_help_and_kebab_case() -> None:
     leaves = _leaf_parsers(build_parser())
-    assert set(leaves) == {"data prepare", "data validate"}
+    assert set(leaves) == {"data prepare", "data validate", "data synth"}
     for name, parser in leaves.items():
         for action in parser._actions:
             assert action.help, f"{name}: {action.dest} has no help"
