@@ -129,12 +129,15 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
         return 0
 
     steps = {"full": full_step, "masked_dense": masked_step, "saft": saft_step, "floor": floor_step}
+    cleanup = {"full": full_opt.state.clear, "masked_dense": masked_opt.state.clear,
+               "saft": saft_opt.state.clear, "floor": lambda: None}
     results: dict[str, dict] = {m: {"step_times_s": []} for m in METHODS}
     rounds = cfg.warmup + cfg.repeats
-    for r in range(rounds):
-        # round-robin: every method sees the same background load on the machine
-        progress(f"round {r + 1}/{rounds}{' (warm-up)' if r < cfg.warmup else ''} ...")
-        for method in METHODS:
+    # One method at a time, each holding only its own training state, as a user's run
+    # would; ratios are only meaningful on an otherwise idle machine.
+    for method in METHODS:
+        for r in range(rounds):
+            progress(f"{method}: step {r + 1}/{rounds}{' (warm-up)' if r < cfg.warmup else ''} ...")
             for p in params:
                 p.grad = None
             _sync(device)
@@ -146,8 +149,11 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
             if r >= cfg.warmup:
                 results[method]["step_times_s"].append(time.perf_counter() - t0)
             results[method]["state_bytes"] = state
-            if device.type == "cuda":  # includes weights and the other methods' resident state
+            if device.type == "cuda":
                 results[method]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        cleanup[method]()
+        for p in params:
+            p.grad = None
     trainable(True)
 
     for r in results.values():
