@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         print(f"saft: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ resumed after a kill ends bit-identical to an uninterrupted one (on the same dev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -228,8 +229,9 @@ def finetune(
                 images, labels = next(batches)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                with _attached(update, model), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                               enabled=amp_dtype is not None):
+                sparse = update.attached(model) if update is not None else contextlib.nullcontext()
+                autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+                with sparse, autocast:
                     text = cached_text if cached_text is not None else class_embeddings(model, prompts)
                     if cached_text is None and not text.requires_grad:
                         cached_text = text.detach()  # the text tower has nothing to train
@@ -278,19 +280,6 @@ def finetune(
     else:
         delta = delta_from_dense(backup, trained_full, base_fp, info)
     return FinetuneResult(delta, history, cfg.to_dict(), time.perf_counter() - t0)
-
-
-class _attached:
-    """``update.attached(model)`` or nothing, as one context manager."""
-
-    def __init__(self, update: SparseUpdate | None, model: nn.Module):
-        self.cm = update.attached(model) if update is not None else None
-
-    def __enter__(self):
-        return self.cm.__enter__() if self.cm is not None else None
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc) if self.cm is not None else False
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
