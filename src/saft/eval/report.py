@@ -74,6 +74,21 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, grid: bool = True) -> bytes:
+    """Label, render to PNG and close one figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
 def plot_figures(doc: dict) -> dict[str, bytes]:
     """PNG bytes of each plot the document supports, by file name."""
     import matplotlib
@@ -94,13 +109,8 @@ def plot_figures(doc: dict) -> dict[str, bytes]:
             main = next((a for a in pts if a["alpha"] in (None, 1.0)), pts[-1])
             ax.errorbar(100 * main["id"]["mean"], 100 * main["ood_mean"]["mean"], xerr=100 * main["id"]["std"],
                         yerr=100 * main["ood_mean"]["std"], color=line.get_color(), capsize=3)
-        ax.set_xlabel("ID top-1 (%)")
-        ax.set_ylabel("OOD mean top-1 (%)")
-        ax.set_title("In-distribution vs out-of-distribution")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        figures["id_vs_ood.png"] = _figure_png(fig)
-        plt.close(fig)
+        figures["id_vs_ood.png"] = _finish(fig, ax, "ID top-1 (%)", "OOD mean top-1 (%)",
+                                           "In-distribution vs out-of-distribution")
 
     datasets = sorted({d for a in aggs for d in a["per_dataset"]})
     if datasets:
@@ -113,11 +123,7 @@ def plot_figures(doc: dict) -> dict[str, bytes]:
             ax.bar(xs, means, width, yerr=stds, capsize=2, label=a["model"])
         ax.set_xticks([j + width * (len(aggs) - 1) / 2 for j in range(len(datasets))], datasets, rotation=30,
                       ha="right")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title("Per-dataset accuracy")
-        ax.legend(fontsize=8)
-        figures["per_dataset.png"] = _figure_png(fig)
-        plt.close(fig)
+        figures["per_dataset.png"] = _finish(fig, ax, "", "top-1 (%)", "Per-dataset accuracy", grid=False)
 
     curves = {m: sorted((a for a in id_ood if a["model"] == m and a["alpha"] is not None), key=lambda a: a["alpha"])
               for m in {a["model"] for a in id_ood}}
@@ -129,13 +135,8 @@ def plot_figures(doc: dict) -> dict[str, bytes]:
             line = ax.plot(alphas, [100 * a["id"]["mean"] for a in pts], "-o", markersize=4, label=f"{model} ID")[0]
             ax.plot(alphas, [100 * a["ood_mean"]["mean"] for a in pts], "--s", markersize=4,
                     color=line.get_color(), label=f"{model} OOD")
-        ax.set_xlabel("alpha (base + alpha * delta)")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title("Interpolating the delta")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        figures["alpha_curve.png"] = _figure_png(fig)
-        plt.close(fig)
+        figures["alpha_curve.png"] = _finish(fig, ax, "alpha (base + alpha * delta)", "top-1 (%)",
+                                             "Interpolating the delta")
     return figures
 
 
