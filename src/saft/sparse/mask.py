@@ -151,6 +151,37 @@ def select_mask(scores: Scores, density: float = 0.001, *, meta: Mapping[str, st
     return Mask(indices, shapes, info)
 
 
+
+def select_mask_layerwise(scores: Scores, density: float = 0.001, *,
+                          meta: Mapping[str, str] | None = None) -> Mask:
+    """Per-tensor top-k: each eligible tensor keeps its own round(density * numel) best entries.
+
+    An ablation of the global rule: one tensor whose scores are on a larger scale (a
+    patch embedding, say) cannot take the whole budget. Tensors with fewer than
+    1 / (2 * density) entries get none, so the total is close to, not exactly, the
+    global k.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    shapes = {n: tuple(v.shape) for n, v in scores.values.items()}
+    indices = {}
+    for name, score in scores.values.items():
+        flat = score.detach().reshape(-1).float()
+        take = math.floor(density * flat.numel() + 0.5)
+        if not take:
+            continue
+        if not torch.isfinite(flat).all():
+            raise ValueError("scores contain NaN or inf: check the data and the loss before masking")
+        _, idx = torch.topk(flat, take, sorted=False)
+        indices[name] = torch.sort(idx.cpu().long()).values
+    if not indices:
+        raise ValueError(f"density {density} leaves no entry in any tensor: every tensor is too small")
+    info = {"density": repr(density), "score_rule": scores.rule, "mask_kind": "saft",
+            "selection": "layerwise", "num_examples": str(scores.num_examples)}
+    info.update(scores.meta)
+    info.update(meta or {})
+    return Mask(indices, shapes, info)
+
 def random_mask(
     shapes: Mapping[str, tuple[int, ...]],
     density: float = 0.001,
