@@ -5,7 +5,16 @@ score the SAFT mask, draw a random mask of the same density, fine-tune every met
 every learning rate of its grid, pick each method's rate on the ID validation split, and
 evaluate the ``synthshift`` suite. Validity checks decide whether the world shows the
 failure mode SAFT addresses; they are computed from full fine-tuning and zero-shot only,
-never from SAFT's numbers.
+never from SAFT's numbers, and only when full fine-tuning is among the methods run.
+
+With ``b2n``, each seed also draws a 16-shot split of the base classes (the first half),
+trains every method there at the rate it was given on the full task for that seed (SAFT
+scores its mask on the base data), and the ``synthshift-b2n`` suite scores base and new
+classes of the textile test set.
+
+The SAFT variant is configurable (eligible tensors, density, score rule, global or
+per-tensor selection) so that variants can be compared under the same protocol; the
+random mask is drawn at the same density over the same eligible tensors.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from saft.eval import top1_accuracy
 from saft.eval.suites import load_suite
 from saft.io import write_json
 from saft.models import load_model
-from saft.sparse import (ClassPrompts, Eligibility, FinetuneConfig, apply_delta, finetune, importance_scores,
-                         random_mask, remove_delta, save_delta, select_mask)
+from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, apply_delta, finetune,
+                         importance_scores, random_mask, remove_delta, save_delta, select_mask)
+from saft.sparse.mask import Mask, select_mask_layerwise
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.prepared import PreparedData
 from saft.world.task import ID_DOMAIN, build_world
@@ -32,6 +42,8 @@ from saft.world.task import ID_DOMAIN, build_world
 DEFAULT_GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4], "saft": [3e-4, 1e-3, 3e-3, 1e-2],
                  "random": [3e-4, 1e-3, 3e-3, 1e-2]}
 CHOSEN_LR_FILE = Path(__file__).with_name("chosen_lr.json")
+METHODS = ("full", "saft", "random")
+SELECTIONS = ("global", "layerwise")
 
 
 @dataclass
@@ -49,6 +61,47 @@ class WorldConfig:
     alphas: tuple[float, ...] = (1.0,)
     pool_per_class: int = 64
     test_per_class: int = 100
+    methods: tuple[str, ...] = METHODS  # zero-shot is always evaluated
+    include: tuple[str, ...] = Eligibility.include  # SAFT / random-mask eligibility (full FT keeps its own)
+    exclude: tuple[str, ...] = Eligibility.exclude
+    score_rule: str = "abs_mean"
+    selection: str = "global"
+    b2n: bool = False
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct names among {', '.join(METHODS)}, got {list(self.methods)}")
+        missing = [m for m in self.methods if not self.grids.get(m)]
+        if missing:
+            raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
+        if self.score_rule not in SCORE_RULES:
+            raise ValueError(f"score_rule must be one of {', '.join(SCORE_RULES)}, got {self.score_rule!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+
+    @property
+    def eligibility(self) -> Eligibility:
+        return Eligibility(self.include, self.exclude)
+
+
+def parse_grid(text: str) -> tuple[str, list[float]]:
+    """``METHOD=LR[,LR...]`` (e.g. ``saft=1e-3,3e-3``) -> (method, rates)."""
+    method, sep, rates = text.partition("=")
+    method = method.strip()
+    if not sep or method not in METHODS:
+        raise ValueError(f"{text!r}: expected METHOD=LR[,LR...] with METHOD one of {', '.join(METHODS)}")
+    try:
+        values = [float(v) for v in rates.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r}: learning rates must be numbers, e.g. saft=1e-3,3e-3") from None
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{text!r}: give at least one positive learning rate")
+    return method, values
 
 
 @dataclass
@@ -112,6 +165,66 @@ def _lr_label(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def _masks(cfg: WorldConfig, model, loader, prompts, seed: int, meta: dict, progress: bool) -> dict:
+    masks: dict[str, Mask | None] = {"full": None}
+    eligibility = cfg.eligibility
+    if "saft" in cfg.methods:
+        scores = importance_scores(model, loader, prompts, rule=cfg.score_rule, eligibility=eligibility,
+                                   progress=progress)
+        select = select_mask_layerwise if cfg.selection == "layerwise" else select_mask
+        masks["saft"] = select(scores, cfg.density, meta=meta)
+    if "random" in cfg.methods:
+        shapes = {n: tuple(p.shape) for n, p in eligibility.select(model).items()}
+        masks["random"] = random_mask(shapes, cfg.density, seed=seed, meta=meta)
+    return masks
+
+
+def _train(cfg: WorldConfig, model, train, prompts, method: str, lr: float, seed: int, mask, meta, progress):
+    fcfg = FinetuneConfig(method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
+                          warmup_steps=cfg.steps // 10, seed=seed)
+    return finetune(model, train, prompts, config=fcfg, mask=mask, meta=meta, progress=progress)
+
+
+def mask_landing(stats: list[dict]) -> dict:
+    """Where a method's masks fall, over seeds: entries per tensor (mean), largest first."""
+    n = len(stats)
+    per_tensor: dict[str, float] = {}
+    for st in stats:
+        for name, row in st["per_tensor"].items():
+            if row["selected"]:
+                per_tensor[name] = per_tensor.get(name, 0.0) + row["selected"] / n
+    return {"num_selected": [st["num_selected"] for st in stats], "eligible": stats[0]["eligible"],
+            "per_tensor": dict(sorted(per_tensor.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, lrs: dict[str, float],
+              log: Callable[[str], None], progress: bool) -> list[DeltaRun]:
+    """Train every method on the base half of the classes at the rate chosen for this seed."""
+    model = loaded.model
+    prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "b2n" / "data", shots=cfg.shots, seed=seed,
+                    subset="base")
+    data = PreparedData.open(seed_dir / "b2n" / "data")
+    train = data.dataset(loaded.preprocess)
+    prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
+    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size)
+    meta = {"base_model": cfg.model, "manifest_hash": data.manifest_hash()}
+    masks = _masks(cfg, model, loader, prompts, seed, meta, progress)
+    runs = []
+    for method in cfg.methods:
+        result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks[method], meta, progress)
+        path = save_delta(result.delta, seed_dir / "b2n" / method / "delta.safetensors")
+        runs.append(DeltaRun(method, str(path), seed))
+        log(f"seed {seed} {method:<6} base-to-new: trained on {len(data.classes)} base classes at lr "
+            f"{lrs[method]:.0e} ({result.seconds:.1f} s)")
+    return runs
+
+
+def b2n_table(aggregates: list[dict]) -> dict:
+    """method -> base / new / hm (mean and std over seeds) from the b2n suite's aggregates."""
+    return {a["model"]: {k: a[k] for k in ("base", "new", "hm")} for a in aggregates
+            if a["alpha"] in (None, 1.0) and "hm" in a}
+
+
 def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
@@ -120,9 +233,11 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
     loaded = load_model(cfg.model)
     model = loaded.model
     chosen_runs: list[DeltaRun] = []
+    b2n_runs: list[DeltaRun] = []
     grid_log: list[dict] = []
     chosen_lr: dict[str, list[float]] = {}
     sizes: dict[str, dict] = {}
+    mask_stats: dict[str, list[dict]] = {}
     for seed in cfg.seeds:
         seed_dir = out / f"seed{seed}"
         prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "data", shots=cfg.shots, seed=seed,
@@ -132,20 +247,19 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
         prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
         loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size)
         meta = {"base_model": cfg.model, "manifest_hash": data.manifest_hash()}
-        masks = {"saft": select_mask(importance_scores(model, loader, prompts, progress=progress), cfg.density,
-                                     meta=meta)}
-        shapes = {n: tuple(p.shape) for n, p in Eligibility().select(model).items()}
-        masks["random"] = random_mask(shapes, cfg.density, seed=seed, meta=meta)
-        masks["full"] = None
-        masks["saft"].save(seed_dir / "mask.safetensors")
-        write_json(seed_dir / "mask_stats.json", masks["saft"].stats())
-        for method, grid in cfg.grids.items():
+        masks = _masks(cfg, model, loader, prompts, seed, meta, progress)
+        for method in ("saft", "random"):
+            if masks.get(method) is not None:
+                stats = masks[method].stats()
+                mask_stats.setdefault(method, []).append(stats)
+                if method == "saft":
+                    masks[method].save(seed_dir / "mask.safetensors")
+                    write_json(seed_dir / "mask_stats.json", stats)
+        seed_lr: dict[str, float] = {}
+        for method in cfg.methods:
             best = None
-            for lr in grid:
-                fcfg = FinetuneConfig(method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
-                                      warmup_steps=cfg.steps // 10, seed=seed)
-                result = finetune(model, train, prompts, config=fcfg, mask=masks[method], meta=meta,
-                                  progress=progress)
+            for lr in cfg.grids[method]:
+                result = _train(cfg, model, train, prompts, method, lr, seed, masks[method], meta, progress)
                 path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / "delta.safetensors")
                 apply_delta(model, result.delta, check_fingerprint=False)
                 val_acc = top1_accuracy(model, val, prompts)
@@ -158,17 +272,30 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                     best = (val_acc, lr, path, result.delta.num_values)
             chosen_runs.append(DeltaRun(method, str(best[2]), seed))
             chosen_lr.setdefault(method, []).append(best[1])
+            seed_lr[method] = best[1]
             sizes[method] = {"trainable": best[3], "delta_bytes": Path(best[2]).stat().st_size}
+        if cfg.b2n:
+            b2n_runs += _b2n_runs(cfg, world, seed_dir, seed, loaded, seed_lr, log, progress)
     log("evaluating the synthshift suite")
     suite = load_suite(str(world / "synthshift.yaml"), str(world))
     doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=chosen_runs, alphas=list(cfg.alphas)), suite,
                          out / "eval", progress=progress, log=lambda *_: None)
-    checks = Checks.compute(doc["aggregates"])
+    b2n = None
+    if cfg.b2n:
+        log("evaluating the synthshift-b2n suite")
+        b2n_suite = load_suite(str(world / "synthshift-b2n.yaml"), str(world))
+        b2n_doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=b2n_runs, alphas=[1.0]), b2n_suite,
+                                 out / "eval-b2n", progress=progress, log=lambda *_: None)
+        b2n = {"table": b2n_table(b2n_doc["aggregates"]), "aggregates": b2n_doc["aggregates"]}
+    # The checks judge the world by full fine-tuning; without it there is nothing to judge.
+    checks = Checks.compute(doc["aggregates"]) if "full" in cfg.methods else None
     summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "grid": grid_log,
                "chosen_lr": {m: max(set(v), key=v.count) for m, v in chosen_lr.items()},
                "chosen_lr_per_seed": chosen_lr, "sizes": sizes,
+               "masks": {m: mask_landing(st) for m, st in mask_stats.items()},
                "ood_at_matched_id": ood_at_matched_id(doc["aggregates"]),
-               "checks": checks.results, "checks_passed": checks.passed,
-               "aggregates": doc["aggregates"], "seconds": round(time.perf_counter() - t0, 1)}
+               "checks_computed": checks is not None,
+               "checks": checks.results if checks else {}, "checks_passed": checks.passed if checks else None,
+               "aggregates": doc["aggregates"], "b2n": b2n, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "results.json", summary)
     return summary

@@ -40,10 +40,40 @@ def format_results(summary: dict) -> str:
     if len(matched) > 2:
         lines.append(f"OOD mean at matched ID {100 * matched['id']:.1f} (along base + alpha * delta): "
                      + ", ".join(f"{m} {100 * v:.1f}" for m, v in sorted(matched.items()) if m != "id"))
+    for method, landing in sorted((summary.get("masks") or {}).items()):
+        lines.append(format_landing(method, landing))
+    if summary.get("b2n"):
+        lines += ["", format_b2n(summary["b2n"]["table"])]
+    return "\n".join(lines)
+
+
+def format_landing(method: str, landing: dict, top: int = 4) -> str:
+    """One line: where the mask's entries fall (mean over seeds), the largest tensors first."""
+    total = sum(landing["num_selected"]) / len(landing["num_selected"])
+    items = list(landing["per_tensor"].items())
+    parts = [f"{name} {count:.0f}" for name, count in items[:top]]
+    rest = sum(count for _, count in items[top:])
+    if rest:
+        parts.append(f"{len(items) - top} other tensors {rest:.0f}")
+    return f"{method} mask, {total:.0f} entries: " + ", ".join(parts)
+
+
+def format_b2n(table: dict) -> str:
+    """Base-to-new: base / new / harmonic mean per method, mean ± std over seeds."""
+    models = sorted(table, key=lambda m: _ORDER.index(m) if m in _ORDER else 99)
+    head = ["base-to-new", "base", "new", "HM"]
+    rows = [[m, _cell(table[m]["base"]), _cell(table[m]["new"]), _cell(table[m]["hm"])] for m in models]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head] + rows]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
 def format_checks(summary: dict) -> str:
+    if summary.get("checks_computed") is False:
+        return ("validity checks not computed: they judge the world by full fine-tuning, which was not among "
+                "the methods run")
     lines = []
     for name, ok in summary["checks"].items():
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}")
