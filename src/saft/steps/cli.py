@@ -1,4 +1,4 @@
-"""``saft score`` and ``saft finetune``: the method's steps on a prepared data folder."""
+"""The step commands: ``saft world``, ``score``, ``finetune``, ``evaluate``, ``collect`` and ``run``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
                          zeroshot=not args.no_zeroshot, batch_size=args.batch_size, num_workers=args.num_workers,
-                         device=args.device, template_set=args.templates)
+                         device=args.device, template_set=args.templates, only=args.only)
     suite = load_suite(args.suite, args.data_root)
     doc = evaluate_suite(cfg, suite, args.out)
     print()
@@ -55,6 +55,38 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(" | ".join(parts))
     print(f"wrote {args.out}/metrics.json, report.md, report.html")
     return 0
+
+
+def _world(args: argparse.Namespace) -> int:
+    from saft.steps.params import WorldParams
+    from saft.steps.world import world_step
+
+    summary = world_step(args.out, WorldParams(pool_per_class=args.pool_per_class, test_per_class=args.test_per_class))
+    print(f"world in {summary['root']}: train pool {summary['train_root']}, suite {summary['suite']}")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from saft.steps.collect import collect_step, results_text
+    from saft.steps.evaluate import DeltaRun
+
+    summary = collect_step(args.metrics, args.out, deltas=[DeltaRun.parse(d) for d in args.delta])
+    print(results_text(summary))
+    print(f"wrote {args.out}/metrics.json, results.json, results.md, report.html")
+    return 3 if summary.get("checks_passed") is False else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from saft.steps.params import DEFAULT_PARAMS_FILE, load_params
+    from saft.steps.run import run_pipeline
+
+    path = args.params if args.params else (DEFAULT_PARAMS_FILE if Path(DEFAULT_PARAMS_FILE).is_file() else None)
+    params = load_params(path, args.set)
+    print(f"parameters: {path or 'built-in defaults'}{' + ' + ', '.join(args.set) if args.set else ''}")
+    summary = run_pipeline(params, args.out, tracking=not args.no_tracking, progress=args.progress)
+    return 3 if summary.get("checks_passed") is False else 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -123,4 +155,40 @@ def register(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
     ev.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                    help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")
     ev.set_defaults(func=_evaluate)
+
+    co = sub.add_parser("collect", help="merge evaluation parts into one metrics.json, report and results table",
+                        description="Merges the metrics.json files of `saft evaluate --only` parts (records "
+                                    "concatenated, aggregates recomputed), writes the report, results.json and "
+                                    "results.md; on the synthshift suite also the world's validity checks "
+                                    "(exit code 3 when one fails).")
+    co.add_argument("metrics", nargs="+", help="metrics.json files (or folders holding one) to merge")
+    co.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED]=PATH",
+                    help="the evaluated deltas, for the table's trainable-values and size columns (repeatable)")
+    co.add_argument("--out", required=True, help="output folder (created if missing)")
+    co.set_defaults(func=_collect)
+
+    wo = sub.add_parser("world", help="render the embedded world (the default data) into a folder",
+                        description="Deterministic: the same sizes give the same images; existing images are "
+                                    "kept. Writes the ID pool (textile/pool), test sets per domain and the "
+                                    "synthshift suite files.")
+    wo.add_argument("--out", default="runs/world", help="output folder (default: runs/world)")
+    wo.add_argument("--pool-per-class", type=int, default=64, help="ID pool images per class (default: 64)")
+    wo.add_argument("--test-per-class", type=int, default=100, help="test images per class and domain (default: 100)")
+    wo.set_defaults(func=_world)
+
+    run = sub.add_parser("run", help="the whole pipeline in one process, from params.yaml",
+                         description="world (embedded default) -> prepare -> score -> finetune (each method) -> "
+                                     "evaluate -> collect -> register, one parent MLflow run with a nested run per "
+                                     "step. Steps whose outputs exist for the same inputs and parameters are "
+                                     "skipped. With no arguments: the embedded default (exit code 3 when the "
+                                     "world's validity checks fail).")
+    run.add_argument("--params", help="parameters file (default: ./params.yaml if present, else built-in defaults)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one parameter, repeatable (e.g. --set finetune.steps=50 --set seeds=[1])")
+    run.add_argument("--out", default="runs/run", help="output folder (default: runs/run)")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (and do not register)")
+    run.add_argument("--progress", action="store_true", help="progress bars for scoring, training and evaluation")
+    run.set_defaults(func=_run)

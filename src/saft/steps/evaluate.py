@@ -10,7 +10,8 @@ their classes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,7 @@ from saft.eval.suites import Suite, SuiteEntry
 from saft.io import write_json
 from saft.models import load_model
 from saft.sparse import apply_delta, load_delta, remove_delta
+from saft.steps.record import run_once
 
 METRICS_FILE = "metrics.json"
 
@@ -64,6 +66,7 @@ class EvaluateConfig:
     num_workers: int = 0
     device: str = "cpu"
     template_set: str = "default"
+    only: list[str] = field(default_factory=list)  # suite entry names; empty: all (fan-out runs one each)
 
 
 class EntryImages(Dataset):
@@ -115,12 +118,41 @@ def _task(entry: SuiteEntry, template_set: str) -> _Task:
     return _Task(entry, classes, adapter.templates, entries, subset)
 
 
+def select_entries(suite: Suite, names: list[str]) -> list[SuiteEntry]:
+    if not names:
+        return list(suite.entries)
+    known = [e.name for e in suite.entries]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"suite {suite.name!r} has no dataset {', '.join(map(repr, unknown))}; "
+                         f"its datasets: {', '.join(known)}")
+    return [e for e in suite.entries if e.name in names]
+
+
 def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict:
-    """Score every variant on every entry; write metrics.json and the report into ``out_dir``."""
+    """Score every variant on every entry; write metrics.json and the report into ``out_dir``.
+
+    Returns the metrics document. Skipped when ``out_dir`` already holds the metrics of
+    the same configuration, suite and delta files (see :mod:`saft.steps.record`).
+    """
+    params = {"config": asdict(cfg), "suite": asdict(suite)}
+    outputs = [METRICS_FILE] + ([] if cfg.only else ["report.md", "report.html"])
+
+    def compute() -> dict:
+        _evaluate(cfg, suite, out_dir, progress, log)
+        return {}  # the document itself stays in metrics.json
+
+    run_once("evaluate", out_dir, params, [Path(run.path) for run in cfg.deltas], outputs, compute, log=log)
+    return json.loads((Path(out_dir) / METRICS_FILE).read_text())
+
+
+def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: bool,
+              log: Callable[[str], None]) -> dict:
+    entries = select_entries(suite, cfg.only)
     loaded = load_model(cfg.model, device=cfg.device)
     model = loaded.model
-    tasks = [_task(e, cfg.template_set) for e in suite.entries]
+    tasks = [_task(e, cfg.template_set) for e in entries]
     variants: list[tuple[str, int | None, float | None, DeltaRun | None]] = []
     if cfg.zeroshot:
         variants.append((ZERO_SHOT, None, None, None))
@@ -153,5 +185,6 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint})
     out = Path(out_dir)
     write_json(out / METRICS_FILE, doc)
-    write_report(doc, out, title=f"{suite.name}: {cfg.model}")
+    if not cfg.only:  # a fan-out part gets its report from the collect step
+        write_report(doc, out, title=f"{suite.name}: {cfg.model}")
     return doc

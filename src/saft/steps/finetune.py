@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from saft.io import write_json
 from saft.models import load_model
 from saft.sparse import ClassPrompts, FinetuneConfig, Mask, finetune, save_delta
 from saft.steps.prepared import PreparedData
+from saft.steps.record import run_once
 
 DELTA_FILE = "delta.safetensors"
 HISTORY_FILE = "history.json"
@@ -17,14 +20,27 @@ CHECKPOINT_DIR = "checkpoints"
 
 def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, out_dir: str | Path, *,
                   mask_path: str | Path | None = None, root: str | None = None, resume: bool = False,
-                  device: str = "cpu", skip_corrupt: bool = False, progress: bool = True) -> dict:
+                  device: str = "cpu", skip_corrupt: bool = False, progress: bool = True,
+                  log: Callable[[str], None] | None = print) -> dict:
     """Write ``delta.safetensors``, ``history.json`` and the resolved ``finetune.json``.
 
     Checkpoints go to ``out_dir/checkpoints``; ``resume=True`` continues from there.
+    Skipped when ``out_dir`` already holds the delta of the same configuration, data and
+    mask (see :mod:`saft.steps.record`).
     """
     if cfg.method != "full" and mask_path is None:
         raise ValueError(f"method {cfg.method!r} needs a mask: pass the mask file written by `saft score`")
     data = PreparedData.open(data_dir, root)
+    inputs = [data.folder] + ([Path(mask_path)] if mask_path is not None and cfg.method != "full" else [])
+    params = {"model": model_spec, "config": asdict(cfg), "root": data.root, "device": device,
+              "skip_corrupt": skip_corrupt}
+    return run_once("finetune", out_dir, params, inputs, [DELTA_FILE, HISTORY_FILE, CONFIG_FILE],
+                    lambda: _finetune(model_spec, cfg, data, out_dir, mask_path, resume, device, skip_corrupt,
+                                      progress), log=log)
+
+
+def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir, mask_path, resume: bool,
+              device: str, skip_corrupt: bool, progress: bool) -> dict:
     loaded = load_model(model_spec, device=device)
     mask = Mask.load(mask_path) if mask_path is not None and cfg.method != "full" else None
     if mask is not None and mask.meta.get("base_fingerprint", loaded.fingerprint) != loaded.fingerprint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -11,6 +12,7 @@ from saft.io import write_json
 from saft.models import load_model
 from saft.sparse import ClassPrompts, Eligibility, importance_scores, random_mask, select_mask
 from saft.steps.prepared import PreparedData
+from saft.steps.record import run_once
 
 MASK_FILE = "mask.safetensors"
 STATS_FILE = "mask_stats.json"
@@ -32,11 +34,23 @@ class ScoreConfig:
 
 
 def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, root: str | None = None,
-               progress: bool = True) -> dict:
-    """Write ``mask.safetensors``, ``mask_stats.json`` and the resolved ``score.json`` into ``out_dir``."""
+               progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
+    """Write ``mask.safetensors``, ``mask_stats.json`` and the resolved ``score.json`` into ``out_dir``.
+
+    Returns the mask statistics. Skipped when ``out_dir`` already holds the mask of the
+    same configuration and prepared data (see :mod:`saft.steps.record`).
+    """
     if cfg.kind not in ("saft", "random"):
         raise ValueError(f"mask kind must be saft or random, got {cfg.kind!r}")
+    if not 0.0 < cfg.density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {cfg.density}")
     data = PreparedData.open(data_dir, root)
+    params = {**asdict(cfg), "root": data.root}
+    return run_once("score", out_dir, params, [data.folder], [MASK_FILE, STATS_FILE, CONFIG_FILE],
+                    lambda: _score(cfg, data, out_dir, progress), log=log)
+
+
+def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: bool) -> dict:
     loaded = load_model(cfg.model, device=cfg.device)
     eligibility = Eligibility(tuple(cfg.include), tuple(cfg.exclude))
     meta = {"base_model": cfg.model, "base_fingerprint": loaded.fingerprint,

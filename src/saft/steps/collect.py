@@ -1,0 +1,95 @@
+"""The collect step: evaluation parts (one per dataset when fanned out) -> one result.
+
+Merges the metrics documents of the evaluate step's parts into one ``metrics.json``
+(records concatenated, aggregates recomputed over all of them), writes the report, and
+a ``results.json`` / ``results.md`` with the results table: ID, each OOD set, OOD mean,
+trainable values and delta size per method. On the embedded world's ``synthshift``
+suite it also computes the world's validity checks from zero-shot and full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from saft.eval.metrics import metrics_document, records_from_document
+from saft.eval.report import write_report
+from saft.io import atomic_path, write_json
+from saft.sparse import load_delta
+from saft.steps.evaluate import METRICS_FILE, DeltaRun
+from saft.world.benchmark import Checks, ood_at_matched_id
+from saft.world.table import format_checks, format_results
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+WORLD_SUITE = "synthshift"
+
+
+def merge_metrics(docs: Iterable[dict]) -> dict:
+    docs = list(docs)
+    if not docs:
+        raise ValueError("collect: no metrics documents to merge")
+    meta = dict(docs[0].get("meta", {}))
+    for doc in docs[1:]:
+        for key in ("suite", "model", "base_fingerprint"):
+            if doc.get("meta", {}).get(key) != meta.get(key):
+                raise ValueError(f"collect: the parts disagree on {key} ({meta.get(key)!r} vs "
+                                 f"{doc.get('meta', {}).get(key)!r}); evaluate them with one model and suite")
+    records = [r for doc in docs for r in records_from_document(doc)]
+    seen = set()
+    for r in records:
+        key = (r.model, r.dataset, r.seed, r.alpha)
+        if key in seen:
+            raise ValueError(f"collect: {r.dataset} for {r.model} (seed {r.seed}, alpha {r.alpha}) appears twice")
+        seen.add(key)
+    return metrics_document(records, meta)
+
+
+def delta_sizes(deltas: Iterable[DeltaRun]) -> dict[str, dict]:
+    sizes: dict[str, dict] = {}
+    for run in deltas:
+        if run.name not in sizes:  # every seed of a method trains the same number of values
+            sizes[run.name] = {"trainable": load_delta(run.path).num_values,
+                               "delta_bytes": Path(run.path).stat().st_size}
+    return sizes
+
+
+def collect_step(metric_files: list[str | Path], out_dir: str | Path, *, deltas: Iterable[DeltaRun] = (),
+                 learning_rates: dict | None = None) -> dict:
+    """Write ``metrics.json``, the report, ``results.json`` and ``results.md`` into ``out_dir``."""
+    docs = []
+    for path in metric_files:
+        path = Path(path) / METRICS_FILE if Path(path).is_dir() else Path(path)
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"collect: cannot read the metrics part {path}: {exc}") from exc
+    doc = merge_metrics(docs)
+    out = Path(out_dir)
+    write_json(out / METRICS_FILE, doc)
+    write_report(doc, out, title=f"{doc['meta'].get('suite', 'suite')}: {doc['meta'].get('model', '')}")
+    summary = {"suite": doc["meta"].get("suite"), "model": doc["meta"].get("model"),
+               "aggregates": doc["aggregates"], "sizes": delta_sizes(deltas),
+               "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {}}
+    if any(a["alpha"] not in (None, 0.0, 1.0) for a in doc["aggregates"]):
+        # Read off measured alpha curves; with alpha 1 alone it would be a straight-line guess.
+        summary["ood_at_matched_id"] = ood_at_matched_id(doc["aggregates"])
+    models = {a["model"] for a in doc["aggregates"]}
+    if summary["suite"] == WORLD_SUITE and {"zeroshot", "full"} <= models:
+        checks = Checks.compute(doc["aggregates"])
+        summary.update(checks=checks.results, checks_passed=checks.passed)
+    write_json(out / RESULTS_FILE, summary)
+    with atomic_path(out / TABLE_FILE) as tmp:
+        tmp.write_text(results_text(summary) + "\n")
+    return summary
+
+
+def results_text(summary: dict) -> str:
+    """The table (and, on the world, the validity verdict) as printed at the end of a run."""
+    lines = [format_results(summary)]
+    if summary.get("learning_rates"):
+        lines.append("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in sorted(summary["learning_rates"].items())))
+    if "checks" in summary:
+        lines += ["", format_checks(summary)]
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Pipeline parameters: ``params.yaml`` as typed dataclasses, with ``KEY=VALUE`` overrides.
+
+The same document drives ``saft run``, ``dvc repro`` (its stages read their sections) and
+the Kubeflow pipeline (``saft pipeline run/submit`` turn it into pipeline arguments).
+Unknown keys and values of the wrong type are refused with the dotted key and the file
+named, so a typo never silently falls back to a default. The resolved parameters (file
++ overrides + defaults) are written next to a run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from saft.io import atomic_path
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+RESOLVED_FILE = "params.resolved.yaml"
+# Chosen on the world's ID validation split by `saft benchmark synthshift` (world/chosen_lr.json).
+DEFAULT_LR = {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+METHODS = ("saft", "full", "random")
+
+
+class ParamsError(ValueError):
+    """A parameters file or override does not fit the schema."""
+
+
+@dataclass
+class WorldParams:
+    """The embedded world, rendered when ``data.root`` is empty."""
+
+    pool_per_class: int = 64
+    test_per_class: int = 100
+
+
+@dataclass
+class DataParams:
+    dataset: str = "imagefolder"
+    root: str = ""  # empty: the embedded world's ID pool
+    split: str = ""  # empty: the dataset's training split
+    shots: int = 16
+    val_shots: int = 8
+
+
+@dataclass
+class ScoreParams:
+    density: float = 0.001
+    rule: str = "abs_mean"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: ["logit_scale", "logit_bias"])
+    batch_size: int = 32
+
+
+@dataclass
+class FinetuneParams:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    steps: int = 100
+    batch_size: int = 32
+    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    checkpoint_every: int = 0
+
+
+@dataclass
+class EvaluateParams:
+    suite: str = ""  # empty: the embedded world's synthshift suite
+    data_root: str = ""
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    batch_size: int = 128
+
+
+@dataclass
+class RegisterParams:
+    enabled: bool = True
+    model_name: str = "saft-tiny"
+    method: str = "saft"
+    promote: bool = True
+    ood_tolerance: float = 0.01
+    id_tolerance: float = 0.01
+
+
+@dataclass
+class PipelineParams:
+    model: str = "tiny"
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    device: str = "cpu"
+    world: WorldParams = field(default_factory=WorldParams)
+    data: DataParams = field(default_factory=DataParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.data.root
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "PipelineParams":
+        where = "params"
+        if not self.seeds:
+            raise ParamsError(f"{where}: seeds is empty; give at least one seed, e.g. seeds: [1]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"{where}: seeds {self.seeds} repeat a seed")
+        if not 0.0 < self.score.density <= 1.0:
+            raise ParamsError(f"{where}: score.density must be in (0, 1], got {self.score.density}")
+        unknown = [m for m in self.finetune.methods if m not in METHODS]
+        if unknown or not self.finetune.methods:
+            raise ParamsError(f"{where}: finetune.methods must be a non-empty subset of {list(METHODS)}, "
+                              f"got {self.finetune.methods}")
+        missing = [m for m in self.finetune.methods if m not in self.finetune.lr]
+        if missing:
+            raise ParamsError(f"{where}: finetune.lr has no learning rate for {', '.join(missing)}")
+        if self.register.enabled and self.register.method not in self.finetune.methods:
+            raise ParamsError(f"{where}: register.method {self.register.method!r} is not among finetune.methods")
+        for name in ("steps", "batch_size"):
+            if getattr(self.finetune, name) < 1:
+                raise ParamsError(f"{where}: finetune.{name} must be >= 1")
+        if self.data.shots < 1:
+            raise ParamsError(f"{where}: data.shots must be >= 1")
+        return self
+
+
+def _coerce(value, tp, key: str, source: str):
+    """``value`` checked (and widened int -> float) against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ParamsError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if tp is str and value is None:
+        return ""
+    if tp in (int, bool, str) and type(value) is tp:
+        return value
+    raise ParamsError(f"{source}: {key} must be {tp.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        dotted = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ParamsError(f"{source}: unknown key {dotted} (known here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"--set {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineParams:
+    """Defaults, then the file (if given), then ``KEY=VALUE`` overrides; validated."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ParamsError(f"{path}: no such parameters file (write one like the repository's params.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source += " + --set"
+    return _build(PipelineParams, data, "", source).validate()
+
+
+def params_from_dict(data: dict, source: str = "params") -> PipelineParams:
+    return _build(PipelineParams, data, "", source).validate()
+
+
+def write_resolved(params: PipelineParams, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / RESOLVED_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text("# Resolved parameters of this run (file + overrides + defaults).\n"
+                       + yaml.safe_dump(params.to_dict(), sort_keys=False))
+    return path
