@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     from saft.world.cli import register as register_world
 
     register_world(sub)
+
+    from saft.tracking.cli import register as register_tracking
+
+    register_tracking(sub)
+
+    from saft.orchestration.cli import register as register_pipeline
+
+    register_pipeline(sub)
     return parser
 
 

@@ -26,6 +26,15 @@ DEFAULT_LR = {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
 METHODS = ("saft", "full", "random")
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when a GPU is visible (cluster nodes), else the CPU (laptops, CI)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ParamsError(ValueError):
     """A parameters file or override does not fit the schema."""
 
@@ -89,7 +98,7 @@ class RegisterParams:
 class PipelineParams:
     model: str = "tiny"
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     world: WorldParams = field(default_factory=WorldParams)
     data: DataParams = field(default_factory=DataParams)
     score: ScoreParams = field(default_factory=ScoreParams)

@@ -22,7 +22,6 @@ Layout under ``out_dir``::
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +31,9 @@ from saft.sparse import FinetuneConfig
 from saft.steps.collect import collect_step, results_text
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.finetune import DELTA_FILE, HISTORY_FILE, finetune_step
-from saft.steps.params import PipelineParams, write_resolved
-from saft.steps.score import MASK_FILE, STATS_FILE, ScoreConfig, score_step
+from saft.steps.params import PipelineParams, resolve_device, write_resolved
+from saft.steps.score import MASK_FILE, ScoreConfig, score_step
+from saft.steps.tracked import step_context
 from saft.steps.world import world_step
 
 
@@ -60,17 +60,11 @@ def mask_kind(method: str) -> str | None:
     return None if method == "full" else method
 
 
-class _NoTracking:
-    """Stands in for an MLflow step run when tracking is off."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
 def run_pipeline(params: PipelineParams, out_dir: str | Path, *, tracking: bool = True, progress: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """Run every step into ``out_dir``; return the collect step's summary (plus registry decision)."""
     t0 = time.perf_counter()
+    params.device = resolve_device(params.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(params, out)
@@ -82,11 +76,7 @@ def run_pipeline(params: PipelineParams, out_dir: str | Path, *, tracking: bool 
         log(f"MLflow parent run {parent}")
 
     def step(name: str, step_params: dict | None = None):
-        if not tracking:
-            return nullcontext(_NoTracking())
-        from saft.tracking.runs import step_run
-
-        return step_run(name, parent, step_params)
+        return step_context(name, parent, step_params)
 
     status = "FAILED"
     try:

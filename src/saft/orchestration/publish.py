@@ -1,0 +1,35 @@
+"""The collect task's outputs in the shapes the KFP UI shows: HTML, Markdown, Metrics."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+HEADLINE_KEYS = (("id", "id"), ("ood_mean", "ood_mean"), ("hm", "hm"))
+
+
+def headline_metrics(summary: dict) -> dict[str, float]:
+    """``<model>_<id|ood_mean|hm>`` at alpha 1 (or zero-shot), as fractions."""
+    out = {}
+    for agg in summary["aggregates"]:
+        if agg["alpha"] not in (None, 1.0):
+            continue
+        for key, label in HEADLINE_KEYS:
+            if key in agg:
+                out[f"{agg['model']}_{label}"] = round(agg[key]["mean"], 6)
+    return out
+
+
+def publish_collect(part_dirs, deltas_dir, learning_rates, run_dir, results, report, table, headline):
+    from saft.steps.collect import TABLE_FILE
+    from saft.steps.tasks import collect_task, parent_run
+
+    summary = collect_task(part_dirs, deltas_dir, results.path, learning_rates=learning_rates,
+                           parent_run_id=parent_run(run_dir))
+    shutil.copyfile(Path(results.path) / "report.html", report.path)
+    shutil.copyfile(Path(results.path) / TABLE_FILE, table.path)
+    for name, value in headline_metrics(summary).items():
+        headline.log_metric(name, value)
+    passed = summary.get("checks_passed")
+    return namedtuple("Outputs", ["checks_passed"])("n/a" if passed is None else str(bool(passed)).lower())
