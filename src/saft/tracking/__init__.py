@@ -1,0 +1,25 @@
+"""MLflow tracking for the pipeline: runs, the model registry, the promotion gate, serving.
+
+Only this package (and ``saft.steps.register``) imports mlflow, and only inside the
+functions that need it: ``import saft.tracking`` stays cheap. See docs/tracking.md.
+
+    from saft.tracking import start_pipeline_run, step_run, end_pipeline_run
+"""
+
+from __future__ import annotations
+
+from saft.tracking.config import TrackingError, TrackingUnavailable, resolve_config, tracking_enabled
+from saft.tracking.runs import (
+    TRACKING_OFF_RUN_ID,
+    NullTracker,
+    StepTracker,
+    end_pipeline_run,
+    pipeline_run,
+    start_pipeline_run,
+    step_run,
+)
+
+__all__ = [
+    "TRACKING_OFF_RUN_ID", "NullTracker", "StepTracker", "TrackingError", "TrackingUnavailable",
+    "end_pipeline_run", "pipeline_run", "resolve_config", "start_pipeline_run", "step_run", "tracking_enabled",
+]
