@@ -1,0 +1,244 @@
+"""The promotion gate: when the ``champion`` alias may move to a new model version.
+
+Rule (tolerances are absolute top-1 fractions; 0.01 = one point):
+
+* against zero-shot, always (the base model is the champion every fine-tuned model must
+  beat, and it was scored in the same metrics document as the candidate):
+  ``ood_mean >= zs.ood_mean - ood_tolerance`` and ``id >= zs.id - id_tolerance``
+* against the current ``champion``, when there is one:
+  ``ood_mean >= champion.ood_mean - ood_tolerance`` and ``id >= champion.id - id_tolerance``
+
+A drop of exactly the tolerance passes. A champion evaluated on another suite or trained
+on another base (fingerprint) is not comparable: the candidate is rejected with that
+reason instead of being compared on numbers that measure different things. Register a
+new base under a new model name, or move the alias by hand after evaluating both on the
+same suite.
+
+Every decision is written to the version's tags (``saft.promotion.*``) before any alias
+moves, so a re-run is a no-op: a version that is already champion gets the verdict
+``already champion``; a version decided earlier keeps its verdict and the aliases stay
+as they are, except when an earlier run recorded ``promoted`` and stopped before the
+alias moved (the champion is still the one it was compared against): then the move is
+completed. On promotion ``previous-champion`` is set to the old champion first, then
+``champion`` to the candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous-champion"
+PROMOTED, REJECTED, ALREADY_CHAMPION = "promoted", "rejected", "already champion"
+AUDIT_SCHEMA = "saft-promotion/1"
+
+# version tags written at registration (registry.py) and read here
+ID_TAG, OOD_TAG = "saft.id", "saft.ood_mean"
+ZS_ID_TAG, ZS_OOD_TAG = "saft.zeroshot.id", "saft.zeroshot.ood_mean"
+SUITE_TAG, FINGERPRINT_TAG = "saft.suite", "saft.base_fingerprint"
+# decision tags
+VERDICT_TAG = "saft.promotion.verdict"
+REASON_TAG = "saft.promotion.reason"
+RULE_TAG = "saft.promotion.rule"
+OOD_TOL_TAG = "saft.promotion.ood_tolerance"
+ID_TOL_TAG = "saft.promotion.id_tolerance"
+COMPARED_TAG = "saft.promotion.compared_to"  # champion version at decision time, or "none"
+TIME_TAG = "saft.promotion.timestamp"
+RUN_TAG = "saft.promotion.run_id"
+REPLACED_TAG = "saft.promotion.replaced_by"  # on a champion that lost the alias
+NO_CHAMPION = "none"
+_EPS = 1e-9  # float slack so "a drop of exactly the tolerance" passes
+_REASON_LIMIT = 4000
+
+
+@dataclass(frozen=True)
+class Scores:
+    id: float
+    ood_mean: float
+
+
+@dataclass(frozen=True)
+class GateRule:
+    ood_tolerance: float = 0.01
+    id_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("ood_tolerance", "id_tolerance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1) (0.01 = one point of top-1), got {value!r}")
+
+    @property
+    def text(self) -> str:
+        return (f"promote iff, against zero-shot and against the current champion: "
+                f"ood_mean >= reference - {self.ood_tolerance:g} and id >= reference - {self.id_tolerance:g}")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    candidate: float
+    reference: float
+    tolerance: float
+    passed: bool
+
+    def describe(self) -> str:
+        drop = self.reference - self.candidate
+        word = "within" if self.passed else "exceeds"
+        return (f"{self.name}: {100 * self.candidate:.2f} vs {100 * self.reference:.2f} "
+                f"(drop {100 * drop:.2f} points {word} tolerance {100 * self.tolerance:.2f})")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    verdict: str
+    reason: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def promoted(self) -> bool:
+        return self.verdict == PROMOTED
+
+
+def _check(name: str, candidate: float, reference: float, tolerance: float) -> Check:
+    passed = (candidate - reference) >= -tolerance - _EPS  # False for NaN on either side
+    return Check(name, float(candidate), float(reference), float(tolerance), bool(passed))
+
+
+def decide(candidate: Scores, zeroshot: Scores, champion: Scores | None = None, rule: GateRule = GateRule(), *,
+           not_comparable: str | None = None, champion_label: str = CHAMPION) -> GateDecision:
+    """The verdict for ``candidate``; pure, so every edge can be tested without a server."""
+    checks = [_check("OOD mean vs zero-shot", candidate.ood_mean, zeroshot.ood_mean, rule.ood_tolerance),
+              _check("ID vs zero-shot", candidate.id, zeroshot.id, rule.id_tolerance)]
+    if not_comparable:
+        return GateDecision(REJECTED, f"not comparable with the {champion_label}: {not_comparable}", checks)
+    if champion is not None:
+        checks += [_check(f"OOD mean vs {champion_label}", candidate.ood_mean, champion.ood_mean, rule.ood_tolerance),
+                   _check(f"ID vs {champion_label}", candidate.id, champion.id, rule.id_tolerance)]
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        return GateDecision(REJECTED, "; ".join(c.describe() for c in failed), checks)
+    against = f"zero-shot and the {champion_label}" if champion is not None else "zero-shot (no champion yet)"
+    return GateDecision(PROMOTED, f"passes the gate against {against}: " + "; ".join(c.describe() for c in checks),
+                        checks)
+
+
+def _float_tag(tags: dict, key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def scores_from_tags(tags: dict, id_key: str = ID_TAG, ood_key: str = OOD_TAG) -> Scores | None:
+    id_, ood = _float_tag(tags, id_key), _float_tag(tags, ood_key)
+    return None if id_ is None or ood is None else Scores(id_, ood)
+
+
+def comparability(candidate_tags: dict, champion_tags: dict, champion_version: str) -> str | None:
+    """Why the champion cannot be compared with the candidate, or None when it can."""
+    label = f"champion v{champion_version}"
+    if scores_from_tags(champion_tags) is None:
+        return f"{label} has no {ID_TAG}/{OOD_TAG} tags (registered outside saft?); compare by hand"
+    c_suite, h_suite = candidate_tags.get(SUITE_TAG), champion_tags.get(SUITE_TAG)
+    if c_suite != h_suite:
+        return (f"{label} was evaluated on suite {h_suite!r}, the candidate on {c_suite!r}; evaluate both on the "
+                "same suite")
+    c_fp, h_fp = candidate_tags.get(FINGERPRINT_TAG), champion_tags.get(FINGERPRINT_TAG)
+    if c_fp != h_fp:
+        return (f"{label} was trained on another base model (fingerprint {str(h_fp)[:12]}..., candidate "
+                f"{str(c_fp)[:12]}...); register deltas of a new base under a new model name")
+    return None
+
+
+def get_alias(client, model_name: str, alias: str):
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _move_aliases(client, model_name: str, version: str, old_champion) -> None:
+    if old_champion is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, str(old_champion.version))
+        client.set_model_version_tag(model_name, str(old_champion.version), REPLACED_TAG, str(version))
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+
+
+def _version_summary(mv) -> dict[str, Any]:
+    tags = dict(mv.tags or {})
+    scores = scores_from_tags(tags)
+    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
+            "candidate_key": tags.get("saft.candidate_key"), "method": tags.get("saft.method"),
+            "alpha": _float_tag(tags, "saft.alpha"), "suite": tags.get(SUITE_TAG),
+            "base_fingerprint": tags.get(FINGERPRINT_TAG),
+            "id": None if scores is None else scores.id, "ood_mean": None if scores is None else scores.ood_mean}
+
+
+def apply_gate(client, model_name: str, version: str | int, rule: GateRule = GateRule(), *,
+               run_id: str | None = None) -> dict[str, Any]:
+    """Decide on ``version`` (metrics from its tags), record the decision, move aliases; returns the audit."""
+    version = str(version)
+    mv = client.get_model_version(model_name, version)
+    tags = dict(mv.tags or {})
+    champion = get_alias(client, model_name, CHAMPION)
+    candidate = scores_from_tags(tags)
+    zeroshot = scores_from_tags(tags, ZS_ID_TAG, ZS_OOD_TAG)
+    if candidate is None or zeroshot is None:
+        raise ValueError(f"{model_name} v{version} lacks the metric tags the gate needs ({ID_TAG}, {OOD_TAG}, "
+                         f"{ZS_ID_TAG}, {ZS_OOD_TAG}); register it with saft register")
+    audit: dict[str, Any] = {
+        "schema": AUDIT_SCHEMA, "model_name": model_name, "candidate": _version_summary(mv),
+        "zeroshot": asdict(zeroshot), "rule": {"text": rule.text, **asdict(rule)},
+        "champion": None if champion is None else _version_summary(champion), "checks": [], "repeated": False,
+    }
+    recorded = tags.get(VERDICT_TAG)
+    if champion is not None and str(champion.version) == version:
+        audit.update(verdict=ALREADY_CHAMPION, repeated=True,
+                     reason=f"v{version} is already the champion; aliases unchanged")
+    elif recorded == REJECTED:
+        audit.update(verdict=REJECTED, repeated=True,
+                     reason=f"decided earlier ({tags.get(TIME_TAG, 'unknown time')}), unchanged: {tags.get(REASON_TAG)}")
+    elif recorded == PROMOTED:
+        current = str(champion.version) if champion is not None else NO_CHAMPION
+        if tags.get(COMPARED_TAG) == current:  # the earlier run stopped between its tags and the alias move
+            _move_aliases(client, model_name, version, champion)
+            audit.update(verdict=PROMOTED, repeated=True,
+                         reason=f"promotion recorded earlier is completed now: {tags.get(REASON_TAG)}")
+        else:
+            audit.update(verdict=PROMOTED, repeated=True,
+                         reason=f"promoted earlier ({tags.get(TIME_TAG, 'unknown time')}); the champion has since "
+                                f"moved to v{current}; aliases unchanged")
+    else:
+        not_comparable = None
+        champ_scores = None
+        if champion is not None:
+            not_comparable = comparability(tags, dict(champion.tags or {}), str(champion.version))
+            champ_scores = None if not_comparable else scores_from_tags(dict(champion.tags or {}))
+        decision = decide(candidate, zeroshot, champ_scores, rule, not_comparable=not_comparable,
+                          champion_label=CHAMPION if champion is None else f"champion v{champion.version}")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {VERDICT_TAG: decision.verdict, REASON_TAG: decision.reason[:_REASON_LIMIT], RULE_TAG: rule.text,
+                  OOD_TOL_TAG: repr(rule.ood_tolerance), ID_TOL_TAG: repr(rule.id_tolerance),
+                  COMPARED_TAG: str(champion.version) if champion is not None else NO_CHAMPION, TIME_TAG: now}
+        if run_id:
+            record[RUN_TAG] = run_id
+        for key, value in record.items():  # the decision is on record before any alias moves
+            client.set_model_version_tag(model_name, version, key, value)
+        if decision.promoted:
+            _move_aliases(client, model_name, version, champion)
+        audit.update(verdict=decision.verdict, reason=decision.reason, checks=[asdict(c) for c in decision.checks])
+    after_champion = get_alias(client, model_name, CHAMPION)
+    after_previous = get_alias(client, model_name, PREVIOUS_CHAMPION)
+    audit["aliases"] = {CHAMPION: str(after_champion.version) if after_champion else None,
+                        PREVIOUS_CHAMPION: str(after_previous.version) if after_previous else None}
+    audit["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return audit

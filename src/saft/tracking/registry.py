@@ -1,0 +1,138 @@
+"""Registering a candidate delta as a version of a registered model, exactly once.
+
+A candidate is identified by ``saft.candidate_key``: the sha256 of the delta file's
+bytes, the canonical JSON of its metrics document, the method and alpha. Before anything
+is logged, the registered model's versions are searched for that key; a re-run after a
+crash, or a retried pipeline step, reuses the version instead of adding a duplicate.
+The key is part of ``create_model_version``'s own tags, so a version never exists
+without it.
+
+The version's source is the pyfunc model logged in the register step's run (delta +
+base reference, see ``pyfunc.py``); its tags carry what the gate and a reader need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saft.tracking.promotion import FINGERPRINT_TAG, ID_TAG, OOD_TAG, SUITE_TAG, ZS_ID_TAG, ZS_OOD_TAG
+
+KEY_TAG = "saft.candidate_key"
+METHOD_TAG = "saft.method"
+ALPHA_TAG = "saft.alpha"
+BASE_MODEL_TAG = "saft.base_model"
+DELTA_SHA_TAG = "saft.delta_sha256"
+DELTA_BYTES_TAG = "saft.delta_bytes"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def check_model_name(name: str) -> str:
+    """Registered model names are kept to ``[A-Za-z0-9._-]`` so search filters need no escaping."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"registered model name {name!r}: use letters, digits, '.', '_' and '-' "
+                         "(e.g. saft-tiny), starting with a letter or digit")
+    return name
+
+
+def candidate_key(delta_path: str | Path, metrics_doc: dict, *, method: str, alpha: float) -> str:
+    digest = hashlib.sha256()
+    with open(delta_path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(b"\0metrics\0")
+    digest.update(json.dumps(metrics_doc, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(f"\0{method}\0{float(alpha)!r}".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """What a version's tags record about the candidate it holds."""
+
+    method: str
+    alpha: float
+    suite: str
+    base_model: str
+    base_fingerprint: str
+    id: float
+    ood_mean: float
+    zeroshot_id: float
+    zeroshot_ood_mean: float
+    delta_sha256: str
+    delta_bytes: int
+
+    def tags(self, key: str) -> dict[str, str]:
+        return {KEY_TAG: key, METHOD_TAG: self.method, ALPHA_TAG: repr(float(self.alpha)), SUITE_TAG: self.suite,
+                BASE_MODEL_TAG: self.base_model, FINGERPRINT_TAG: self.base_fingerprint,
+                ID_TAG: repr(float(self.id)), OOD_TAG: repr(float(self.ood_mean)),
+                ZS_ID_TAG: repr(float(self.zeroshot_id)), ZS_OOD_TAG: repr(float(self.zeroshot_ood_mean)),
+                DELTA_SHA_TAG: self.delta_sha256, DELTA_BYTES_TAG: str(self.delta_bytes)}
+
+
+def find_version(client, model_name: str, key: str):
+    """The version of ``model_name`` tagged with candidate ``key``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    token = None
+    while True:
+        try:
+            page = client.search_model_versions(f"name = '{model_name}'", max_results=200, page_token=token)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        for mv in page:
+            if (mv.tags or {}).get(KEY_TAG) == key:
+                return mv
+        token = getattr(page, "token", None)
+        if not token:
+            return None
+
+
+def ensure_registered_model(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(
+            model_name, tags={"saft.kind": "sparse-delta"},
+            description="SAFT sparse deltas over a fixed base model; the champion alias is moved by the "
+                        "promotion gate (see saft.promotion.* version tags).")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process registered it first
+            raise
+
+
+def register_delta(tracker, *, model_name: str, delta_path: str | Path, reference: dict, info: CandidateInfo,
+                   key: str) -> tuple[Any, bool]:
+    """Log the pyfunc model in ``tracker``'s run and register it; ``(version, created)``.
+
+    When a version with ``key`` exists, nothing is logged and ``created`` is False.
+    """
+    from saft.tracking.pyfunc import log_delta_model
+    from saft.tracking.runs import _tracking_call
+
+    check_model_name(model_name)
+    client = tracker.client
+    with _tracking_call(tracker.config, f"searching {model_name} for candidate {key[:12]}"):
+        existing = find_version(client, model_name, key)
+    if existing is not None:
+        return existing, False
+    source = log_delta_model(tracker, delta_path, reference)
+    with _tracking_call(tracker.config, f"registering a version of {model_name}"):
+        ensure_registered_model(client, model_name)
+        mv = client.create_model_version(
+            model_name, source, run_id=tracker.run_id, tags=info.tags(key),
+            description=f"{info.method} delta (alpha {info.alpha:g}) on {info.base_model}, suite {info.suite}: "
+                        f"ID {100 * info.id:.2f}, OOD mean {100 * info.ood_mean:.2f}")
+    return mv, True
