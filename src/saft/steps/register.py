@@ -1,0 +1,170 @@
+"""The register step: metrics + delta -> MLflow model version and the promotion decision.
+
+Reads the metrics document of the evaluate step (the candidate is the aggregate of
+``cfg.method`` at ``cfg.alpha``; zero-shot is the ``zeroshot`` aggregate of the same
+document), checks that the delta, the document and the base model belong together,
+and in a nested ``register`` run: logs the pyfunc model (delta + base reference),
+registers it as a version of ``cfg.model_name`` (once per candidate), applies the
+promotion gate and writes the decision to ``out_dir/register.json``.
+
+Full fine-tuning baselines (dense deltas) are logged but not registered unless
+``register_full``. With tracking off nothing is registered; ``register.json`` then
+says so and reports how the candidate compares with zero-shot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from saft.eval.metrics import METRICS_SCHEMA, ZERO_SHOT
+from saft.io import write_json
+
+REGISTER_FILE = "register.json"
+REGISTER_SCHEMA = "saft-register/1"
+SKIPPED, NOT_REGISTERED, REGISTERED = "skipped", "not registered", "registered"
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = "saft-tiny"
+    method: str = "saft"
+    promote: bool = True
+    ood_tolerance: float = 0.01
+    id_tolerance: float = 0.01
+    alpha: float = 1.0
+    register_full: bool = False
+    experiment: str = "saft"  # used only when there is no parent run
+
+
+def read_metrics(path: str | Path) -> dict:
+    from saft.io import read_text
+
+    text = read_text(path, "metrics file", ValueError)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"metrics file {path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != METRICS_SCHEMA:
+        raise ValueError(f"metrics file {path} is not a {METRICS_SCHEMA} document (write it with `saft evaluate`)")
+    return doc
+
+
+def select_aggregate(doc: dict, model: str, alpha: float | None, path: str | Path = "metrics") -> dict:
+    """The aggregate of ``model`` at ``alpha`` (zero-shot has none), with ID and OOD means."""
+    for agg in doc.get("aggregates", []):
+        if agg.get("model") != model:
+            continue
+        if model != ZERO_SHOT:  # a delta evaluated without an explicit alpha was merged at alpha 1
+            a = 1.0 if agg.get("alpha") is None else agg["alpha"]
+            if not math.isclose(a, 1.0 if alpha is None else alpha, abs_tol=1e-9):
+                continue
+        if "id" not in agg or "ood_mean" not in agg:
+            raise ValueError(f"{path}: {model} has no ID/OOD aggregate (suite {doc.get('meta', {}).get('suite')!r} "
+                             "has no id/ood roles); the promotion gate needs an ID/OOD suite")
+        return agg
+    have = ", ".join(f"{a.get('model')}" + ("" if a.get("alpha") is None else f"@{a['alpha']:g}")
+                     for a in doc.get("aggregates", []))
+    what = f"{model} at alpha {alpha:g}" if alpha is not None and model != ZERO_SHOT else model
+    hint = " (evaluate without --no-zeroshot)" if model == ZERO_SHOT else " (check --method and the alpha)"
+    raise ValueError(f"{path}: no aggregate for {what}{hint}; the document has: {have or 'none'}")
+
+
+def _is_full(delta, method: str) -> bool:
+    return method == "full" or any(not delta.is_sparse(name) for name in delta.values)
+
+
+def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str | Path, out_dir: str | Path, *,
+                  base_model: str, data_dir: str | Path, parent_run_id: str | None = None,
+                  verify_base: bool = True) -> dict:
+    """Register the candidate and decide on promotion; returns the decision written to ``register.json``.
+
+    ``data_dir`` is the prepared data folder whose class names and templates the served
+    model classifies with. ``verify_base`` loads ``base_model`` once to check that its
+    weights are the delta's base (a mismatch would only surface when serving).
+    """
+    from saft.models import load_model
+    from saft.sparse import load_delta
+    from saft.steps.prepared import PreparedData
+    from saft.tracking.promotion import GateRule, Scores, apply_gate, decide
+    from saft.tracking.pyfunc import model_reference, sha256_file
+    from saft.tracking.registry import CandidateInfo, candidate_key, check_model_name, register_delta
+    from saft.tracking.runs import _tracking_call, step_run
+
+    rule = GateRule(cfg.ood_tolerance, cfg.id_tolerance)
+    check_model_name(cfg.model_name)
+    doc = read_metrics(metrics_path)
+    cand = select_aggregate(doc, cfg.method, cfg.alpha, metrics_path)
+    zs = select_aggregate(doc, ZERO_SHOT, None, metrics_path)
+    data = PreparedData.open(data_dir)
+    delta = load_delta(delta_path)
+    meta = doc.get("meta", {})
+    doc_fp = meta.get("base_fingerprint")
+    if doc_fp and doc_fp != delta.base_fingerprint:
+        raise ValueError(f"{metrics_path} was evaluated on base {doc_fp[:12]}... but {delta_path} was trained on "
+                         f"{delta.base_fingerprint[:12]}...: register the delta with its own evaluation")
+    if verify_base:
+        loaded = load_model(base_model)
+        if loaded.fingerprint != delta.base_fingerprint:
+            raise ValueError(f"base model {base_model} has weights {loaded.fingerprint[:12]}..., the delta was trained "
+                             f"on {delta.base_fingerprint[:12]}... ({delta.meta.get('base_model', 'unknown spec')}); "
+                             "pass the delta's base with --model")
+    delta_sha = sha256_file(delta_path)
+    info = CandidateInfo(method=cfg.method, alpha=float(cfg.alpha), suite=str(meta.get("suite", "unknown")),
+                         base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
+                         id=cand["id"]["mean"], ood_mean=cand["ood_mean"]["mean"], zeroshot_id=zs["id"]["mean"],
+                         zeroshot_ood_mean=zs["ood_mean"]["mean"], delta_sha256=delta_sha,
+                         delta_bytes=Path(delta_path).stat().st_size)
+    key = candidate_key(delta_path, doc, method=cfg.method, alpha=cfg.alpha)
+    reference = model_reference(base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
+                                classes=data.classes, templates=data.templates, alpha=cfg.alpha, method=cfg.method,
+                                delta_sha256=delta_sha)
+    params = {"register": asdict(cfg), "metrics": str(metrics_path), "delta": str(delta_path),
+              "data": str(data_dir), "base_model": str(base_model)}
+    out = Path(out_dir)
+    with step_run("register", parent_run_id, params, experiment=cfg.experiment) as tracker:
+        tracker.log_metrics({"candidate.id": info.id, "candidate.ood_mean": info.ood_mean,
+                             "zeroshot.id": info.zeroshot_id, "zeroshot.ood_mean": info.zeroshot_ood_mean})
+        tracker.set_tags({"saft.candidate_key": key, "saft.method": cfg.method})
+        result = {"schema": REGISTER_SCHEMA, "model_name": cfg.model_name, "version": None, "created": False,
+                  "candidate_key": key, "candidate": asdict(info), "zeroshot": asdict(Scores(info.zeroshot_id,
+                  info.zeroshot_ood_mean)), "champion": None, "rule": {"text": rule.text, **asdict(rule)},
+                  "checks": [], "repeated": False, "aliases": {}}
+        if not tracker.enabled or _is_full(delta, cfg.method) and not cfg.register_full:
+            advisory = decide(Scores(info.id, info.ood_mean), Scores(info.zeroshot_id, info.zeroshot_ood_mean), None,
+                              rule)
+            if not tracker.enabled:
+                reason = (f"tracking is off (SAFT_TRACKING=off): nothing registered; against zero-shot the gate "
+                          f"would have {advisory.verdict} it ({advisory.reason})")
+                verdict = SKIPPED
+            else:
+                reason = ("a full fine-tuning baseline (dense delta) is logged, not registered: the registry holds "
+                          "sparse deltas; pass register_full (--register-full) to register it anyway")
+                verdict = NOT_REGISTERED
+            result.update(verdict=verdict, reason=reason, checks=[asdict(c) for c in advisory.checks])
+        else:
+            mv, created = register_delta(tracker, model_name=cfg.model_name, delta_path=delta_path,
+                                         reference=reference, info=info, key=key)
+            result.update(version=str(mv.version), created=created)
+            if cfg.promote:
+                with _tracking_call(tracker.config, f"applying the promotion gate to {cfg.model_name} v{mv.version}"):
+                    audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id)
+                audit.pop("schema")
+                candidate = {**result["candidate"], **{k: v for k, v in audit.pop("candidate").items()
+                                                       if v is not None}}
+                result.update(audit, candidate=candidate)
+            else:
+                result.update(verdict=REGISTERED, reason="registered; promotion not requested (promote=False)")
+            tracker.set_tags({"saft.registered_version": str(mv.version), "saft.promotion.verdict": result["verdict"]})
+        result.update(run_id=tracker.run_id, parent_run_id=parent_run_id,
+                      tracking_uri=tracker.config.uri if tracker.config else None,
+                      timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_json(out / REGISTER_FILE, result)
+        tracker.log_artifact(out / REGISTER_FILE, "promotion")
+    return result
+
+
+__all__ = ["REGISTER_FILE", "RegisterConfig", "read_metrics", "register_step", "select_aggregate"]
