@@ -133,6 +133,9 @@ class PipelineParams:
         for name in ("steps", "batch_size"):
             if getattr(self.finetune, name) < 1:
                 raise ParamsError(f"{where}: finetune.{name} must be >= 1")
+        if not 0 <= self.finetune.warmup_steps <= self.finetune.steps:
+            raise ParamsError(f"{where}: finetune.warmup_steps ({self.finetune.warmup_steps}) must be in "
+                              f"[0, finetune.steps ({self.finetune.steps})]")
         if self.data.shots < 1:
             raise ParamsError(f"{where}: data.shots must be >= 1")
         return self

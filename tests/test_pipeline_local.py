@@ -1,0 +1,145 @@
+"""params.yaml, step records (skip re-runs), `saft run` and the kfp.local pipeline, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saft.cli import main
+from saft.steps.params import ParamsError, load_params, write_resolved
+from saft.steps.record import RECORD_FILE, run_once
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["seeds=[1]", "finetune.steps=6", "finetune.warmup_steps=1", "world.pool_per_class=26", "world.test_per_class=8",
+         "score.batch_size=16", "finetune.batch_size=16"]
+
+
+def test_repository_params_file_loads_and_matches_the_defaults() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.model == "tiny" and params.seeds == [1, 2, 3] and params.embedded
+    assert params.finetune.lr == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.to_dict() == load_params(None).to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.stepz=3", "unknown key finetune.stepz"),
+    ("finetune.steps=many", "finetune.steps must be int"),
+    ("score.density=0", r"score.density must be in \(0, 1\]"),
+    ("finetune.methods=[saft, lora]", "finetune.methods must be a non-empty subset"),
+    ("seeds=[]", "seeds is empty"),
+    ("finetune.steps=5", r"warmup_steps \(10\) must be in \[0, finetune.steps \(5\)\]"),
+    ("nonsense", "expected KEY=VALUE"),
+])
+def test_bad_params_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_params_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("finetune:\n  lr: {saft: fast}\n")
+    with pytest.raises(ParamsError, match=rf"{bad}.*finetune.lr.saft must be float"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="no such parameters file"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_typed_and_resolved_params_are_written(tmp_path: Path) -> None:
+    params = load_params(REPO / "params.yaml", ["finetune.lr.saft=1e-3", "seeds=[7]", "data.root=/data/x"])
+    assert params.finetune.lr["saft"] == 1e-3 and params.seeds == [7] and not params.embedded
+    written = yaml.safe_load(write_resolved(params, tmp_path).read_text())
+    assert written["finetune"]["lr"]["saft"] == 1e-3 and written["data"]["root"] == "/data/x"
+
+
+def test_run_once_skips_same_inputs_and_reruns_on_change(tmp_path: Path) -> None:
+    calls = []
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    out = tmp_path / "out"
+
+    def compute():
+        calls.append(1)
+        out.mkdir(exist_ok=True)
+        (out / "result.txt").write_text(source.read_text() * 2)
+        return {"n": len(calls)}
+
+    first = run_once("demo", out, {"k": 1}, [source], ["result.txt"], compute)
+    again = run_once("demo", out, {"k": 1}, [source], ["result.txt"], compute)
+    assert (first["skipped"], again["skipped"], len(calls)) == (False, True, 1)
+    run_once("demo", out, {"k": 2}, [source], ["result.txt"], compute)  # params changed
+    source.write_text("b")
+    run_once("demo", out, {"k": 2}, [source], ["result.txt"], compute)  # input bytes changed
+    (out / "result.txt").unlink()
+    run_once("demo", out, {"k": 2}, [source], ["result.txt"], compute)  # output gone
+    assert len(calls) == 4 and (out / "result.txt").read_text() == "bb"
+    assert json.loads((out / RECORD_FILE).read_text())["summary"] == {"n": 4}
+
+
+def test_run_once_leaves_no_record_when_the_step_fails(tmp_path: Path) -> None:
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_once("demo", tmp_path / "out", {}, [], ["x"], broken)
+    assert not (tmp_path / "out" / RECORD_FILE).exists()
+    with pytest.raises(RuntimeError, match="without writing x"):
+        run_once("demo", tmp_path / "out", {}, [], ["x"], lambda: {})
+
+
+@pytest.mark.slow
+def test_saft_run_end_to_end_then_skips_every_step(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    args = ["run", "--params", str(REPO / "params.yaml"), "--out", str(out), "--no-tracking"]
+    for item in SMALL:
+        args += ["--set", item]
+    code = main(args)
+    text = capsys.readouterr().out
+    assert code in (0, 3)  # 3: validity checks failed (possible at this tiny size), still reported
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {a["model"] for a in results["aggregates"]} == {"zeroshot", "saft", "full", "random"}
+    assert set(results["checks"]) and isinstance(results["checks_passed"], bool)
+    assert results["sizes"]["saft"]["trainable"] == results["sizes"]["random"]["trainable"]
+    assert "OOD mean" in text and ("PASSED" in text or "FAILED" in text)
+    assert yaml.safe_load((out / "params.resolved.yaml").read_text())["finetune"]["steps"] == 6
+    delta = (out / "seed1" / "saft" / "delta.safetensors").read_bytes()
+    assert main(args) == code
+    again = capsys.readouterr().out
+    assert again.count("skipped") >= 5  # score x2, finetune x3, evaluate
+    assert (out / "seed1" / "saft" / "delta.safetensors").read_bytes() == delta
+
+
+@pytest.mark.slow
+def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The Kubeflow pipeline function under kfp.local, logging to the default local MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["pipeline", "run", "--local", "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "kfp")]
+    for item in SMALL:
+        args += ["--set", item]
+    code = main(args)
+    text = capsys.readouterr().out
+    assert code in (0, 3), text[-3000:]
+    results = sorted((tmp_path / "kfp" / "kfp").glob("*/collect/results/results.json"))
+    assert len(results) == 1
+    summary = json.loads(results[0].read_text())
+    assert {a["model"] for a in summary["aggregates"]} == {"zeroshot", "saft", "full", "random"}
+    per_dataset = summary["aggregates"][0]["per_dataset"]
+    assert len(per_dataset) == 6  # one evaluation task per suite dataset, merged
+    assert "OOD mean" in text
+    decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
+    assert decision, "the register task wrote no decision"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    steps = {r.data.tags.get("mlflow.runName", r.info.run_name) for r in children}
+    assert {"prepare seed1", "score saft seed1", "finetune saft seed1", "collect"} <= steps
