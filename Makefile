@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(BIN)/saft demo --out runs/demo
+	$(BIN)/saft pipeline run --local --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from saft.cli import main
-from saft.demo import run_demo
 
 
 def test_bench_step_writes_ratios(tmp_path, capsys):
@@ -19,15 +18,6 @@ def test_bench_step_writes_ratios(tmp_path, capsys):
     assert report["ratios_vs_full"]["saft"]["state_bytes"] < 0.05
     assert report["mask"]["num_selected"] == round(0.01 * report["mask"]["eligible"])
     assert "saft / floor" in capsys.readouterr().out
-
-
-def test_demo_fast_path(tmp_path):
-    summary = run_demo(tmp_path, seeds=(1,), steps=2, test_per_class=3, log=lambda *_: None)
-    models = {a["model"] for a in summary["aggregates"]}
-    assert models == {"zeroshot", "full", "saft", "random"}
-    assert set(summary["checks"]) and isinstance(summary["checks_passed"], bool)
-    assert summary["sizes"]["saft"]["trainable"] == summary["sizes"]["random"]["trainable"] > 0
-    assert (tmp_path / "eval" / "report.html").is_file()
 
 
 def test_cli_reports_bad_input_without_traceback(capsys):

@@ -22,13 +22,6 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from saft.demo import run_demo
-
-    summary = run_demo(args.out, seeds=args.seeds, steps=args.steps, model=args.model)
-    return 0 if summary["checks_passed"] else 3
-
-
 def build_parser() -> argparse.ArgumentParser:
     from saft.version import __version__
 
@@ -59,15 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_steps(sub)
 
-    demo = sub.add_parser("demo", help="zero-shot vs full fine-tuning vs SAFT vs random mask on the embedded world",
-                          description="Runs the synthshift comparison at the recorded learning rates over three "
-                                      "seeds, prints the results table and the world's validity checks (exit code 3 "
-                                      "when a check fails) and writes a report.")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default: 100)")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
-    demo.add_argument("--model", default="tiny", help="model spec (default: tiny, the embedded pre-trained model)")
-    demo.set_defaults(func=_demo)
 
     from saft.world.cli import register as register_world
 
