@@ -77,29 +77,16 @@ def _is_full(delta, method: str) -> bool:
     return method == "full" or any(not delta.is_sparse(name) for name in delta.values)
 
 
-def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str | Path, out_dir: str | Path, *,
-                  base_model: str, data_dir: str | Path, parent_run_id: str | None = None,
-                  verify_base: bool = True) -> dict:
-    """Register the candidate and decide on promotion; returns the decision written to ``register.json``.
-
-    ``data_dir`` is the prepared data folder whose class names and templates the served
-    model classifies with. ``verify_base`` loads ``base_model`` once to check that its
-    weights are the delta's base (a mismatch would only surface when serving).
-    """
+def _candidate(cfg: RegisterConfig, metrics_path, delta_path, base_model: str, verify_base: bool):
+    """(metrics document, delta, CandidateInfo), after checking that the three belong together."""
     from saft.models import load_model
     from saft.sparse import load_delta
-    from saft.steps.prepared import PreparedData
-    from saft.tracking.promotion import GateRule, Scores, apply_gate, decide
-    from saft.tracking.pyfunc import model_reference, sha256_file
-    from saft.tracking.registry import CandidateInfo, candidate_key, check_model_name, register_delta
-    from saft.tracking.runs import _tracking_call, step_run
+    from saft.tracking.pyfunc import sha256_file
+    from saft.tracking.registry import CandidateInfo
 
-    rule = GateRule(cfg.ood_tolerance, cfg.id_tolerance)
-    check_model_name(cfg.model_name)
     doc = read_metrics(metrics_path)
     cand = select_aggregate(doc, cfg.method, cfg.alpha, metrics_path)
     zs = select_aggregate(doc, ZERO_SHOT, None, metrics_path)
-    data = PreparedData.open(data_dir)
     delta = load_delta(delta_path)
     meta = doc.get("meta", {})
     doc_fp = meta.get("base_fingerprint")
@@ -112,58 +99,85 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
             raise ValueError(f"base model {base_model} has weights {loaded.fingerprint[:12]}..., the delta was trained "
                              f"on {delta.base_fingerprint[:12]}... ({delta.meta.get('base_model', 'unknown spec')}); "
                              "pass the delta's base with --model")
-    delta_sha = sha256_file(delta_path)
     info = CandidateInfo(method=cfg.method, alpha=float(cfg.alpha), suite=str(meta.get("suite", "unknown")),
                          base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
                          id=cand["id"]["mean"], ood_mean=cand["ood_mean"]["mean"], zeroshot_id=zs["id"]["mean"],
-                         zeroshot_ood_mean=zs["ood_mean"]["mean"], delta_sha256=delta_sha,
+                         zeroshot_ood_mean=zs["ood_mean"]["mean"], delta_sha256=sha256_file(delta_path),
                          delta_bytes=Path(delta_path).stat().st_size)
+    return doc, delta, info
+
+
+def _unregistered(tracking_on: bool, info, rule) -> dict:
+    """Verdict and reason when nothing is registered, with the zero-shot checks as advice."""
+    from saft.tracking.promotion import Scores, decide
+
+    advisory = decide(Scores(info.id, info.ood_mean), Scores(info.zeroshot_id, info.zeroshot_ood_mean), None, rule)
+    if not tracking_on:
+        return {"verdict": SKIPPED, "checks": [asdict(c) for c in advisory.checks],
+                "reason": f"tracking is off (SAFT_TRACKING=off): nothing registered; against zero-shot the gate "
+                          f"would have {advisory.verdict} it ({advisory.reason})"}
+    return {"verdict": NOT_REGISTERED, "checks": [asdict(c) for c in advisory.checks],
+            "reason": "a full fine-tuning baseline (dense delta) is logged, not registered: the registry holds sparse "
+                      "deltas; pass register_full (--register-full) to register it anyway"}
+
+
+def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str | Path, out_dir: str | Path, *,
+                  base_model: str, data_dir: str | Path, parent_run_id: str | None = None,
+                  verify_base: bool = True) -> dict:
+    """Register the candidate and decide on promotion; returns the decision written to ``register.json``.
+
+    ``data_dir`` is the prepared data folder whose class names and templates the served
+    model classifies with. ``verify_base`` loads ``base_model`` once to check that its
+    weights are the delta's base (a mismatch would only surface when serving).
+    """
+    from saft.steps.prepared import PreparedData
+    from saft.tracking.config import probe, resolve_config, tracking_enabled
+    from saft.tracking.promotion import GateRule, Scores, apply_gate
+    from saft.tracking.pyfunc import model_reference
+    from saft.tracking.registry import candidate_key, check_model_name, register_delta
+    from saft.tracking.config import tracking_call
+    from saft.tracking.runs import step_run
+
+    rule = GateRule(cfg.ood_tolerance, cfg.id_tolerance)
+    check_model_name(cfg.model_name)
+    if tracking_enabled():
+        probe(resolve_config())  # a dead server fails now, before the base model is loaded
+    data = PreparedData.open(data_dir)
+    doc, delta, info = _candidate(cfg, metrics_path, delta_path, base_model, verify_base)
     key = candidate_key(delta_path, doc, method=cfg.method, alpha=cfg.alpha)
     reference = model_reference(base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
                                 classes=data.classes, templates=data.templates, alpha=cfg.alpha, method=cfg.method,
-                                delta_sha256=delta_sha)
+                                delta_sha256=info.delta_sha256)
     params = {"register": asdict(cfg), "metrics": str(metrics_path), "delta": str(delta_path),
               "data": str(data_dir), "base_model": str(base_model)}
-    out = Path(out_dir)
     with step_run("register", parent_run_id, params, experiment=cfg.experiment) as tracker:
         tracker.log_metrics({"candidate.id": info.id, "candidate.ood_mean": info.ood_mean,
                              "zeroshot.id": info.zeroshot_id, "zeroshot.ood_mean": info.zeroshot_ood_mean})
         tracker.set_tags({"saft.candidate_key": key, "saft.method": cfg.method})
         result = {"schema": REGISTER_SCHEMA, "model_name": cfg.model_name, "version": None, "created": False,
-                  "candidate_key": key, "candidate": asdict(info), "zeroshot": asdict(Scores(info.zeroshot_id,
-                  info.zeroshot_ood_mean)), "champion": None, "rule": {"text": rule.text, **asdict(rule)},
-                  "checks": [], "repeated": False, "aliases": {}}
-        if not tracker.enabled or _is_full(delta, cfg.method) and not cfg.register_full:
-            advisory = decide(Scores(info.id, info.ood_mean), Scores(info.zeroshot_id, info.zeroshot_ood_mean), None,
-                              rule)
-            if not tracker.enabled:
-                reason = (f"tracking is off (SAFT_TRACKING=off): nothing registered; against zero-shot the gate "
-                          f"would have {advisory.verdict} it ({advisory.reason})")
-                verdict = SKIPPED
-            else:
-                reason = ("a full fine-tuning baseline (dense delta) is logged, not registered: the registry holds "
-                          "sparse deltas; pass register_full (--register-full) to register it anyway")
-                verdict = NOT_REGISTERED
-            result.update(verdict=verdict, reason=reason, checks=[asdict(c) for c in advisory.checks])
+                  "candidate_key": key, "candidate": asdict(info),
+                  "zeroshot": asdict(Scores(info.zeroshot_id, info.zeroshot_ood_mean)), "champion": None,
+                  "rule": {"text": rule.text, **asdict(rule)}, "checks": [], "repeated": False, "aliases": {}}
+        if not tracker.enabled or (_is_full(delta, cfg.method) and not cfg.register_full):
+            result.update(_unregistered(tracker.enabled, info, rule))
         else:
             mv, created = register_delta(tracker, model_name=cfg.model_name, delta_path=delta_path,
                                          reference=reference, info=info, key=key)
             result.update(version=str(mv.version), created=created)
             if cfg.promote:
-                with _tracking_call(tracker.config, f"applying the promotion gate to {cfg.model_name} v{mv.version}"):
+                with tracking_call(tracker.config, f"applying the promotion gate to {cfg.model_name} v{mv.version}"):
                     audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id)
                 audit.pop("schema")
-                candidate = {**result["candidate"], **{k: v for k, v in audit.pop("candidate").items()
-                                                       if v is not None}}
-                result.update(audit, candidate=candidate)
+                registered = {k: v for k, v in audit.pop("candidate").items() if v is not None}
+                result.update(audit, candidate={**result["candidate"], **registered})
             else:
                 result.update(verdict=REGISTERED, reason="registered; promotion not requested (promote=False)")
             tracker.set_tags({"saft.registered_version": str(mv.version), "saft.promotion.verdict": result["verdict"]})
         result.update(run_id=tracker.run_id, parent_run_id=parent_run_id,
                       tracking_uri=tracker.config.uri if tracker.config else None,
                       timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_json(out / REGISTER_FILE, result)
-        tracker.log_artifact(out / REGISTER_FILE, "promotion")
+        write_json(Path(out_dir) / REGISTER_FILE, result)
+        tracker.log_artifact(Path(out_dir) / REGISTER_FILE, "promotion")
     return result
 
 

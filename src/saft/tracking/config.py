@@ -12,11 +12,13 @@ so every entry point probes ``<uri>/health`` with a short timeout before it logs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 TRACKING_ENV = "SAFT_TRACKING"
 URI_ENV = "MLFLOW_TRACKING_URI"
@@ -90,6 +92,18 @@ def probe(config: TrackingConfig, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"{URI_ENV} at a running server, or set {TRACKING_ENV}=off to run without tracking "
             "(nothing is then logged or registered)"
         ) from None
+
+
+@contextlib.contextmanager
+def tracking_call(config: TrackingConfig, what: str) -> Iterator[None]:
+    """Turn any store failure into a TrackingError naming the store: metrics are never dropped."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:  # MlflowException, requests errors, boto errors behind the server
+        raise TrackingError(f"{what} failed on the MLflow store {config.uri}: {type(exc).__name__}: "
+                            f"{str(exc)[:800]}") from exc
 
 
 def make_client(config: TrackingConfig):

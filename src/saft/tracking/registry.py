@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saft.tracking.config import tracking_call
 from saft.tracking.promotion import FINGERPRINT_TAG, ID_TAG, OOD_TAG, SUITE_TAG, ZS_ID_TAG, ZS_OOD_TAG
 
 KEY_TAG = "saft.candidate_key"
@@ -120,16 +121,16 @@ def register_delta(tracker, *, model_name: str, delta_path: str | Path, referenc
     When a version with ``key`` exists, nothing is logged and ``created`` is False.
     """
     from saft.tracking.pyfunc import log_delta_model
-    from saft.tracking.runs import _tracking_call
+    from saft.tracking.config import tracking_call
 
     check_model_name(model_name)
     client = tracker.client
-    with _tracking_call(tracker.config, f"searching {model_name} for candidate {key[:12]}"):
+    with tracking_call(tracker.config, f"searching {model_name} for candidate {key[:12]}"):
         existing = find_version(client, model_name, key)
     if existing is not None:
         return existing, False
     source = log_delta_model(tracker, delta_path, reference)
-    with _tracking_call(tracker.config, f"registering a version of {model_name}"):
+    with tracking_call(tracker.config, f"registering a version of {model_name}"):
         ensure_registered_model(client, model_name)
         mv = client.create_model_version(
             model_name, source, run_id=tracker.run_id, tags=info.tags(key),

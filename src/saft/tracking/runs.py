@@ -30,6 +30,7 @@ from saft.tracking.config import (
     make_client,
     probe,
     resolve_config,
+    tracking_call,
     tracking_enabled,
 )
 from saft.tracking.naming import clean_name, flatten_params, metrics_from_document, numeric
@@ -46,18 +47,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
 _METRIC_BATCH = 1000
 _REPORT_FILES = ("report.html", "report.md")
-
-
-@contextlib.contextmanager
-def _tracking_call(config: TrackingConfig, what: str) -> Iterator[None]:
-    """Turn any store failure into a TrackingError naming the store: metrics are never dropped."""
-    try:
-        yield
-    except TrackingError:
-        raise
-    except Exception as exc:  # MlflowException, requests errors, boto errors behind the server
-        raise TrackingError(f"{what} failed on the MLflow store {config.uri}: {type(exc).__name__}: "
-                            f"{str(exc)[:800]}") from exc
 
 
 class NullTracker:
@@ -110,7 +99,7 @@ class StepTracker(NullTracker):
 
     @property
     def artifact_uri(self) -> str:
-        with _tracking_call(self.config, "reading the run's artifact location"):
+        with tracking_call(self.config, "reading the run's artifact location"):
             return self.client.get_run(self.run_id).info.artifact_uri
 
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
@@ -118,7 +107,7 @@ class StepTracker(NullTracker):
 
         flat = flatten_params(params)
         items = [Param(k, v) for k, v in flat.items()]
-        with _tracking_call(self.config, f"logging params of run {self.run_id}"):
+        with tracking_call(self.config, f"logging params of run {self.run_id}"):
             for i in range(0, len(items), _BATCH):
                 self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
         return flat
@@ -133,7 +122,7 @@ class StepTracker(NullTracker):
 
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, int(s)) for k, v, s in rows]
-        with _tracking_call(self.config, f"logging metrics of run {self.run_id}"):
+        with tracking_call(self.config, f"logging metrics of run {self.run_id}"):
             for i in range(0, len(items), _METRIC_BATCH):
                 self.client.log_batch(self.run_id, metrics=items[i:i + _METRIC_BATCH])
 
@@ -141,7 +130,7 @@ class StepTracker(NullTracker):
         from mlflow.entities import RunTag
 
         values = NullTracker.set_tags(self, tags)
-        with _tracking_call(self.config, f"setting tags of run {self.run_id}"):
+        with tracking_call(self.config, f"setting tags of run {self.run_id}"):
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()])
         return values
 
@@ -149,14 +138,14 @@ class StepTracker(NullTracker):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"cannot log artifact {path}: no such file")
-        with _tracking_call(self.config, f"uploading {path.name} to run {self.run_id}"):
+        with tracking_call(self.config, f"uploading {path.name} to run {self.run_id}"):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"cannot log artifacts from {directory}: no such folder")
-        with _tracking_call(self.config, f"uploading {directory} to run {self.run_id}"):
+        with tracking_call(self.config, f"uploading {directory} to run {self.run_id}"):
             self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
     def _log_png(self, data: bytes | None, name: str, artifact_path: str) -> None:
@@ -184,7 +173,7 @@ class StepTracker(NullTracker):
 
         metrics = self.log_metrics(_mask_metrics(stats))
         self._log_png(mask_counts_png(stats.get("per_block", {})), "mask_per_layer.png", "plots")
-        with _tracking_call(self.config, f"uploading mask statistics to run {self.run_id}"):
+        with tracking_call(self.config, f"uploading mask statistics to run {self.run_id}"):
             self.client.log_dict(self.run_id, dict(stats), "mask/mask_stats.json")
         return metrics
 
@@ -195,7 +184,7 @@ class StepTracker(NullTracker):
         tags = {f"saft.eval.{k}": v for k, v in meta.items() if k in ("suite", "model", "base_fingerprint")}
         if tags:
             self.set_tags(tags)
-        with _tracking_call(self.config, f"uploading the metrics document to run {self.run_id}"):
+        with tracking_call(self.config, f"uploading the metrics document to run {self.run_id}"):
             self.client.log_dict(self.run_id, dict(doc), "metrics/metrics.json")
         return metrics
 
@@ -249,7 +238,7 @@ def start_pipeline_run(name: str, params: Mapping[str, Any], tags: Mapping[str, 
     if not tracking_enabled():
         return TRACKING_OFF_RUN_ID
     config, client = _connect()
-    with _tracking_call(config, f"starting pipeline run {name!r}"):
+    with tracking_call(config, f"starting pipeline run {name!r}"):
         experiment_id = get_or_create_experiment(client, config, experiment)
         all_tags = {**provenance_tags(), PIPELINE_TAG: name, **{str(k): str(v) for k, v in (tags or {}).items()}}
         run = client.create_run(experiment_id, tags=all_tags, run_name=name)
@@ -265,7 +254,7 @@ def end_pipeline_run(run_id: str | None, status: str = "FINISHED") -> None:
     if not tracking_enabled() or not run_id or run_id == TRACKING_OFF_RUN_ID:
         return
     config, client = _connect()
-    with _tracking_call(config, f"ending pipeline run {run_id}"):
+    with tracking_call(config, f"ending pipeline run {run_id}"):
         client.set_terminated(run_id, status)
 
 
@@ -313,7 +302,7 @@ def step_run(step: str, parent_run_id: str | None, params: Mapping[str, Any] | N
                     parent_run_id, step)
         parent_run_id = None
     config, client = _connect()
-    with _tracking_call(config, f"starting the run of step {step!r}"):
+    with tracking_call(config, f"starting the run of step {step!r}"):
         if parent_run_id:
             from mlflow.exceptions import MlflowException
 
@@ -337,5 +326,5 @@ def step_run(step: str, parent_run_id: str | None, params: Mapping[str, Any] | N
         _terminate_quietly(tracker.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                            client, exc)
         raise
-    with _tracking_call(config, f"ending the run of step {step!r}"):
+    with tracking_call(config, f"ending the run of step {step!r}"):
         client.set_terminated(tracker.run_id, "FINISHED")
