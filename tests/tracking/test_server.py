@@ -131,6 +131,7 @@ def test_candidate_is_registered_as_delta_plus_reference_and_promoted(pipeline, 
     client = mlflow_server.client()
     result = pipeline.register
     assert result["verdict"] == "promoted" and result["created"] is True and result["version"] == "1"
+    assert result["summary"].startswith(f"{pipeline.model_name} v1: promoted (passes the gate")
     assert json.loads((pipeline.out_dir / "register.json").read_text()) == result
 
     mv = client.get_model_version(pipeline.model_name, "1")

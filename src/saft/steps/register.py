@@ -173,6 +173,8 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
             else:
                 result.update(verdict=REGISTERED, reason="registered; promotion not requested (promote=False)")
             tracker.set_tags({"saft.registered_version": str(mv.version), "saft.promotion.verdict": result["verdict"]})
+        where = f"{cfg.model_name} v{result['version']}" if result["version"] else f"{cfg.model_name}: nothing registered"
+        result["summary"] = f"{where}: {result['verdict']} ({result['reason'][:300]})"
         result.update(run_id=tracker.run_id, parent_run_id=parent_run_id,
                       tracking_uri=tracker.config.uri if tracker.config else None,
                       timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
