@@ -67,10 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACKED_COMMANDS = {"world", "score", "finetune", "evaluate", "collect", "data prepare"}
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "data_command", None)
+    return f"{args.command} {sub}" if args.command == "data" and sub else args.command
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; a step under a tracked pipeline runner gets its own nested run."""
+    name = _command_name(args)
+    if name not in TRACKED_COMMANDS:
+        return args.func(args)
+    from saft.steps.tracked import command_context, log_outputs
+
+    params = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list))}
+    with command_context(name, params) as tracker:
+        code = args.func(args)
+        if getattr(args, "out", None):
+            log_outputs(tracker, args.out)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run_command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

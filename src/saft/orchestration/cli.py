@@ -51,6 +51,12 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro(args: argparse.Namespace) -> int:
+    from saft.orchestration.dvc import repro
+
+    return repro(args.dvc_args, tracking=not args.no_tracking, params_file=args.params)
+
+
 def _param_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="parameters file (default: ./params.yaml if present, else built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -105,3 +111,12 @@ def register(sub) -> None:
                     help="cron expression; KFP's 6 fields (seconds first) or a classic 5-field one, e.g. '0 3 * * *'")
     sc.add_argument("--name", default="saft-retrain", help="recurring run name (default: saft-retrain)")
     sc.set_defaults(func=_schedule)
+
+    rp = sub.add_parser("repro", help="dvc repro as one tracked pipeline run (a nested MLflow run per stage)",
+                        description="Opens the parent MLflow run, exports its id as SAFT_PARENT_RUN_ID to the "
+                                    "stages, runs `dvc repro` with the given arguments and closes the run with "
+                                    "dvc's status. Example: saft repro -- --force collect")
+    rp.add_argument("--params", default="params.yaml", help="parameters logged on the parent run (default: params.yaml)")
+    rp.add_argument("--no-tracking", action="store_true", help="plain dvc repro")
+    rp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro (after --)")
+    rp.set_defaults(func=_repro)

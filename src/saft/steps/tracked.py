@@ -23,3 +23,32 @@ def step_context(step: str, parent_run_id: str | None, params: dict | None = Non
     from saft.tracking.runs import step_run
 
     return step_run(step, parent_run_id, params)
+
+
+PARENT_ENV = "SAFT_PARENT_RUN_ID"
+
+
+def log_outputs(tracker, out_dir) -> None:
+    """Log what a step left in ``out_dir``: mask statistics, curves, metrics, report, mask, delta."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    readers = {"mask_stats.json": tracker.log_mask_stats, "history.json": tracker.log_history,
+               "metrics.json": tracker.log_metrics_document}
+    for name, log in readers.items():
+        if (out / name).is_file():
+            log(json.loads((out / name).read_text()))
+    if (out / "report.html").is_file():
+        tracker.log_report(str(out))
+    for name in ("mask.safetensors", "delta.safetensors", "results.json", "prepare.json", "step.json"):
+        if (out / name).is_file():
+            tracker.log_artifact(str(out / name))
+
+
+def command_context(command: str, args: dict):
+    """A nested run for a CLI step when a pipeline runner (e.g. ``saft repro`` around
+    ``dvc repro``) exported its parent run id in ``SAFT_PARENT_RUN_ID``; else nothing."""
+    import os
+
+    return step_context(command, os.environ.get(PARENT_ENV, ""), args)
