@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def _params(args):
-    from saft.steps.params import DEFAULT_PARAMS_FILE, load_params
+    from saft.steps.params import load_cli_params
 
-    path = args.params if args.params else (DEFAULT_PARAMS_FILE if Path(DEFAULT_PARAMS_FILE).is_file() else None)
-    return load_params(path, args.set)
+    params, source = load_cli_params(args.params, args.set)
+    print(f"parameters: {source}")
+    return params
 
 
 def _compile(args: argparse.Namespace) -> int:

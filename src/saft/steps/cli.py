@@ -77,14 +77,11 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from saft.steps.params import DEFAULT_PARAMS_FILE, load_params
+    from saft.steps.params import load_cli_params
     from saft.steps.run import run_pipeline
 
-    path = args.params if args.params else (DEFAULT_PARAMS_FILE if Path(DEFAULT_PARAMS_FILE).is_file() else None)
-    params = load_params(path, args.set)
-    print(f"parameters: {path or 'built-in defaults'}{' + ' + ', '.join(args.set) if args.set else ''}")
+    params, source = load_cli_params(args.params, args.set)
+    print(f"parameters: {source}")
     summary = run_pipeline(params, args.out, tracking=not args.no_tracking, progress=args.progress)
     return 3 if summary.get("checks_passed") is False else 0
 

@@ -228,6 +228,14 @@ def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
     return _build(PipelineParams, data, "", source).validate()
 
 
+def load_cli_params(path: str | None, overrides: list[str] = ()) -> tuple[PipelineParams, str]:
+    """``--params`` (default: ./params.yaml when present, else the built-in defaults) + ``--set``."""
+    if not path and Path(DEFAULT_PARAMS_FILE).is_file():
+        path = DEFAULT_PARAMS_FILE
+    source = (path or "built-in defaults") + (" + " + ", ".join(overrides) if overrides else "")
+    return load_params(path, overrides), source
+
+
 def params_from_dict(data: dict, source: str = "params") -> PipelineParams:
     return _build(PipelineParams, data, "", source).validate()
 

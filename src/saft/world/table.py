@@ -1,4 +1,4 @@
-"""The results table and validity verdict printed by ``saft demo`` and ``saft benchmark synthshift``."""
+"""The results table and validity verdict printed by ``saft run``, the pipeline and ``saft benchmark synthshift``."""
 
 from __future__ import annotations
 
