@@ -93,7 +93,7 @@ def test_compiled_yaml_holds_no_credentials(compiled) -> None:
 
 
 def test_params_become_pipeline_arguments() -> None:
-    params = load_params(REPO / "params.yaml", ["finetune.steps=7", "seeds=[4, 5]", "finetune.lr.saft=0.02"])
+    params = load_params(REPO / "params.yaml", ["finetune.steps=7", "finetune.warmup_steps=1", "seeds=[4, 5]", "finetune.lr.saft=0.02"])
     args = pipeline_arguments(params)
     assert args["steps"] == 7 and args["seeds"] == [4, 5] and args["lr_saft"] == 0.02
     assert json.loads(args["params_json"])["finetune"]["steps"] == 7
@@ -168,7 +168,7 @@ def test_submit_sends_the_compiled_pipeline_with_params_and_token(fake_kfp, tmp_
     monkeypatch.setenv("KFP_TOKEN", "tok-123")
     package = compile_pipeline(tmp_path / "p.yaml")
     code = main(["pipeline", "submit", "--host", host, "--package", str(package), "--params",
-                 str(REPO / "params.yaml"), "--set", "finetune.steps=9", "--experiment", "nightly",
+                 str(REPO / "params.yaml"), "--set", "finetune.steps=9", "--set", "finetune.warmup_steps=0", "--experiment", "nightly",
                  "--run-name", "retrain-abc"])
     assert code == 0
     assert "run-42" in capsys.readouterr().out
