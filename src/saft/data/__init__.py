@@ -21,6 +21,7 @@ from saft.data.adapters import (
     list_adapters,
 )
 from saft.data.fewshot import FewShotError, FewShotSplit, select_few_shot, split_base_new, subsample_classes
+from saft.data.images import ImageDecodeError, load_rgb
 from saft.data.imagefolder import IMAGE_EXTENSIONS, ImageEntry, ImageFolderIndex, scan_image_folder
 from saft.data.manifest import (
     ManifestEntry,
@@ -62,6 +63,7 @@ __all__ = [
     "FewShotError",
     "FewShotSplit",
     "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
     "ImageEntry",
     "ImageFolderIndex",
     "LayoutError",
@@ -83,6 +85,7 @@ __all__ = [
     "get_adapter",
     "hash_entries",
     "list_adapters",
+    "load_rgb",
     "load_templates",
     "manifest_hash",
     "open_storage",

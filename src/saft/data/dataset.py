@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
+from saft.data.images import ImageDecodeError, load_rgb
 from saft.data.manifest import ManifestEntry, manifest_classes, read_manifest
 from saft.data.storage import LocalStorage, Storage, open_storage
 from saft.data.validate import skip_corrupt as drop_broken_entries
@@ -66,16 +67,15 @@ class ManifestDataset(Dataset):
         return self.transform(image), entry.label
 
     def load_image(self, entry: ManifestEntry) -> Image.Image:
-        """The entry's image as RGB, fully decoded; errors name the manifest and the file."""
+        """The entry's image as upright RGB, fully decoded (see :func:`saft.data.images.load_rgb`);
+        errors name the manifest and the file."""
         # Remote blobs are always looked up by their sha256 (it is the cache key); the
         # switch only spares re-hashing local files.
         check = self.verify_hash or not isinstance(self.storage, LocalStorage)
         path: Path = self.storage.fetch(entry.path, entry.sha256 if check else None)
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except Exception as err:
-            raise OSError(
-                f"cannot decode {self.storage.uri_for(entry.path)} (listed in {self.source}): "
-                f"{type(err).__name__}: {err}; run validation or use skip_corrupt=True"
+            return load_rgb(path, self.storage.uri_for(entry.path))
+        except ImageDecodeError as err:
+            raise ImageDecodeError(
+                f"{err} (listed in {self.source}); run validation or use skip_corrupt=True"
             ) from err

@@ -26,7 +26,6 @@ Problem kinds (``Finding.kind``), errors unless marked:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import warnings
@@ -34,10 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from saft.data.adapters import AdapterError, DatasetAdapter, LayoutError, get_adapter
 from saft.data.adapters.sources import load_class_space
+from saft.data.images import ImageDecodeError, load_rgb
 from saft.data.imagefolder import ImageEntry, ImageFolderIndex, scan_image_folder
 from saft.data.manifest import LabelledPath
 from saft.data.paths import UnsafePathError, check_relpath
@@ -192,21 +192,24 @@ def _check_file(storage: Storage, relpath: str, expected_sha256: str | None) -> 
 
 
 def image_problem(data: bytes) -> str | None:
-    """Why Pillow cannot fully decode ``data``, or None if it decodes.
+    """Why ``data`` cannot be decoded the way training reads it, or None if it decodes.
 
-    ``load()`` decodes every pixel, which is what catches truncated files; a header
-    check alone (``verify()``) does not. Relies on Pillow's default
-    ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.
+    Uses :func:`saft.data.images.load_rgb`, the decoder of training and evaluation, so a
+    file that passes here is one they can read. It decodes every pixel, which is what
+    catches truncated files; a header check alone (``verify()``) does not. Relies on
+    Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-    except UnidentifiedImageError:
-        return "not a recognised image format (Pillow cannot identify it)"
-    except Exception as err:  # Pillow plugins raise OSError, SyntaxError, ValueError, struct.error...
-        return f"{type(err).__name__}: {err}"
+            load_rgb(data, "image")
+    except ImageDecodeError as err:
+        cause = err.__cause__
+        if isinstance(cause, UnidentifiedImageError):
+            return "not a recognised image format (Pillow cannot identify it)"
+        if cause is not None:
+            return f"{type(cause).__name__}: {cause}"
+        return str(err)
     return None
 
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from saft.data.adapters import get_adapter
+from saft.data.images import ImageDecodeError, load_rgb
 from saft.data.storage import open_storage
 from saft.eval.head import cached_head
 from saft.eval.metrics import ZERO_SHOT, Record, metrics_document
@@ -82,12 +82,12 @@ class EntryImages(Dataset):
 
     def __getitem__(self, i: int):
         entry = self.entries[i]
-        try:
-            with Image.open(self.storage.open(entry.path)) as image:
-                return self.transform(image.convert("RGB")), entry.label
-        except Exception as err:
-            raise OSError(f"cannot read {self.storage.uri_for(entry.path)}: {type(err).__name__}: {err}; "
-                          "check the file or validate the root with `saft data validate`") from err
+        uri = self.storage.uri_for(entry.path)
+        try:  # the same decoding as training (CMYK, 16-bit, alpha, EXIF rotation handled)
+            image = load_rgb(self.storage.open(entry.path), uri)
+        except ImageDecodeError as err:
+            raise ImageDecodeError(f"{err}; check the file or validate the root with `saft data validate`") from err
+        return self.transform(image), entry.label
 
 
 @dataclass
