@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from saft.data.images import ImageDecodeError, load_rgb
-from saft.data.manifest import ManifestEntry, manifest_classes, read_manifest
+from saft.data.manifest import ManifestEntry, check_class_names, manifest_classes, read_manifest
 from saft.data.storage import LocalStorage, Storage, open_storage
 from saft.data.validate import skip_corrupt as drop_broken_entries
 from saft.data.validate import validate_root
@@ -31,7 +31,9 @@ class ManifestDataset(Dataset):
     dropped with a logged count (see :func:`saft.data.validate.skip_corrupt`); otherwise
     a broken file raises when it is read, naming the file. ``verify_hash=False`` skips
     the per-read sha256 check of local files when their integrity is guaranteed elsewhere
-    (S3 blobs are always checked: the hash is how the cache finds them).
+    (S3 blobs are always checked: the hash is how the cache finds them). ``classes`` (label
+    order, e.g. ``classes.json``) makes the manifest's class names be checked against the
+    list prompts are built from (see :func:`saft.data.manifest.check_class_names`).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class ManifestDataset(Dataset):
         *,
         skip_corrupt: bool = False,
         verify_hash: bool = True,
+        classes: Sequence[str] | None = None,
     ) -> None:
         if isinstance(manifest, (str, os.PathLike)):
             self.source = str(manifest)
@@ -49,6 +52,8 @@ class ManifestDataset(Dataset):
         else:
             self.source = "<entries>"
             entries = list(manifest)
+        if classes is not None:  # before any file is read: a mismatch is not a data problem to skip
+            check_class_names(entries, classes, self.source)
         self.storage = open_storage(root)
         self.transform = transform
         self.verify_hash = verify_hash

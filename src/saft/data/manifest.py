@@ -176,6 +176,32 @@ def manifest_classes(entries: Iterable[LabelledPath]) -> dict[int, str]:
     return dict(sorted(mapping.items()))
 
 
+def check_class_names(entries: Iterable[LabelledPath], classes: Sequence[str], source: str) -> None:
+    """Raise :class:`ManifestError` unless every label's class matches ``classes[label]``.
+
+    Prompts are built from the class list (``classes.json``) and the loss compares them
+    with the manifest's labels, so a manifest from another prepare run, or an edited class
+    list, trains label i towards the wrong text without any error. A manifest class may be
+    the plain name or its disambiguated key ``"name (id)"`` (see
+    :func:`saft.data.validate.class_keys`).
+    """
+    classes = list(classes)
+    for label, name in manifest_classes(entries).items():
+        if label >= len(classes):
+            raise ManifestError(
+                f"{source}: label {label} (class {name!r}) is outside the class list of {len(classes)} "
+                "class(es); the manifest and the class list come from different datasets or prepare runs. "
+                "Prepare the data folder again."
+            )
+        expected = classes[label]
+        if name != expected and not (name.startswith(f"{expected} (") and name.endswith(")")):
+            raise ManifestError(
+                f"{source}: label {label} is class {name!r} in the manifest but {expected!r} in the class list; "
+                "the manifest and the class list come from different prepare runs (or one was edited). "
+                "Prepare the data folder again."
+            )
+
+
 def hash_entries(
     root: str | os.PathLike | Storage, entries: Iterable[LabelledPath], *, workers: int = 8
 ) -> list[ManifestEntry]:

@@ -174,6 +174,16 @@ def finetune(
     if resume and ckpt_path is None:
         raise ValueError("resume=True needs checkpoint_dir")
     base_fp = fingerprint_model(model)
+    if mask is not None and mask.meta.get("base_fingerprint", base_fp) != base_fp:
+        # Same shapes do not make the same model: a mask scored on other weights picks
+        # entries that mean nothing here, and the delta would carry this base's fingerprint.
+        raise ValueError(f"the mask was scored on another base model ({mask.meta.get('base_model', 'unknown')}, "
+                         f"fingerprint {mask.meta['base_fingerprint'][:12]}); score again for this model")
+    labels_used = getattr(dataset, "class_names", None)  # ManifestDataset: label -> class name
+    if labels_used and max(labels_used) >= prompts.n_classes:
+        raise ValueError(f"the training set uses label {max(labels_used)} ({labels_used[max(labels_used)]!r}) but "
+                         f"the prompts cover {prompts.n_classes} class(es); the manifest and the class list "
+                         "do not belong together")
     amp_dtype = _autocast_dtype(cfg.precision, device)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
