@@ -10,6 +10,7 @@ default MLflow store (``./mlruns``) is the same for all of them.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -45,13 +46,16 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = T
     log(f"kfp.local: running the pipeline into {out / 'kfp'} (tasks run as subprocesses of this environment)")
     task = build_pipeline(ClusterConfig(kubernetes=False))(**arguments)
     results_dir = Path(task.output.path)
-    import json
 
     summary = json.loads((results_dir / RESULTS_FILE).read_text())
     summary["results_dir"] = str(results_dir)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     log("")
     log((results_dir / TABLE_FILE).read_text().rstrip())
+    decision = results_dir.parent.parent / "register" / "decision" / "register.json"
+    if decision.is_file():
+        summary["register"] = json.loads(decision.read_text())
+        log(f"\nregistry: {summary['register'].get('summary', summary['register'].get('verdict'))}")
     log(f"\nreport: {results_dir / 'report.html'}   results: {results_dir / RESULTS_FILE}")
     log(f"total {summary['seconds']:.0f} s")
     return summary
