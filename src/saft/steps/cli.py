@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from saft.steps.params import resolve_device
+
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -11,7 +13,7 @@ def _score(args: argparse.Namespace) -> int:
 
     cfg = ScoreConfig(model=args.model, density=args.density, rule=args.rule, kind=args.kind,
                       include=args.include, exclude=args.exclude, batch_size=args.batch_size,
-                      num_workers=args.num_workers, seed=args.seed, device=args.device)
+                      num_workers=args.num_workers, seed=args.seed, device=resolve_device(args.device))
     stats = score_step(cfg, args.data, args.out, root=args.root)
     top = sorted(stats["per_tensor"].items(), key=lambda kv: -kv[1]["selected"])[:5]
     print(f"mask: {stats['num_selected']:,} of {stats['eligible']:,} entries "
@@ -30,7 +32,7 @@ def _finetune(args: argparse.Namespace) -> int:
                          max_grad_norm=args.max_grad_norm or None, seed=args.seed, precision=args.precision,
                          checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
     summary = finetune_step(args.model, cfg, args.data, args.out, mask_path=args.mask, root=args.root,
-                            resume=args.resume, device=args.device, skip_corrupt=args.skip_corrupt)
+                            resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt)
     print(f"{cfg.method}: {summary['trained_values']:,} trained values, final loss {summary['final_loss']:.4f}, "
           f"{summary['seconds']:.1f} s")
     print(f"wrote {args.out}/delta.safetensors, history.json, finetune.json")
@@ -43,7 +45,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
                          zeroshot=not args.no_zeroshot, batch_size=args.batch_size, num_workers=args.num_workers,
-                         device=args.device, template_set=args.templates, only=args.only)
+                         device=resolve_device(args.device), template_set=args.templates, only=args.only)
     suite = load_suite(args.suite, args.data_root)
     doc = evaluate_suite(cfg, suite, args.out)
     print()
@@ -94,7 +96,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
 
 
 def register(sub) -> None:
@@ -151,7 +153,7 @@ def register(sub) -> None:
     ev.add_argument("--out", required=True, help="output folder (created if missing)")
     ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
     ev.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    ev.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
     ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
                     help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")
     ev.set_defaults(func=_evaluate)
