@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from saft.progress import progress_bar
+from saft.sparse.trainer import BatchOutOfMemoryError, is_out_of_memory
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,17 @@ def evaluate_head(
     correct = n = 0
     bar = progress_bar(loader, enabled=progress, desc=desc, unit="batch")
     for images, labels in bar:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = model.encode_image(images.to(device, non_blocking=True))
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                features = model.encode_image(images.to(device, non_blocking=True))
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise BatchOutOfMemoryError(
+                    f"out of memory evaluating {desc} on {device} with batch size {batch_size}; lower it with "
+                    f"--batch-size {max(1, batch_size // 2)} (evaluate.batch_size in params.yaml). Accuracy does "
+                    "not depend on the batch size."
+                ) from exc
+            raise
         logits = scale * F.normalize(features.float(), dim=-1) @ head.float().t()
         if projection is not None:
             pred = projection.to_full_labels(projection.project_logits(logits).argmax(-1))

@@ -213,6 +213,7 @@ def finetune(
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     if resume and ckpt_path is not None and ckpt_path.is_file():
         start_step, history = _load_checkpoint(ckpt_path, params, optimizer, scheduler, scaler, config_json, base_fp)
+    last_saved: int | None = start_step if start_step else None  # step of the checkpoint on disk, if any
 
     t0 = time.perf_counter()
     try:
@@ -237,22 +238,40 @@ def finetune(
             loss_sum, correct, seen = 0.0, 0, 0
             for _ in range(cfg.grad_accum):
                 images, labels = next(batches)
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                sparse = update.attached(model) if update is not None else contextlib.nullcontext()
-                autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-                with sparse, autocast:
-                    text = cached_text if cached_text is not None else class_embeddings(model, prompts)
-                    if cached_text is None and not text.requires_grad:
-                        cached_text = text.detach()  # the text tower has nothing to train
-                    logits = clip_logits(model, images, text)
-                    loss = nn.functional.cross_entropy(logits.float(), labels)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) * labels.numel()
+                try:
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    sparse = update.attached(model) if update is not None else contextlib.nullcontext()
+                    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                              enabled=amp_dtype is not None)
+                    with sparse, autocast:
+                        text = cached_text if cached_text is not None else class_embeddings(model, prompts)
+                        if cached_text is None and not text.requires_grad:
+                            cached_text = text.detach()  # the text tower has nothing to train
+                        logits = clip_logits(model, images, text)
+                        loss = nn.functional.cross_entropy(logits.float(), labels)
+                    loss_value = float(loss.detach())
+                    # Stop before backward: a NaN/inf loss would poison the values and the
+                    # optimizer state, and the next checkpoint would overwrite the last good one.
+                    if not math.isfinite(loss_value):
+                        raise TrainingDivergedError(step + 1, "the loss", loss_value, cfg, ckpt_path, last_saved)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                except Exception as exc:
+                    if is_out_of_memory(exc):
+                        raise BatchOutOfMemoryError(
+                            f"out of memory in training step {step + 1} on {device} with batch size "
+                            f"{cfg.batch_size} (grad_accum {cfg.grad_accum}). {_batch_hint(cfg)}"
+                        ) from exc
+                    raise
+                loss_sum += loss_value * labels.numel()
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += labels.numel()
             scaler.unscale_(optimizer)
             grad_norm = _clip(params, cfg.max_grad_norm)
+            # With fp16 loss scaling an inf gradient is routine (the scaler skips that step);
+            # otherwise it means the step would write inf/NaN into the trained values.
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                raise TrainingDivergedError(step + 1, "the gradient norm", grad_norm, cfg, ckpt_path, last_saved)
             scaler.step(optimizer)
             scaler.update()
             lr = optimizer.param_groups[0]["lr"]
@@ -263,7 +282,10 @@ def finetune(
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_s']:.1f}")
             bar.update(1)
             if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # never save a poisoned state
+                    raise TrainingDivergedError(step + 1, "a trained value", math.nan, cfg, ckpt_path, last_saved)
                 _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, scaler, config_json, base_fp, history)
+                last_saved = step + 1
             if callback is not None:
                 callback(record)
         bar.close()
@@ -290,6 +312,49 @@ def finetune(
     else:
         delta = delta_from_dense(backup, trained_full, base_fp, info)
     return FinetuneResult(delta, history, cfg.to_dict(), time.perf_counter() - t0)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or the gradient, or a trained value) became NaN or infinite: training stopped.
+
+    Raised before that step touches the optimizer or any checkpoint, so the checkpoint on
+    disk (``checkpoint_step``, None when none was written) is the last good state.
+    """
+
+    def __init__(self, step: int, what: str, value: float, cfg: FinetuneConfig, ckpt_path: Path | None,
+                 checkpoint_step: int | None) -> None:
+        self.step, self.value, self.checkpoint_step = step, value, checkpoint_step
+        if checkpoint_step is not None:
+            kept = (f"The last good checkpoint (step {checkpoint_step}) is kept in {ckpt_path}: --resume continues "
+                    "from it with the same settings (e.g. after fixing the data); changed settings need a fresh "
+                    "checkpoint folder.")
+        else:
+            kept = "No checkpoint was written before this step."
+        super().__init__(
+            f"training diverged at step {step}: {what} is {value} (not finite). {kept} To try: a lower learning "
+            f"rate (now {cfg.learning_rate:g}, --lr), --precision fp32 (now {cfg.precision}), gradient clipping "
+            f"(--max-grad-norm, now {cfg.max_grad_norm}), and check the images for NaN/inf values."
+        )
+
+
+class BatchOutOfMemoryError(RuntimeError):
+    """A batch did not fit in memory; the message names the batch size and how to lower it."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS out-of-memory errors and CPU allocation failures."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "DefaultCPUAllocator" in text)
+
+
+def _batch_hint(cfg: FinetuneConfig) -> str:
+    smaller = max(1, cfg.batch_size // 2)
+    return (f"Lower it with --batch-size {smaller} (finetune.batch_size in params.yaml) and keep the effective "
+            f"batch of {cfg.batch_size * cfg.grad_accum} with --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
+            "; on a GPU, --precision bf16 or fp16 also halves activation memory. A changed batch size starts a "
+            "fresh run (a checkpoint resumes only with the same settings).")
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
