@@ -180,4 +180,5 @@ def pipeline_arguments(params: PipelineParams, *, tracking: bool = True) -> dict
         "suite": e.suite, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
         "register_model_name": r.model_name, "promote": r.promote and r.enabled, "ood_tolerance": r.ood_tolerance,
         "id_tolerance": r.id_tolerance, "tracking": tracking, "params_json": json.dumps(params.to_dict()),
+        "gpu_type": params.cluster.gpu_type, "gpu_count": params.cluster.gpu_count,
     }

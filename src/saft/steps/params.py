@@ -95,6 +95,14 @@ class RegisterParams:
 
 
 @dataclass
+class ClusterParams:
+    """Kubeflow only: the accelerator every scoring, training and evaluation task requests."""
+
+    gpu_type: str = "nvidia.com/gpu"
+    gpu_count: int = 1
+
+
+@dataclass
 class PipelineParams:
     model: str = "tiny"
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -105,6 +113,7 @@ class PipelineParams:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)
 
     @property
     def embedded(self) -> bool:
