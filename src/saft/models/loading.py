@@ -90,6 +90,20 @@ class LoadedModel:
         return iter((self.model, self.preprocess, self.tokenizer, self.fingerprint))
 
 
+def unsafe_pickle_reason(exc: BaseException) -> str:
+    """The line of a refused ``torch.load(weights_only=True)`` that says what was found.
+
+    PyTorch's message suggests retrying with ``weights_only=False``, which is exactly the
+    unsafe load being refused; only its diagnosis (e.g. ``unsupported GLOBAL posix.system``)
+    is worth showing.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "nsupported" in line:
+            return line.split(". Please use")[0][:300]  # drop torch's how-to-allow-it advice
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else 'unreadable'}"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file without ever unpickling arbitrary objects."""
     path = Path(path)
@@ -103,8 +117,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types
         raise ModelSpecError(
-            f"{path}: cannot be read safely ({type(exc).__name__}: {exc}). "
-            "Only tensors may be stored; convert the file to .safetensors."
+            f"{path}: cannot be read safely ({unsafe_pickle_reason(exc)}). Loading it fully could run "
+            "arbitrary code, so it is refused. Only tensors may be stored; convert the file to .safetensors "
+            "where its source is trusted, or get the weights as .safetensors."
         ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -27,6 +27,7 @@ from saft.progress import progress_bar
 
 from saft.io import atomic_path
 from saft.models.fingerprint import fingerprint_model
+from saft.models.loading import unsafe_pickle_reason
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.mask import Mask
 from saft.sparse.objective import ClassPrompts, class_embeddings, clip_logits
@@ -384,7 +385,15 @@ def _save_checkpoint(path, step, params, optimizer, scheduler, scaler, config_js
 
 
 def _load_checkpoint(path, params, optimizer, scheduler, scaler, config_json, base_fp):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a checkpoint folder may be shared, and pickle runs code on load
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types
+        raise ValueError(
+            f"{path}: checkpoint cannot be read safely ({unsafe_pickle_reason(exc)}); it holds "
+            "something other than tensors and plain values, or is damaged. Delete it to start fresh."
+        ) from exc
+    if not isinstance(state, dict) or not {"config", "base_fingerprint", "params", "step"} <= state.keys():
+        raise ValueError(f"{path}: not a SAFT training checkpoint; delete it to start fresh")
     if state["config"] != config_json:
         raise ValueError(
             f"{path}: checkpoint was written with another configuration; resume only with the same "
