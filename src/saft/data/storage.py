@@ -12,6 +12,12 @@ S3 settings come from the standard AWS environment (``AWS_ENDPOINT_URL_S3`` or
 ``AWS_DEFAULT_REGION``), the way MinIO and AWS users already configure their tools.
 With a custom endpoint, path-style addressing is used (MinIO's default); set
 ``SAFT_S3_ADDRESSING_STYLE=virtual`` to change it.
+
+Transient failures (5xx, throttling, refused or reset connections, timeouts) are retried
+by botocore's "standard" mode with exponential backoff: ``SAFT_S3_MAX_ATTEMPTS`` tries per
+request (default 5; ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` are honoured too), each
+bounded by ``SAFT_S3_CONNECT_TIMEOUT`` (10 s) and ``SAFT_S3_READ_TIMEOUT`` (60 s). When
+the tries run out the error names the object and what to check.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ from saft.data.paths import UnsafePathError, check_relpath
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SAFT_CACHE_DIR"
+MAX_ATTEMPTS_ENV = "SAFT_S3_MAX_ATTEMPTS"
+CONNECT_TIMEOUT_ENV = "SAFT_S3_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "SAFT_S3_READ_TIMEOUT"
+DEFAULT_MAX_ATTEMPTS = 5
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 _CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -401,8 +413,44 @@ def _make_s3_client(endpoint_url: str | None) -> Any:
         or None
     )
     style = os.environ.get("SAFT_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
-    config = Config(s3={"addressing_style": style}, retries={"max_attempts": 5, "mode": "standard"})
+    # Throttling, 5xx answers, resets and refused connections are retried by botocore with
+    # exponential backoff and jitter ("standard": up to 20 s between tries); the timeouts
+    # bound each try, so an endpoint that is down fails the step in bounded time.
+    config = Config(
+        s3={"addressing_style": style},
+        retries={"total_max_attempts": s3_max_attempts(), "mode": os.environ.get("AWS_RETRY_MODE") or "standard"},
+        connect_timeout=_env_seconds(CONNECT_TIMEOUT_ENV, 10.0),
+        read_timeout=_env_seconds(READ_TIMEOUT_ENV, 60.0),
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def s3_max_attempts() -> int:
+    """Tries per S3 request: ``$SAFT_S3_MAX_ATTEMPTS``, else ``$AWS_MAX_ATTEMPTS``, else 5."""
+    for name in (MAX_ATTEMPTS_ENV, "AWS_MAX_ATTEMPTS"):
+        text = os.environ.get(name)
+        if text:
+            try:
+                value = int(text)
+            except ValueError:
+                raise StorageError(f"{name}={text!r} must be a whole number of tries (e.g. 5)") from None
+            if value < 1:
+                raise StorageError(f"{name}={text!r} must be at least 1")
+            return value
+    return DEFAULT_MAX_ATTEMPTS
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise StorageError(f"{name}={text!r} must be a number of seconds") from None
+    if not value > 0:
+        raise StorageError(f"{name}={text!r} must be positive")
+    return value
 
 
 @contextlib.contextmanager
@@ -423,14 +471,20 @@ def _s3_errors(location: str) -> Iterator[None]:
                 f"{location}: access denied ({code}); check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
             ) from None
+        if code in _TRANSIENT_CODES:
+            raise StorageError(
+                f"{location}: S3 kept failing ({code}) after {s3_max_attempts()} tries with backoff; the "
+                f"service is overloaded or down. Retry the step later, or allow more tries with {MAX_ATTEMPTS_ENV}"
+            ) from None
         raise StorageError(f"{location}: S3 request failed: {err}") from None
     except bx.NoCredentialsError:
         raise StorageError(
             f"{location}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         ) from None
-    except bx.EndpointConnectionError as err:
+    except (bx.ConnectionError, bx.HTTPClientError) as err:  # refused, reset, DNS, connect/read timeout
         raise StorageError(
-            f"{location}: cannot reach the S3 endpoint ({err}); check AWS_ENDPOINT_URL_S3 / "
-            "AWS_ENDPOINT_URL"
+            f"{location}: cannot reach the S3 endpoint or lost the connection ({err}; requests are tried up "
+            f"to {s3_max_attempts()} times with backoff); check that it is up and that AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL point at it (tries: "
+            f"{MAX_ATTEMPTS_ENV}; timeouts: {CONNECT_TIMEOUT_ENV}, {READ_TIMEOUT_ENV})"
         ) from None
