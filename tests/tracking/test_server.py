@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ALPHA, SUITE, shifted_document, write_document
+from tracking_support import ALPHA, SUITE, shifted_document, write_document
 
 from saft.steps.register import RegisterConfig, register_step
 from saft.tracking import step_run

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import AWS_TEST_ENV, stop_service
+from tracking_support import AWS_TEST_ENV, stop_service
 from services import Service, ServiceError, free_port
 
 SERVING_MODULES = ("uvicorn", "fastapi", "starlette")

@@ -53,4 +53,5 @@ class PreparedData:
     def dataset(self, transform: Callable, split: str = "train", skip_corrupt: bool = False):
         from saft.data.dataset import ManifestDataset
 
-        return ManifestDataset(self.manifest(split), self.root, transform, skip_corrupt=skip_corrupt)
+        return ManifestDataset(self.manifest(split), self.root, transform, skip_corrupt=skip_corrupt,
+                               classes=self.classes)

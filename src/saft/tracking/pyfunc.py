@@ -53,7 +53,7 @@ def model_reference(*, base_model: str, base_fingerprint: str, classes: Sequence
 
 def decode_image(value: Any, row: int = 0):
     """A PIL RGB image from base64 text (optionally a ``data:`` URI) or raw image bytes."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if isinstance(value, str):
         text = value.split(",", 1)[1] if value.startswith("data:") else value
@@ -66,11 +66,12 @@ def decode_image(value: Any, row: int = 0):
     else:
         raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} must hold base64-encoded image bytes, "
                          f"got {type(value).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"row {row}: the bytes are not a PNG/JPEG image ({exc})") from None
+    from saft.data.images import load_rgb
+
+    try:  # the decoder training uses: EXIF orientation, 16-bit, alpha, palettes alike
+        return load_rgb(data, f"row {row}")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"row {row}: the bytes are not a readable image ({exc})") from None
 
 
 class SaftDeltaModel(mlflow.pyfunc.PythonModel):
