@@ -52,7 +52,29 @@ def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict[str, str], f
     meta.setdefault("library_version", __version__)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata in sorted key order, in place.
+
+    safetensors serialises the metadata from a hash map, so its order (and so the file's
+    bytes) changes from process to process; the same artifact must have the same bytes,
+    because step keys, DVC and the KFP cache hash them. Reordering keeps the header's
+    length (same keys and values, same compact JSON); it is padded with spaces, which
+    the format allows, should the escaping ever come out shorter.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > size:  # never seen: leave the (valid, only unordered) file as written
+            return
+        fh.seek(8)
+        fh.write(new.ljust(size, b" "))
 
 
 def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[str, str]]:
