@@ -102,6 +102,11 @@ def test_world_protocol_fast_path(tmp_path):
     assert summary["sizes"]["full"]["trainable"] > 100 * summary["sizes"]["saft"]["trainable"]
     models = {a["model"] for a in summary["aggregates"]}
     assert models == {"zeroshot", "full", "saft", "random"}
+    assert summary["checks_computed"] is True and summary["b2n"] is None  # base-to-new is opt-in in the library
+    for method in ("saft", "random"):
+        landing = summary["masks"][method]
+        assert landing["num_selected"] == [summary["sizes"][method]["trainable"]]
+        assert sum(landing["per_tensor"].values()) == landing["num_selected"][0]
     table = format_results(summary)
     assert "OOD mean" in table and "sketch" in table and "textile" not in table.splitlines()[0]
     assert "PASS" in format_checks(summary) or "FAIL" in format_checks(summary)

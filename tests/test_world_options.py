@@ -1,11 +1,12 @@
 """Options of the synthshift benchmark: SAFT variants, method subsets, lr grids, base-to-new."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from saft.sparse import Scores, select_mask
+from saft.sparse import Mask, Scores, select_mask
 from saft.sparse.mask import select_mask_layerwise
 from saft.world.benchmark import DEFAULT_GRIDS, WorldConfig, parse_grid
 
@@ -115,12 +116,14 @@ def test_saft_only_variant_with_base_to_new(tmp_path):
     assert landing["per_tensor"] and not any(n.startswith("visual.conv1") for n in landing["per_tensor"])
     # layer-wise: every tensor with at least 50 entries holds 1% of them
     assert landing["per_tensor"]["visual.transformer.resblocks.0.attn.in_proj_weight"] == round(0.01 * 384 * 128)
+    saved = Mask.load(tmp_path / "seed1" / "mask.safetensors")
+    assert saved.meta["selection"] == "layerwise" and "visual.conv1.*" in json.loads(saved.meta["eligible_exclude"])
     b2n = summary["b2n"]["table"]
     assert set(b2n) == {"zeroshot", "saft"}
     for row in b2n.values():
         assert {"base", "new", "hm"} <= set(row) and 0.0 <= row["hm"]["mean"] <= 1.0
     assert (tmp_path / "seed1" / "b2n" / "data" / "classes.json").is_file()
-    assert len(__import__("json").loads((tmp_path / "seed1" / "b2n" / "data" / "classes.json").read_text())) == 5
+    assert len(json.loads((tmp_path / "seed1" / "b2n" / "data" / "classes.json").read_text())) == 5  # base half
     assert (tmp_path / "eval-b2n" / "metrics.json").is_file()
     table = format_results(summary)
     assert "base-to-new" in table and "HM" in table and "saft mask" in table

@@ -168,6 +168,8 @@ def _lr_label(lr: float) -> str:
 def _masks(cfg: WorldConfig, model, loader, prompts, seed: int, meta: dict, progress: bool) -> dict:
     masks: dict[str, Mask | None] = {"full": None}
     eligibility = cfg.eligibility
+    # a variant's mask file must say which variant made it
+    meta = dict(meta, eligible_include=json.dumps(list(cfg.include)), eligible_exclude=json.dumps(list(cfg.exclude)))
     if "saft" in cfg.methods:
         scores = importance_scores(model, loader, prompts, rule=cfg.score_rule, eligibility=eligibility,
                                    progress=progress)
