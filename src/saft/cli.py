@@ -22,6 +22,20 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_eval(args: argparse.Namespace) -> int:
+    from saft.bench.eval import EvalBenchConfig, format_eval_benchmark, run_eval_benchmark
+    from saft.io import write_json
+
+    cfg = EvalBenchConfig(images=args.images, model=args.model, batch_size=args.batch_size, domain=args.domain,
+                          data=args.data, device=args.device, threads=args.threads, seed=args.seed)
+    report = run_eval_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
+    print(format_eval_benchmark(report))
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saft.version import __version__
 
@@ -43,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     step.add_argument("--seed", type=int, default=0, help="seed for weights, data and mask (default: 0)")
     step.set_defaults(func=_bench_step)
+    ev = bench_sub.add_parser("eval", help="evaluation images/s and peak memory: saft's streaming path vs a plain "
+                                         "open_clip loop, on a generated image set")
+    ev.add_argument("--out", help="write the JSON report here")
+    ev.add_argument("--images", type=int, default=20_000, help="images to generate and evaluate (default: 20000)")
+    ev.add_argument("--model", default="tiny", help="model spec (default: tiny, the shipped embedded-world model)")
+    ev.add_argument("--batch-size", type=int, default=128, help="images per batch for both paths (default: 128)")
+    ev.add_argument("--domain", default="photo", help="saft.data.synth domain to render (default: photo)")
+    ev.add_argument("--data", help="generate into (and reuse) this folder instead of a temporary one")
+    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads per measuring process (default: torch's)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the rendered images (default: 0)")
+    ev.set_defaults(func=_bench_eval)
 
     from saft.data.cli import register as register_data
 
