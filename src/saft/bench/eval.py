@@ -223,8 +223,13 @@ def run_eval_benchmark(cfg: EvalBenchConfig, progress: Callable[[str], None] = p
         results = {}
         for path in PATHS:
             progress(f"{path}: evaluating {cfg.images:,} images in a fresh process ...")
-            with ctx.Pool(1) as pool:
+            pool = ctx.Pool(1)
+            try:
                 results[path] = pool.apply(_measure, (path, str(root), asdict(cfg)))
+                pool.close()  # a clean shutdown; terminate() (the with-block's exit) leaks a semaphore
+            finally:
+                pool.terminate()
+                pool.join()
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
