@@ -90,3 +90,27 @@ def test_builtin_suites_resolve_default_folders():
     assert load_suite("cross-dataset", "s3://bucket/data").entries[1].root == "s3://bucket/data/caltech-101"
     b2n = load_suite("base2new", "/d")
     assert len(b2n.entries) == 22 and {e.role for e in b2n.entries} == {"base", "new"}
+
+
+def test_reused_images_decode_once_within_the_budget() -> None:
+    import torch
+
+    from saft.steps.evaluate import ReusedImages
+
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return torch.zeros(3, 2, 2), i  # 48 bytes each
+
+    budget = [100]  # room for two images
+    data = ReusedImages(Counting(), budget)
+    first = [data[i][1] for i in range(4)]
+    second = [data[i][1] for i in range(4)]
+    assert first == second == [0, 1, 2, 3]
+    assert reads == [0, 1, 2, 3, 2, 3]  # the first two were kept, the rest streamed again
+    assert budget == [4]

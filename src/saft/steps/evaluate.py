@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,37 @@ class EntryImages(Dataset):
         return self.transform(image), entry.label
 
 
+class ReusedImages(Dataset):
+    """Keeps decoded, preprocessed images after their first read, up to a shared byte budget.
+
+    Every model variant of an evaluation (zero-shot, each delta, each alpha) reads the
+    same images; decoding them once instead of once per variant saves about a third of
+    the evaluation time on small models. Beyond the budget images stream as before, so
+    memory stays bounded however large the suite. Only useful without DataLoader
+    workers (a worker's memory is not this process's).
+    """
+
+    def __init__(self, base: Dataset, budget: list[int]):
+        self.base, self.budget, self.kept = base, budget, {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.kept.get(i)
+        if item is None:
+            item = self.base[i]
+            size = item[0].numel() * item[0].element_size()
+            if size <= self.budget[0]:
+                self.kept[i] = item
+                self.budget[0] -= size
+        return item
+
+
+def reuse_budget_bytes() -> int:
+    return int(float(os.environ.get("SAFT_EVAL_CACHE_MB", "1024")) * 2**20)
+
+
 @dataclass
 class _Task:
     entry: SuiteEntry
@@ -160,6 +192,8 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
         variants += [(run.name, run.seed, alpha, run) for alpha in cfg.alphas]
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
+    budget = [reuse_budget_bytes() if cfg.num_workers == 0 and len(variants) > 1 else 0]
+    images = [ReusedImages(EntryImages(t.entry.root, t.images, loaded.preprocess), budget) for t in tasks]
     records = []
     for name, seed, alpha, run in variants:
         key = loaded.fingerprint
@@ -169,10 +203,9 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
             key = loaded.fingerprint if alpha == 0 else hashlib.sha256(f"{loaded.fingerprint}|{Path(run.path).resolve()}|"
                                  f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
         try:
-            for task in tasks:
+            for task, data in zip(tasks, images):
                 head = cached_head(model, loaded.tokenizer, task.classes, task.templates, fingerprint=key,
                                    device=cfg.device, progress=progress)
-                data = EntryImages(task.entry.root, task.images, loaded.preprocess)
                 label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
                 acc = evaluate_head(model, head, data, subset=task.subset, batch_size=cfg.batch_size,
                                     num_workers=cfg.num_workers, device=cfg.device, progress=progress,
