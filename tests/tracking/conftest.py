@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 import uuid
 from dataclasses import dataclass
