@@ -7,32 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from PIL import Image
-
-CLASSES = ("ant", "bee", "cat", "dog")
-PER_CLASS = 6
-
-
-def write_image(path: Path, seed: int, fmt: str | None = None, size: tuple[int, int] = (8, 8)) -> Path:
-    """A small image whose pixels depend on ``seed``, so different seeds give different bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size)
-    image.putdata([((seed * 37 + i) % 256, (seed * 11 + 3 * i) % 256, (seed * 5 + 7 * i) % 256) for i in range(size[0] * size[1])])
-    image.save(path, format=fmt)
-    return path
+from image_trees import write_image, write_tree
 
 
 @pytest.fixture
 def image_tree(tmp_path: Path) -> Path:
-    """An ImageFolder root: 4 classes x 6 images, PNG and JPEG mixed, all distinct bytes."""
-    root = tmp_path / "tree"
-    seed = 0
-    for name in CLASSES:
-        for i in range(PER_CLASS):
-            ext = ".png" if i % 2 == 0 else ".jpg"
-            write_image(root / name / f"img{i:02d}{ext}", seed)
-            seed += 1
-    return root
+    return write_tree(tmp_path / "tree")
 
 
 @pytest.fixture
