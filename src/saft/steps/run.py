@@ -21,18 +21,19 @@ Layout under ``out_dir``::
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
 
-from saft.data.prepare import prepare_dataset
 from saft.eval.suites import load_suite
 from saft.sparse import FinetuneConfig
 from saft.steps.collect import collect_step, results_text
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
-from saft.steps.finetune import DELTA_FILE, HISTORY_FILE, finetune_step
+from saft.steps.finetune import DELTA_FILE
 from saft.steps.params import PipelineParams, resolve_device, write_resolved
-from saft.steps.score import MASK_FILE, ScoreConfig, score_step
+from saft.steps.score import ScoreConfig
+from saft.steps.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
 from saft.steps.world import world_step
 
@@ -111,29 +112,21 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
     runs: list[DeltaRun] = []
     for seed in params.seeds:
         seed_dir = out / f"seed{seed}"
-        with step(f"prepare seed{seed}", {"seed": seed, **params.data.__dict__}) as tracker:
-            prepared = prepare_dataset(train_root, seed_dir / "data", dataset=params.data.dataset,
-                                       split=params.data.split or None, shots=params.data.shots, seed=seed,
-                                       val_shots=params.data.val_shots)
-            tracker.set_tags({"saft.manifest_hash": prepared.manifest_hash})
-            log(f"seed {seed}: prepared {seed_dir / 'data'}")
+        d = params.data
+        prepare_task(str(out / "world"), str(seed_dir / "data"), data_root=train_root, dataset=d.dataset,
+                     split=d.split, shots=d.shots, val_shots=d.val_shots, seed=seed, parent_run_id=parent or "")
+        log(f"seed {seed}: prepared {seed_dir / 'data'}")
         masks = {}
         for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
-            cfg = score_config(params, kind, seed)
-            with step(f"score {kind} seed{seed}", cfg.__dict__) as tracker:
-                stats = score_step(cfg, seed_dir / "data", seed_dir / f"mask-{kind}", progress=progress, log=log)
-                tracker.log_mask_stats(stats)
-                tracker.log_artifact(str(seed_dir / f"mask-{kind}" / MASK_FILE))
-            masks[kind] = seed_dir / f"mask-{kind}" / MASK_FILE
+            stats = score_task(str(seed_dir / "data"), str(seed_dir / f"mask-{kind}"), score_config(params, kind, seed),
+                               parent or "", progress=progress, log=log)
+            masks[kind] = seed_dir / f"mask-{kind}"
             log(f"seed {seed}: {kind} mask, {stats['num_selected']:,} entries")
         for method in params.finetune.methods:
             cfg = finetune_config(params, method, seed)
-            with step(f"finetune {method} seed{seed}", cfg.__dict__) as tracker:
-                result = finetune_step(params.model, cfg, seed_dir / "data", seed_dir / method,
-                                       mask_path=masks.get(mask_kind(method)), device=params.device,
-                                       progress=progress, log=log)
-                tracker.log_history(_read_json(seed_dir / method / HISTORY_FILE))
-                tracker.log_artifact(str(seed_dir / method / DELTA_FILE))
+            result = finetune_task(params.model, str(seed_dir / "data"), masks.get(mask_kind(method)),
+                                   str(seed_dir / method), cfg, device=params.device, parent_run_id=parent or "",
+                                   progress=progress, log=log)
             log(f"seed {seed}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
                 f"final loss {result['final_loss']:.3f}")
             runs.append(DeltaRun(method, str(seed_dir / method / DELTA_FILE), seed))
@@ -144,7 +137,7 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         evaluate_suite(ecfg, suite, out / "eval", progress=progress, log=lambda *_: None)
         summary = collect_step([out / "eval" / "metrics.json"], out / "eval", deltas=runs,
                                learning_rates={m: params.finetune.lr[m] for m in params.finetune.methods})
-        tracker.log_metrics_document(_read_json(out / "eval" / "metrics.json"))
+        tracker.log_metrics_document(json.loads((out / "eval" / "metrics.json").read_text()))
         tracker.log_report(str(out / "eval"))
     if params.register.enabled and not tracking:
         log("register: skipped (tracking is off; the registry lives in MLflow)")
@@ -164,12 +157,6 @@ def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: s
     return register_step(cfg, out / "eval" / "metrics.json", candidate.path, out / "register",
                          base_model=params.model, data_dir=Path(candidate.path).parent.parent / "data",
                          parent_run_id=parent)
-
-
-def _read_json(path: Path):
-    import json
-
-    return json.loads(Path(path).read_text())
 
 
 __all__ = ["run_pipeline", "score_config", "finetune_config", "evaluate_config"]

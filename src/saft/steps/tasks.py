@@ -49,7 +49,7 @@ def parent_run(run_dir: str) -> str:
     return json.loads((Path(run_dir) / RUN_FILE).read_text())["parent_run_id"]
 
 
-def finish_task(parent_run_id: str, results_dir: str) -> None:
+def finish_task(parent_run_id: str) -> None:
     if not parent_run_id:
         return
     from saft.tracking.runs import end_pipeline_run
@@ -89,33 +89,36 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
     """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream)."""
     from saft.data.prepare import prepare_dataset
 
-    with step_context(f"prepare seed{seed}", parent_run_id, {"seed": seed, "shots": shots}) as tracker:
+    logged = {"seed": seed, "dataset": dataset, "root": data_root, "split": split, "shots": shots,
+              "val_shots": val_shots}
+    with step_context(f"prepare seed{seed}", parent_run_id, logged) as tracker:
         result = prepare_dataset(train_root(world_dir, data_root), out_dir, dataset=dataset, split=split or None,
                                  shots=shots, seed=seed, val_shots=val_shots)
         tracker.set_tags({"saft.manifest_hash": result.manifest_hash})
     return result.manifest_hash
 
 
-def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "") -> dict:
+def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
+               log=_log) -> dict:
     from saft.steps.score import score_step
 
     cfg.device = resolve_device(cfg.device)
     with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        stats = score_step(cfg, data_dir, out_dir, progress=False, log=_log)
+        stats = score_step(cfg, data_dir, out_dir, progress=progress, log=log)
         tracker.log_mask_stats(stats)
         tracker.log_artifact(str(Path(out_dir) / MASK_FILE))
     return stats
 
 
 def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
-                  device: str = "cpu", parent_run_id: str = "") -> dict:
+                  device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log) -> dict:
     from saft.steps.finetune import finetune_step
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
     device = resolve_device(device)
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, device=device, progress=False,
-                                log=_log)
+        summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, device=device, progress=progress,
+                                log=log)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
     return summary
