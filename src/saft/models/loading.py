@@ -15,8 +15,6 @@ registered with open_clip on import.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from saft.models.fingerprint import fingerprint_state_dict
 from saft.models.tiny import ARCH as TINY_ARCH
 from saft.models.tiny import tiny_tokenizer
+from saft.progress import quiet_logger
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_SOURCE = "random"
@@ -140,17 +139,6 @@ def _load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], o
         )
 
 
-@contextlib.contextmanager
-def _quiet_open_clip():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def load_model(
     spec: str | ModelSpec,
     *,
@@ -167,7 +155,7 @@ def load_model(
     spec = ModelSpec.parse(spec)
     if spec.is_random or state_dict is not None or spec.is_file:
         torch.manual_seed(seed)  # random init must be reproducible for fingerprints
-        with _quiet_open_clip():  # it warns that no pretrained weights were loaded: intended here
+        with quiet_logger():  # it warns that no pretrained weights were loaded: intended here
             model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None)
         if state_dict is not None:
             _load_into(model, state_dict, "state_dict")

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any, Sequence
 
 import mlflow.pyfunc
 import pandas as pd
+
+from saft.progress import quiet_logger
 
 MODEL_REF_FILE = "model_ref.json"
 DELTA_ARTIFACT = "delta.safetensors"
@@ -175,22 +175,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _quiet_mlflow_logging():
-    """Hide MLflow's advice to log models as code: the pickled model is this importable class."""
-    logger = logging.getLogger("mlflow.pyfunc")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict) -> Path:
     """Write the MLflow model folder (MLmodel, python_model.pkl, the two artifacts) at ``path``."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="saft-model-ref-") as tmp, _quiet_mlflow_logging():
+    # quiet: MLflow's advice to log models as code does not apply to this importable class
+    with tempfile.TemporaryDirectory(prefix="saft-model-ref-") as tmp, quiet_logger("mlflow.pyfunc"):
         ref_file = Path(tmp) / MODEL_REF_FILE
         ref_file.write_text(json.dumps(reference, indent=2, sort_keys=True) + "\n")
         mlflow.pyfunc.save_model(
