@@ -143,3 +143,12 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     steps = {r.data.tags.get("mlflow.runName", r.info.run_name) for r in children}
     assert {"prepare seed1", "score saft seed1", "finetune saft seed1", "collect"} <= steps
+
+    # what `make demo` leaves in the registry: a champion whatever the candidate's verdict
+    register = json.loads(decision[0].read_text())
+    assert register["baseline"]["version"] == "1" and register["version"] == "2"
+    champion = client.get_model_version_by_alias("saft-tiny", "champion")
+    assert str(champion.version) == ("2" if register["verdict"] == "promoted" else "1")
+    assert client.get_model_version("saft-tiny", "1").tags["saft.baseline"] == "true"
+    assert client.get_model_version("saft-tiny", "2").tags["saft.promotion.verdict"] == register["verdict"]
+    assert "zero-shot baseline" in text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tracking_support import ALPHA
+from tracking_support import ALPHA, png_b64
 from services import free_port
 
 from saft.eval.metrics import Record, metrics_document
@@ -160,12 +159,6 @@ def test_mlflow_is_imported_only_by_tracking_functions():
 # --- the pyfunc model, loaded in this process -------------------------------------------------
 
 
-def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_pyfunc_model_classifies_like_the_evaluated_model(candidate, tmp_path):
     import mlflow.pyfunc
     import pandas as pd
@@ -186,7 +179,7 @@ def test_pyfunc_model_classifies_like_the_evaluated_model(candidate, tmp_path):
     path = save_pyfunc_model(tmp_path / "model", candidate.delta, ref)
     model = mlflow.pyfunc.load_model(str(path))
     images = [render("textile", shape, 20_000 + i, WORLD_SEED).image for i, shape in enumerate(SHAPES)]
-    out = model.predict(pd.DataFrame({"image": [_png_b64(im) for im in images]}))
+    out = model.predict(pd.DataFrame({"image": [png_b64(im) for im in images]}))
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert len(out) == len(SHAPES)
     for _, row in out.iterrows():

@@ -1,8 +1,8 @@
 """`saft run` of the embedded pipeline against a real MLflow server (artifacts on local S3).
 
 Asserts on what the server holds afterwards: the parent run, a nested run per step with
-its metrics and artifacts, the registered delta version and its `champion` alias; then a
-second candidate with a worse OOD mean is registered but not promoted.
+its metrics and artifacts, the zero-shot baseline as the first `champion`, the registered
+delta version judged against it; then a second candidate with a worse OOD mean is registered but not promoted.
 """
 
 from __future__ import annotations
@@ -50,10 +50,14 @@ def test_saft_run_logs_every_step_and_registers_a_champion(tracking_env, model_n
     artifacts = [a.path for a in client.list_artifacts(by_name["finetune saft seed1"].info.run_id)]
     assert artifacts, "the delta was not logged"
 
-    versions = client.search_model_versions(f"name = '{model_name}'")
-    assert len(versions) == 1
-    if decision["verdict"] == "promoted":
-        assert client.get_model_version_by_alias(model_name, "champion").version == versions[0].version
+    # params.yaml's register.baseline: the zero-shot base is v1 and the first champion; the candidate is v2
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{model_name}'")}
+    assert sorted(versions) == ["1", "2"]
+    assert versions["1"].tags["saft.baseline"] == "true" and versions["1"].tags["saft.promotion.verdict"] == "promoted"
+    assert decision["baseline"]["version"] == "1" and decision["version"] == "2"
+    champion = client.get_model_version_by_alias(model_name, "champion").version
+    assert str(champion) == ("2" if decision["verdict"] == "promoted" else "1")
+    assert versions["2"].tags["saft.promotion.compared_to"] == "1"
 
     # A second candidate whose OOD mean is far worse: registered, not promoted, reason in its tags.
     worse = json.loads((out / "eval" / "metrics.json").read_text())
@@ -71,6 +75,6 @@ def test_saft_run_logs_every_step_and_registers_a_champion(tracking_env, model_n
     second = json.loads((tmp_path / "register2" / "register.json").read_text())
     assert second["verdict"] == "rejected"
     versions = client.search_model_versions(f"name = '{model_name}'")
-    assert len(versions) == 2
+    assert len(versions) == 3
     newest = max(versions, key=lambda v: int(v.version))
     assert newest.tags["saft.promotion.verdict"] == "rejected" and "OOD" in newest.tags["saft.promotion.reason"]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tracking_support import ALPHA, SUITE, shifted_document, write_document
+from tracking_support import ALPHA, SUITE, png_b64, shifted_document, write_document
 
 from saft.steps.register import RegisterConfig, register_step
 from saft.tracking import step_run
@@ -215,6 +215,56 @@ def test_better_candidate_takes_the_champion_alias_once(tracking_env, candidate,
     old = _register(candidate, tmp_path / "r1b", model_name)  # the old champion's step retried
     assert old["verdict"] == "promoted" and old["repeated"] and "aliases unchanged" in old["reason"]
     assert (_alias(client, model_name, "champion"), _alias(client, model_name, "previous-champion")) == ("2", "1")
+
+
+def test_zero_shot_baseline_is_the_first_champion_and_a_worse_candidate_is_judged_against_it(
+        tracking_env, candidate, model_name, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    from saft.data.synth import SHAPES, render
+    from saft.eval.head import build_head
+    from saft.models import load_model
+    from saft.steps.prepared import PreparedData
+    from saft.steps.register import BASELINE_TAG
+    from saft.world.task import WORLD_SEED
+
+    client = tracking_env.client()
+    worse = write_document(tmp_path / "worse.json", shifted_document(candidate.doc(), ood=-0.05))
+    result = _register(candidate, tmp_path / "r1", model_name, worse, baseline=True)
+    baseline = result["baseline"]
+    assert (baseline["version"], baseline["created"], baseline["verdict"]) == ("1", True, "promoted")
+    assert (result["version"], result["verdict"]) == ("2", "rejected")
+    assert "OOD mean vs champion v1" in result["reason"] and "OOD mean vs zero-shot" in result["reason"]
+    assert result["summary"].startswith(f"{model_name} v1 (zero-shot baseline")
+    assert (_alias(client, model_name, "champion"), _alias(client, model_name, "previous-champion")) == ("1", None)
+    v1 = client.get_model_version(model_name, "1")
+    zs = next(a for a in candidate.doc()["aggregates"] if a["model"] == "zeroshot")
+    assert v1.tags[BASELINE_TAG] == "true" and v1.tags["saft.method"] == "zeroshot"
+    assert float(v1.tags["saft.ood_mean"]) == pytest.approx(zs["ood_mean"]["mean"])
+    assert int(v1.tags["saft.delta_bytes"]) < 1024  # an empty delta: the base reference is the model
+    assert client.get_model_version(model_name, "2").tags[COMPARED_TAG] == "1"
+
+    # the served baseline classifies exactly like the base model
+    served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    images = [render("photo", shape, 30_000 + i, WORLD_SEED).image for i, shape in enumerate(SHAPES)]
+    out = served.predict(pd.DataFrame({"image": [png_b64(im) for im in images]}))
+    data, base = PreparedData.open(candidate.data_dir), load_model("tiny")
+    head = build_head(base.model, base.tokenizer, data.classes, data.templates)
+    with torch.inference_mode():
+        feats = base.model.encode_image(torch.stack([base.preprocess(im) for im in images]))
+        expected = (torch.nn.functional.normalize(feats, dim=-1) @ head.t()).argmax(-1).tolist()
+    assert list(out["label"]) == [data.classes[i] for i in expected]
+
+    # a retried step registers nothing new and moves nothing; once a champion exists there is no bootstrap
+    again = _register(candidate, tmp_path / "r1b", model_name, worse, baseline=True)
+    assert again["baseline"] is None and (again["version"], again["verdict"]) == ("2", "rejected")
+    better = write_document(tmp_path / "better.json", shifted_document(candidate.doc(), ood=0.02, id=0.02))
+    promoted = _register(candidate, tmp_path / "r3", model_name, better, baseline=True)
+    assert promoted["baseline"] is None and (promoted["version"], promoted["verdict"]) == ("3", "promoted")
+    assert promoted["aliases"] == {"champion": "3", "previous-champion": "1"}
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{model_name}'")) == ["1", "2", "3"]
 
 
 def test_promotion_interrupted_before_the_alias_moved_is_completed(tracking_env, candidate, model_name, tmp_path):

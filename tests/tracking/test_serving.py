@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import sys
@@ -12,16 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tracking_support import AWS_TEST_ENV, stop_service
+from tracking_support import AWS_TEST_ENV, png_b64, stop_service
 from services import Service, ServiceError, free_port
 
 SERVING_MODULES = ("uvicorn", "fastapi", "starlette")
-
-
-def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -58,7 +50,7 @@ def test_champion_is_served_and_classifies_images(pipeline, mlflow_server, candi
         classes = candidate.classes()
         shapes = list(SHAPES[:4])
         images = [render("textile", shape, 30_000 + i, WORLD_SEED).image for i, shape in enumerate(shapes)]
-        payload = {"dataframe_split": {"columns": ["image"], "data": [[_png_b64(im)] for im in images]}}
+        payload = {"dataframe_split": {"columns": ["image"], "data": [[png_b64(im)] for im in images]}}
         predictions = _post(f"http://127.0.0.1:{port}/invocations", payload)["predictions"]
         assert len(predictions) == len(images)
         for row in predictions:
@@ -76,13 +68,13 @@ def test_champion_is_served_and_classifies_images(pipeline, mlflow_server, candi
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
             local = mlflow.pyfunc.load_model(f"models:/{pipeline.model_name}@champion")
-        expected = local.predict(pd.DataFrame({"image": [_png_b64(im) for im in images]}))
+        expected = local.predict(pd.DataFrame({"image": [png_b64(im) for im in images]}))
         assert [r["label"] for r in predictions] == list(expected["label"])
         for row, probs in zip(predictions, expected["probabilities"]):
             assert row["probabilities"] == pytest.approx(list(probs), abs=1e-5)
 
         # records orientation and a bad image: a 4xx with the reason, not a crash
-        one = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"image": _png_b64(images[0])}]})
+        one = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"image": png_b64(images[0])}]})
         assert one["predictions"][0]["label"] == predictions[0]["label"]
         with pytest.raises(urllib.error.HTTPError) as err:
             _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"image": "not base64!"}]})

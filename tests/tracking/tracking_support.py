@@ -6,7 +6,9 @@ A module of its own, because several test folders have a conftest.py and a plain
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import signal
@@ -98,6 +100,13 @@ def shifted_document(doc: dict, *, ood: float = 0.0, id: float = 0.0, model: str
         records.append(r)
     meta = {**doc["meta"], **({"suite": suite} if suite else {})}
     return metrics_document(records, meta)
+
+
+def png_b64(image) -> str:
+    """A PIL image as the base64 PNG text a served model takes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def write_document(path: Path, doc: dict) -> Path:

@@ -106,6 +106,7 @@ def build_pipeline(cfg: ClusterConfig = ClusterConfig()):
         promote: bool = True,
         ood_tolerance: float = 0.01,
         id_tolerance: float = 0.01,
+        register_baseline: bool = True,
         tracking: bool = True,
         params_json: str = "{}",
         gpu_type: str = "nvidia.com/gpu",
@@ -149,7 +150,8 @@ def build_pipeline(cfg: ClusterConfig = ClusterConfig()):
         reg = _cached(_credentials(c.register(
             model=model, results=collected.outputs["results"], deltas=deltas,
             data=dsl.Collected(prep.outputs["data"]), model_name=register_model_name, promote=promote,
-            ood_tolerance=ood_tolerance, id_tolerance=id_tolerance, run=run_id), cfg), False)
+            ood_tolerance=ood_tolerance, id_tolerance=id_tolerance, baseline=register_baseline, run=run_id), cfg),
+            False)
         reg.set_retry(num_retries=cfg.retries, backoff_duration="30s", backoff_factor=2.0)  # idempotent
         finish = _cached(_credentials(c.finish_run(run=run_id, results=collected.outputs["results"]), cfg),
                          False)
@@ -179,6 +181,7 @@ def pipeline_arguments(params: PipelineParams, *, tracking: bool = True) -> dict
         "lr_random": f.lr["random"], "warmup_steps": f.warmup_steps, "weight_decay": f.weight_decay,
         "suite": e.suite, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
         "register_model_name": r.model_name, "promote": r.promote and r.enabled, "ood_tolerance": r.ood_tolerance,
-        "id_tolerance": r.id_tolerance, "tracking": tracking, "params_json": json.dumps(params.to_dict()),
+        "id_tolerance": r.id_tolerance, "register_baseline": r.baseline, "tracking": tracking,
+        "params_json": json.dumps(params.to_dict()),
         "gpu_type": params.cluster.gpu_type, "gpu_count": params.cluster.gpu_count,
     }

@@ -92,6 +92,7 @@ class RegisterParams:
     promote: bool = True
     ood_tolerance: float = 0.01
     id_tolerance: float = 0.01
+    baseline: bool = True  # with no champion yet, the zero-shot base is registered and promoted first
 
 
 @dataclass

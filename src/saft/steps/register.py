@@ -7,6 +7,13 @@ and in a nested ``register`` run: logs the pyfunc model (delta + base reference)
 registers it as a version of ``cfg.model_name`` (once per candidate), applies the
 promotion gate and writes the decision to ``out_dir/register.json``.
 
+With ``baseline`` (and ``promote``), a model without a ``champion`` first gets the
+zero-shot base registered as a version of its own, an empty delta served like any other
+(tag ``saft.baseline``), which the gate promotes as the first champion: the model in
+production before any fine-tuning, and the one every candidate must not fall behind.
+The candidate is then judged against it, so ``models:/NAME@champion`` resolves after the
+first run whatever the candidate's verdict.
+
 Full fine-tuning baselines (dense deltas) are logged but not registered unless
 ``register_full``. With tracking off nothing is registered; ``register.json`` then
 says so and reports how the candidate compares with zero-shot.
@@ -26,6 +33,8 @@ from saft.io import write_json
 REGISTER_FILE = "register.json"
 REGISTER_SCHEMA = "saft-register/1"
 SKIPPED, NOT_REGISTERED, REGISTERED = "skipped", "not registered", "registered"
+BASELINE_TAG = "saft.baseline"
+BASELINE_ARTIFACT = "baseline-model"
 
 
 @dataclass
@@ -37,6 +46,7 @@ class RegisterConfig:
     id_tolerance: float = 0.01
     alpha: float = 1.0
     register_full: bool = False
+    baseline: bool = False  # register the zero-shot base as the first champion when there is none
     experiment: str = "saft"  # used only when there is no parent run
 
 
@@ -121,6 +131,40 @@ def _unregistered(tracking_on: bool, info, rule) -> dict:
                       "deltas; pass register_full (--register-full) to register it anyway"}
 
 
+def _bootstrap_baseline(tracker, cfg: RegisterConfig, rule, doc: dict, info, data, base_model: str,
+                        out_dir: Path) -> dict | None:
+    """Register and promote the zero-shot base when ``cfg.model_name`` has no champion; None when it has one."""
+    from dataclasses import replace
+
+    from saft.sparse import Delta
+    from saft.tracking.config import tracking_call
+    from saft.tracking.promotion import CHAMPION, apply_gate, get_alias
+    from saft.tracking.pyfunc import model_reference, sha256_file
+    from saft.tracking.registry import candidate_key, register_delta
+
+    with tracking_call(tracker.config, f"reading the {CHAMPION} alias of {cfg.model_name}"):
+        if get_alias(tracker.client, cfg.model_name, CHAMPION) is not None:
+            return None
+    empty = Delta({}, {}, info.base_fingerprint, {"method": ZERO_SHOT, "base_model": str(base_model)})
+    path = empty.save(out_dir / "baseline" / "delta.safetensors")
+    # keyed on what identifies the zero-shot model only, so later candidates never re-register it
+    zs = select_aggregate(doc, ZERO_SHOT, None)
+    key = candidate_key(path, {"suite": info.suite, "base_fingerprint": info.base_fingerprint, "zeroshot": zs},
+                        method=ZERO_SHOT, alpha=0.0)
+    binfo = replace(info, method=ZERO_SHOT, alpha=0.0, id=info.zeroshot_id, ood_mean=info.zeroshot_ood_mean,
+                    delta_sha256=sha256_file(path), delta_bytes=path.stat().st_size)
+    reference = model_reference(base_model=str(base_model), base_fingerprint=info.base_fingerprint,
+                                classes=data.classes, templates=data.templates, alpha=0.0, method=ZERO_SHOT,
+                                delta_sha256=binfo.delta_sha256)
+    mv, created = register_delta(tracker, model_name=cfg.model_name, delta_path=path, reference=reference, info=binfo,
+                                 key=key, artifact_path=BASELINE_ARTIFACT, extra_tags={BASELINE_TAG: "true"},
+                                 description="zero-shot baseline (the base model, empty delta)")
+    with tracking_call(tracker.config, f"promoting the zero-shot baseline {cfg.model_name} v{mv.version}"):
+        audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id)
+    return {"version": str(mv.version), "created": created, "verdict": audit["verdict"], "reason": audit["reason"],
+            "candidate_key": key}
+
+
 def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str | Path, out_dir: str | Path, *,
                   base_model: str, data_dir: str | Path, parent_run_id: str | None = None,
                   verify_base: bool = True) -> dict:
@@ -157,10 +201,14 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
         result = {"schema": REGISTER_SCHEMA, "model_name": cfg.model_name, "version": None, "created": False,
                   "candidate_key": key, "candidate": asdict(info),
                   "zeroshot": asdict(Scores(info.zeroshot_id, info.zeroshot_ood_mean)), "champion": None,
-                  "rule": {"text": rule.text, **asdict(rule)}, "checks": [], "repeated": False, "aliases": {}}
+                  "rule": {"text": rule.text, **asdict(rule)}, "checks": [], "repeated": False, "aliases": {},
+                  "baseline": None}
         if not tracker.enabled or (_is_full(delta, cfg.method) and not cfg.register_full):
             result.update(_unregistered(tracker.enabled, info, rule))
         else:
+            if cfg.promote and cfg.baseline:
+                result["baseline"] = _bootstrap_baseline(tracker, cfg, rule, doc, info, data, str(base_model),
+                                                         Path(out_dir))
             mv, created = register_delta(tracker, model_name=cfg.model_name, delta_path=delta_path,
                                          reference=reference, info=info, key=key)
             result.update(version=str(mv.version), created=created)
@@ -175,6 +223,11 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
             tracker.set_tags({"saft.registered_version": str(mv.version), "saft.promotion.verdict": result["verdict"]})
         where = f"{cfg.model_name} v{result['version']}" if result["version"] else f"{cfg.model_name}: nothing registered"
         result["summary"] = f"{where}: {result['verdict']} ({result['reason'][:300]})"
+        if result.get("baseline"):
+            b = result["baseline"]
+            result["summary"] = (f"{cfg.model_name} v{b['version']} (zero-shot baseline, the first champion): "
+                                 f"{b['verdict']}; candidate {result['summary']}")
+            tracker.set_tags({"saft.baseline_version": b["version"]})
         result.update(run_id=tracker.run_id, parent_run_id=parent_run_id,
                       tracking_uri=tracker.config.uri if tracker.config else None,
                       timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -183,4 +236,4 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
     return result
 
 
-__all__ = ["REGISTER_FILE", "RegisterConfig", "read_metrics", "register_step", "select_aggregate"]
+__all__ = ["BASELINE_TAG", "REGISTER_FILE", "RegisterConfig", "read_metrics", "register_step", "select_aggregate"]

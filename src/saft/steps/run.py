@@ -153,7 +153,7 @@ def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: s
     r = params.register
     candidate = min((run for run in runs if run.name == r.method), key=lambda run: run.seed)
     cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote,
-                         ood_tolerance=r.ood_tolerance, id_tolerance=r.id_tolerance)
+                         ood_tolerance=r.ood_tolerance, id_tolerance=r.id_tolerance, baseline=r.baseline)
     return register_step(cfg, out / "eval" / "metrics.json", candidate.path, out / "register",
                          base_model=params.model, data_dir=Path(candidate.path).parent.parent / "data",
                          parent_run_id=parent)

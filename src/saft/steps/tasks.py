@@ -191,7 +191,7 @@ def collect_task(part_dirs: list[str], deltas_dir: str, out_dir: str, *, learnin
 
 def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
                   method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
-                  parent_run_id: str = "") -> dict:
+                  baseline: bool = True, parent_run_id: str = "") -> dict:
     """Register the first seed's delta of ``method`` with the suite's metrics over all seeds."""
     from saft.steps.register import RegisterConfig, register_step
 
@@ -201,6 +201,6 @@ def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list
     candidate = min(runs, key=lambda r: r.seed)
     data_dir = next(d for d in data_dirs if json.loads((Path(d) / "prepare.json").read_text())["seed"] == candidate.seed)
     cfg = RegisterConfig(model_name=model_name, method=method, promote=promote, ood_tolerance=ood_tolerance,
-                         id_tolerance=id_tolerance)
+                         id_tolerance=id_tolerance, baseline=baseline)
     return register_step(cfg, Path(results_dir) / METRICS_FILE, candidate.path, out_dir, base_model=model,
                          data_dir=data_dir, parent_run_id=parent_run_id or None)

@@ -10,13 +10,16 @@ def _register(args: argparse.Namespace) -> int:
 
     cfg = RegisterConfig(model_name=args.model_name, method=args.method, promote=args.promote,
                          ood_tolerance=args.ood_tolerance, id_tolerance=args.id_tolerance, alpha=args.alpha,
-                         register_full=args.register_full, experiment=args.experiment)
+                         register_full=args.register_full, baseline=args.baseline, experiment=args.experiment)
     result = register_step(cfg, args.metrics, args.delta, args.out, base_model=args.model, data_dir=args.data,
                            parent_run_id=args.parent_run_id)
     cand = result["candidate"]
     print(f"candidate {cfg.method} @ alpha {cfg.alpha:g} on {cand['suite']}: ID {100 * cand['id']:.2f}, "
           f"OOD mean {100 * cand['ood_mean']:.2f} (zero-shot ID {100 * result['zeroshot']['id']:.2f}, "
           f"OOD mean {100 * result['zeroshot']['ood_mean']:.2f})")
+    if result.get("baseline"):
+        b = result["baseline"]
+        print(f"{cfg.model_name} v{b['version']}: zero-shot baseline, {b['verdict']} ({b['reason'][:200]})")
     if result.get("version"):
         state = "new version" if result["created"] else "existing version (same candidate key)"
         print(f"{cfg.model_name} v{result['version']}: {state}")
@@ -66,6 +69,9 @@ def register(sub) -> None:
                    help="largest allowed drop of ID top-1, as a fraction (default: 0.01 = one point)")
     p.add_argument("--register-full", action="store_true",
                    help="register a full fine-tuning (dense) delta too; by default baselines are only logged")
+    p.add_argument("--baseline", action="store_true",
+                   help="when the model has no champion yet, first register the zero-shot base (an empty delta) "
+                        "and promote it, so the candidate is judged against it and a champion always exists")
     p.add_argument("--parent-run-id", default=None,
                    help="MLflow run id of the pipeline run to nest under (default: a standalone run)")
     p.add_argument("--experiment", default="saft", help="MLflow experiment of a standalone run (default: saft)")

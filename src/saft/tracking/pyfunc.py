@@ -194,9 +194,9 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict)
     return path
 
 
-def log_delta_model(tracker, delta_path: str | Path, reference: dict) -> str:
-    """Log the pyfunc model into the tracker's run under ``model``; returns its artifact URI."""
+def log_delta_model(tracker, delta_path: str | Path, reference: dict, artifact_path: str = MODEL_ARTIFACT_PATH) -> str:
+    """Log the pyfunc model into the tracker's run under ``artifact_path``; returns its artifact URI."""
     with tempfile.TemporaryDirectory(prefix="saft-model-") as tmp:
-        local = save_pyfunc_model(Path(tmp) / MODEL_ARTIFACT_PATH, delta_path, reference)
-        tracker.log_artifacts(local, MODEL_ARTIFACT_PATH)
-    return f"{tracker.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+        local = save_pyfunc_model(Path(tmp) / artifact_path, delta_path, reference)
+        tracker.log_artifacts(local, artifact_path)
+    return f"{tracker.artifact_uri.rstrip('/')}/{artifact_path}"

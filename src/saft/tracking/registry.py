@@ -115,13 +115,13 @@ def ensure_registered_model(client, model_name: str) -> None:
 
 
 def register_delta(tracker, *, model_name: str, delta_path: str | Path, reference: dict, info: CandidateInfo,
-                   key: str) -> tuple[Any, bool]:
-    """Log the pyfunc model in ``tracker``'s run and register it; ``(version, created)``.
+                   key: str, artifact_path: str | None = None, extra_tags: dict[str, str] | None = None,
+                   description: str | None = None) -> tuple[Any, bool]:
+    """Log the pyfunc model in ``tracker``'s run (under ``artifact_path``, default ``model``) and register it; ``(version, created)``.
 
     When a version with ``key`` exists, nothing is logged and ``created`` is False.
     """
-    from saft.tracking.pyfunc import log_delta_model
-    from saft.tracking.config import tracking_call
+    from saft.tracking.pyfunc import MODEL_ARTIFACT_PATH, log_delta_model
 
     check_model_name(model_name)
     client = tracker.client
@@ -129,11 +129,12 @@ def register_delta(tracker, *, model_name: str, delta_path: str | Path, referenc
         existing = find_version(client, model_name, key)
     if existing is not None:
         return existing, False
-    source = log_delta_model(tracker, delta_path, reference)
+    source = log_delta_model(tracker, delta_path, reference, artifact_path or MODEL_ARTIFACT_PATH)
+    what = description or f"{info.method} delta (alpha {info.alpha:g})"
     with tracking_call(tracker.config, f"registering a version of {model_name}"):
         ensure_registered_model(client, model_name)
         mv = client.create_model_version(
-            model_name, source, run_id=tracker.run_id, tags=info.tags(key),
-            description=f"{info.method} delta (alpha {info.alpha:g}) on {info.base_model}, suite {info.suite}: "
+            model_name, source, run_id=tracker.run_id, tags={**info.tags(key), **(extra_tags or {})},
+            description=f"{what} on {info.base_model}, suite {info.suite}: "
                         f"ID {100 * info.id:.2f}, OOD mean {100 * info.ood_mean:.2f}")
     return mv, True
