@@ -112,6 +112,45 @@ def test_saft_run_end_to_end_then_skips_every_step(tmp_path: Path, capsys, monke
     assert (out / "seed1" / "saft" / "delta.safetensors").read_bytes() == delta
 
 
+def test_task_log_keeps_the_terminal_to_one_line_per_task(tmp_path: Path) -> None:
+    import io
+
+    from saft.orchestration.tasklog import TaskLog
+
+    log, terminal = io.StringIO(), io.StringIO()
+    sink = TaskLog(log, terminal)
+    cyan, reset = "\x1b[96m", "\x1b[0m"
+    chunks = [f"12:00:00.1 - INFO - Executing task {cyan}'prepare'{reset}\n",
+              "12:00:00.2 - INFO - Executing task 'prepare'\n    {\"executorInput\": ",  # a line split over writes
+              "{}}\n    [KFP Executor] lots of output\n",
+              f"12:00:05.0 - INFO - Task {cyan}'prepare'{reset} finished with status SUCCESS\n",
+              "12:00:05.1 - INFO - Task 'prepare' finished with status SUCCESS\n",
+              "12:00:05.2 - INFO - Executing task 'score'\n",
+              "12:00:09.0 - ERROR - Task 'score' finished with status FAILURE\n"]
+    for chunk in chunks:
+        sink.write(chunk)
+    assert log.getvalue() == "".join(chunks)  # everything, colours included, goes to the log
+    lines = terminal.getvalue().splitlines()
+    assert [line.split(" in ")[0] for line in lines] == ["  task  1 prepare: success", "  task  2 prepare: success",
+                                                         "  task  3 score: failure"]
+    assert all(line.endswith(" s") for line in lines) and sink.failed == ["score"]
+
+
+def test_task_log_shows_the_tail_when_the_pipeline_stops(tmp_path: Path, capsys) -> None:
+    from saft.orchestration.tasklog import task_log
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        with task_log(tmp_path / "kfp.log"):
+            for i in range(100):
+                print(f"line {i}")
+            raise RuntimeError("task failed")
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing but task lines reach the terminal
+    assert f"last lines of {tmp_path / 'kfp.log'}" in captured.err
+    assert "line 99" in captured.err and "line 10\n" not in captured.err
+    assert (tmp_path / "kfp.log").read_text().count("\n") == 100
+
+
 @pytest.mark.slow
 def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch, capsys) -> None:
     """The Kubeflow pipeline function under kfp.local, logging to the default local MLflow store."""
@@ -131,6 +170,9 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     per_dataset = summary["aggregates"][0]["per_dataset"]
     assert len(per_dataset) == 6  # one evaluation task per suite dataset, merged
     assert "OOD mean" in text
+    # kfp.local's own output went to the log; the terminal got a line per task
+    assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
+    assert text.count("  task ") == 18 and len(text.splitlines()) < 80  # 18 tasks for one seed
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"
 

@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("saft pipeline run needs --local (use `saft pipeline submit --host URL` for a cluster)")
     from saft.orchestration.local import run_local
 
-    summary = run_local(_params(args), args.out, tracking=not args.no_tracking)
+    summary = run_local(_params(args), args.out, tracking=not args.no_tracking, verbose=args.verbose)
     return 3 if summary.get("checks_passed") is False else 0
 
 
@@ -97,6 +97,8 @@ def register(sub) -> None:
     run.add_argument("--local", action="store_true", help="run with kfp.local's SubprocessRunner (required)")
     run.add_argument("--out", default="runs/pipeline", help="output folder (default: runs/pipeline)")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (and do not register)")
+    run.add_argument("--verbose", action="store_true",
+                     help="stream kfp.local's full output (default: one line per task, everything in OUT/kfp.log)")
     _param_flags(run)
     run.set_defaults(func=_run)
 

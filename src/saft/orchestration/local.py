@@ -5,7 +5,9 @@ False)``: the project's own packages, no installs). kfp.local ignores the cluste
 settings (GPU, secrets, volumes) and runs up to two loop iterations at a time, so each
 task gets half of the machine's cores; with two processes of all-core torch threads a
 small machine would spend its time thrashing. Tasks inherit the working folder, so the
-default MLflow store (``./mlruns``) is the same for all of them.
+default MLflow store (``./mlruns``) is the same for all of them. kfp.local's own output
+(thousands of lines) goes to ``OUT/kfp.log``; the terminal gets one line per task
+(``verbose`` streams it all instead).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable
 from saft.steps.params import PipelineParams
 
 LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent loop iterations
+LOG_FILE = "kfp.log"
 
 
 def _limit_threads() -> None:
@@ -27,12 +30,13 @@ def _limit_threads() -> None:
         os.environ.setdefault(var, str(threads))
 
 
-def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = True,
+def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = True, verbose: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Run the pipeline with kfp.local; return the collect task's results (plus where they are)."""
     from kfp import local
 
     from saft.orchestration.dag import ClusterConfig, build_pipeline, pipeline_arguments
+    from saft.orchestration.tasklog import task_log
     from saft.steps.collect import RESULTS_FILE, TABLE_FILE
     from saft.steps.params import write_resolved
 
@@ -44,7 +48,10 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = T
     arguments = pipeline_arguments(params, tracking=tracking)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"), raise_on_error=True)
     log(f"kfp.local: running the pipeline into {out / 'kfp'} (tasks run as subprocesses of this environment)")
-    task = build_pipeline(ClusterConfig(kubernetes=False))(**arguments)
+    if not verbose:
+        log(f"full output of every task: {out / LOG_FILE}")
+    with task_log(out / LOG_FILE, verbose=verbose):
+        task = build_pipeline(ClusterConfig(kubernetes=False))(**arguments)
     results_dir = Path(task.output.path)
 
     summary = json.loads((results_dir / RESULTS_FILE).read_text())

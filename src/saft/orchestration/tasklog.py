@@ -1,0 +1,100 @@
+"""What ``saft pipeline run --local`` shows: one line per finished task, the rest in a log file.
+
+kfp.local prints every task's full output (executor input and output JSON, component
+source, library logs) to stdout: thousands of lines for one run of the pipeline. While
+the pipeline runs, ``sys.stdout`` is replaced by a :class:`TaskLog` that writes all of it
+to a log file and passes one line per finished task to the terminal, with its status and
+duration. When a task fails, the last lines of the log are shown with the log's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Iterator, TextIO
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+FAILURE_TAIL = 40  # log lines shown when a task fails
+
+
+class TaskLog(io.TextIOBase):
+    """A stdout replacement: everything to ``log``, a line per finished task to ``terminal``.
+
+    kfp.local runs loop iterations in threads that print concurrently, hence the lock;
+    tasks of the same name (one per loop iteration) are matched first-started,
+    first-finished.
+    """
+
+    def __init__(self, log: TextIO, terminal: TextIO) -> None:
+        self._log, self._terminal = log, terminal
+        self._lock = threading.Lock()
+        self._partial = ""
+        self._started: dict[str, deque[float]] = defaultdict(deque)
+        self.finished = 0
+        self.failed: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._log.write(text)
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._log.flush()
+            self._terminal.flush()
+
+    def _line(self, line: str) -> None:
+        if match := _STARTED.search(line):
+            self._started[match.group(1)].append(time.perf_counter())
+        elif match := _FINISHED.search(line):
+            name, status = match.groups()
+            starts = self._started.get(name)
+            took = f" in {time.perf_counter() - starts.popleft():.0f} s" if starts else ""
+            self.finished += 1
+            if status != "SUCCESS":
+                self.failed.append(name)
+            self._terminal.write(f"  task {self.finished:>2} {name}: {status.lower()}{took}\n")
+            self._terminal.flush()
+
+
+def tail(path: Path, lines: int = FAILURE_TAIL) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return "".join(_ANSI.sub("", line) for line in deque(fh, maxlen=lines))
+
+
+@contextlib.contextmanager
+def task_log(path: str | Path, *, verbose: bool = False) -> Iterator[TaskLog | None]:
+    """Route stdout to ``path`` for the block (``verbose``: leave it alone); on an error, show the log's tail."""
+    if verbose:
+        yield None
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terminal = sys.stdout
+    with open(path, "w", encoding="utf-8") as fh:
+        sink = TaskLog(fh, terminal)
+        try:
+            with contextlib.redirect_stdout(sink):
+                yield sink
+        except BaseException:
+            sink.flush()
+            print(f"\nthe pipeline stopped; last lines of {path}:\n{tail(path)}", file=sys.stderr)
+            raise
+
+
+__all__ = ["TaskLog", "task_log", "tail"]
