@@ -3,8 +3,8 @@
 kfp.local prints every task's full output (executor input and output JSON, component
 source, library logs) to stdout: thousands of lines for one run of the pipeline. While
 the pipeline runs, ``sys.stdout`` is replaced by a :class:`TaskLog` that writes all of it
-to a log file and passes one line per finished task to the terminal, with its status and
-duration. When a task fails, the last lines of the log are shown with the log's path.
+to a log file (warnings too) and passes one line per finished task to the terminal, with
+its status and duration. When a task fails, the last lines of the log are shown with the log's path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -88,8 +89,15 @@ def task_log(path: str | Path, *, verbose: bool = False) -> Iterator[TaskLog | N
     terminal = sys.stdout
     with open(path, "w", encoding="utf-8") as fh:
         sink = TaskLog(fh, terminal)
+
+        def to_log(message, category, filename, lineno, file=None, line=None) -> None:
+            sink.write(warnings.formatwarning(message, category, filename, lineno, line))
+
         try:
-            with contextlib.redirect_stdout(sink):
+            # kfp.local warns on every task that settings it ignores locally (the image, display
+            # names) have no effect: expected here, so into the log with the rest
+            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+                warnings.showwarning = to_log
                 yield sink
         except BaseException:
             sink.flush()
