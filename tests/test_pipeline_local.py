@@ -118,7 +118,7 @@ def test_task_log_keeps_the_terminal_to_one_line_per_task(tmp_path: Path) -> Non
     from saft.orchestration.tasklog import TaskLog
 
     log, terminal = io.StringIO(), io.StringIO()
-    sink = TaskLog(log, terminal)
+    sink = TaskLog(log, terminal, {"score": "score-saft"})
     cyan, reset = "\x1b[96m", "\x1b[0m"
     chunks = [f"12:00:00.1 - INFO - Executing task {cyan}'prepare'{reset}\n",
               "12:00:00.2 - INFO - Executing task 'prepare'\n    {\"executorInput\": ",  # a line split over writes
@@ -132,8 +132,19 @@ def test_task_log_keeps_the_terminal_to_one_line_per_task(tmp_path: Path) -> Non
     assert log.getvalue() == "".join(chunks)  # everything, colours included, goes to the log
     lines = terminal.getvalue().splitlines()
     assert [line.split(" in ")[0] for line in lines] == ["  task  1 prepare: success", "  task  2 prepare: success",
-                                                         "  task  3 score: failure"]
+                                                         "  task  3 score-saft: failure"]
     assert all(line.endswith(" s") for line in lines) and sink.failed == ["score"]
+
+
+def test_display_names_of_the_pipeline_tasks() -> None:
+    from saft.orchestration.dag import ClusterConfig, build_pipeline
+    from saft.orchestration.tasklog import display_names
+
+    names = display_names(build_pipeline(ClusterConfig(kubernetes=False)))
+    methods = {"saft", "random", "full"}
+    assert {names[k] for k in names if k.startswith("finetune")} == {f"finetune-{m}" for m in methods}
+    assert {names[k] for k in names if k.startswith("score")} == {"score-saft", "score-random"}
+    assert names["evaluate"] == "evaluate" and names["register"] == "register"
 
 
 def test_task_log_shows_the_tail_when_the_pipeline_stops(tmp_path: Path, capsys) -> None:
@@ -177,6 +188,7 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
     assert text.count("  task ") == 18 and len(text.splitlines()) < 80  # 18 tasks for one seed
+    assert "finetune-full: success" in text
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"
 

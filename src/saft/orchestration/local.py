@@ -36,7 +36,7 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = T
     from kfp import local
 
     from saft.orchestration.dag import ClusterConfig, build_pipeline, pipeline_arguments
-    from saft.orchestration.tasklog import task_log
+    from saft.orchestration.tasklog import display_names, task_log
     from saft.steps.collect import RESULTS_FILE, TABLE_FILE
     from saft.steps.params import write_resolved
 
@@ -50,8 +50,9 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, tracking: bool = T
     log(f"kfp.local: running the pipeline into {out / 'kfp'} (tasks run as subprocesses of this environment)")
     if not verbose:
         log(f"full output of every task: {out / LOG_FILE}")
-    with task_log(out / LOG_FILE, verbose=verbose):
-        task = build_pipeline(ClusterConfig(kubernetes=False))(**arguments)
+    pipeline = build_pipeline(ClusterConfig(kubernetes=False))
+    with task_log(out / LOG_FILE, verbose=verbose, names=display_names(pipeline)):
+        task = pipeline(**arguments)
     results_dir = Path(task.output.path)
 
     summary = json.loads((results_dir / RESULTS_FILE).read_text())

@@ -34,8 +34,9 @@ class TaskLog(io.TextIOBase):
     first-finished.
     """
 
-    def __init__(self, log: TextIO, terminal: TextIO) -> None:
+    def __init__(self, log: TextIO, terminal: TextIO, names: dict[str, str] | None = None) -> None:
         self._log, self._terminal = log, terminal
+        self._names = names or {}
         self._lock = threading.Lock()
         self._partial = ""
         self._started: dict[str, deque[float]] = defaultdict(deque)
@@ -69,8 +70,16 @@ class TaskLog(io.TextIOBase):
             self.finished += 1
             if status != "SUCCESS":
                 self.failed.append(name)
-            self._terminal.write(f"  task {self.finished:>2} {name}: {status.lower()}{took}\n")
+            shown = self._names.get(name, name)
+            self._terminal.write(f"  task {self.finished:>2} {shown}: {status.lower()}{took}\n")
             self._terminal.flush()
+
+
+def display_names(pipeline) -> dict[str, str]:
+    """Task key -> display name of a pipeline function (kfp.local logs keys such as ``finetune-3``)."""
+    spec = pipeline.pipeline_spec
+    dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
+    return {key: task.task_info.name for dag in dags for key, task in dag.tasks.items()}
 
 
 def tail(path: Path, lines: int = FAILURE_TAIL) -> str:
@@ -79,7 +88,8 @@ def tail(path: Path, lines: int = FAILURE_TAIL) -> str:
 
 
 @contextlib.contextmanager
-def task_log(path: str | Path, *, verbose: bool = False) -> Iterator[TaskLog | None]:
+def task_log(path: str | Path, *, verbose: bool = False, names: dict[str, str] | None = None
+             ) -> Iterator[TaskLog | None]:
     """Route stdout to ``path`` for the block (``verbose``: leave it alone); on an error, show the log's tail."""
     if verbose:
         yield None
@@ -88,7 +98,7 @@ def task_log(path: str | Path, *, verbose: bool = False) -> Iterator[TaskLog | N
     path.parent.mkdir(parents=True, exist_ok=True)
     terminal = sys.stdout
     with open(path, "w", encoding="utf-8") as fh:
-        sink = TaskLog(fh, terminal)
+        sink = TaskLog(fh, terminal, names)
 
         def to_log(message, category, filename, lineno, file=None, line=None) -> None:
             sink.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -105,4 +115,4 @@ def task_log(path: str | Path, *, verbose: bool = False) -> Iterator[TaskLog | N
             raise
 
 
-__all__ = ["TaskLog", "task_log", "tail"]
+__all__ = ["TaskLog", "display_names", "task_log", "tail"]
