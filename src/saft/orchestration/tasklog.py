@@ -4,7 +4,7 @@ kfp.local prints every task's full output (executor input and output JSON, compo
 source, library logs) to stdout: thousands of lines for one run of the pipeline. While
 the pipeline runs, ``sys.stdout`` is replaced by a :class:`TaskLog` that writes all of it
 to a log file (warnings too) and passes one line per finished task to the terminal, with
-its status and duration. When a task fails, the last lines of the log are shown with the log's path.
+its status and duration. When a task fails, the log's last lines are shown with its path.
 """
 
 from __future__ import annotations
