@@ -112,28 +112,46 @@ def test_saft_run_end_to_end_then_skips_every_step(tmp_path: Path, capsys, monke
     assert (out / "seed1" / "saft" / "delta.safetensors").read_bytes() == delta
 
 
-def test_task_log_keeps_the_terminal_to_one_line_per_task(tmp_path: Path) -> None:
+def test_task_log_keeps_the_terminal_to_one_line_per_task() -> None:
     import io
 
     from saft.orchestration.tasklog import TaskLog
 
     log, terminal = io.StringIO(), io.StringIO()
     sink = TaskLog(log, terminal, {"score": "score-saft"})
+    sink.write("    {\"executorInput\": {}}\n    [KFP Executor] lots of output\n")
     cyan, reset = "\x1b[96m", "\x1b[0m"
-    chunks = [f"12:00:00.1 - INFO - Executing task {cyan}'prepare'{reset}\n",
-              "12:00:00.2 - INFO - Executing task 'prepare'\n    {\"executorInput\": ",  # a line split over writes
-              "{}}\n    [KFP Executor] lots of output\n",
-              f"12:00:05.0 - INFO - Task {cyan}'prepare'{reset} finished with status SUCCESS\n",
-              "12:00:05.1 - INFO - Task 'prepare' finished with status SUCCESS\n",
-              "12:00:05.2 - INFO - Executing task 'score'\n",
-              "12:00:09.0 - ERROR - Task 'score' finished with status FAILURE\n"]
-    for chunk in chunks:
-        sink.write(chunk)
-    assert log.getvalue() == "".join(chunks)  # everything, colours included, goes to the log
+    for message in [f"Executing task {cyan}'prepare'{reset}", "Executing task 'prepare'",
+                    f"Task {cyan}'prepare'{reset} finished with status \x1b[92mSUCCESS\x1b[0m",
+                    "Task 'prepare' finished with status SUCCESS", "Executing task 'score'",
+                    "Task 'score' finished with status FAILURE", "Pipeline 'p' finished with status SUCCESS"]:
+        sink.event(message)
+    assert log.getvalue().count("\n") == 2  # what tasks print goes to the log only
     lines = terminal.getvalue().splitlines()
     assert [line.split(" in ")[0] for line in lines] == ["  task  1 prepare: success", "  task  2 prepare: success",
                                                          "  task  3 score-saft: failure"]
     assert all(line.endswith(" s") for line in lines) and sink.failed == ["score"]
+
+
+def test_task_log_counts_tasks_whose_messages_reach_no_handler(tmp_path: Path, capsys) -> None:
+    """kfp.local's parallel tasks swap the root logger's handlers and level under each other."""
+    import logging
+
+    from saft.orchestration.tasklog import task_log
+
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    root.setLevel(logging.WARNING)
+    try:
+        with task_log(tmp_path / "kfp.log") as sink:
+            root.handlers.clear()  # as another task's context left them
+            logging.info("Executing task 'evaluate'")
+            logging.info("Task 'evaluate' finished with status SUCCESS")
+        assert sink.finished == 1 and root.level == logging.WARNING
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert "task  1 evaluate: success" in capsys.readouterr().out
 
 
 def test_display_names_of_the_pipeline_tasks() -> None:
@@ -187,7 +205,7 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert "OOD mean" in text
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
-    assert text.count("  task ") == 18 and len(text.splitlines()) < 80  # 18 tasks for one seed
+    assert text.count("  task ") == 19 and len(text.splitlines()) < 80  # 19 tasks for one seed
     assert "finetune-full: success" in text
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"

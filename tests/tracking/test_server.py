@@ -324,7 +324,9 @@ def test_register_cli(tracking_env, candidate, model_name, tmp_path, capsys):
     common = ["register", "--metrics", str(candidate.metrics), "--delta", str(candidate.delta), "--data",
               str(candidate.data_dir), "--model", "tiny", "--model-name", model_name, "--alpha", str(ALPHA),
               "--ood-tolerance", "0.02", "--id-tolerance", "0.02"]
+    assert parser.parse_args(common + ["--out", "x", "--baseline"]).baseline is True
     args = parser.parse_args(common + ["--out", str(tmp_path / "a"), "--no-promote"])
+    assert args.baseline is False  # the command line opts in; the pipeline's params.yaml turns it on
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert f"{model_name} v1: new version" in out and "verdict: registered" in out
