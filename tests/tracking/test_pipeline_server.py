@@ -2,7 +2,8 @@
 
 Asserts on what the server holds afterwards: the parent run, a nested run per step with
 its metrics and artifacts, the zero-shot baseline as the first `champion`, the registered
-delta version judged against it; then a second candidate with a worse OOD mean is registered but not promoted.
+delta version judged against it; then a second candidate with a worse OOD mean is
+registered but not promoted.
 """
 
 from __future__ import annotations
