@@ -9,30 +9,31 @@ from pathlib import Path
 
 def _bench_step(args: argparse.Namespace) -> int:
     from saft.bench.step import StepBenchConfig, format_step_benchmark, run_step_benchmark
-    from saft.io import write_json
 
     cfg = StepBenchConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
                           num_classes=args.num_classes, density=args.density, warmup=args.warmup,
                           repeats=args.repeats, device=args.device, seed=args.seed)
     report = run_step_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
-    print(format_step_benchmark(report))
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return 0
+    return _show_report(report, format_step_benchmark(report), args.out)
 
 
 def _bench_eval(args: argparse.Namespace) -> int:
     from saft.bench.eval import EvalBenchConfig, format_eval_benchmark, run_eval_benchmark
-    from saft.io import write_json
 
     cfg = EvalBenchConfig(images=args.images, model=args.model, batch_size=args.batch_size, domain=args.domain,
                           data=args.data, device=args.device, threads=args.threads, seed=args.seed)
     report = run_eval_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
-    print(format_eval_benchmark(report))
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
+    return _show_report(report, format_eval_benchmark(report), args.out)
+
+
+def _show_report(report: dict, text: str, out: str | None) -> int:
+    """Print a benchmark's table; with ``out``, also write its report as JSON."""
+    from saft.io import write_json
+
+    print(text)
+    if out:
+        write_json(out, report)
+        print(f"wrote {out}")
     return 0
 
 
