@@ -9,12 +9,22 @@ A model spec is ``ARCH@SOURCE``:
 * ``ViT-B-32@random`` or ``ViT-B-32``  random initialisation (seeded), for tests and
                                   benchmarks of the machinery
 
+The activation is part of the architecture. A pretrained tag builds the activation its
+weights were trained with: ``ViT-B-16@openai`` is built with QuickGELU because the tag's
+pretrained config says so (open_clip itself would build GELU and only warn). A local
+weights file carries no such record, so for an architecture whose published weights
+were trained with both activations (``ViT-B-16``: ``openai`` QuickGELU, ``laion2b_*``
+GELU) the spec must say which: ``ViT-B-16-quickgelu@/path`` or ``ViT-B-16-gelu@/path``;
+a plain ``ViT-B-16@/path`` is refused with that advice. The suffixes ``-quickgelu`` and
+``-gelu`` work on every architecture (``saft-tiny-vit-quickgelu``).
+
 The project's own small architectures (``saft-tiny-vit``, ``saft-tiny-rn``) are
 registered with open_clip on import.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +33,7 @@ from typing import Any, Callable, Mapping
 import open_clip
 import torch
 
-from saft.models.fingerprint import fingerprint_state_dict
+from saft.models.fingerprint import CONFIG_ATTR, fingerprint_state_dict
 from saft.models.tiny import ARCH as TINY_ARCH
 from saft.models.tiny import tiny_tokenizer
 from saft.progress import quiet_logger
@@ -31,6 +41,8 @@ from saft.progress import quiet_logger
 CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_SOURCE = "random"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+QUICKGELU, GELU = "quickgelu", "gelu"
+_ACTIVATION_SUFFIXES = {f"-{QUICKGELU}": QUICKGELU, f"-{GELU}": GELU}
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -41,8 +53,11 @@ class ModelSpecError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """``ARCH@SOURCE``; ``activation`` is set when the spec names it (``ARCH-quickgelu``, ``ARCH-gelu``)."""
+
     arch: str
     source: str = RANDOM_SOURCE
+    activation: str | None = None
 
     @classmethod
     def parse(cls, spec: str | "ModelSpec") -> "ModelSpec":
@@ -55,13 +70,22 @@ class ModelSpec:
             return cls(ARCH, str(CHECKPOINT))
         if not text:
             raise ModelSpecError("empty model spec: expected ARCH@TAG, ARCH@/path/weights or ARCH@random")
-        arch, _, source = text.partition("@")
-        arch, source = arch.strip(), source.strip() or RANDOM_SOURCE
-        if arch not in open_clip.list_models():
-            close = [m for m in open_clip.list_models() if arch.lower() in m.lower()][:8]
+        name, _, source = text.partition("@")
+        name, source = name.strip(), source.strip() or RANDOM_SOURCE
+        known = open_clip.list_models()
+        arch, activation = name, None
+        if name not in known:
+            for suffix, kind in _ACTIVATION_SUFFIXES.items():
+                if name.endswith(suffix) and name[: -len(suffix)] in known:
+                    arch, activation = name[: -len(suffix)], kind
+        if arch not in known:
+            close = [m for m in known if name.lower() in m.lower()][:8]
             hint = f" Close matches: {', '.join(close)}." if close else ""
-            raise ModelSpecError(f"unknown architecture {arch!r} in model spec {text!r}.{hint}")
-        return cls(arch, source)
+            raise ModelSpecError(f"unknown architecture {name!r} in model spec {text!r}.{hint}")
+        if activation == GELU and _config_quick_gelu(arch):
+            raise ModelSpecError(f"model spec {text!r}: {arch} is a QuickGELU architecture by definition; "
+                                 f"name a GELU architecture with -gelu")
+        return cls(arch, source, activation)
 
     @property
     def is_random(self) -> bool:
@@ -71,8 +95,69 @@ class ModelSpec:
     def is_file(self) -> bool:
         return "/" in self.source or self.source.endswith(_WEIGHT_SUFFIXES)
 
+    @property
+    def name(self) -> str:
+        """The architecture as the spec names it, activation suffix included."""
+        return self.arch + (f"-{self.activation}" if self.activation else "")
+
     def __str__(self) -> str:
-        return f"{self.arch}@{self.source}"
+        return f"{self.name}@{self.source}"
+
+
+def _config_quick_gelu(arch: str) -> bool:
+    return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+
+
+def _tag_activations(arch: str) -> dict[str, bool]:
+    """Pretrained tag -> whether its weights were trained with QuickGELU."""
+    return {tag: bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
+            for tag in open_clip.list_pretrained_tags_by_model(arch)}
+
+
+def resolve_quick_gelu(spec: ModelSpec, *, from_weights: bool) -> bool:
+    """Whether ``spec`` must be built with QuickGELU; refuses specs that leave it ambiguous.
+
+    A tag decides by its pretrained config; a named activation decides for weights from a
+    file or from memory; otherwise the architecture's config decides unless published
+    weights of that architecture were trained with the other activation (then the spec
+    must name one). Random initialisation follows the config.
+    """
+    config_quick = _config_quick_gelu(spec.arch)
+    named = None if spec.activation is None else spec.activation == QUICKGELU
+    if not (spec.is_random or spec.is_file or from_weights):  # a pretrained tag
+        tags = _tag_activations(spec.arch)
+        tag_quick = tags[spec.source]
+        if named is not None and named != tag_quick:
+            trained = QUICKGELU if tag_quick else GELU
+            raise ModelSpecError(f"model spec {spec}: the {spec.source!r} weights of {spec.arch} were trained with "
+                                 f"{trained.upper()}, not {spec.activation.upper()}; use {spec.arch}@{spec.source}")
+        return tag_quick
+    if named is not None:
+        return named
+    if spec.is_random and not from_weights:
+        return config_quick
+    tags = _tag_activations(spec.arch)
+    other = sorted(tag for tag, quick in tags.items() if quick != config_quick)
+    if other:
+        same = sorted(tag for tag, quick in tags.items() if quick == config_quick)
+        current, alternative = (QUICKGELU, GELU) if config_quick else (GELU, QUICKGELU)
+        where = spec.source if spec.is_file else "the given state_dict"
+        raise ModelSpecError(
+            f"model spec {spec}: which activation were these weights trained with? Published {spec.arch} weights "
+            f"use {alternative.upper()} ({', '.join(other)})"
+            + (f" and {current.upper()} ({', '.join(same)})" if same else "")
+            + f", and a weights file does not record it. Name it: {spec.arch}-{QUICKGELU}@{where} (OpenAI's "
+            f"CLIP weights) or {spec.arch}-{GELU}@{where}. A wrong choice loads without error but computes "
+            "another function."
+        )
+    return config_quick
+
+
+def model_config(arch: str, quick_gelu: bool, preprocess_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the fingerprint covers besides the weights (see :mod:`saft.models.fingerprint`)."""
+    cfg = copy.deepcopy(open_clip.get_model_config(arch) or {})
+    cfg["quick_gelu"] = bool(quick_gelu)
+    return {"open_clip": cfg, "preprocess": dict(preprocess_cfg or {})}
 
 
 @dataclass
@@ -150,30 +235,49 @@ def load_model(
     """Build the model for ``spec`` and return it with its preprocess, tokenizer and fingerprint.
 
     ``state_dict`` overrides the spec's weight source (weights already in memory).
-    The fingerprint is the sha256 of the base weights, computed after loading.
+    The fingerprint covers the weights and the configuration that changes outputs
+    (:mod:`saft.models.fingerprint`), computed after loading.
     """
     spec = ModelSpec.parse(spec)
-    if spec.is_random or state_dict is not None or spec.is_file:
-        torch.manual_seed(seed)  # random init must be reproducible for fingerprints
-        with quiet_logger():  # it warns that no pretrained weights were loaded: intended here
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None)
-        if state_dict is not None:
-            _load_into(model, state_dict, "state_dict")
-        elif spec.is_file:
-            _load_into(model, read_state_dict(spec.source), spec.source)
-    else:
+    from_weights = state_dict is not None
+    if not (spec.is_random or spec.is_file or from_weights):
         known = open_clip.list_pretrained_tags_by_model(spec.arch)
         if spec.source not in known:
             raise ModelSpecError(
                 f"unknown pretrained tag {spec.source!r} for {spec.arch}; known tags: {known}"
             )
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=spec.source, cache_dir=cache_dir, weights_only=True
-        )
+    quick_gelu = resolve_quick_gelu(spec, from_weights=from_weights)
+    build = {"force_quick_gelu": True} if quick_gelu and not _config_quick_gelu(spec.arch) else {}
+    if spec.is_random or from_weights or spec.is_file:
+        torch.manual_seed(seed)  # random init must be reproducible for fingerprints
+        with quiet_logger():  # it warns that no pretrained weights were loaded: intended here
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None, **build)
+        if state_dict is not None:
+            _load_into(model, state_dict, "state_dict")
+        elif spec.is_file:
+            _load_into(model, read_state_dict(spec.source), spec.source)
+    else:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=spec.source, cache_dir=cache_dir, weights_only=True, **build
+            )
+        except RuntimeError as exc:
+            if "download" not in str(exc).lower():
+                raise
+            as_file = spec.arch if _config_quick_gelu(spec.arch) else f"{spec.arch}-{QUICKGELU if quick_gelu else GELU}"
+            raise ModelSpecError(
+                f"model spec {spec}: the pretrained weights are not in the local hub cache"
+                f"{f' ({cache_dir})' if cache_dir else ''} and could not be downloaded ({str(exc)[:200]}). "
+                "On a machine without a model hub, copy the hub cache (HF_HOME) from a machine that has the "
+                "weights and set HF_HUB_OFFLINE=1 (no network retries), or save the weights as a file and use "
+                f"{as_file}@/path/to/weights.safetensors."
+            ) from exc
     model = model.to(device).eval()
     model.saft_model_spec = str(spec)  # masks and deltas record which base they belong to
+    setattr(model, CONFIG_ATTR, model_config(spec.arch, quick_gelu, getattr(model.visual, "preprocess_cfg", None)))
     if spec.arch == TINY_ARCH:
         tokenizer = tiny_tokenizer()
     else:
         tokenizer = open_clip.get_tokenizer(spec.arch)
-    return LoadedModel(model, preprocess, tokenizer, fingerprint_state_dict(model.state_dict()), spec)
+    fingerprint = fingerprint_state_dict(model.state_dict(), getattr(model, CONFIG_ATTR))
+    return LoadedModel(model, preprocess, tokenizer, fingerprint, spec)

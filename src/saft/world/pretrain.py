@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from saft.data.synth import PRETRAIN_DOMAINS, SHAPES, render
 from saft.io import save_tensors, write_json
-from saft.models import fingerprint_state_dict, load_model
+from saft.models import fingerprint_model, load_model
 from saft.models.tiny import ARCH, tiny_tokenizer
 from saft.progress import progress_bar
 
@@ -127,7 +127,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
                 "  ".join(f"{d} {100 * a:.1f}" for d, a in accs.items()))
     model.eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fp = fingerprint_state_dict(state)
+    fp = fingerprint_model(model)  # weights + configuration, as load_model reports it
     meta = {"arch": ARCH, "fingerprint": fp, "config": str(asdict(cfg))}
     save_tensors(out, state, meta, CHECKPOINT_FORMAT)
     seconds = time.perf_counter() - t0
