@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -32,8 +33,9 @@ def test_mask_is_exact_top_k_of_abs_mean_gradient(loaded, dataset, prompts):
     scores = saft.importance_scores(loaded.model, data, prompts, progress=False)
     reference = _independent_abs_mean_grad(loaded.model, data, prompts)
     assert set(scores.values) == set(reference)
-    for n in reference:
-        torch.testing.assert_close(scores.values[n], reference[n], rtol=1e-5, atol=1e-9)
+    for n in reference:  # the text side is summed over the pass before its backward: fp32 reordering only
+        scale = float(reference[n].abs().max()) or 1.0
+        torch.testing.assert_close(scores.values[n], reference[n], rtol=0, atol=1e-4 * scale)
 
     mask = saft.select_mask(scores, density=0.003)
     eligible = sum(t.numel() for t in reference.values())
@@ -73,8 +75,8 @@ def test_alternative_rules(vit, dataset, vit_prompts, rule):
     assert s.rule == rule
     for n in s.values:
         assert (s.values[n] >= 0).all()
-        if rule == "mean_abs":  # Jensen: mean |g| >= |mean g|
-            assert (s.values[n] + 1e-9 >= base.values[n]).all()
+        if rule == "mean_abs":  # Jensen: mean |g| >= |mean g| (up to fp32 rounding of two summation orders)
+            assert (s.values[n] + 1e-4 * float(base.values[n].abs().max()) + 1e-12 >= base.values[n]).all()
 
 
 def test_default_eligibility_covers_both_towers_but_not_temperature(vit, dataset, vit_prompts):
@@ -172,3 +174,38 @@ def test_block_names():
     assert block_of("visual.layer2.0.conv1.weight") == "visual.layer2.0"
     assert block_of("token_embedding.weight") == "token_embedding"
     assert block_of("positional_embedding") == "positional_embedding"
+
+
+def _reference_mask(model, data, prompts, density):
+    """Today's path before the text side moved: a full backward (both towers) for every batch."""
+    reference = _independent_abs_mean_grad(model, data, prompts)
+    return saft.select_mask(Scores(reference, "abs_mean", sum(len(y) for _, y in data)), density)
+
+
+def test_mask_at_1000_classes_equals_a_per_batch_full_backward(vit):
+    """The text tower runs once per pass, in chunks of 96 prompts, and the mask is unchanged."""
+    from synthetic import make_dataset, many_class_names
+
+    names = many_class_names(1000)
+    prompts = saft.ClassPrompts.build(vit.tokenizer, names, ["a photo of a {}."])
+    data = batches(make_dataset(n=48, num_classes=1000, seed=3), 16)
+    calls = {"n": 0}
+    original = vit.model.encode_text
+
+    def counting(tokens, *args, **kwargs):
+        calls["n"] += 1
+        return original(tokens, *args, **kwargs)
+
+    vit.model.encode_text = counting
+    try:
+        scores = saft.importance_scores(vit.model, data, prompts, progress=False, text_batch=96)
+    finally:
+        del vit.model.encode_text
+    # one no-grad encoding and one chunked backward: 2 x ceil(1000 / 96) text calls for 3 batches
+    assert calls["n"] == 2 * math.ceil(1000 / 96)
+    mask = saft.select_mask(scores, density=0.001)
+    reference = _reference_mask(vit.model, data, prompts, 0.001)
+    assert mask.counts() == reference.counts()
+    for name, idx in reference.indices.items():
+        assert torch.equal(mask.indices[name], idx), name
+    assert json.loads(mask.meta["prompt_templates"]) == ["a photo of a {}."]

@@ -138,3 +138,25 @@ def test_mask_for_other_architecture_is_refused(vit):
     with pytest.raises(KeyError, match="not a parameter"):
         with saft.SparseUpdate(mask).attached(vit.model):
             pass
+
+
+def test_token_embedding_entries_cost_a_lookup_not_a_dense_copy(vit, dataset, vit_prompts):
+    """Selected token-embedding entries: the matrix is patched (no base + scatter shadow), the lookup
+    is bit-identical to the merged matrix's, and the values' gradient equals the dense one at the indices."""
+    model = vit.model.eval()
+    update = _mask_and_update(vit, dataset, vit_prompts)
+    assert "token_embedding.weight" in update.names
+    patched, shadows = update._plan(model)
+    assert model.token_embedding in patched
+    assert all(name != "token_embedding.weight" for name in (update.names[i] for _, _, i in shadows))
+    tokens = vit_prompts.tokens
+    ref = _merged_copy(model, update)
+    with update.attached(model):
+        assert "weight" not in model.token_embedding.__dict__  # no shadowed dense effective matrix
+        out = model.token_embedding(tokens)
+    assert torch.equal(out, ref.token_embedding(tokens))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.token_embedding(tokens).backward(grad)
+    dense = ref.token_embedding.weight.grad.reshape(-1)[update.index("token_embedding.weight")]
+    torch.testing.assert_close(update.value("token_embedding.weight").grad, dense, rtol=0, atol=1e-6)

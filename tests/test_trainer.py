@@ -140,3 +140,76 @@ def test_config_validation():
     with pytest.raises(ValueError, match="precision"):
         saft.FinetuneConfig(precision="fp8")
     assert saft.FinetuneConfig(method="full").learning_rate < saft.FinetuneConfig().learning_rate
+
+
+def _count_prompts(model):
+    """Wrap encode_text to record how many prompts each text-tower call encodes."""
+    sizes = []
+    original = model.encode_text
+
+    def counting(tokens, *args, **kwargs):
+        sizes.append(tokens.shape[0])
+        return original(tokens, *args, **kwargs)
+
+    model.encode_text = counting
+    return sizes
+
+
+@pytest.mark.parametrize("method", ["saft", "full"])
+def test_text_side_at_1000_classes_is_chunked(vit, method):
+    """1000 classes with a trained text tower: no text call sees more than text_batch prompts, the text
+    tower runs once (plus its chunked re-encoding) per step rather than per micro-batch, and for saft the
+    delta equals the one-graph step's."""
+    from synthetic import make_dataset, many_class_names
+
+    prompts = saft.ClassPrompts.build(vit.tokenizer, many_class_names(1000), ["a photo of a {}."])
+    data = make_dataset(n=32, num_classes=1000, seed=1)
+    mask = _mask(vit, data, prompts, density=0.002) if method == "saft" else None
+    assert method == "full" or any(saft.sparse.objective.is_text_side(n) for n in mask.indices)
+    deltas = {}
+    for text_batch in ((4096, 128) if method == "saft" else (128,)):
+        sizes = _count_prompts(vit.model)
+        cfg = _cfg(method=method, steps=2, grad_accum=2, lr=1e-3, text_batch=text_batch)
+        deltas[text_batch] = saft.finetune(vit.model, data, prompts, mask=mask, config=cfg, progress=False).delta
+        del vit.model.encode_text
+        assert max(sizes) <= text_batch
+        chunks = -(-1000 // text_batch)
+        assert len(sizes) == 2 * (chunks if text_batch >= 1000 else 2 * chunks)
+    if method == "saft":  # Adam's first steps are ~lr * sign(g): compare sparse values, whose |g| is largest
+        a, b = deltas[4096], deltas[128]
+        for name in a.values:
+            scale = float(a.values[name].abs().max()) or 1.0
+            torch.testing.assert_close(b.values[name], a.values[name], rtol=0, atol=1e-4 * scale, msg=name)
+        assert a.meta["prompt_templates"] == '["a photo of a {}."]'
+
+
+def test_chunked_text_backward_gives_the_one_graph_gradients(vit):
+    """Full fine-tuning's gradients over both towers, one graph vs chunks of 100 prompts and micro-batches."""
+    from synthetic import make_dataset, many_class_names
+
+    from saft.sparse.objective import class_embeddings, clip_logits
+    from saft.sparse.text_side import StepTextSide
+
+    model = vit.model
+    prompts = saft.ClassPrompts.build(vit.tokenizer, many_class_names(300), ["a photo of a {}.", "a {}."])
+    images, labels = make_dataset(n=8, num_classes=300, seed=2).tensors
+    for p in model.parameters():
+        p.requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(
+        clip_logits(model, images, class_embeddings(model, prompts)), labels)
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    side = StepTextSide(model, prompts, trains=True, text_batch=100)
+    text = side.begin()
+    for part in (slice(0, 3), slice(3, 8)):  # two micro-batches, summed as the trainer's grad_accum does
+        loss = torch.nn.functional.cross_entropy(clip_logits(model, images[part], text), labels[part])
+        (loss * (part.stop - part.start) / 8).backward()
+    side.finish()
+    for name, grad in expected.items():
+        got = dict(model.named_parameters())[name].grad
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(got, grad, rtol=0, atol=1e-4 * scale, msg=name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None

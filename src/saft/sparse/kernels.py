@@ -81,6 +81,31 @@ def sparse_linear(x, weight, bias, w_values=None, w_idx=None, b_values=None, b_i
     return SparseLinearFn.apply(x, weight, bias, w_values, w_idx, b_values, b_idx)
 
 
+def sparse_embedding(tokens: torch.Tensor, weight: torch.Tensor, values: torch.Tensor | None,
+                     idx: torch.Tensor | None) -> torch.Tensor:
+    """``F.embedding(tokens, W + scatter(idx, values))`` without materialising W + scatter.
+
+    A token embedding holds 25-49M entries (49408 tokens x 512-768), of which a mask
+    selects a few hundred. The rows holding selected entries go into a small table
+    (one extra all-zero row for every other token), looked up by the same tokens and
+    added to the frozen lookup: a gather of the batch's tokens instead of a dense copy of
+    the matrix and a dense gradient every step. The sum is bit-identical to the dense
+    path (unselected entries add an exact zero); ``values`` get their gradient through the
+    table's scatter, which uses unique indices (``index_put``), so it is deterministic.
+    """
+    out = F.embedding(tokens, weight)
+    if values is None or idx is None or idx.numel() == 0:
+        return out
+    dim = weight.shape[1]
+    rows, cols = idx // dim, idx % dim
+    selected_rows, slot = torch.unique(rows, return_inverse=True)
+    table = values.new_zeros(selected_rows.numel() + 1, dim, dtype=weight.dtype)
+    table = table.index_put((slot + 1, cols), values.to(weight.dtype))
+    lookup = torch.zeros(weight.shape[0], dtype=torch.long, device=tokens.device)
+    lookup[selected_rows] = torch.arange(1, selected_rows.numel() + 1, device=tokens.device)
+    return out + F.embedding(lookup[tokens], table)
+
+
 def patchify(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, int, int]:
     """[B, C, H, W] -> [B, gh*gw, C*p*p] in the flattening order of a Conv2d weight."""
     b, c, h, w = x.shape

@@ -1,19 +1,44 @@
-"""The downstream objective SAFT scores and trains with.
+"""The downstream objective SAFT scores and trains with, and its text side at any class count.
 
 CLIP-style classification: cross-entropy over ``logit_scale * cos(image, class_text)``,
 where each class's text embedding is the renormalised mean of its prompt embeddings
 over the templates (the zero-shot ensemble of CLIP).
+
+The text side is what grows with the task: ImageNet has 1000 classes, and running all
+their prompts through the text tower with autograd in one graph holds activations for
+every prompt. The loss depends on the text tower only through the class embeddings
+``T`` [n_classes, dim], so the gradient splits exactly (chain rule):
+``dL/dtheta_text = (dL/dT) . dT/dtheta_text``. The functions here use that:
+
+* :func:`encode_classes` computes ``T`` without a graph, ``text_batch`` prompts at a time;
+* the image side then runs with ``T`` as a leaf, which collects ``dL/dT`` (summed over
+  as many batches as wanted: a scoring pass, or a step's micro-batches);
+* :func:`backward_classes` re-encodes the classes chunk by chunk with a graph and
+  back-propagates ``dL/dT`` through each chunk, so at most ``text_batch`` prompts' activations
+  are alive at any time.
+
+Every encoding is cut to its prompts' longest token sequence (:mod:`saft.models.text`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from saft.models.text import encode_text
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_TEXT_BATCH = 256
+"""Prompts encoded at once when the text side is chunked (training, scoring)."""
+
+_IMAGE_PREFIXES = ("visual.",)
+_HEAD_PARAMS = ("logit_scale", "logit_bias")
 
 
 @dataclass(frozen=True)
@@ -23,6 +48,7 @@ class ClassPrompts:
     tokens: torch.Tensor
     n_classes: int
     n_templates: int
+    templates: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -39,31 +65,80 @@ class ClassPrompts:
             if "{}" not in template:
                 raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
         texts = [t.format(name) for name in class_names for t in templates]
-        return cls(tokenizer(texts), len(class_names), len(templates))
+        return cls(tokenizer(texts), len(class_names), len(templates), tuple(templates))
 
     def to(self, device: torch.device | str) -> "ClassPrompts":
-        return ClassPrompts(self.tokens.to(device), self.n_classes, self.n_templates)
+        return ClassPrompts(self.tokens.to(device), self.n_classes, self.n_templates, self.templates)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.n_classes * self.n_templates
+
+    def meta(self) -> dict[str, str]:
+        """What masks and deltas record about the prompts they were made with."""
+        return {"prompt_templates": json.dumps(list(self.templates)), "prompt_classes": str(self.n_classes)}
 
 
-def class_embeddings(model: torch.nn.Module, prompts: ClassPrompts) -> torch.Tensor:
-    """Unit-norm class embeddings [n_classes, dim]; differentiable through the text tower."""
-    text = F.normalize(model.encode_text(prompts.tokens), dim=-1)
-    text = text.reshape(prompts.n_classes, prompts.n_templates, -1).mean(dim=1)
+def is_text_side(name: str) -> bool:
+    """Whether a parameter reaches the loss through the class embeddings (not the image tower or the scale)."""
+    return not name.startswith(_IMAGE_PREFIXES) and name not in _HEAD_PARAMS
+
+
+def _chunk_embeddings(model: nn.Module, prompts: ClassPrompts, start: int, stop: int) -> torch.Tensor:
+    t = prompts.n_templates
+    text = F.normalize(encode_text(model, prompts.tokens[start * t:stop * t]), dim=-1)
+    text = text.reshape(stop - start, t, -1).mean(dim=1)
     return F.normalize(text, dim=-1)
 
 
-def clip_logits(model: torch.nn.Module, images: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+def _class_chunks(prompts: ClassPrompts, text_batch: int) -> list[tuple[int, int]]:
+    per_chunk = max(1, text_batch // prompts.n_templates)
+    return [(s, min(s + per_chunk, prompts.n_classes)) for s in range(0, prompts.n_classes, per_chunk)]
+
+
+def class_embeddings(model: nn.Module, prompts: ClassPrompts) -> torch.Tensor:
+    """Unit-norm class embeddings [n_classes, dim] in one graph, differentiable through the text tower."""
+    return _chunk_embeddings(model, prompts, 0, prompts.n_classes)
+
+
+def encode_classes(model: nn.Module, prompts: ClassPrompts, *, text_batch: int = DEFAULT_TEXT_BATCH,
+                   context: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """The class embeddings without a graph, ``text_batch`` prompts at a time (each chunk under ``context()``)."""
+    rows = []
+    with torch.no_grad():
+        for start, stop in _class_chunks(prompts, text_batch):
+            with context():
+                rows.append(_chunk_embeddings(model, prompts, start, stop).float())
+    return torch.cat(rows)
+
+
+def backward_classes(model: nn.Module, prompts: ClassPrompts, grad: torch.Tensor, *,
+                     text_batch: int = DEFAULT_TEXT_BATCH,
+                     context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+    """Back-propagate ``grad`` = dL/dT through the text tower, re-encoding one chunk of classes at a time.
+
+    Parameter gradients accumulate into ``.grad`` as one backward over all classes would
+    leave them. ``context()`` is entered per chunk (e.g. a sparse update's attachment and
+    autocast), so every chunk builds and frees its own graph.
+    """
+    for start, stop in _class_chunks(prompts, text_batch):
+        with context():
+            emb = _chunk_embeddings(model, prompts, start, stop)
+        emb.backward(grad[start:stop].to(emb.dtype))
+
+
+def clip_logits(model: nn.Module, images: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     image = F.normalize(model.encode_image(images), dim=-1)
     scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 100.0
     return scale * image @ class_emb.to(image.dtype).t()
 
 
 def classification_loss(
-    model: torch.nn.Module,
+    model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     prompts: ClassPrompts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of a batch and its logits (text re-encoded: the text tower may train)."""
+    """Mean cross-entropy of a batch and its logits, text encoded in the same graph (small class counts)."""
     logits = clip_logits(model, images, class_embeddings(model, prompts))
     return F.cross_entropy(logits.float(), labels), logits

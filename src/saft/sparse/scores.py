@@ -6,6 +6,16 @@ size, so ``abs_mean`` is exactly |mean gradient over all examples| however the d
 batched. ``mean_abs`` and ``mean_sq`` average |g| and g^2 of the per-batch gradients
 (an ablation: they depend on the batch size; per-example gradients would cost a
 backward pass per example).
+
+The text tower is touched once per pass, not once per batch. The class embeddings T are
+encoded once without a graph and enter every batch as a leaf; the image side's backward
+gives each batch's dL/dT, whose batch-size-weighted sum over the pass is then
+back-propagated through the text tower once, in chunks of classes
+(:func:`saft.sparse.objective.backward_classes`). By linearity this is exactly the sum of
+the per-batch text gradients, so ``abs_mean`` scores (and the mask) are those of a
+per-batch full backward, at the cost of the image side plus one text forward and
+backward. ``mean_abs``/``mean_sq`` are not linear in the per-batch gradient: for them
+the text side is back-propagated per batch (chunked, so memory stays bounded).
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ import torch
 from saft.progress import progress_bar
 
 from saft.models.fingerprint import fingerprint_model
-from saft.sparse.objective import ClassPrompts, classification_loss
+from saft.sparse.objective import (DEFAULT_TEXT_BATCH, ClassPrompts, backward_classes, clip_logits, encode_classes,
+                                   is_text_side)
 
 SCORE_RULES = ("abs_mean", "mean_abs", "mean_sq")
 
@@ -75,6 +86,7 @@ def importance_scores(
     eligibility: Eligibility | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    text_batch: int = DEFAULT_TEXT_BATCH,
 ) -> Scores:
     """Accumulate downstream-loss gradients at the current (pre-trained) weights.
 
@@ -92,28 +104,45 @@ def importance_scores(
         p.requires_grad_(name in params)
     model.eval()  # scores are taken at the pre-trained function: no dropout, frozen norms
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    text_params = {n: p for n, p in params.items() if is_text_side(n)}
     prompts = prompts.to(device)
     seen = 0
+
+    def accumulate(names, weight: float) -> None:
+        for name in names:
+            p = params[name]
+            if p.grad is None:  # parameter not on the loss path (e.g. unused head)
+                continue
+            g = p.grad.float()
+            if rule == "abs_mean":
+                acc[name].add_(g, alpha=weight)
+            elif rule == "mean_abs":
+                acc[name].add_(g.abs(), alpha=weight)
+            else:
+                acc[name].add_(g.square(), alpha=weight)
+            p.grad = None
+
     try:
+        class_emb = encode_classes(model, prompts, text_batch=text_batch)
+        class_grad = torch.zeros_like(class_emb)  # sum over batches of n * dL/dT
         total = len(batches) if hasattr(batches, "__len__") else None
         for images, labels in _batch_iter(batches, progress, total):
             images, labels = images.to(device), labels.to(device)
             n = labels.shape[0]
-            for p in params.values():
-                p.grad = None
-            loss, _ = classification_loss(model, images, labels, prompts)
+            leaf = class_emb.detach().requires_grad_(bool(text_params))
+            loss = torch.nn.functional.cross_entropy(clip_logits(model, images, leaf).float(), labels)
             loss.backward()
-            for name, p in params.items():
-                if p.grad is None:  # parameter not on the loss path (e.g. unused head)
-                    continue
-                g = p.grad.float()
+            accumulate([name for name in params if name not in text_params], n)
+            if text_params and leaf.grad is not None:
                 if rule == "abs_mean":
-                    acc[name].add_(g, alpha=n)
-                elif rule == "mean_abs":
-                    acc[name].add_(g.abs(), alpha=n)
-                else:
-                    acc[name].add_(g.square(), alpha=n)
+                    class_grad.add_(leaf.grad, alpha=n)
+                else:  # not linear in the gradient: this batch's text gradient is needed on its own
+                    backward_classes(model, prompts, leaf.grad, text_batch=text_batch)
+                    accumulate(text_params, n)
             seen += n
+        if text_params and rule == "abs_mean" and seen:
+            backward_classes(model, prompts, class_grad, text_batch=text_batch)
+            accumulate(text_params, 1.0)
     finally:
         for name, p in model.named_parameters():
             p.grad = None
@@ -125,7 +154,7 @@ def importance_scores(
         t.div_(seen)
         if rule == "abs_mean":
             t.abs_()
-    meta = {"base_fingerprint": fingerprint_model(model)}
+    meta = {"base_fingerprint": fingerprint_model(model), **prompts.meta()}
     if getattr(model, "saft_model_spec", None):
         meta["base_model"] = model.saft_model_spec
     return Scores(acc, rule, seen, meta)

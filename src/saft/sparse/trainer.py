@@ -30,8 +30,9 @@ from saft.models.fingerprint import fingerprint_model
 from saft.models.loading import unsafe_pickle_reason
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.mask import Mask
-from saft.sparse.objective import ClassPrompts, class_embeddings, clip_logits
+from saft.sparse.objective import DEFAULT_TEXT_BATCH, ClassPrompts, clip_logits, is_text_side
 from saft.sparse.scores import Eligibility
+from saft.sparse.text_side import StepTextSide
 from saft.sparse.update import SparseUpdate
 from saft.version import __version__
 
@@ -57,13 +58,14 @@ class FinetuneConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     checkpoint_every: int = 0
     num_workers: int = 0
+    text_batch: int = DEFAULT_TEXT_BATCH  # prompts encoded at once; bounds the text side's memory
     eligible_include: Sequence[str] = ("*",)
     eligible_exclude: Sequence[str] = ("logit_scale", "logit_bias")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "text_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -196,6 +198,7 @@ def finetune(
         p.requires_grad_(False)
     if cfg.method == "full":
         trainable = list(eligibility.select(model).items())
+        text_trains = any(is_text_side(n) for n, _ in trainable)
         backup = {n: p.detach().clone() for n, p in trainable}
         for _, p in trainable:
             p.requires_grad_(True)
@@ -203,6 +206,7 @@ def finetune(
     else:
         update = SparseUpdate(mask, device=device)
         params = list(update.values)
+        text_trains = any(is_text_side(n) for n in update.names)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -229,7 +233,17 @@ def finetune(
             pin_memory=device.type == "cuda",
         )
         prompts = prompts.to(device)
-        cached_text: torch.Tensor | None = None
+
+        def forward_context():
+            stack = contextlib.ExitStack()
+            if update is not None:
+                stack.enter_context(update.attached(model))
+            stack.enter_context(torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                               enabled=amp_dtype is not None))
+            return stack
+
+        text_side = StepTextSide(model, prompts, trains=text_trains, text_batch=cfg.text_batch,
+                                 context=forward_context)
         bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"finetune[{cfg.method}]", unit="step",
                            enabled=progress)
         batches = iter(loader)
@@ -237,18 +251,13 @@ def finetune(
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct, seen = 0.0, 0, 0
-            for _ in range(cfg.grad_accum):
-                images, labels = next(batches)
-                try:
+            try:
+                text = text_side.begin()
+                for _ in range(cfg.grad_accum):
+                    images, labels = next(batches)
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
-                    sparse = update.attached(model) if update is not None else contextlib.nullcontext()
-                    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                              enabled=amp_dtype is not None)
-                    with sparse, autocast:
-                        text = cached_text if cached_text is not None else class_embeddings(model, prompts)
-                        if cached_text is None and not text.requires_grad:
-                            cached_text = text.detach()  # the text tower has nothing to train
+                    with forward_context():
                         logits = clip_logits(model, images, text)
                         loss = nn.functional.cross_entropy(logits.float(), labels)
                     loss_value = float(loss.detach())
@@ -257,16 +266,17 @@ def finetune(
                     if not math.isfinite(loss_value):
                         raise TrainingDivergedError(step + 1, "the loss", loss_value, cfg, ckpt_path, last_saved)
                     scaler.scale(loss / cfg.grad_accum).backward()
-                except Exception as exc:
-                    if is_out_of_memory(exc):
-                        raise BatchOutOfMemoryError(
-                            f"out of memory in training step {step + 1} on {device} with batch size "
-                            f"{cfg.batch_size} (grad_accum {cfg.grad_accum}). {_batch_hint(cfg)}"
-                        ) from exc
-                    raise
-                loss_sum += loss_value * labels.numel()
-                correct += int((logits.argmax(-1) == labels).sum())
-                seen += labels.numel()
+                    loss_sum += loss_value * labels.numel()
+                    correct += int((logits.argmax(-1) == labels).sum())
+                    seen += labels.numel()
+                text_side.finish()  # the text tower's share of the step's backward
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise BatchOutOfMemoryError(
+                        f"out of memory in training step {step + 1} on {device} with batch size {cfg.batch_size} "
+                        f"(grad_accum {cfg.grad_accum}). {_batch_hint(cfg)}"
+                    ) from exc
+                raise
             scaler.unscale_(optimizer)
             grad_norm = _clip(params, cfg.max_grad_norm)
             # With fp16 loss scaling an inf gradient is routine (the scaler skips that step);
@@ -305,6 +315,7 @@ def finetune(
             "config": config_json, "library_version": __version__}
     if getattr(model, "saft_model_spec", None):
         info["base_model"] = model.saft_model_spec
+    info.update(prompts.meta())
     if mask is not None:
         info.update({f"mask_{k}": v for k, v in mask.meta.items()})
     info.update(meta or {})
@@ -354,7 +365,8 @@ def _batch_hint(cfg: FinetuneConfig) -> str:
     smaller = max(1, cfg.batch_size // 2)
     return (f"Lower it with --batch-size {smaller} (finetune.batch_size in params.yaml) and keep the effective "
             f"batch of {cfg.batch_size * cfg.grad_accum} with --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
-            "; on a GPU, --precision bf16 or fp16 also halves activation memory. A changed batch size starts a "
+            "; on a GPU, --precision bf16 or fp16 also halves activation memory; with many classes and a trained text "
+            f"tower, a smaller --text-batch (now {cfg.text_batch} prompts) bounds the text side. A changed batch size starts a "
             "fresh run (a checkpoint resumes only with the same settings).")
 
 

@@ -6,7 +6,8 @@ model computes with W + scatter(values):
 
 * Linear layers, attention in/out projections (self-attention) and the patch embedding
   (a Conv2d with stride == kernel) run through kernels that form only the selected
-  entries' gradients;
+  entries' gradients; a token embedding adds a lookup in a table of its selected rows
+  (no dense copy of the 25-49M-entry matrix, no dense gradient);
 * every other selected tensor (embeddings, LayerNorms, projections used with ``@``,
   other convolutions) is shadowed by its effective dense value for the duration.
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from saft.sparse.kernels import patchify, scatter_values, sparse_linear
+from saft.sparse.kernels import patchify, scatter_values, sparse_embedding, sparse_linear
 from saft.sparse.mask import Mask
 
 _MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
@@ -43,6 +44,11 @@ def _is_patch_conv(m: nn.Module) -> bool:
         and m.groups == 1
         and m.padding_mode == "zeros"
     )
+
+
+def _is_plain_embedding(m: nn.Module) -> bool:
+    # max_norm renormalises rows in the forward; padding_idx changes the weight gradient
+    return isinstance(m, nn.Embedding) and m.max_norm is None and m.padding_idx is None
 
 
 class SparseUpdate(nn.Module):
@@ -99,6 +105,8 @@ class SparseUpdate(nn.Module):
                     shadows.append((owner, leaf, i))
             elif isinstance(owner, nn.MultiheadAttention) and owner._qkv_same_embed_dim and leaf in _MHA_PARAMS:
                 patches.setdefault(owner, {})[leaf] = i
+            elif _is_plain_embedding(owner) and leaf == "weight":
+                patches.setdefault(owner, {})[leaf] = i
             elif (isinstance(owner, nn.Linear) or _is_patch_conv(owner)) and leaf in ("weight", "bias") \
                     and type(grand).__name__ not in _WEIGHT_READERS and not isinstance(grand, nn.MultiheadAttention):
                 patches.setdefault(owner, {})[leaf] = i
@@ -152,6 +160,11 @@ def _slot(update: SparseUpdate, slots: dict[str, int], key: str):
 def _patched_forward(module: nn.Module, update: SparseUpdate, slots: dict[str, int]):
     if isinstance(module, nn.MultiheadAttention):
         return _mha_forward(update, slots)
+    if isinstance(module, nn.Embedding):
+        def embedding_forward(self, tokens):
+            wv, wi = _slot(update, slots, "weight")
+            return sparse_embedding(tokens, self.weight, wv, wi)
+        return embedding_forward
     if isinstance(module, nn.Linear):
         def linear_forward(self, x):
             wv, wi = _slot(update, slots, "weight")
