@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from saft.io import load_tensors, save_tensors
-from saft.progress import progress_bar
+from saft.sparse.objective import ClassPrompts, encode_classes
 
 HEAD_FORMAT = "saft-head/1"
+HEAD_TEXT_BATCH = 1024
+"""Prompts encoded at once when building a head (no graph: only activations of one forward)."""
 
 
 def default_cache_dir() -> Path:
@@ -39,27 +40,31 @@ def build_head(
     class_names: Sequence[str],
     templates: Sequence[str],
     *,
-    classes_per_batch: int = 32,
+    classes_per_batch: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Unit-norm class embeddings [n_classes, dim], the renormalised template mean per class."""
+    """Unit-norm class embeddings [n_classes, dim], the renormalised template mean per class.
+
+    Prompts are encoded ``classes_per_batch`` classes at a time (default: about
+    ``HEAD_TEXT_BATCH`` prompts), each batch cut to its longest prompt, in bf16 on a GPU.
+    """
     if not class_names or not templates:
         raise ValueError("a head needs at least one class name and one template")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    rows = []
-    starts = range(0, len(class_names), classes_per_batch)
-    for start in progress_bar(starts, enabled=progress, desc="text head", unit="batch"):
-        names = class_names[start:start + classes_per_batch]
-        tokens = tokenizer([t.format(n) for n in names for t in templates]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            emb = model.encode_text(tokens)
-        emb = F.normalize(emb.float(), dim=-1).reshape(len(names), len(templates), -1).mean(1)
-        rows.append(F.normalize(emb, dim=-1))
-    model.train(was_training)
-    return torch.cat(rows)
+    prompts = ClassPrompts.build(tokenizer, list(class_names), list(templates)).to(device)
+    per_batch = classes_per_batch or max(1, HEAD_TEXT_BATCH // len(templates))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    try:
+        return encode_classes(model, prompts, text_batch=per_batch * len(templates), context=autocast,
+                              progress=progress, desc="text head")
+    finally:
+        model.train(was_training)
 
 
 def cached_head(

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from saft.models.text import encode_text
+from saft.progress import progress_bar
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_TEXT_BATCH = 256
@@ -86,7 +87,7 @@ def is_text_side(name: str) -> bool:
 
 def _chunk_embeddings(model: nn.Module, prompts: ClassPrompts, start: int, stop: int) -> torch.Tensor:
     t = prompts.n_templates
-    text = F.normalize(encode_text(model, prompts.tokens[start * t:stop * t]), dim=-1)
+    text = F.normalize(encode_text(model, prompts.tokens[start * t:stop * t]).float(), dim=-1)
     text = text.reshape(stop - start, t, -1).mean(dim=1)
     return F.normalize(text, dim=-1)
 
@@ -102,11 +103,13 @@ def class_embeddings(model: nn.Module, prompts: ClassPrompts) -> torch.Tensor:
 
 
 def encode_classes(model: nn.Module, prompts: ClassPrompts, *, text_batch: int = DEFAULT_TEXT_BATCH,
-                   context: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+                   context: Callable[[], ContextManager] = contextlib.nullcontext, progress: bool = False,
+                   desc: str = "text") -> torch.Tensor:
     """The class embeddings without a graph, ``text_batch`` prompts at a time (each chunk under ``context()``)."""
     rows = []
+    chunks = _class_chunks(prompts, text_batch)
     with torch.no_grad():
-        for start, stop in _class_chunks(prompts, text_batch):
+        for start, stop in progress_bar(chunks, enabled=progress, desc=desc, unit="chunk"):
             with context():
                 rows.append(_chunk_embeddings(model, prompts, start, stop).float())
     return torch.cat(rows)
