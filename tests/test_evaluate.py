@@ -92,25 +92,39 @@ def test_builtin_suites_resolve_default_folders():
     assert len(b2n.entries) == 22 and {e.role for e in b2n.entries} == {"base", "new"}
 
 
-def test_reused_images_decode_once_within_the_budget() -> None:
-    import torch
+def test_each_image_is_decoded_once_for_all_variants(world, tmp_path, monkeypatch):
+    """Zero-shot + 2 deltas x 2 alphas = 5 variants, and every image is decoded exactly once; each
+    variant's accuracy equals an independent evaluation of base + alpha * delta."""
+    import saft
+    import saft.steps.evaluate as evaluate_module
+    from saft.eval import build_head, evaluate_head
+    from saft.steps.evaluate import EntryImages, EvaluateConfig, _task, evaluate_suite
 
-    from saft.steps.evaluate import ReusedImages
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
+    decoded = []
+    real = evaluate_module.load_rgb
+    monkeypatch.setattr(evaluate_module, "load_rgb", lambda src, uri: decoded.append(uri) or real(src, uri))
+    runs = [DeltaRun("saft", str(world / f"saft{s}" / "delta.safetensors"), s) for s in (1, 2)]
+    cfg = EvaluateConfig(model="saft-tiny-vit", deltas=runs, alphas=[0.5, 1.0], batch_size=16, num_workers=0)
+    suite = load_suite(str(world / "suite.yaml"), str(world))
+    doc = evaluate_suite(cfg, suite, tmp_path / "out", progress=False, log=lambda _: None)
+    assert len(doc["records"]) == 2 * 5
+    assert len(decoded) == len(set(decoded)) == 60 + 40
 
-    reads = []
+    loaded = saft.load_model("saft-tiny-vit")
+    task = _task(suite.entries[1], "default")
+    delta = saft.load_delta(runs[1].path)
+    saft.apply_delta(loaded.model, delta, 0.5)
+    head = build_head(loaded.model, loaded.tokenizer, task.classes, task.templates)
+    expected = evaluate_head(loaded.model, head, EntryImages(task.entry.root, task.images, loaded.preprocess))
+    got = next(r for r in doc["records"] if r["dataset"] == "shapes-shifted" and r["seed"] == 2 and r["alpha"] == 0.5)
+    assert got["top1"] == expected.top1 and got["n"] == expected.n
 
-    class Counting(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
 
-        def __getitem__(self, i):
-            reads.append(i)
-            return torch.zeros(3, 2, 2), i  # 48 bytes each
+def test_a_delta_of_another_base_is_refused_before_any_image_is_read(world, tmp_path):
+    from saft.sparse import FingerprintMismatch
+    from saft.steps.evaluate import EvaluateConfig, evaluate_suite
 
-    budget = [100]  # room for two images
-    data = ReusedImages(Counting(), budget)
-    first = [data[i][1] for i in range(4)]
-    second = [data[i][1] for i in range(4)]
-    assert first == second == [0, 1, 2, 3]
-    assert reads == [0, 1, 2, 3, 2, 3]  # the first two were kept, the rest streamed again
-    assert budget == [4]
+    cfg = EvaluateConfig(model="saft-tiny-vit-quickgelu", deltas=[DeltaRun("saft", str(world / "saft1" / "delta.safetensors"), 1)])
+    with pytest.raises(FingerprintMismatch, match="evaluate it with its own base model"):
+        evaluate_suite(cfg, load_suite(str(world / "suite.yaml"), str(world)), tmp_path / "out", progress=False)

@@ -72,3 +72,36 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "not a prepared data folder" in err and "saft data prepare" in err
+
+
+def test_training_prompts_are_not_evaluation_prompts(tmp_path):
+    """prepare writes both prompt sets; score and finetune use the training one unless told otherwise,
+    and the mask and delta record which templates they were made with."""
+    root = write_domain(tmp_path / "shapes", "photo", per_class=5)
+    ensemble = tmp_path / "ensemble.txt"
+    ensemble.write_text("a photo of a {}.\na drawing of a {}.\nan image of a {}.\n")
+    assert main(["data", "prepare", str(root), "--out", str(tmp_path / "data"), "--shots", "2",
+                 "--templates", str(ensemble)]) == 0
+    assert json.loads((tmp_path / "data" / "templates.json").read_text()) == ensemble.read_text().split("\n")[:3]
+    assert json.loads((tmp_path / "data" / "train_templates.json").read_text()) == ["a photo of a {}."]
+    data = str(tmp_path / "data")
+    assert main(["score", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path / "score"),
+                 "--density", "0.002"]) == 0
+    mask_file = str(tmp_path / "score" / "mask.safetensors")
+    assert json.loads(saft.Mask.load(mask_file).meta["prompt_templates"]) == ["a photo of a {}."]
+    assert main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--mask", mask_file, "--steps", "1",
+                 "--prompts", "eval", "--out", str(tmp_path / "ft")]) == 0
+    delta = saft.load_delta(tmp_path / "ft" / "delta.safetensors")
+    assert len(json.loads(delta.meta["prompt_templates"])) == 3
+    assert json.loads(delta.meta["mask_prompt_templates"]) == ["a photo of a {}."]
+
+
+def test_prompt_and_loader_parameters_are_checked():
+    from saft.steps.params import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match="finetune.prompts must be train or eval"):
+        load_params(None, ["finetune.prompts=all"])
+    with pytest.raises(ParamsError, match="loader.num_workers"):
+        load_params(None, ["loader.num_workers=-3"])
+    params = load_params(None, ["loader.num_workers=2", "score.text_batch=64"])
+    assert params.loader.num_workers == 2 and params.score.text_batch == 64

@@ -108,6 +108,7 @@ def _prepare(args: argparse.Namespace) -> int:
         subset=args.subset,
         templates=args.templates,
         skip_corrupt=args.skip_corrupt,
+        train_templates=args.train_templates,
     )
     print(format_summary(result))
     return EXIT_OK
@@ -190,7 +191,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     prepare.add_argument("--templates", metavar="FILE",
                          help="prompt templates: .json/.yaml list, or text with one template per line; each "
                               "needs one '{}' for the class name (default: the dataset's own templates, e.g. "
-                              "'a photo of a {}.' for imagefolder, CLIP's 80 prompts for imagenet)")
+                              "'a photo of a {}.' for imagefolder, CLIP's 80 prompts for imagenet); "
+                              "evaluation heads use these")
+    prepare.add_argument("--train-templates", metavar="FILE",
+                         help="prompts scoring and training use, in the same formats (default: the dataset's one "
+                              "hand-crafted training prompt, e.g. 'a photo of a {}.' for imagenet)")
     prepare.add_argument("--skip-corrupt", action="store_true",
                          help="drop broken image files (counted in the summary) instead of refusing the root")
     prepare.set_defaults(func=_guarded("prepare", _prepare))

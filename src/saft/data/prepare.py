@@ -10,7 +10,11 @@ ImageFolder, ImageNet, the CoOp datasets) into a folder of small, versionable fi
   adapter names them (folder names, CoOp split files, CLIP's ImageNet names); prompts
   are built from these
 - ``templates.json``: the prompt templates that turn a class name into a caption; by
-  default the dataset's own (e.g. CLIP's 80 ImageNet prompts), else the user's
+  default the dataset's own (e.g. CLIP's 80 ImageNet prompts), else the user's;
+  evaluation builds its zero-shot heads from these
+- ``train_templates.json``: the prompts scoring and training use; by default the
+  dataset's one hand-crafted training prompt (ImageNet: ``a photo of a {}.``, as in the
+  CoOp protocol), else the user's (see ``DatasetAdapter.train_templates``)
 - ``prepare.json``: what was asked for and what came out (dataset adapter, split, root,
   shots, seed, val_shots, subset, counts, manifest hashes, library version)
 
@@ -92,6 +96,7 @@ TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
 CLASSES_FILE = "classes.json"
 TEMPLATES_FILE = "templates.json"
+TRAIN_TEMPLATES_FILE = "train_templates.json"
 RECORD_FILE = "prepare.json"
 RECORD_FORMAT = "saft-prepare-v1"
 
@@ -358,12 +363,14 @@ def prepare_dataset(
     subset: str = "all",
     templates: Sequence[str] | str | os.PathLike | None = None,
     skip_corrupt: bool = False,
+    train_templates: Sequence[str] | str | os.PathLike | None = None,
 ) -> PrepareResult:
     """Validate ``split`` of ``root``, draw ``shots`` images per class for ``seed``, write ``out_dir``.
 
     ``dataset`` names the adapter that reads the root (``saft.data.list_adapters()``);
     ``split`` defaults to the dataset's training split (``imagefolder``: the whole root).
-    ``templates`` defaults to the dataset's prompt templates. Raises
+    ``templates`` defaults to the dataset's prompt templates and ``train_templates`` to its
+    training prompt (a list or a file, like ``templates``). Raises
     :class:`PrepareError` (bad arguments or templates), the adapter's
     :class:`~saft.data.adapters.EvalOnlyError` (evaluation-only dataset) or
     :class:`~saft.data.adapters.LayoutError` (root not laid out as the dataset expects),
@@ -382,6 +389,7 @@ def prepare_dataset(
         raise PrepareError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     # Before any data is read, so a typo fails fast.
     prompt_templates = load_templates(adapter.templates if templates is None else templates)
+    training_templates = load_templates(adapter.train_templates if train_templates is None else train_templates)
     out = Path(out_dir).expanduser()
     storage = open_storage(root)
     _check_out_dir(out, storage)
@@ -424,11 +432,13 @@ def prepare_dataset(
         "manifests": manifest_records,
         "classes_file": CLASSES_FILE,
         "templates_file": TEMPLATES_FILE,
+        "train_templates_file": TRAIN_TEMPLATES_FILE,
         "saft_version": __version__,
     }
     files: dict[str, bytes | list[str] | dict[str, Any]] = dict(manifests)
     files[CLASSES_FILE] = list(classes)
     files[TEMPLATES_FILE] = list(prompt_templates)
+    files[TRAIN_TEMPLATES_FILE] = list(training_templates)
     files[RECORD_FILE] = record
     _commit(out, files)
     log.info("prepared %s (%s, split %s): %d classes, %d train / %d val images -> %s", storage.uri,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from saft.loader import LoaderOptions
 from saft.progress import progress_bar
 from saft.sparse.trainer import BatchOutOfMemoryError, is_out_of_memory
 
@@ -42,7 +44,76 @@ class Accuracy:
         return self.correct / self.n if self.n else 0.0
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One model to score: ``merged()`` puts its weights in place for a block (the base: a no-op)."""
+
+    head: torch.Tensor
+    merged: Callable[[], ContextManager] = contextlib.nullcontext
+    label: str = ""
+
+
 @torch.inference_mode()
+def evaluate_variants(
+    model: torch.nn.Module,
+    variants: Sequence[Variant],
+    dataset: Dataset,
+    *,
+    subset: Sequence[int] | None = None,
+    batch_size: int = 128,
+    loader: LoaderOptions = LoaderOptions(),
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    desc: str = "evaluating",
+) -> list[Accuracy]:
+    """Top-1 of ``dataset`` for every variant, decoding each batch once.
+
+    The zero-shot model, each delta and each alpha read the same images: each batch is
+    decoded (in loader workers), moved to the device once, and every variant's weights
+    are merged in turn to score it. Merging a sparse delta touches its k entries only.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the dataset is empty")
+    if not variants:
+        raise ValueError(f"{desc}: no model variant to evaluate")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    projection = SubsetProjection(tuple(subset)) if subset is not None else None
+    was_training = model.training
+    model.eval()
+    heads = [v.head.to(device).float() for v in variants]
+    scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 100.0
+    data = DataLoader(dataset, batch_size=batch_size, **loader.kwargs(device))
+    correct, n = [0] * len(variants), 0
+    bar = progress_bar(data, enabled=progress, desc=desc, unit="batch")
+    try:
+        for images, labels in bar:
+            images = images.to(device, non_blocking=True)
+            for i, (variant, head) in enumerate(zip(variants, heads)):
+                try:
+                    with variant.merged(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                          enabled=device.type == "cuda"):
+                        features = model.encode_image(images)
+                except Exception as exc:
+                    if is_out_of_memory(exc):
+                        raise BatchOutOfMemoryError(
+                            f"out of memory evaluating {desc} on {device} with batch size {batch_size}; lower it "
+                            f"with --batch-size {max(1, batch_size // 2)} (evaluate.batch_size in params.yaml). "
+                            "Accuracy does not depend on the batch size."
+                        ) from exc
+                    raise
+                logits = scale * F.normalize(features.float(), dim=-1) @ head.t()
+                if projection is not None:
+                    pred = projection.to_full_labels(projection.project_logits(logits).argmax(-1))
+                else:
+                    pred = logits.argmax(-1)
+                correct[i] += int((pred.cpu() == labels).sum())
+            n += int(labels.numel())
+            bar.set_postfix(top1=f"{correct[0] / n:.3f}")
+    finally:
+        model.train(was_training)
+    return [Accuracy(c, n) for c in correct]
+
+
 def evaluate_head(
     model: torch.nn.Module,
     head: torch.Tensor,
@@ -56,37 +127,5 @@ def evaluate_head(
     desc: str = "evaluating",
 ) -> Accuracy:
     """Top-1 of ``dataset`` (``(image, label)`` pairs) against unit-norm class embeddings ``head``."""
-    if len(dataset) == 0:
-        raise ValueError(f"{desc}: the dataset is empty")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    projection = SubsetProjection(tuple(subset)) if subset is not None else None
-    was_training = model.training
-    model.eval()
-    head = head.to(device)
-    scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 100.0
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    correct = n = 0
-    bar = progress_bar(loader, enabled=progress, desc=desc, unit="batch")
-    for images, labels in bar:
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                features = model.encode_image(images.to(device, non_blocking=True))
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise BatchOutOfMemoryError(
-                    f"out of memory evaluating {desc} on {device} with batch size {batch_size}; lower it with "
-                    f"--batch-size {max(1, batch_size // 2)} (evaluate.batch_size in params.yaml). Accuracy does "
-                    "not depend on the batch size."
-                ) from exc
-            raise
-        logits = scale * F.normalize(features.float(), dim=-1) @ head.float().t()
-        if projection is not None:
-            pred = projection.to_full_labels(projection.project_logits(logits).argmax(-1))
-        else:
-            pred = logits.argmax(-1)
-        correct += int((pred.cpu() == labels).sum())
-        n += int(labels.numel())
-        bar.set_postfix(top1=f"{correct / n:.3f}")
-    model.train(was_training)
-    return Accuracy(correct, n)
+    return evaluate_variants(model, [Variant(head)], dataset, subset=subset, batch_size=batch_size,
+                             loader=LoaderOptions(num_workers), device=device, progress=progress, desc=desc)[0]

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from saft.progress import progress_bar
 
+from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.io import atomic_path
 from saft.models.fingerprint import fingerprint_model
 from saft.models.loading import unsafe_pickle_reason
@@ -57,7 +58,9 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     checkpoint_every: int = 0
-    num_workers: int = 0
+    num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs (saft.data.loader)
+    pin_memory: bool = True  # CUDA only
+    persistent_workers: bool = True
     text_batch: int = DEFAULT_TEXT_BATCH  # prompts encoded at once; bounds the text side's memory
     eligible_include: Sequence[str] = ("*",)
     eligible_exclude: Sequence[str] = ("logit_scale", "logit_bias")
@@ -70,6 +73,7 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        LoaderOptions(self.num_workers)  # validates num_workers
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         self.betas = tuple(self.betas)
@@ -229,8 +233,7 @@ def finetune(
             dataset,
             batch_sampler=StreamBatches(len(dataset), cfg.batch_size, cfg.seed,
                                         start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
+            **LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers).kwargs(device, cfg.seed),
         )
         prompts = prompts.to(device)
 

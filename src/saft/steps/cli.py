@@ -12,8 +12,9 @@ def _score(args: argparse.Namespace) -> int:
     from saft.steps.score import ScoreConfig, score_step
 
     cfg = ScoreConfig(model=args.model, density=args.density, rule=args.rule, kind=args.kind,
-                      include=args.include, exclude=args.exclude, batch_size=args.batch_size,
-                      num_workers=args.num_workers, seed=args.seed, device=resolve_device(args.device))
+                      include=args.include, exclude=args.exclude, batch_size=args.batch_size, seed=args.seed,
+                      device=resolve_device(args.device), prompts=args.prompts, text_batch=args.text_batch,
+                      **_loader(args))
     stats = score_step(cfg, args.data, args.out, root=args.root)
     top = sorted(stats["per_tensor"].items(), key=lambda kv: -kv[1]["selected"])[:5]
     print(f"mask: {stats['num_selected']:,} of {stats['eligible']:,} entries "
@@ -30,9 +31,10 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                          max_grad_norm=args.max_grad_norm or None, seed=args.seed, precision=args.precision,
-                         checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
+                         checkpoint_every=args.checkpoint_every, text_batch=args.text_batch, **_loader(args))
     summary = finetune_step(args.model, cfg, args.data, args.out, mask_path=args.mask, root=args.root,
-                            resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt)
+                            resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt,
+                            prompts=args.prompts)
     print(f"{cfg.method}: {summary['trained_values']:,} trained values, final loss {summary['final_loss']:.4f}, "
           f"{summary['seconds']:.1f} s")
     print(f"wrote {args.out}/delta.safetensors, history.json, finetune.json")
@@ -44,8 +46,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 
     cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
-                         zeroshot=not args.no_zeroshot, batch_size=args.batch_size, num_workers=args.num_workers,
-                         device=resolve_device(args.device), template_set=args.templates, only=args.only)
+                         zeroshot=not args.no_zeroshot, batch_size=args.batch_size, device=resolve_device(args.device),
+                         template_set=args.templates, only=args.only, **_loader(args))
     suite = load_suite(args.suite, args.data_root)
     doc = evaluate_suite(cfg, suite, args.out)
     print()
@@ -88,15 +90,35 @@ def _run(args: argparse.Namespace) -> int:
     return 3 if summary.get("checks_passed") is False else 0
 
 
+def _loader(args: argparse.Namespace) -> dict:
+    return {"num_workers": args.num_workers, "pin_memory": args.pin_memory,
+            "persistent_workers": args.persistent_workers}
+
+
+def _loader_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=-1,
+                   help="DataLoader worker processes; -1 chooses from the task's CPUs (GPU: min(8, cpus-1), "
+                        "CPU: min(4, cpus//2-1)) (default: -1)")
+    p.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="pinned host memory for batches (CUDA only; default: on)")
+    p.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep loader workers alive between passes (default: on)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: ARCH@TAG, ARCH@/path/weights or ARCH@random")
     p.add_argument("--data", required=True, help="prepared data folder (from `saft data prepare`)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--root", help="dataset root, overriding the one recorded in the data folder")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    _loader_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
+    p.add_argument("--prompts", default="train", choices=["train", "eval"],
+                   help="prompt set of the loss: train (the data's training prompt, default) or eval (the "
+                        "evaluation ensemble, e.g. CLIP's 80 ImageNet prompts)")
+    p.add_argument("--text-batch", type=int, default=256,
+                   help="prompts encoded at once; bounds the text side's memory at any class count (default: 256)")
 
 
 def register(sub) -> None:
@@ -152,7 +174,7 @@ def register(sub) -> None:
                     help="prompt set where a dataset offers several, e.g. simple for ImageNet (default: default)")
     ev.add_argument("--out", required=True, help="output folder (created if missing)")
     ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
-    ev.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    _loader_flags(ev)
     ev.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
     ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
                     help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")

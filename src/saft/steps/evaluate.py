@@ -5,13 +5,17 @@ scored on every suite entry with a zero-shot head built from the entry's class n
 templates (cached on disk per weights/classes/templates). Labels that live in a larger
 class space (ImageNet-A/-R) and base/new halves are scored with logits restricted to
 their classes.
+
+Each suite entry's images are decoded once for all variants: a batch is read (by loader
+workers), and every variant's weights are merged in turn to score it. Deltas are read
+and checked against the base's fingerprint once, before any image is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,11 +28,12 @@ from saft.data.storage import open_storage
 from saft.eval.head import cached_head
 from saft.eval.metrics import ZERO_SHOT, Record, metrics_document
 from saft.eval.report import write_report
-from saft.eval.runner import evaluate_head
+from saft.eval.runner import Variant, evaluate_variants
 from saft.eval.suites import Suite, SuiteEntry
 from saft.io import write_json
 from saft.models import load_model
-from saft.sparse import apply_delta, load_delta, remove_delta
+from saft.loader import AUTO_WORKERS, LoaderOptions
+from saft.sparse import FingerprintMismatch, apply_delta, load_delta, remove_delta
 from saft.steps.record import run_once
 
 METRICS_FILE = "metrics.json"
@@ -64,7 +69,9 @@ class EvaluateConfig:
     alphas: list[float] = field(default_factory=lambda: [1.0])
     zeroshot: bool = True
     batch_size: int = 128
-    num_workers: int = 0
+    num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs
+    pin_memory: bool = True
+    persistent_workers: bool = True
     device: str = "cpu"
     template_set: str = "default"
     only: list[str] = field(default_factory=list)  # suite entry names; empty: all (fan-out runs one each)
@@ -89,37 +96,6 @@ class EntryImages(Dataset):
         except ImageDecodeError as err:
             raise ImageDecodeError(f"{err}; check the file or validate the root with `saft data validate`") from err
         return self.transform(image), entry.label
-
-
-class ReusedImages(Dataset):
-    """Keeps decoded, preprocessed images after their first read, up to a shared byte budget.
-
-    Every model variant of an evaluation (zero-shot, each delta, each alpha) reads the
-    same images; decoding them once instead of once per variant saves about a third of
-    the evaluation time on small models. Beyond the budget images stream as before, so
-    memory stays bounded however large the suite. Only useful without DataLoader
-    workers (a worker's memory is not this process's).
-    """
-
-    def __init__(self, base: Dataset, budget: list[int]):
-        self.base, self.budget, self.kept = base, budget, {}
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        item = self.kept.get(i)
-        if item is None:
-            item = self.base[i]
-            size = item[0].numel() * item[0].element_size()
-            if size <= self.budget[0]:
-                self.kept[i] = item
-                self.budget[0] -= size
-        return item
-
-
-def reuse_budget_bytes() -> int:
-    return int(float(os.environ.get("SAFT_EVAL_CACHE_MB", "1024")) * 2**20)
 
 
 @dataclass
@@ -179,6 +155,32 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     return json.loads((Path(out_dir) / METRICS_FILE).read_text())
 
 
+def _checked_delta(run: DeltaRun, loaded, device: str):
+    """The delta of ``run``, on ``device``, refused unless trained on this base."""
+    delta = load_delta(run.path)
+    if delta.base_fingerprint != loaded.fingerprint:
+        raise FingerprintMismatch(
+            f"{run.path}: delta was trained on {delta.meta.get('base_model', 'another base')} (fingerprint "
+            f"{delta.base_fingerprint[:12]}...) but the model {loaded.spec} has fingerprint {loaded.fingerprint[:12]}...; "
+            "evaluate it with its own base model"
+        )
+    delta.values = {n: v.to(device) for n, v in delta.values.items()}
+    delta.indices = {n: i.to(device) for n, i in delta.indices.items()}
+    return delta
+
+
+def _merged(model, delta, alpha: float):
+    """A context factory merging ``alpha * delta`` into ``model`` for a block, restoring the base bit for bit."""
+    @contextlib.contextmanager
+    def merged():
+        apply_delta(model, delta, alpha, check_fingerprint=False)  # checked once in _checked_delta
+        try:
+            yield
+        finally:
+            remove_delta(model, delta)
+    return merged
+
+
 def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: bool,
               log: Callable[[str], None]) -> dict:
     entries = select_entries(suite, cfg.only)
@@ -192,29 +194,30 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
         variants += [(run.name, run.seed, alpha, run) for alpha in cfg.alphas]
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
-    budget = [reuse_budget_bytes() if cfg.num_workers == 0 and len(variants) > 1 else 0]
-    images = [ReusedImages(EntryImages(t.entry.root, t.images, loaded.preprocess), budget) for t in tasks]
+    deltas = {run.path: _checked_delta(run, loaded, cfg.device) for run in cfg.deltas}
+    loader = LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
     records = []
-    for name, seed, alpha, run in variants:
-        key = loaded.fingerprint
-        if run is not None:
-            delta = load_delta(run.path)
-            apply_delta(model, delta, alpha)  # refuses a delta of another base
-            key = loaded.fingerprint if alpha == 0 else hashlib.sha256(f"{loaded.fingerprint}|{Path(run.path).resolve()}|"
-                                 f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
-        try:
-            for task, data in zip(tasks, images):
+    for task in tasks:
+        scored = []
+        for name, seed, alpha, run in variants:
+            merged = _merged(model, deltas[run.path], alpha) if run is not None else contextlib.nullcontext
+            key = loaded.fingerprint
+            if run is not None and alpha != 0:
+                key = hashlib.sha256(f"{loaded.fingerprint}|{Path(run.path).resolve()}|"
+                                     f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
+            with merged():
                 head = cached_head(model, loaded.tokenizer, task.classes, task.templates, fingerprint=key,
                                    device=cfg.device, progress=progress)
-                label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
-                acc = evaluate_head(model, head, data, subset=task.subset, batch_size=cfg.batch_size,
-                                    num_workers=cfg.num_workers, device=cfg.device, progress=progress,
-                                    desc=f"{label} {task.entry.name}")
-                records.append(Record(name, task.entry.name, task.entry.role, acc.top1, acc.n, seed, alpha))
-                log(f"{label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  (n={acc.n})")
-        finally:
-            if run is not None:
-                remove_delta(model, delta)
+            label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
+            scored.append(Variant(head, merged, label))
+        data = EntryImages(task.entry.root, task.images, loaded.preprocess)
+        accs = evaluate_variants(model, scored, data, subset=task.subset, batch_size=cfg.batch_size, loader=loader,
+                                 device=cfg.device, progress=progress,
+                                 desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})")
+        for (name, seed, alpha, _), variant, acc in zip(variants, scored, accs):
+            records.append(Record(name, task.entry.name, task.entry.role, acc.top1, acc.n, seed, alpha))
+            log(f"{variant.label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  "
+                f"(n={acc.n})")
     doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint})
     out = Path(out_dir)
     write_json(out / METRICS_FILE, doc)

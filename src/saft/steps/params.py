@@ -54,6 +54,16 @@ class DataParams:
     split: str = ""  # empty: the dataset's training split
     shots: int = 16
     val_shots: int = 8
+    train_templates: list[str] = field(default_factory=list)  # empty: the dataset's training prompt
+
+
+@dataclass
+class LoaderParams:
+    """DataLoader settings of scoring, training and evaluation (see saft.loader)."""
+
+    num_workers: int = -1  # -1: from the task's CPUs (GPU: min(8, cpus-1); CPU: min(4, cpus//2-1))
+    pin_memory: bool = True  # CUDA only
+    persistent_workers: bool = True
 
 
 @dataclass
@@ -63,6 +73,8 @@ class ScoreParams:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: ["logit_scale", "logit_bias"])
     batch_size: int = 32
+    prompts: str = "train"  # train: the prepared training prompt; eval: the evaluation ensemble
+    text_batch: int = 256  # prompts encoded at once (bounds the text side's memory)
 
 
 @dataclass
@@ -74,6 +86,8 @@ class FinetuneParams:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     checkpoint_every: int = 0
+    prompts: str = "train"
+    text_batch: int = 256
 
 
 @dataclass
@@ -110,6 +124,7 @@ class PipelineParams:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     world: WorldParams = field(default_factory=WorldParams)
     data: DataParams = field(default_factory=DataParams)
+    loader: LoaderParams = field(default_factory=LoaderParams)
     score: ScoreParams = field(default_factory=ScoreParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
@@ -148,6 +163,14 @@ class PipelineParams:
                               f"[0, finetune.steps ({self.finetune.steps})]")
         if self.data.shots < 1:
             raise ParamsError(f"{where}: data.shots must be >= 1")
+        for section in ("score", "finetune"):
+            part = getattr(self, section)
+            if part.prompts not in ("train", "eval"):
+                raise ParamsError(f"{where}: {section}.prompts must be train or eval, got {part.prompts!r}")
+            if part.text_batch < 1:
+                raise ParamsError(f"{where}: {section}.text_batch must be >= 1")
+        if self.loader.num_workers < -1:
+            raise ParamsError(f"{where}: loader.num_workers must be >= 0, or -1 to choose from the CPUs")
         return self
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from saft.data.manifest import manifest_hash
-from saft.data.prepare import CLASSES_FILE, RECORD_FILE, TEMPLATES_FILE, TRAIN_FILE, VAL_FILE
+from saft.data.prepare import CLASSES_FILE, RECORD_FILE, TEMPLATES_FILE, TRAIN_FILE, TRAIN_TEMPLATES_FILE, VAL_FILE
+
+PROMPT_SETS = ("train", "eval")
 
 
 class PreparedDataError(ValueError):
@@ -22,6 +24,7 @@ class PreparedData:
     classes: tuple[str, ...]
     templates: tuple[str, ...]
     record: dict
+    train_templates: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, folder: str | Path, root: str | None = None) -> "PreparedData":
@@ -36,9 +39,18 @@ class PreparedData:
             record = json.loads((folder / RECORD_FILE).read_text())
             classes = tuple(json.loads((folder / CLASSES_FILE).read_text()))
             templates = tuple(json.loads((folder / TEMPLATES_FILE).read_text()))
+            train_file = folder / TRAIN_TEMPLATES_FILE
+            # Folders prepared before training prompts were separate trained with the evaluation set.
+            train_templates = tuple(json.loads(train_file.read_text())) if train_file.is_file() else templates
         except json.JSONDecodeError as exc:
             raise PreparedDataError(f"{folder}: a JSON file is damaged ({exc}); prepare the folder again") from exc
-        return cls(folder, root or record.get("root", ""), classes, templates, record)
+        return cls(folder, root or record.get("root", ""), classes, templates, record, train_templates)
+
+    def prompt_templates(self, prompt_set: str) -> tuple[str, ...]:
+        """``train``: the training prompt set (scoring, fine-tuning); ``eval``: the evaluation ensemble."""
+        if prompt_set not in PROMPT_SETS:
+            raise PreparedDataError(f"prompt set must be one of {', '.join(PROMPT_SETS)}, got {prompt_set!r}")
+        return self.train_templates if prompt_set == "train" else self.templates
 
     def manifest(self, split: str = "train") -> Path:
         path = self.folder / (TRAIN_FILE if split == "train" else VAL_FILE)

@@ -41,20 +41,21 @@ from saft.steps.world import world_step
 def score_config(params: PipelineParams, kind: str, seed: int) -> ScoreConfig:
     s = params.score
     return ScoreConfig(model=params.model, density=s.density, rule=s.rule, kind=kind, include=list(s.include),
-                       exclude=list(s.exclude), batch_size=s.batch_size, seed=seed, device=params.device)
+                       exclude=list(s.exclude), batch_size=s.batch_size, seed=seed, device=params.device,
+                       prompts=s.prompts, text_batch=s.text_batch, **vars(params.loader))
 
 
 def finetune_config(params: PipelineParams, method: str, seed: int) -> FinetuneConfig:
     f = params.finetune
     return FinetuneConfig(method=method, steps=f.steps, batch_size=f.batch_size, lr=f.lr[method],
                           weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, seed=seed,
-                          checkpoint_every=f.checkpoint_every)
+                          checkpoint_every=f.checkpoint_every, text_batch=f.text_batch, **vars(params.loader))
 
 
 def evaluate_config(params: PipelineParams, deltas: list[DeltaRun], only: list[str] = ()) -> EvaluateConfig:
     e = params.evaluate
     return EvaluateConfig(model=params.model, deltas=deltas, alphas=list(e.alphas), batch_size=e.batch_size,
-                          device=params.device, only=list(only))
+                          device=params.device, only=list(only), **vars(params.loader))
 
 
 def mask_kind(method: str) -> str | None:
@@ -114,7 +115,8 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         seed_dir = out / f"seed{seed}"
         d = params.data
         prepare_task(str(out / "world"), str(seed_dir / "data"), data_root=train_root, dataset=d.dataset,
-                     split=d.split, shots=d.shots, val_shots=d.val_shots, seed=seed, parent_run_id=parent or "")
+                     split=d.split, shots=d.shots, val_shots=d.val_shots, seed=seed, parent_run_id=parent or "",
+                     train_templates=list(d.train_templates))
         log(f"seed {seed}: prepared {seed_dir / 'data'}")
         masks = {}
         for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
@@ -126,7 +128,7 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
             cfg = finetune_config(params, method, seed)
             result = finetune_task(params.model, str(seed_dir / "data"), masks.get(mask_kind(method)),
                                    str(seed_dir / method), cfg, device=params.device, parent_run_id=parent or "",
-                                   progress=progress, log=log)
+                                   progress=progress, log=log, prompts=params.finetune.prompts)
             log(f"seed {seed}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
                 f"final loss {result['final_loss']:.3f}")
             runs.append(DeltaRun(method, str(seed_dir / method / DELTA_FILE), seed))

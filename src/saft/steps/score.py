@@ -9,9 +9,11 @@ from typing import Callable
 import torch
 
 from saft.io import write_json
+from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.models import load_model
 from saft.sparse import ClassPrompts, Eligibility, importance_scores, random_mask, select_mask
-from saft.steps.prepared import PreparedData
+from saft.sparse.objective import DEFAULT_TEXT_BATCH
+from saft.steps.prepared import PROMPT_SETS, PreparedData
 from saft.steps.record import run_once
 
 MASK_FILE = "mask.safetensors"
@@ -28,9 +30,13 @@ class ScoreConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: ["logit_scale", "logit_bias"])
     batch_size: int = 32
-    num_workers: int = 0
+    num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs
+    pin_memory: bool = True
+    persistent_workers: bool = True
     seed: int = 0
     device: str = "cpu"
+    prompts: str = "train"  # train: the prepared training prompt set; eval: the evaluation ensemble
+    text_batch: int = DEFAULT_TEXT_BATCH
 
 
 def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, root: str | None = None,
@@ -44,6 +50,8 @@ def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, r
         raise ValueError(f"mask kind must be saft or random, got {cfg.kind!r}")
     if not 0.0 < cfg.density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {cfg.density}")
+    if cfg.prompts not in PROMPT_SETS:
+        raise ValueError(f"prompts must be one of {', '.join(PROMPT_SETS)}, got {cfg.prompts!r}")
     data = PreparedData.open(data_dir, root)
     params = {**asdict(cfg), "root": data.root}
     return run_once("score", out_dir, params, [data.folder], [MASK_FILE, STATS_FILE, CONFIG_FILE],
@@ -57,10 +65,11 @@ def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: 
             "manifest_hash": data.manifest_hash("train")}
     if cfg.kind == "saft":
         train = data.dataset(loaded.preprocess)
-        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
+        options = LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
+        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, **options.kwargs(cfg.device, cfg.seed))
+        prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.prompt_templates(cfg.prompts))
         scores = importance_scores(loaded.model, loader, prompts, rule=cfg.rule, eligibility=eligibility,
-                                   device=cfg.device, progress=progress)
+                                   device=cfg.device, progress=progress, text_batch=cfg.text_batch)
         mask = select_mask(scores, cfg.density, meta=meta)
     else:
         shapes = {n: tuple(p.shape) for n, p in eligibility.select(loaded.model).items()}

@@ -85,7 +85,7 @@ def resolve_suite(world_dir: str, suite: str, data_root: str):
 
 
 def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
-                 val_shots: int, seed: int, parent_run_id: str = "") -> str:
+                 val_shots: int, seed: int, parent_run_id: str = "", train_templates: list[str] = ()) -> str:
     """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream)."""
     from saft.data.prepare import prepare_dataset
 
@@ -93,7 +93,8 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
               "val_shots": val_shots}
     with step_context(f"prepare seed{seed}", parent_run_id, logged) as tracker:
         result = prepare_dataset(train_root(world_dir, data_root), out_dir, dataset=dataset, split=split or None,
-                                 shots=shots, seed=seed, val_shots=val_shots)
+                                 shots=shots, seed=seed, val_shots=val_shots,
+                                 train_templates=list(train_templates) or None)
         tracker.set_tags({"saft.manifest_hash": result.manifest_hash})
     return result.manifest_hash
 
@@ -111,14 +112,15 @@ def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, pro
 
 
 def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
-                  device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log) -> dict:
+                  device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log,
+                  prompts: str = "train") -> dict:
     from saft.steps.finetune import finetune_step
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
     device = resolve_device(device)
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
         summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, device=device, progress=progress,
-                                log=log)
+                                prompts=prompts, log=log)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
     return summary

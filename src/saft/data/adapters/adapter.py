@@ -23,6 +23,10 @@ from saft.data.storage import Storage, open_storage
 Root = str | os.PathLike | Storage
 
 
+TRAIN_TEMPLATE_SET = "train"
+FALLBACK_TRAIN_TEMPLATE = "a photo of a {}."
+
+
 class DatasetAdapter:
     """One dataset, as described by its spec; cheap to build, reads data only when asked.
 
@@ -91,6 +95,21 @@ class DatasetAdapter:
         """The prompt templates of the chosen set, each with one ``{}`` for the class name."""
         where = f"{self.spec.source}: templates '{self.template_set}'"
         return list(resolve_templates(self.spec.templates[self.template_set], where))
+
+    @property
+    def train_templates(self) -> list[str]:
+        """The prompts scoring and training use: the spec's ``train`` set, else a one-prompt default set,
+        else CLIP's single prompt ``a photo of a {}.``.
+
+        Training re-encodes its prompts with gradients at every step, so it uses one hand-crafted
+        template per dataset (as the CoOp protocol and the SAFT paper do); evaluation keeps the
+        ensemble of the chosen set (ImageNet: CLIP's 80 prompts).
+        """
+        if TRAIN_TEMPLATE_SET in self.spec.templates:
+            where = f"{self.spec.source}: templates '{TRAIN_TEMPLATE_SET}'"
+            return list(resolve_templates(self.spec.templates[TRAIN_TEMPLATE_SET], where))
+        default = self.with_templates(DEFAULT_TEMPLATE_SET).templates
+        return default if len(default) == 1 else [FALLBACK_TRAIN_TEMPLATE]
 
     def with_templates(self, template_set: str) -> DatasetAdapter:
         """The same dataset with another prompt set (e.g. ImageNet's short ``simple`` set)."""
