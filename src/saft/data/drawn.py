@@ -29,7 +29,7 @@ from saft.data.findings import FILE_ERRORS, Finding, ValidationReport
 from saft.data.imagefolder import ImageEntry
 from saft.data.manifest import ManifestEntry
 from saft.data.storage import Storage
-from saft.data.validate import READ_WORKERS, check_files, duplicate_findings
+from saft.data.validate import READ_WORKERS, FileResult, check_files, duplicate_findings
 from saft.progress import progress_bar
 
 
@@ -77,7 +77,7 @@ def draw_checked(
     taken = {name: 0 for name in orders}
     usable: dict[str, list[ManifestEntry]] = {name: [] for name in orders}
     read: list[ImageEntry] = []
-    digests: list[str | None] = []
+    results: list[FileResult] = []
     findings: list[Finding] = []
     with progress_bar(total=need * len(orders), desc="reading drawn images", unit="img", enabled=progress) as bar:
         while True:
@@ -91,11 +91,10 @@ def draw_checked(
             broken = 0
             # A class's candidates are consecutive in its order and results come back in
             # batch order, so each class's usable images stay in sampling order.
-            for entry, (file_findings, digest) in zip(batch, check_files(
-                storage, batch, workers=workers, keep=keep, progress=bar
-            )):
-                read.append(entry)
-                digests.append(digest)
+            batch_results = check_files(storage, batch, workers=workers, keep=keep, progress=bar)
+            read += batch
+            results += batch_results
+            for entry, (file_findings, digest) in zip(batch, batch_results):
                 findings += file_findings
                 if any(finding.kind in FILE_ERRORS for finding in file_findings) or digest is None:
                     broken += 1
@@ -107,7 +106,7 @@ def draw_checked(
                 break
             bar.total += broken
             bar.refresh()
-    findings += duplicate_findings(read, digests)
+    findings += duplicate_findings(read, results)
     report = ValidationReport(root=storage.uri, files_checked=len(read), classes=tuple(orders), findings=findings)
     train = [entry for picked in usable.values() for entry in picked[:shots]]
     val = [entry for picked in usable.values() for entry in picked[shots:need]]

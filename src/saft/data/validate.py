@@ -76,8 +76,8 @@ def check_file(
     """Read one file once and check it: path, bytes, hash, decoding.
 
     Returns its findings and the sha256 of its bytes when they could be read (also for a
-    file that does not decode, so duplicates of broken files are still seen). ``keep``
-    files remotely read bytes in the blob cache (:meth:`Storage.load_bytes`).
+    file that does not decode). ``keep`` files remotely read bytes in the blob cache
+    (:meth:`Storage.load_bytes`).
     """
     try:
         check_relpath(relpath)
@@ -167,16 +167,18 @@ def check_files(
     return results
 
 
-def duplicate_findings(items: Sequence[LabelledPath], digests: Sequence[str | None]) -> list[Finding]:
+def duplicate_findings(items: Sequence[LabelledPath], results: Sequence[FileResult]) -> list[Finding]:
     """Identical bytes among ``items``: ``duplicate`` within one class, ``conflicting_duplicate`` across classes.
 
-    The first item (in the given order) with some bytes is the original; each later one
-    with the same bytes is reported, naming it.
+    Only images that decode count: two copies of the same garbage in two classes say
+    nothing about the labels, and broken files are dropped or replaced anyway. The first
+    item (in the given order) with some bytes is the original; each later one with the
+    same bytes is reported, naming it.
     """
     findings: list[Finding] = []
     first_seen: dict[str, LabelledPath] = {}
-    for item, digest in zip(items, digests):
-        if digest is None:
+    for item, (file_findings, digest) in zip(items, results):
+        if digest is None or any(finding.kind == "corrupt" for finding in file_findings):
             continue
         earlier = first_seen.setdefault(digest, item)
         if earlier is item:
@@ -240,7 +242,7 @@ def _check_items(
     findings = list(findings)
     for file_findings, _ in results:
         findings += file_findings
-    findings += duplicate_findings(readable, [digest for _, digest in results])
+    findings += duplicate_findings(readable, results)
     return ValidationReport(root=storage.uri, files_checked=len(items), classes=found, findings=findings)
 
 
