@@ -145,6 +145,14 @@ def test_broken_drawn_images_are_refused_or_replaced_deterministically(broken_wi
     assert sorted(drawn_paths(tmp_path / "two")) == sorted(picks)
 
 
+def test_a_class_left_with_too_few_readable_images_is_refused(image_tree: Path, tmp_path: Path) -> None:
+    for name in ("img02.png", "img03.jpg"):  # bee's first two in seed 1's order
+        break_image(image_tree / "bee" / name)
+    with pytest.raises(DataValidationError, match=r"1 class\(es\) have fewer than 5 readable images.*'bee' \(4\)"):
+        prepare_dataset(image_tree, tmp_path / "out", shots=5, skip_corrupt=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsafe_listed_paths_are_refused_or_left_out(image_tree: Path, tmp_path: Path) -> None:
     storage = CountingStorage(image_tree, extra=("bee//sneaky.png",))
     with pytest.raises(DataValidationError, match="lists paths that leave the dataset root") as caught:

@@ -17,31 +17,39 @@ the draw gives, and smaller shot counts stay subsets of larger ones.
 What a draw cannot see is what it does not read: broken or duplicated images that were
 not drawn. Identical bytes filed under two classes are caught among the images read;
 ``saft data validate`` checks the whole split.
+
+:func:`listed_entries` and :func:`refuse_bad_draw` hold what ``prepare`` refuses before
+and after the reads, with messages that say what ``skip_corrupt`` can and cannot fix.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 from saft.data.fewshot import FewShotSplit, few_shot_split, sampling_orders
-from saft.data.findings import FILE_ERRORS, Finding, ValidationReport
+from saft.data.findings import CLASS_ERRORS, FILE_ERRORS, DataValidationError, Finding, ValidationReport
 from saft.data.imagefolder import ImageEntry
 from saft.data.manifest import ManifestEntry
+from saft.data.split_index import DatasetIndex
 from saft.data.storage import Storage
 from saft.data.validate import READ_WORKERS, FileResult, check_files, duplicate_findings
 from saft.progress import progress_bar
+
+log = logging.getLogger("saft.data.prepare")  # what it logs is the prepare step's news
 
 
 @dataclass(frozen=True)
 class CheckedDraw:
     """A few-shot split of manifest entries (sha256 from the read that checked each image),
     what the reads found (``report``: files read, their findings) and which classes came
-    out short (``short``: class key -> readable images found, when fewer than needed)."""
+    out short (``short``: class key -> readable images found, when fewer than ``need``)."""
 
     split: FewShotSplit
     report: ValidationReport
     short: dict[str, int]
+    need: int
 
     @property
     def broken(self) -> set[str]:
@@ -111,4 +119,72 @@ def draw_checked(
     train = [entry for picked in usable.values() for entry in picked[:shots]]
     val = [entry for picked in usable.values() for entry in picked[shots:need]]
     short = {name: len(picked) for name, picked in usable.items() if len(picked) < need}
-    return CheckedDraw(few_shot_split(shots, seed, train, val), report, short)
+    return CheckedDraw(few_shot_split(shots, seed, train, val), report, short, need)
+
+
+# --- what prepare refuses ------------------------------------------------------------------
+
+
+def _where(storage: Storage, index: DatasetIndex) -> str:
+    return f"dataset root {storage.uri} ({index.dataset}, split {index.split!r})"
+
+
+def listed_entries(storage: Storage, index: DatasetIndex, skip: bool) -> tuple[list[ImageEntry], int]:
+    """The split's entries a draw may pick from, and how many unsafe paths were left out.
+
+    Raises :class:`DataValidationError` when the listing shows class problems (never
+    skippable) or unsafe paths (unless ``skip``, which leaves them out).
+    """
+    report = ValidationReport(root=storage.uri, files_checked=0, classes=index.listed, findings=list(index.problems))
+    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
+        raise DataValidationError(report, _class_problem_message(_where(storage, index)))
+    unsafe = report.bad_paths()
+    if unsafe and not skip:
+        raise DataValidationError(
+            report,
+            f"{_where(storage, index)} lists paths that leave the dataset root; fix them, or pass skip_corrupt=True "
+            "(CLI: --skip-corrupt) to leave those files out of the draw",
+        )
+    if unsafe:
+        log.warning("%s: left %d unsafe path(s) out of the draw", storage.uri, len(unsafe))
+    return [entry for entry in index.entries if entry.path not in unsafe], len(unsafe)
+
+
+def _class_problem_message(where: str) -> str:
+    return (
+        f"{where} failed validation: its classes are not what the dataset needs (missing, extra or empty "
+        "classes, or one image filed under two classes). Fix the root or point it at a complete copy; "
+        "skip_corrupt (CLI: --skip-corrupt) only replaces broken files and cannot fix these"
+    )
+
+
+def refuse_bad_draw(storage: Storage, index: DatasetIndex, draw: CheckedDraw, skip: bool) -> None:
+    """Log the draw's warnings and replacements; raise :class:`DataValidationError` when its
+    reads found class problems, broken images (unless ``skip``) or too few readable ones."""
+    report = draw.report
+    where = _where(storage, index)
+    for finding in report.warnings:
+        log.warning("%s: %s %s (%s)", storage.uri, finding.kind, finding.subject, finding.detail)
+    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
+        raise DataValidationError(report, _class_problem_message(where))
+    broken = draw.broken
+    if broken and not skip:
+        raise DataValidationError(
+            report,
+            f"{where}: {len(broken)} of the {report.files_checked} drawn image(s) are broken; fix or remove the "
+            "files listed below, or pass skip_corrupt=True (CLI: --skip-corrupt) to replace each with the next "
+            "image of its class in the seeded sampling order",
+        )
+    if broken:
+        kinds = ", ".join(f"{kind}: {report.count(kind)}" for kind in FILE_ERRORS if report.count(kind))
+        examples = ", ".join(sorted(broken)[:5]) + (", ..." if len(broken) > 5 else "")
+        log.warning("%s: replaced %d broken drawn image(s) with the next images of their classes (%s): %s",
+                    storage.uri, len(broken), kinds, examples)
+    if draw.short:
+        listed = ", ".join(f"{name!r} ({count})" for name, count in sorted(draw.short.items())[:10])
+        raise DataValidationError(
+            report,
+            f"{where}: after replacing broken images, {len(draw.short)} class(es) have fewer than {draw.need} readable "
+            f"images (shots + val_shots): {listed}; fix the files listed below or lower shots/val_shots",
+        )
+

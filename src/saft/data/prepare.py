@@ -72,12 +72,10 @@ from typing import Any, Sequence
 import yaml
 
 from saft.data.adapters import DatasetAdapter, UnknownDatasetError, get_adapter, list_adapters
-from saft.data.drawn import CheckedDraw, draw_checked
+from saft.data.drawn import draw_checked, listed_entries, refuse_bad_draw
 from saft.data.fewshot import subsample_classes
-from saft.data.findings import CLASS_ERRORS, FILE_ERRORS, DataValidationError, ValidationReport
-from saft.data.imagefolder import ImageEntry
 from saft.data.manifest import canonical_manifest_bytes
-from saft.data.split_index import DatasetIndex, index_dataset
+from saft.data.split_index import index_dataset
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
 from saft.io import atomic_path, read_text, write_json
 from saft.version import __version__
@@ -295,71 +293,6 @@ def _check_out_dir(out_dir: Path, storage: Storage) -> None:
         )
 
 
-def _where(storage: Storage, index: DatasetIndex) -> str:
-    return f"dataset root {storage.uri} ({index.dataset}, split {index.split!r})"
-
-
-def _listed_entries(storage: Storage, index: DatasetIndex, skip: bool) -> tuple[list[ImageEntry], int]:
-    """The split's entries the draw may pick from, after the checks its listing allows, and how
-    many unsafe paths were dropped (``skip``) from it."""
-    if not index.classes:
-        raise PrepareError(
-            f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
-            "<root>/<class name>/<image>"
-        )
-    report = ValidationReport(root=storage.uri, files_checked=0, classes=index.listed, findings=list(index.problems))
-    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
-        raise DataValidationError(report, _class_problem_message(_where(storage, index)))
-    unsafe = report.bad_paths()
-    if unsafe and not skip:
-        raise DataValidationError(
-            report,
-            f"{_where(storage, index)} lists paths that leave the dataset root; fix them, or pass skip_corrupt=True "
-            "(CLI: --skip-corrupt) to leave those files out of the draw",
-        )
-    if unsafe:
-        log.warning("%s: left %d unsafe path(s) out of the draw", storage.uri, len(unsafe))
-    return [entry for entry in index.entries if entry.path not in unsafe], len(unsafe)
-
-
-def _class_problem_message(where: str) -> str:
-    return (
-        f"{where} failed validation: its classes are not what the dataset needs (missing, extra or empty "
-        "classes, or one image filed under two classes). Fix the root or point it at a complete copy; "
-        "skip_corrupt (CLI: --skip-corrupt) only replaces broken files and cannot fix these"
-    )
-
-
-def _checked(storage: Storage, index: DatasetIndex, draw: CheckedDraw, skip: bool, need: int) -> None:
-    """Refuse a draw whose reads found class problems, or broken images (unless ``skip``)."""
-    report = draw.report
-    where = _where(storage, index)
-    for finding in report.warnings:
-        log.warning("%s: %s %s (%s)", storage.uri, finding.kind, finding.subject, finding.detail)
-    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
-        raise DataValidationError(report, _class_problem_message(where))
-    broken = draw.broken
-    if broken and not skip:
-        raise DataValidationError(
-            report,
-            f"{where}: {len(broken)} of the {report.files_checked} drawn image(s) are broken; fix or remove the "
-            "files listed below, or pass skip_corrupt=True (CLI: --skip-corrupt) to replace each with the next "
-            "image of its class in the seeded sampling order",
-        )
-    if broken:
-        kinds = ", ".join(f"{kind}: {report.count(kind)}" for kind in FILE_ERRORS if report.count(kind))
-        examples = ", ".join(sorted(broken)[:5]) + (", ..." if len(broken) > 5 else "")
-        log.warning("%s: replaced %d broken drawn image(s) with the next images of their classes (%s): %s",
-                    storage.uri, len(broken), kinds, examples)
-    if draw.short:
-        listed = ", ".join(f"{name!r} ({count})" for name, count in sorted(draw.short.items())[:10])
-        raise DataValidationError(
-            report,
-            f"{where}: after replacing broken images, {len(draw.short)} class(es) have fewer than {need} readable "
-            f"images (shots + val_shots): {listed}; fix the files listed below or lower shots/val_shots",
-        )
-
-
 def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]]) -> None:
     """Write all files beside their targets, then move them into place together.
 
@@ -429,12 +362,17 @@ def prepare_dataset(
     _warn_if_evaluation_split(adapter, split)
 
     index = index_dataset(storage, adapter, split)
-    entries, skipped = _listed_entries(storage, index, skip_corrupt)
+    if not index.classes:
+        raise PrepareError(
+            f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
+            "<root>/<class name>/<image>"
+        )
+    entries, skipped = listed_entries(storage, index, skip_corrupt)
     # Halves and shots are drawn per class key, so classes sharing a name stay apart.
     entries, keys = subsample_classes(entries, index.keys, subset)  # type: ignore[arg-type]
     draw = draw_checked(storage, entries, keys, shots, seed, val_shots=val_shots, replace_broken=skip_corrupt,
                         progress=progress)
-    _checked(storage, index, draw, skip_corrupt, shots + val_shots)
+    refuse_bad_draw(storage, index, draw, skip_corrupt)
     skipped += len(draw.broken)
     drawn = draw.split
     name_of = index.name_of_key
