@@ -153,6 +153,15 @@ def test_eviction_races_with_other_processes_are_harmless(tmp_path: Path, monkey
     assert clone.max_bytes == 6 * BLOB and clone.get(sha(payload(209))) is not None
 
 
+def test_processes_filling_one_cache_together_stay_near_the_bound(tmp_path: Path) -> None:
+    # Two processes start on an empty folder; neither one's own writes alone reach the bound.
+    first, second = BlobCache(tmp_path, max_bytes=10 * BLOB), BlobCache(tmp_path, max_bytes=10 * BLOB)
+    for i in range(0, 60, 2):
+        first.put_bytes(payload(i), f"test://{i}")
+        second.put_bytes(payload(i + 1), f"test://{i + 1}")
+        assert first.usage() <= 10 * BLOB * (1 + 2 * (1 - LOW_WATER))  # one margin per writer at most
+
+
 def test_a_blob_larger_than_the_bound_is_still_served(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path, max_bytes=5 * BLOB)
     _fill(cache, 0, 3)

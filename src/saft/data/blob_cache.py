@@ -18,10 +18,10 @@ How the bookkeeping stays cheap and safe with 16k to 1.28M blobs and several pro
 - Recency is the file's modification time: a hit touches it (many mounts use
   ``noatime``, so access times cannot be trusted), a new blob is written now.
 - Each process keeps a running tally of the bytes in the cache, built by one scan at its
-  first write and then advanced by its own writes, so a write costs no scan. An
-  eviction scans the folder again, which counts what other processes wrote (their
-  writes can take the folder past the bound between two evictions by up to one
-  low-water margin per writing process).
+  first write and then advanced by its own writes, so a write costs no scan. After
+  every low-water margin (10 % of the bound) of its own writes, and at every eviction,
+  it scans the folder again, which counts what other processes wrote: the folder can
+  pass the bound by at most one margin per writing process.
 - Before a blob is deleted it is looked at once more: one that another process used since
   the scan is kept, one that is already gone is fine (someone else evicted it).
 - Only files named like blobs (``<2 hex>/<64 hex>`` with matching prefix) are counted or
@@ -143,6 +143,7 @@ class BlobCache:
             raise ValueError(f"max_bytes must be a positive number of bytes or None, got {max_bytes!r}")
         self.max_bytes: int | None = max_bytes
         self._tally: int | None = None  # bytes of blobs on disk as this process knows them
+        self._unscanned = 0  # bytes this process wrote since it last scanned the folder
         self._new_locks()
 
     def _new_locks(self) -> None:
@@ -157,6 +158,7 @@ class BlobCache:
         for name in ("_tally_lock", "_evict_lock", "_pid"):
             del state[name]
         state["_tally"] = None
+        state["_unscanned"] = 0
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -247,11 +249,15 @@ class BlobCache:
         if self.max_bytes is None:
             return
         self._check_process()
+        margin = max(1, self.max_bytes - int(self.max_bytes * LOW_WATER))
         with self._tally_lock:
-            if self._tally is None:
-                self._tally = sum(blob.size for blob in self.scan())  # the new blob included
-            else:
+            if self._tally is not None:
                 self._tally += size  # a blob written twice is counted twice: the next scan corrects it
+                self._unscanned += size
+            if self._tally is None or self._unscanned >= margin:
+                # Also what other processes wrote since the last scan (the new blob included).
+                self._tally = sum(blob.size for blob in self.scan())
+                self._unscanned = 0
             over = self._tally > self.max_bytes
         if over:
             self.evict(keep=written)
@@ -316,6 +322,7 @@ class BlobCache:
             with self._tally_lock:
                 # Writes by this process's other threads during the scan stay counted.
                 self._tally = total - freed + max(0, (self._tally or 0) - tally_before)
+                self._unscanned = 0
             if deleted:
                 log.info(
                     "blob cache %s reached its bound of %s (%s=%s): deleted %d least recently used blob(s), "
