@@ -6,10 +6,10 @@ directory keyed by the sha256 recorded in the manifest, so a cached blob is vali
 root that holds the same bytes, and a blob whose bytes changed on disk is detected and
 fetched again instead of silently training on different data. The cache is bounded
 (``SAFT_CACHE_MAX_GB``, least recently used blobs go first; see
-:mod:`saft.data.blob_cache`). A file read once (a validation scan, the few-shot draw of
-``prepare``) is streamed with :meth:`Storage.load_bytes` instead, so a scan of a whole
-split does not fill the cache. Local roots need no cache: :class:`LocalStorage` checks
-the file in place.
+:mod:`saft.data.blob_cache`). A file read for one check is streamed with
+:meth:`Storage.load_bytes` instead, so a validation scan of a whole split does not fill
+the cache (``prepare`` keeps the images it draws, which training reads next). Local
+roots need no cache: :class:`LocalStorage` checks the file in place.
 
 S3 settings come from the standard AWS environment (``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
