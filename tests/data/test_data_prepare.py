@@ -82,7 +82,7 @@ def test_prepare_writes_the_step_outputs(image_tree: Path, tmp_path: Path) -> No
         "subset": "all",
         "saft_version": __version__,
     }
-    assert record["counts"] == {"classes": 4, "images": 24, "skipped_broken": 0, "train": 8, "val": 4}
+    assert record["counts"] == {"classes": 4, "images": 24, "read": 12, "skipped_broken": 0, "train": 8, "val": 4}
     assert record["manifests"]["train"] == {"file": "train.jsonl", "sha256": sha(out / "train.jsonl"), "entries": 8}
     assert record["manifests"]["val"]["sha256"] == sha(out / "val.jsonl")
     assert result.manifest_hash == sha(out / "train.jsonl") and result.val_hash == sha(out / "val.jsonl")
@@ -178,27 +178,31 @@ def test_missing_templates_file_and_bad_template_write_nothing(image_tree: Path,
 
 
 def test_corrupt_image_is_refused_unless_skipped(image_tree: Path, tmp_path: Path, caplog) -> None:
-    break_image(image_tree / "bee" / "img03.jpg")
+    break_image(image_tree / "bee" / "img03.jpg")  # bee's 2nd image in seed 1's order: drawn at 2 shots
     out = tmp_path / "out"
     with pytest.raises(DataValidationError, match="--skip-corrupt") as caught:
         prepare_dataset(image_tree, out, shots=2)
     assert "bee/img03.jpg" in str(caught.value) and "corrupt" in str(caught.value)
+    assert "replace each with the next image of its class" in str(caught.value)
     assert caught.value.report.bad_paths() == {"bee/img03.jpg"}
     assert not out.exists()
 
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
         result = prepare_dataset(image_tree, out, shots=5, skip_corrupt=True)
-    assert "skipped 1 of 24 entries" in caplog.text
+    assert "replaced 1 broken drawn image(s)" in caplog.text and "bee/img03.jpg" in caplog.text
     assert result.skipped == 1 and result.record["counts"]["skipped_broken"] == 1
+    assert result.record["counts"]["read"] == 4 * 5 + 1  # the replacement was read too
     train = read_manifest(out / "train.jsonl")
     assert "bee/img03.jpg" not in {e.path for e in train}
     assert sum(e.class_name == "bee" for e in train) == 5  # the class still has its 5 shots
 
 
 def test_skip_corrupt_does_not_hide_class_problems(image_tree: Path, tmp_path: Path) -> None:
-    shutil.copy(image_tree / "ant" / "img00.png", image_tree / "bee" / "copy.png")
-    with pytest.raises(DataValidationError, match="conflicting_duplicate"):
+    # The first images of seed 1's order: ant/img03.jpg and bee/img02.png are both drawn.
+    shutil.copy(image_tree / "ant" / "img03.jpg", image_tree / "bee" / "img02.png")
+    with pytest.raises(DataValidationError, match="conflicting_duplicate") as caught:
         prepare_dataset(image_tree, tmp_path / "out", shots=1, skip_corrupt=True)
+    assert "cannot fix these" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -277,14 +281,14 @@ def test_s3_root_with_corrupt_object_is_refused_then_skipped(
     image_tree: Path, tmp_path: Path, s3_bucket, upload
 ) -> None:
     client, bucket = s3_bucket
-    break_image(image_tree / "dog" / "img00.png")
+    break_image(image_tree / "dog" / "img01.jpg")  # drawn first in seed 1's order
     upload(client, bucket, image_tree, "tree")
-    with pytest.raises(DataValidationError, match="dog/img00.png"):
+    with pytest.raises(DataValidationError, match="dog/img01.jpg"):
         prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2)
     assert not (tmp_path / "out").exists()
     result = prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2, skip_corrupt=True)
     assert result.skipped == 1
-    assert "dog/img00.png" not in (tmp_path / "out" / "train.jsonl").read_text()
+    assert "dog/img01.jpg" not in (tmp_path / "out" / "train.jsonl").read_text()
 
 
 # --- fixture trees in the registry's layouts ---------------------------------------------
@@ -455,19 +459,21 @@ def test_split_json_is_deterministic_and_user_templates_win(pets_root: Path, tmp
     assert custom.templates == ("a pet: {}.",)
 
 
-def test_split_json_validation_covers_the_split_only(pets_root: Path, tmp_path: Path, caplog) -> None:
+def test_split_json_checks_drawn_images_of_the_split_only(pets_root: Path, tmp_path: Path, caplog) -> None:
     break_image(pets_root / "images" / "yorkshire_terrier" / "yorkshire_terrier_4.jpg")  # a test image
-    assert prepare_dataset(pets_root, tmp_path / "ok", dataset="oxford_pets", shots=1).train_count == 3
-    broken = pets_root / "images" / "abyssinian" / "abyssinian_1.jpg"  # a train image
+    clean = prepare_dataset(pets_root, tmp_path / "ok", dataset="oxford_pets", shots=2)
+    assert clean.train_count == 6
+    drawn = [e.path for e in read_manifest(tmp_path / "ok" / "train.jsonl") if e.label == 0]
+    broken = pets_root / drawn[0]  # a drawn train image
     break_image(broken)
-    with pytest.raises(DataValidationError, match=r"\(oxford_pets, split 'train'\) failed validation") as caught:
+    with pytest.raises(DataValidationError, match=r"\(oxford_pets, split 'train'\): 1 of the 6 drawn") as caught:
         prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2)
-    assert caught.value.report.bad_paths() == {"images/abyssinian/abyssinian_1.jpg"}
+    assert caught.value.report.bad_paths() == {drawn[0]}
     assert not (tmp_path / "out").exists()
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
         result = prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2, skip_corrupt=True)
-    assert result.skipped == 1 and "skipped 1 of 9 entries" in caplog.text
-    assert "images/abyssinian/abyssinian_1.jpg" not in (tmp_path / "out" / "train.jsonl").read_text()
+    assert result.skipped == 1 and "replaced 1 broken drawn image(s)" in caplog.text
+    assert drawn[0] not in (tmp_path / "out" / "train.jsonl").read_text()
 
 
 def test_split_json_missing_images_are_a_layout_error(pets_root: Path, tmp_path: Path) -> None:
@@ -499,7 +505,9 @@ def test_imagenet_keeps_the_1000_class_labels_and_clip_prompts(imagenet_root: Pa
     assert classes[0] == "tench" and classes[999] == "toilet paper"
     templates = json.loads((tmp_path / "out" / "templates.json").read_text())
     assert len(templates) == 80 and "a bad photo of a {}." in templates
-    assert result.record["counts"] == {"classes": 1000, "images": 1002, "skipped_broken": 0, "train": 1000, "val": 0}
+    assert result.record["counts"] == {
+        "classes": 1000, "images": 1002, "read": 1000, "skipped_broken": 0, "train": 1000, "val": 0
+    }
     by_label = {e.label: e for e in read_manifest(tmp_path / "out" / "train.jsonl")}
     assert sorted(by_label) == list(range(1000))
     assert by_label[0].path.startswith(f"train/{TENCH}/") and by_label[0].class_name == "tench"

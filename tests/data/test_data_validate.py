@@ -191,8 +191,8 @@ def test_s3_root_validation(s3_bucket, image_tree: Path, upload) -> None:
     report = validate_root(f"s3://{bucket}/tree", tampered)
     assert kinds(report) == {"hash_mismatch": ["ant/img00.png"]}
     assert f"s3://{bucket}/tree/ant/img00.png" in report.findings[0].detail
-    cached = [p for p in Path(os.environ["SAFT_CACHE_DIR"]).rglob("*") if p.is_file()]
-    assert len(cached) == 26 and not any(p.name.startswith(".partial-") for p in cached)
+    # A one-time scan streams the objects: nothing lands in the blob cache.
+    assert not Path(os.environ["SAFT_CACHE_DIR"]).exists() or not any(Path(os.environ["SAFT_CACHE_DIR"]).rglob("*"))
 
 
 # --- one split of a named dataset --------------------------------------------------------

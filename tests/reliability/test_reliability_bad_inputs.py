@@ -37,15 +37,16 @@ def _identity(image):
 
 
 def test_prepare_names_every_broken_file_and_writes_nothing(image_tree: Path, tmp_path: Path) -> None:
+    # prepare reads only what it draws: these three are among the 2 shots seed 1 draws per class.
     good = (image_tree / "ant" / "img01.jpg").read_bytes()
-    (image_tree / "ant" / "img01.jpg").write_bytes(good[:20] + b"\x00garbage" * 10)  # corrupt
+    (image_tree / "ant" / "img03.jpg").write_bytes(good[:20] + b"\x00garbage" * 10)  # corrupt
     (image_tree / "bee" / "img03.jpg").write_bytes(good[: len(good) // 2])  # truncated
-    (image_tree / "cat" / "img00.png").write_bytes(b"")  # zero bytes
+    (image_tree / "cat" / "img02.png").write_bytes(b"")  # zero bytes
     out = tmp_path / "prepared"
     with pytest.raises(DataValidationError) as caught:
         prepare_dataset(image_tree, out, shots=2)
     text = str(caught.value)
-    for culprit in ("ant/img01.jpg", "bee/img03.jpg", "cat/img00.png"):
+    for culprit in ("ant/img03.jpg", "bee/img03.jpg", "cat/img02.png"):
         assert culprit in text
     assert "zero_byte" in text and "corrupt" in text
     assert not out.exists()

@@ -43,6 +43,7 @@ from saft.data.storage import (
     open_storage,
 )
 from saft.data.prepare import PrepareError, PrepareResult, TemplateError, load_templates, prepare_dataset
+from saft.data.split_index import DatasetIndex, index_dataset
 from saft.data.validate import (
     DataValidationError,
     DatasetCheck,
@@ -59,6 +60,7 @@ __all__ = [
     "DataValidationError",
     "DatasetAdapter",
     "DatasetCheck",
+    "DatasetIndex",
     "EvalOnlyError",
     "FewShotError",
     "FewShotSplit",
@@ -84,6 +86,7 @@ __all__ = [
     "check_relpath",
     "get_adapter",
     "hash_entries",
+    "index_dataset",
     "list_adapters",
     "load_rgb",
     "load_templates",

@@ -86,8 +86,9 @@ def format_summary(result: PrepareResult) -> str:
         f"  train images:  {result.train_count}",
         f"  val images:    {result.val_count}",
     ]
+    lines.append(f"  images read:   {record['counts']['read']} of {record['counts']['images']} in the split")
     if result.skipped:
-        lines.append(f"  skipped:       {result.skipped} broken file(s)")
+        lines.append(f"  skipped:       {result.skipped} broken file(s), replaced by the next images of their classes")
     lines.append(f"  manifest hash: {result.manifest_hash} (train.jsonl)")
     if result.val_hash is not None:
         lines.append(f"  val hash:      {result.val_hash} (val.jsonl)")
@@ -166,11 +167,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     prepare = data_sub.add_parser(
         "prepare",
-        help="validate a root and write train/val manifests, classes, templates and prepare.json",
+        help="draw a few-shot split of a root and write train/val manifests, classes, templates and prepare.json",
         description=(
-            "Validate one split of ROOT, draw a deterministic few-shot split and write train.jsonl (val.jsonl with "
-            "--val-shots), classes.json, templates.json and prepare.json into --out. The same inputs "
-            "always give byte-identical files; on any error --out is left unchanged."
+            "List one split of ROOT, draw a deterministic few-shot split, read and check only the drawn images, "
+            "and write train.jsonl (val.jsonl with --val-shots), classes.json, templates.json and prepare.json "
+            "into --out. The same inputs always give byte-identical files; on any error --out is left unchanged. "
+            "'saft data validate' checks every image of a split."
         ),
     )
     prepare.add_argument("root", metavar="ROOT",
@@ -197,7 +199,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                          help="prompts scoring and training use, in the same formats (default: the dataset's one "
                               "hand-crafted training prompt, e.g. 'a photo of a {}.' for imagenet)")
     prepare.add_argument("--skip-corrupt", action="store_true",
-                         help="drop broken image files (counted in the summary) instead of refusing the root")
+                         help="replace broken drawn images with the next images of their classes in the seeded "
+                              "order (counted in the summary) instead of refusing the root")
     prepare.set_defaults(func=_guarded("prepare", _prepare))
 
     validate = data_sub.add_parser(
@@ -205,7 +208,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="check a root (or a manifest over it) for broken, unsafe or duplicate files",
         description=(
             "Check every image of one split of ROOT (as --dataset indexes it), or the files a manifest "
-            "lists, and print a report. "
+            "lists, and print a report. From an s3:// root the objects are streamed, not kept in the blob cache. "
             "Exit code 0: no errors (warnings allowed); 1: errors found; 2: the check could not run."
         ),
     )

@@ -36,9 +36,11 @@ __all__ = [
     "FewShotSplit",
     "ManifestEntry",
     "ManifestError",
+    "few_shot_split",
     "hash_entries",
     "manifest_hash",
     "read_manifest",
+    "sampling_orders",
     "select_few_shot",
     "shot_order",
     "split_base_new",
@@ -100,6 +102,42 @@ def select_few_shot(
     """
     _check_count("shots", shots, allow_none=True, minimum=1)
     _check_count("val_shots", val_shots, allow_none=False, minimum=0)
+    need = None if shots is None else shots + val_shots
+    orders = sampling_orders(entries, seed, need=need, classes=classes, allow_fewer=allow_fewer)
+    train: list[E] = []
+    val: list[E] = []
+    for ordered in orders.values():
+        if shots is None:
+            train.extend(ordered)
+            continue
+        train.extend(ordered[:shots])
+        val.extend(ordered[shots : shots + val_shots])
+    return few_shot_split(shots, seed, train, val)
+
+
+def few_shot_split(shots: int | None, seed: int, train: Sequence[E], val: Sequence[E]) -> FewShotSplit:
+    """A :class:`FewShotSplit` of the chosen entries, each set sorted by path."""
+    by_path = lambda entry: entry.path  # noqa: E731
+    return FewShotSplit(shots=shots, seed=seed, train=tuple(sorted(train, key=by_path)),
+                        val=tuple(sorted(val, key=by_path)))
+
+
+def sampling_orders(
+    entries: Sequence[E],
+    seed: int,
+    *,
+    need: int | None = None,
+    classes: Sequence[str] | None = None,
+    allow_fewer: bool = False,
+) -> dict[str, list[E]]:
+    """Each class's entries in their sampling order for ``seed``, classes sorted by name.
+
+    A draw takes a class's images from the front of its order, so the first ``need``
+    usable ones are its pick (:func:`select_few_shot`, and :mod:`saft.data.drawn`,
+    which skips broken ones). Refuses, as :class:`FewShotError`, a path listed twice,
+    a class of ``classes`` without images and, unless ``allow_fewer``, a class with
+    fewer than ``need`` images.
+    """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FewShotError(f"seed must be an integer, got {seed!r}")
     by_class: dict[str, list[E]] = {}
@@ -118,25 +156,14 @@ def select_few_shot(
             )
     if not by_class:
         raise FewShotError("no images to split")
-    need = None if shots is None else shots + val_shots
     short = {name: len(items) for name, items in by_class.items() if need is not None and len(items) < need}
     if short and not allow_fewer:
         listed = ", ".join(f"{name!r} ({count})" for name, count in sorted(short.items())[:10])
         raise FewShotError(
-            f"{len(short)} class(es) have fewer than {need} images (shots={shots} + val_shots={val_shots}): "
+            f"{len(short)} class(es) have fewer than {need} images (shots + val_shots): "
             f"{listed}; lower shots/val_shots or pass allow_fewer=True to use what they have"
         )
-    train: list[E] = []
-    val: list[E] = []
-    for name in sorted(by_class):
-        ordered = shot_order(by_class[name], seed)
-        if shots is None:
-            train.extend(ordered)
-            continue
-        train.extend(ordered[:shots])
-        val.extend(ordered[shots : shots + val_shots])
-    by_path = lambda entry: entry.path  # noqa: E731
-    return FewShotSplit(shots=shots, seed=seed, train=tuple(sorted(train, key=by_path)), val=tuple(sorted(val, key=by_path)))
+    return {name: shot_order(by_class[name], seed) for name in sorted(by_class)}
 
 
 def split_base_new(classes: Sequence[str]) -> tuple[list[str], list[str]]:

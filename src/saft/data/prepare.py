@@ -16,7 +16,9 @@ ImageFolder, ImageNet, the CoOp datasets) into a folder of small, versionable fi
   dataset's one hand-crafted training prompt (ImageNet: ``a photo of a {}.``, as in the
   CoOp protocol), else the user's (see ``DatasetAdapter.train_templates``)
 - ``prepare.json``: what was asked for and what came out (dataset adapter, split, root,
-  shots, seed, val_shots, subset, counts, manifest hashes, library version)
+  shots, seed, val_shots, subset, manifest hashes, library version, and ``counts``:
+  classes, ``images`` the draw chose from, images ``read``, broken ones skipped and
+  replaced, train and val entries)
 
 Why it is built this way:
 
@@ -25,13 +27,21 @@ Why it is built this way:
   validation image never ends up in a training manifest by accident. Evaluation-only
   sets (ImageNet-V2, -Sketch, -A, -R) are refused: training on them would turn their
   robustness numbers into in-distribution ones.
-- The split is validated as a whole before anything is drawn, so a truncated JPEG, a file
-  filed under two classes or a class without images is found now rather than hours into
-  training (see :func:`saft.data.validate.validate_dataset`). Broken
-  files are refused unless ``skip_corrupt``; then they are dropped and counted, and since
-  each class's sampling order depends only on the seed and the path, dropping a broken
-  image picks the next image of that class without disturbing any other choice.
-  Validation decodes every image of the split once (on S3 that also fills the blob cache).
+- Only the drawn images are read (:mod:`saft.data.drawn`): a 16-shot ImageNet draw reads
+  16,000 of the split's 1.28 million images, not all of them. The split is listed by the
+  dataset's adapter and everything the listing shows is checked for every image
+  (missing, extra or empty classes, labels against the class list, unsafe paths; see
+  :mod:`saft.data.split_index`); then each drawn image is read once, decoded (so a
+  truncated JPEG is found now rather than hours into training) and hashed from the same
+  bytes. A broken drawn image is refused unless ``skip_corrupt``; then it is replaced by
+  the next image of its class in the seeded sampling order, counted and logged. The
+  order depends only on the seed and the path, so the same inputs give the same
+  manifests, and a split without broken images gives the manifests a check of the whole
+  split followed by the draw would. Images that were not drawn are not read, so a broken
+  one there, or the same bytes filed under two classes outside the draw, is not seen:
+  ``saft data validate`` checks a whole split (:func:`saft.data.validate.validate_dataset`).
+  From S3 the drawn images are also filed in the local blob cache, where training on the
+  same machine finds them.
 - The outputs are a set: ``prepare.json`` records the hashes of the manifests beside it.
   All inputs are read and checked, and every output is rendered to a temporary file,
   before any output replaces a file of the folder; a failure therefore leaves the folder
@@ -66,17 +76,11 @@ from typing import Any, Sequence
 import yaml
 
 from saft.data.adapters import DatasetAdapter, UnknownDatasetError, get_adapter, list_adapters
-from saft.data.fewshot import select_few_shot, subsample_classes
-from saft.data.imagefolder import ImageEntry
-from saft.data.manifest import canonical_manifest_bytes, hash_entries
+from saft.data.drawn import draw_checked, listed_entries, refuse_bad_draw
+from saft.data.fewshot import subsample_classes
+from saft.data.manifest import canonical_manifest_bytes
+from saft.data.split_index import index_dataset
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
-from saft.data.validate import (
-    CLASS_ERRORS,
-    DataValidationError,
-    DatasetCheck,
-    skip_corrupt as drop_broken,
-    validate_dataset,
-)
 from saft.io import atomic_path, read_text, write_json
 from saft.version import __version__
 
@@ -294,40 +298,6 @@ def _check_out_dir(out_dir: Path, storage: Storage) -> None:
         )
 
 
-def _validated_entries(
-    storage: Storage, adapter: DatasetAdapter, split: str, skip: bool
-) -> tuple[list[ImageEntry], DatasetCheck, int]:
-    """The split's usable images (keyed by class key), its check, and how many broken files were skipped."""
-    check = validate_dataset(storage, adapter, split)
-    report = check.report
-    where = f"dataset root {storage.uri} ({adapter.name}, split {split!r})"
-    if not check.classes:
-        raise PrepareError(
-            f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
-            "<root>/<class name>/<image>"
-        )
-    for finding in report.warnings:
-        log.warning("%s: %s %s (%s)", storage.uri, finding.kind, finding.subject, finding.detail)
-    entries = list(check.entries)
-    if report.ok:
-        return entries, check, 0
-    if any(finding.kind in CLASS_ERRORS for finding in report.errors):
-        raise DataValidationError(
-            report,
-            f"{where} failed validation: its classes are not what the dataset needs (missing, extra or empty "
-            "classes, or one image filed under two classes). Fix the root or point it at a complete copy; "
-            "skip_corrupt (CLI: --skip-corrupt) only drops broken files and cannot fix these",
-        )
-    if not skip:
-        raise DataValidationError(
-            report,
-            f"{where} failed validation; fix or remove the files listed below, "
-            "or pass skip_corrupt=True (CLI: --skip-corrupt) to drop broken image files",
-        )
-    kept = drop_broken(entries, report, logger=log)
-    return kept, check, len(entries) - len(kept)
-
-
 def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]]) -> None:
     """Write all files beside their targets, then move them into place together.
 
@@ -364,8 +334,9 @@ def prepare_dataset(
     templates: Sequence[str] | str | os.PathLike | None = None,
     skip_corrupt: bool = False,
     train_templates: Sequence[str] | str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> PrepareResult:
-    """Validate ``split`` of ``root``, draw ``shots`` images per class for ``seed``, write ``out_dir``.
+    """Draw ``shots`` images per class of ``split`` of ``root`` for ``seed``, check them, write ``out_dir``.
 
     ``dataset`` names the adapter that reads the root (``saft.data.list_adapters()``);
     ``split`` defaults to the dataset's training split (``imagefolder``: the whole root).
@@ -374,10 +345,13 @@ def prepare_dataset(
     :class:`PrepareError` (bad arguments or templates), the adapter's
     :class:`~saft.data.adapters.EvalOnlyError` (evaluation-only dataset) or
     :class:`~saft.data.adapters.LayoutError` (root not laid out as the dataset expects),
-    :class:`DataValidationError` (broken data; its ``report`` lists every finding),
+    :class:`DataValidationError` (broken data in the listing or among the drawn images;
+    its ``report`` lists every finding),
     :class:`saft.data.FewShotError` (a class has fewer than ``shots + val_shots`` images)
     or :class:`saft.data.StorageError` (unreadable root); in every case ``out_dir`` is
-    left as it was. See the module docstring for the files written.
+    left as it was. ``skip_corrupt`` replaces broken drawn images (module docstring);
+    ``progress`` shows a bar of the images read when stderr is a terminal. See the module
+    docstring for the files written.
     """
     adapter = trainable_adapter(dataset)
     split = check_split(adapter, split)
@@ -395,22 +369,32 @@ def prepare_dataset(
     _check_out_dir(out, storage)
     _warn_if_evaluation_split(adapter, split)
 
-    entries, check, skipped = _validated_entries(storage, adapter, split, skip_corrupt)
+    index = index_dataset(storage, adapter, split)
+    if not index.classes:
+        raise PrepareError(
+            f"dataset root {storage.uri} holds no class folders; expected the ImageFolder layout "
+            "<root>/<class name>/<image>"
+        )
+    entries, skipped = listed_entries(storage, index, skip_corrupt)
     # Halves and shots are drawn per class key, so classes sharing a name stay apart.
-    entries, keys = subsample_classes(entries, check.keys, subset)  # type: ignore[arg-type]
-    drawn = select_few_shot(entries, shots, seed, val_shots=val_shots, classes=keys)
-    name_of = check.name_of_key
+    entries, keys = subsample_classes(entries, index.keys, subset)  # type: ignore[arg-type]
+    draw = draw_checked(storage, entries, keys, shots, seed, val_shots=val_shots, replace_broken=skip_corrupt,
+                        progress=progress)
+    refuse_bad_draw(storage, index, draw, skip_corrupt)
+    skipped += len(draw.broken)
+    drawn = draw.split
+    name_of = index.name_of_key
     classes = [name_of[key] for key in keys]
 
-    # Manifests are rendered in memory: hashing reads every chosen file, and any failure
-    # here must come before the first byte reaches out_dir.
+    # Manifests are rendered in memory, so any failure here comes before the first byte
+    # reaches out_dir.
     parts = {"train": (TRAIN_FILE, drawn.train)}
     if val_shots:
         parts["val"] = (VAL_FILE, drawn.val)
     manifests: dict[str, bytes] = {}
     manifest_records: dict[str, dict[str, Any]] = {}
     for key, (name, chosen) in parts.items():
-        manifests[name] = canonical_manifest_bytes(hash_entries(storage, chosen))
+        manifests[name] = canonical_manifest_bytes(chosen)
         manifest_records[key] = {"file": name, "sha256": sha256_bytes(manifests[name]), "entries": len(chosen)}
 
     record: dict[str, Any] = {
@@ -425,6 +409,7 @@ def prepare_dataset(
         "counts": {
             "classes": len(classes),
             "images": len(entries),
+            "read": draw.report.files_checked,
             "skipped_broken": skipped,
             "train": len(drawn.train),
             "val": len(drawn.val),

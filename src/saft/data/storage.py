@@ -4,8 +4,12 @@ Training reads every image many times, but a dataset may live in an S3 bucket
 (AWS or MinIO). :class:`S3Storage` therefore downloads each object once into a cache
 directory keyed by the sha256 recorded in the manifest, so a cached blob is valid for any
 root that holds the same bytes, and a blob whose bytes changed on disk is detected and
-fetched again instead of silently training on different data. Local roots need no cache:
-:class:`LocalStorage` checks the file in place.
+fetched again instead of silently training on different data. The cache is bounded
+(``SAFT_CACHE_MAX_GB``, least recently used blobs go first; see
+:mod:`saft.data.blob_cache`). A file read for one check is streamed with
+:meth:`Storage.load_bytes` instead, so a validation scan of a whole split does not fill
+the cache (``prepare`` keeps the images it draws, which training reads next). Local
+roots need no cache: :class:`LocalStorage` checks the file in place.
 
 S3 settings come from the standard AWS environment (``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
@@ -24,21 +28,29 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import io
 import logging
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Iterator
 
+from saft.data.blob_cache import (  # re-exported: storage is where callers look for these
+    CACHE_ENV,
+    MAX_GB_ENV,
+    BlobCache,
+    cache_max_bytes,
+    check_sha256,
+    default_cache_dir,
+    sha256_bytes,
+    sha256_file,
+)
 from saft.data.paths import UnsafePathError, check_relpath
+from saft.data.storage_errors import ChecksumMismatchError, ObjectNotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "SAFT_CACHE_DIR"
 MAX_ATTEMPTS_ENV = "SAFT_S3_MAX_ATTEMPTS"
 CONNECT_TIMEOUT_ENV = "SAFT_S3_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "SAFT_S3_READ_TIMEOUT"
@@ -46,127 +58,6 @@ DEFAULT_MAX_ATTEMPTS = 5
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "RequestTimeout", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 _CHUNK = 1 << 20
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class StorageError(RuntimeError):
-    """A dataset root cannot be read (missing root, unreachable endpoint, no credentials)."""
-
-
-class ObjectNotFoundError(StorageError, FileNotFoundError):
-    """A file named by a manifest or listing is not under the root."""
-
-
-class ChecksumMismatchError(StorageError):
-    """File bytes differ from the sha256 the manifest recorded: the data changed."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hash a file in chunks, so large files do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_sha256(value: str) -> str:
-    """Return ``value`` if it is a lowercase 64-digit hex sha256, else raise ValueError."""
-    if not isinstance(value, str) or not _SHA256_HEX.match(value):
-        raise ValueError(f"sha256 {value!r} must be 64 lowercase hex digits")
-    return value
-
-
-def default_cache_dir() -> Path:
-    """``$SAFT_CACHE_DIR`` if set, else ``~/.cache/saft/blobs``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "saft" / "blobs"
-
-
-class BlobCache:
-    """Files stored under their own sha256, written atomically.
-
-    Keying by content (not by URI) means two roots holding the same image share one copy,
-    and a lookup can always re-verify that the bytes still match their name.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
-
-    def path_for(self, sha256: str) -> Path:
-        check_sha256(sha256)
-        return self.directory / sha256[:2] / sha256
-
-    def get(self, sha256: str) -> Path | None:
-        """The cached file for ``sha256``, or None when absent or its bytes no longer match."""
-        path = self.path_for(sha256)
-        try:
-            actual = sha256_file(path)
-        except FileNotFoundError:
-            return None
-        if actual == sha256:
-            return path
-        log.warning("cached blob %s is damaged (its sha256 is %s); fetching it again", path, actual)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return None
-
-    def put(
-        self, write: Callable[[BinaryIO], None], expected_sha256: str | None, source: str
-    ) -> Path:
-        """Write a blob through ``write(fileobj)`` and file it under its sha256.
-
-        The bytes go to a temporary file in the cache directory first; they are renamed
-        into place only after the hash is known (and matches ``expected_sha256`` when given),
-        so a reader never sees a partial or wrong blob, even with concurrent writers.
-        """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", dir=self.directory)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                hashing = _HashingWriter(raw)
-                write(hashing)  # type: ignore[arg-type]
-            # No fsync: every lookup re-hashes the blob, so one torn by a crash is
-            # detected and fetched again; syncing each small image would slow caching a lot.
-            actual = hashing.hexdigest()
-            if expected_sha256 is not None and actual != expected_sha256:
-                raise ChecksumMismatchError(
-                    f"{source} has sha256 {actual}, but the manifest expects {expected_sha256}; "
-                    "the object changed after the manifest was written. Re-run the prepare step "
-                    "to rebuild the manifest, or restore the original object."
-                )
-            final = self.path_for(actual)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            return final
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-
-class _HashingWriter(io.RawIOBase):
-    """Binary sink that hashes what passes through it on the way to ``target``."""
-
-    def __init__(self, target: BinaryIO) -> None:
-        self._target = target
-        self._digest = hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._digest.update(view)
-        self._target.write(view)
-        return view.nbytes
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
 
 
 class Storage(abc.ABC):
@@ -189,6 +80,17 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def fetch(self, relpath: str, expected_sha256: str | None = None) -> Path:
         """A local path holding the file's bytes, verified against ``expected_sha256`` if given."""
+
+    def load_bytes(self, relpath: str, expected_sha256: str | None = None, *, keep: bool = False) -> bytes:
+        """The file's bytes for a read that will not be repeated soon (a check, a hash).
+
+        Remote roots serve them from the blob cache when it already holds
+        ``expected_sha256`` and otherwise stream them without caching, unless ``keep``
+        (for files a later step reads again, like the images ``prepare`` draws). Bytes
+        read from the root are not compared with ``expected_sha256``: callers hash them
+        anyway and report a mismatch their own way. Local roots read the file in place.
+        """
+        return self.read_bytes(relpath)
 
     def open(self, relpath: str) -> BinaryIO:
         """A readable binary file object for ``relpath``."""
@@ -337,6 +239,16 @@ class S3Storage(Storage):
         with _s3_errors(self.uri_for(relpath)):
             response = self.client.get_object(Bucket=self.bucket, Key=key)
             return response["Body"].read()
+
+    def load_bytes(self, relpath: str, expected_sha256: str | None = None, *, keep: bool = False) -> bytes:
+        if expected_sha256 is not None:
+            cached = self.cache.read(check_sha256(expected_sha256))
+            if cached is not None:
+                return cached
+        data = self.read_bytes(relpath)
+        if keep:
+            self.cache.put_bytes(data, self.uri_for(relpath))
+        return data
 
     def fetch(self, relpath: str, expected_sha256: str | None = None) -> Path:
         """A cached local copy; downloaded when absent or when the cached bytes were damaged."""
