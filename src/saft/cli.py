@@ -26,6 +26,18 @@ def _bench_eval(args: argparse.Namespace) -> int:
     return _show_report(report, format_eval_benchmark(report), args.out)
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from saft.bench.scale import ScaleBenchConfig, format_scale_benchmark, run_scale_benchmark
+
+    cfg = ScaleBenchConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
+                           score_batches=args.score_batches, classes=args.classes, small_classes=args.small_classes,
+                           old_class_counts=args.old_classes, old_score_batches=args.old_score_batches,
+                           text_sample_classes=args.text_sample_classes, text_batch=args.text_batch,
+                           warmup=args.warmup, device=args.device, threads=args.threads, seed=args.seed)
+    report = run_scale_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
+    return _show_report(report, format_scale_benchmark(report), args.out)
+
+
 def _show_report(report: dict, text: str, out: str | None) -> int:
     """Print a benchmark's table; with ``out``, also write its report as JSON."""
     from saft.io import write_json
@@ -70,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=0, help="torch threads per measuring process (default: torch's)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the rendered images (default: 0)")
     ev.set_defaults(func=_bench_eval)
+    sc = bench_sub.add_parser("scale", help="the text side at ImageNet scale (1000 classes x 80 templates): "
+                                            "scoring, a training step and text encoding, before vs now")
+    sc.add_argument("--out", help="write the JSON report here")
+    sc.add_argument("--arch", default="ViT-B-16", help="open_clip architecture, random init (default: ViT-B-16)")
+    sc.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default: 224)")
+    sc.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4; on a GPU e.g. 64)")
+    sc.add_argument("--score-batches", type=int, default=16, help="batches of the scoring pass (default: 16)")
+    sc.add_argument("--classes", type=int, default=1000, help="class count of the large setting (default: 1000)")
+    sc.add_argument("--small-classes", type=int, default=10, help="class count the training peak is compared with")
+    sc.add_argument("--old-classes", type=int, nargs="+", default=[1, 2],
+                    help="class counts (x 80 templates) at which the old path is measured (default: 1 2)")
+    sc.add_argument("--old-score-batches", type=int, default=2, help="batches timed for the old scoring path")
+    sc.add_argument("--text-sample-classes", type=int, default=8,
+                    help="classes (x 80 templates) of the text-encoding sample (default: 8)")
+    sc.add_argument("--text-batch", type=int, default=256, help="prompts encoded at once (default: 256)")
+    sc.add_argument("--warmup", type=int, default=1, help="untimed training steps before the timed one")
+    sc.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    sc.add_argument("--threads", type=int, default=0, help="torch threads per measuring process (default: torch's)")
+    sc.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    sc.set_defaults(func=_bench_scale)
 
     from saft.data.cli import register as register_data
 
