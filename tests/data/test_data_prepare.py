@@ -33,7 +33,7 @@ from saft.data.validate import DataValidationError
 from saft.version import __version__
 
 CLASSES = ["ant", "bee", "cat", "dog"]
-OUTPUTS = {"train.jsonl", "classes.json", "templates.json", "prepare.json"}
+OUTPUTS = {"train.jsonl", "classes.json", "templates.json", "train_templates.json", "prepare.json"}
 
 
 def sha(path: Path) -> str:
@@ -251,14 +251,14 @@ def test_failure_while_writing_leaves_earlier_outputs_intact(
 
     def failing_write_json(path, obj):
         calls.append(Path(path).name)
-        if isinstance(obj, list) and obj == CLASSES:  # after prepare.json and templates.json were staged
+        if isinstance(obj, list) and obj == CLASSES:  # after prepare.json and both template files were staged
             raise OSError("disk full")
         return real_write_json(path, obj)
 
     monkeypatch.setattr(prepare_mod, "write_json", failing_write_json)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(image_tree, out, shots=3, seed=2)
-    assert len(calls) == 3  # the failure hit after other outputs had been staged
+    assert len(calls) == 4  # the failure hit after other outputs had been staged
     assert snapshot(out) == before  # no new file, no leftover temporary, val.jsonl kept
 
 

@@ -27,7 +27,6 @@ peak resident set during the measured call (``VmHWM`` after a reset through
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import platform
 import time

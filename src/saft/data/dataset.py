@@ -58,7 +58,7 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.verify_hash = verify_hash
         if skip_corrupt:
-            report = validate_root(self.storage, entries)
+            report = validate_root(self.storage, entries, keep=True)  # training reads these blobs next
             entries = drop_broken_entries(entries, report, logger=log)
         self.entries: list[ManifestEntry] = entries
         self.class_names: dict[int, str] = manifest_classes(entries)

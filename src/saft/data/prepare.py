@@ -65,15 +65,11 @@ repeated name carries its wnid (``"missile (n03773504)"``, see
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
-import yaml
 
 from saft.data.adapters import DatasetAdapter, UnknownDatasetError, get_adapter, list_adapters
 from saft.data.drawn import draw_checked, listed_entries, refuse_bad_draw
@@ -81,7 +77,8 @@ from saft.data.fewshot import subsample_classes
 from saft.data.manifest import canonical_manifest_bytes
 from saft.data.split_index import index_dataset
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
-from saft.io import atomic_path, read_text, write_json
+from saft.data.templates import DEFAULT_TEMPLATES, TemplateError, check_template, load_templates  # noqa: F401 (re-exported)
+from saft.io import atomic_path, write_json
 from saft.version import __version__
 
 log = logging.getLogger(__name__)
@@ -91,10 +88,6 @@ SUPPORTED_DATASETS: tuple[str, ...] = tuple(list_adapters())
 can be validated but not prepared)."""
 
 SUBSETS: tuple[str, ...] = ("all", "base", "new")
-
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-"""The single CLIP prompt (``load_templates(None)``); ``prepare_dataset`` defaults to the
-dataset's own templates instead, which for ``imagefolder`` are exactly these."""
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -107,10 +100,6 @@ RECORD_FORMAT = "saft-prepare-v1"
 
 class PrepareError(ValueError):
     """The prepare step cannot run with these arguments (the message says which and why)."""
-
-
-class TemplateError(PrepareError):
-    """Prompt templates are missing, malformed or lack the ``{}`` class-name placeholder."""
 
 
 @dataclass(frozen=True)
@@ -193,95 +182,6 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise PrepareError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-# --- prompt templates --------------------------------------------------------------------
-
-
-def check_template(template: object, where: str) -> str:
-    """Return ``template`` if ``template.format(class_name)`` fills exactly one ``{}``.
-
-    Checking the format fields (not just searching for ``"{}"``) also refuses templates
-    that would break at training time, like ``"a {name}"`` or an unmatched ``"{"``, and
-    templates whose only braces are escaped (``"{{}}"``), which would ignore the class.
-    """
-    if not isinstance(template, str) or not template.strip():
-        raise TemplateError(f"{where}: a template must be a non-empty string, got {template!r}")
-    try:
-        fields = [
-            (name, conversion, spec)
-            for _, name, spec, conversion in string.Formatter().parse(template)
-            if name is not None
-        ]
-    except ValueError as err:
-        raise TemplateError(f"{where}: template {template!r} is not a valid format string ({err})") from None
-    if fields != [("", None, "")]:
-        raise TemplateError(
-            f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
-            "(and no other braces; write a literal brace as '{{' or '}}'), e.g. 'a photo of a {}.'"
-        )
-    return template
-
-
-def _templates_from_file(path: Path) -> tuple[list[object], list[str]]:
-    """Raw templates of a file and where each came from (for messages)."""
-    text = read_text(path, "templates file", TemplateError)
-    suffix = path.suffix.lower()
-    if suffix in {".json", ".yaml", ".yml"}:
-        try:
-            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            kind = "JSON" if suffix == ".json" else "YAML"
-            raise TemplateError(f"templates file {path} is not valid {kind}: {err}") from None
-        if isinstance(data, dict) and set(data) == {"templates"}:
-            data = data["templates"]
-        if not isinstance(data, list):
-            raise TemplateError(
-                f"templates file {path} must hold a list of templates (or {{\"templates\": [...]}}), "
-                f"got {type(data).__name__}"
-            )
-        return data, [f"templates file {path}, item {i}" for i in range(1, len(data) + 1)]
-    # Plain text: one template per line; blank lines and '#' comment lines are skipped.
-    items: list[object] = []
-    wheres: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            items.append(stripped)
-            wheres.append(f"templates file {path}, line {number}")
-    return items, wheres
-
-
-def load_templates(templates: Sequence[str] | str | os.PathLike | None = None) -> tuple[str, ...]:
-    """Prompt templates from a list, a file, or the default ``("a photo of a {}.",)``.
-
-    A file is read by its extension: ``.json`` / ``.yaml`` / ``.yml`` hold a list of
-    strings (or a mapping with one key ``templates``); anything else is text with one
-    template per line, blank lines and lines starting with ``#`` ignored. Every template
-    must contain one ``{}`` for the class name; duplicates are refused because they would
-    silently double one prompt's weight in the class-embedding average.
-    """
-    if templates is None:
-        return DEFAULT_TEMPLATES
-    if isinstance(templates, (str, os.PathLike)):
-        path = Path(templates).expanduser()
-        items, wheres = _templates_from_file(path)
-        source = f"templates file {path}"
-    elif isinstance(templates, Sequence):
-        items = list(templates)
-        wheres = [f"template {i}" for i in range(1, len(items) + 1)]
-        source = "the template list"
-    else:
-        raise TemplateError(f"templates must be a list of strings or a file path, got {type(templates).__name__}")
-    if not items:
-        raise TemplateError(f"{source} holds no templates; give at least one, e.g. 'a photo of a {{}}.'")
-    checked = [check_template(item, where) for item, where in zip(items, wheres)]
-    seen: dict[str, str] = {}
-    for template, where in zip(checked, wheres):
-        if template in seen:
-            raise TemplateError(f"{where}: template {template!r} repeats {seen[template]}; list each template once")
-        seen[template] = where
-    return tuple(checked)
 
 
 # --- the step ------------------------------------------------------------------------------

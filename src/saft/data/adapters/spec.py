@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import os
 import re
-import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,6 +60,7 @@ import yaml
 
 from saft.data.adapters.errors import SpecError, UnknownDatasetError
 from saft.data.paths import UnsafePathError, check_relpath
+from saft.data.templates import check_template as _check_template
 from saft.io import read_text
 
 LAYOUTS: tuple[str, ...] = ("class-folders", "index-folders", "split-json", "aircraft-txt")
@@ -161,23 +161,8 @@ class DatasetSpec:
 
 
 def check_template(template: object, where: str) -> str:
-    """Return ``template`` if ``template.format(name)`` fills exactly one ``{}`` and nothing else.
-
-    Parsing the format fields (rather than searching for ``"{}"``) also refuses prompts that
-    would break or ignore the class name at training time, like ``"a {name}"`` or ``"{{}}"``.
-    """
-    if not isinstance(template, str) or not template.strip():
-        raise SpecError(f"{where}: a template must be a non-empty string, got {template!r}")
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-    except ValueError as err:
-        raise SpecError(f"{where}: template {template!r} is not a valid format string ({err})") from None
-    if fields != [("", "", None)]:
-        raise SpecError(
-            f"{where}: template {template!r} must contain exactly one '{{}}' for the class name "
-            "and no other braces, e.g. 'a photo of a {}.'"
-        )
-    return template
+    """:func:`saft.data.templates.check_template`, reporting a bad template as a :class:`SpecError`."""
+    return _check_template(template, where, SpecError)
 
 
 # --- parsing --------------------------------------------------------------------------------
