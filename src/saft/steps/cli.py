@@ -113,7 +113,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     _loader_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
+    p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible; default)")
     p.add_argument("--prompts", default="train", choices=["train", "eval"],
                    help="prompt set of the loss: train (the data's training prompt, default) or eval (the "
                         "evaluation ensemble, e.g. CLIP's 80 ImageNet prompts)")
@@ -175,7 +175,7 @@ def register(sub) -> None:
     ev.add_argument("--out", required=True, help="output folder (created if missing)")
     ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
     _loader_flags(ev)
-    ev.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible)")
+    ev.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible; default)")
     ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
                     help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")
     ev.set_defaults(func=_evaluate)
