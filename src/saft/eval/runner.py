@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from saft.loader import LoaderOptions
 from saft.progress import progress_bar
+from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.trainer import BatchOutOfMemoryError, is_out_of_memory
 
 
@@ -65,12 +66,15 @@ def evaluate_variants(
     device: str | torch.device | None = None,
     progress: bool = False,
     desc: str = "evaluating",
+    dist: Dist = SINGLE,
 ) -> list[Accuracy]:
     """Top-1 of ``dataset`` for every variant, decoding each batch once.
 
     The zero-shot model, each delta and each alpha read the same images: each batch is
     decoded (in loader workers), moved to the device once, and every variant's weights
     are merged in turn to score it. Merging a sparse delta touches its k entries only.
+    Under ``dist`` each rank reads every ``world``-th batch and the counts are summed, so
+    every rank returns the single-process counts.
     """
     if len(dataset) == 0:
         raise ValueError(f"{desc}: the dataset is empty")
@@ -82,9 +86,10 @@ def evaluate_variants(
     model.eval()
     heads = [v.head.to(device).float() for v in variants]
     scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 100.0
-    data = DataLoader(dataset, batch_size=batch_size, **loader.kwargs(device))
+    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
+    data = DataLoader(dataset, batch_sampler=list(dist.batches(batches)), **loader.kwargs(device))
     correct, n = [0] * len(variants), 0
-    bar = progress_bar(data, enabled=progress, desc=desc, unit="batch")
+    bar = progress_bar(data, enabled=progress and dist.is_main, desc=desc, unit="batch")
     try:
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
@@ -111,6 +116,9 @@ def evaluate_variants(
             bar.set_postfix(top1=f"{correct[0] / n:.3f}")
     finally:
         model.train(was_training)
+    if dist.active:
+        counts = dist.all_reduce(torch.tensor([*correct, n], dtype=torch.int64, device=dist.comm_device(device)))
+        correct, n = [int(c) for c in counts[:-1]], int(counts[-1])
     return [Accuracy(c, n) for c in correct]
 
 

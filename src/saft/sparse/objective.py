@@ -117,14 +117,20 @@ def encode_classes(model: nn.Module, prompts: ClassPrompts, *, text_batch: int =
 
 def backward_classes(model: nn.Module, prompts: ClassPrompts, grad: torch.Tensor, *,
                      text_batch: int = DEFAULT_TEXT_BATCH,
-                     context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+                     context: Callable[[], ContextManager] = contextlib.nullcontext,
+                     part: tuple[int, int] = (0, 1)) -> None:
     """Back-propagate ``grad`` = dL/dT through the text tower, re-encoding one chunk of classes at a time.
 
     Parameter gradients accumulate into ``.grad`` as one backward over all classes would
     leave them. ``context()`` is entered per chunk (e.g. a sparse update's attachment and
-    autocast), so every chunk builds and frees its own graph.
+    autocast), so every chunk builds and frees its own graph. ``part=(rank, world)`` takes
+    every ``world``-th chunk only: the ranks of a job then share the work, and the sum of
+    their gradients is the whole backward.
     """
-    for start, stop in _class_chunks(prompts, text_batch):
+    rank, world = part
+    for i, (start, stop) in enumerate(_class_chunks(prompts, text_batch)):
+        if i % world != rank:
+            continue
         with context():
             emb = _chunk_embeddings(model, prompts, start, stop)
         emb.backward(grad[start:stop].to(emb.dtype))

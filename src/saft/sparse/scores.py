@@ -28,6 +28,7 @@ import torch
 from saft.progress import progress_bar
 
 from saft.models.fingerprint import fingerprint_model
+from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.objective import (DEFAULT_TEXT_BATCH, ClassPrompts, backward_classes, clip_logits, encode_classes,
                                    is_text_side)
 
@@ -87,10 +88,13 @@ def importance_scores(
     device: str | torch.device | None = None,
     progress: bool = True,
     text_batch: int = DEFAULT_TEXT_BATCH,
+    dist: Dist = SINGLE,
 ) -> Scores:
     """Accumulate downstream-loss gradients at the current (pre-trained) weights.
 
     ``batches`` yields ``(images, labels)``; a DataLoader over the training set is typical.
+    Under ``dist`` (several processes) ``batches`` is this rank's share (e.g.
+    ``dist.batches(loader)``) and the result, the same on every rank, covers all shares.
     The model's weights and ``requires_grad`` flags are left as they were.
     """
     if rule not in SCORE_RULES:
@@ -126,7 +130,7 @@ def importance_scores(
         class_emb = encode_classes(model, prompts, text_batch=text_batch)
         class_grad = torch.zeros_like(class_emb)  # sum over batches of n * dL/dT
         total = len(batches) if hasattr(batches, "__len__") else None
-        for images, labels in _batch_iter(batches, progress, total):
+        for images, labels in _batch_iter(batches, progress and dist.is_main, total):
             images, labels = images.to(device), labels.to(device)
             n = labels.shape[0]
             leaf = class_emb.detach().requires_grad_(bool(text_params))
@@ -140,9 +144,13 @@ def importance_scores(
                     backward_classes(model, prompts, leaf.grad, text_batch=text_batch)
                     accumulate(text_params, n)
             seen += n
+        seen = dist.sum_int(seen, device)
         if text_params and rule == "abs_mean" and seen:
-            backward_classes(model, prompts, class_grad, text_batch=text_batch)
+            dist.all_reduce(class_grad)
+            backward_classes(model, prompts, class_grad, text_batch=text_batch, part=(dist.rank, dist.world))
             accumulate(text_params, 1.0)
+        for t in acc.values():
+            dist.all_reduce(t)
     finally:
         for name, p in model.named_parameters():
             p.grad = None
@@ -151,7 +159,7 @@ def importance_scores(
     if seen == 0:
         raise ValueError("no training examples were seen: the data for scoring is empty")
     for t in acc.values():
-        t.div_(seen)
+        t.div_(seen)  # the same on every rank: seen and acc are sums over the job
         if rule == "abs_mean":
             t.abs_()
     meta = {"base_fingerprint": fingerprint_model(model), **prompts.meta()}

@@ -22,14 +22,19 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn as nn
 
+from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.objective import ClassPrompts, backward_classes, class_embeddings, encode_classes
 
 
 class StepTextSide:
+    """Under ``dist`` every rank encodes the classes; dL/dT is summed over the ranks and each
+    rank back-propagates it through its share of the classes, so the ranks' text gradients sum
+    to the whole backward (the caller sums the trained tensors' gradients)."""
+
     def __init__(self, model: nn.Module, prompts: ClassPrompts, *, trains: bool, text_batch: int,
-                 context: Callable[[], ContextManager] = contextlib.nullcontext):
+                 context: Callable[[], ContextManager] = contextlib.nullcontext, dist: Dist = SINGLE):
         self.model, self.prompts, self.trains = model, prompts, trains
-        self.text_batch, self.context = text_batch, context
+        self.text_batch, self.context, self.dist = text_batch, context, dist
         self._fixed: torch.Tensor | None = None
         self._graph: torch.Tensor | None = None
         self._leaf: torch.Tensor | None = None
@@ -55,9 +60,16 @@ class StepTextSide:
         """Back-propagate the step's collected dL/dT through the text tower."""
         leaf, graph = self._leaf, self._graph
         self._leaf = self._graph = None
-        if leaf is None or leaf.grad is None:
+        if leaf is None:
             return
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        dist = self.dist
+        dist.all_reduce(grad)
         if graph is not None:
-            graph.backward(leaf.grad.to(graph.dtype))
+            if dist.active:  # this rank's classes only: the ranks' backwards add up to one
+                keep = (torch.arange(grad.shape[0], device=grad.device) % dist.world == dist.rank)
+                grad = grad * keep[:, None].to(grad.dtype)
+            graph.backward(grad.to(graph.dtype))
         else:
-            backward_classes(self.model, self.prompts, leaf.grad, text_batch=self.text_batch, context=self.context)
+            backward_classes(self.model, self.prompts, grad, text_batch=self.text_batch, context=self.context,
+                             part=(dist.rank, dist.world))

@@ -30,6 +30,7 @@ from saft.io import atomic_path
 from saft.models.fingerprint import fingerprint_model
 from saft.models.loading import unsafe_pickle_reason
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
+from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
 from saft.sparse.objective import DEFAULT_TEXT_BATCH, ClassPrompts, clip_logits, is_text_side
 from saft.sparse.scores import Eligibility
@@ -101,6 +102,20 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
+class RankPart:
+    """This rank's equal part of every batch of a batch sampler (the whole batch for one process)."""
+
+    def __init__(self, batches, dist: Dist):
+        self.batches, self.dist = batches, dist
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield list(self.dist.part(batch)) if self.dist.active else batch
+
+
 class StreamBatches:
     """Micro-batches ``start..stop`` of an endless stream of seeded epoch permutations."""
 
@@ -164,14 +179,22 @@ def finetune(
     meta: dict[str, str] | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> FinetuneResult:
     """Fine-tune and return the delta; the model is left at its base weights.
 
     ``dataset`` yields ``(image_tensor, label)``. ``mask`` is required for ``saft`` and
     ``random`` (see ``select_mask`` / ``random_mask``). ``callback`` receives each step's
-    record (loss, lr, grad_norm, images/s) after the optimizer step.
+    record (loss, lr, grad_norm, images/s) after the optimizer step. Under ``dist``
+    (several processes, :mod:`saft.sparse.distributed`) each rank trains on its part of
+    every global batch and gradients are summed, so every rank ends with the delta one
+    process would train with the same global batch (up to fp32 rounding); only rank 0
+    writes checkpoints, calls ``callback`` and shows progress.
     """
     cfg = config or FinetuneConfig()
+    if dist.active and cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {dist.world} processes: each trains on an "
+                         f"equal part of every global batch (e.g. --batch-size {cfg.batch_size // dist.world * dist.world or dist.world})")
     if cfg.method != "full" and mask is None:
         raise ValueError(f"method {cfg.method!r} trains a mask: pass mask=select_mask(...) or random_mask(...)")
     if len(dataset) == 0:
@@ -222,6 +245,9 @@ def finetune(
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     if resume and ckpt_path is not None and ckpt_path.is_file():
         start_step, history = _load_checkpoint(ckpt_path, params, optimizer, scheduler, scaler, config_json, base_fp)
+    if dist.active and dist.sum_int(start_step, device) != start_step * dist.world:
+        raise ValueError(f"{ckpt_path}: the processes resume from different steps; the checkpoint folder must be "
+                         "one folder all of them see (a shared volume on several nodes)")
     last_saved: int | None = start_step if start_step else None  # step of the checkpoint on disk, if any
 
     t0 = time.perf_counter()
@@ -231,8 +257,8 @@ def finetune(
             _freeze_norm_statistics(model)
         loader = DataLoader(
             dataset,
-            batch_sampler=StreamBatches(len(dataset), cfg.batch_size, cfg.seed,
-                                        start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
+            batch_sampler=RankPart(StreamBatches(len(dataset), cfg.batch_size, cfg.seed,
+                                                 start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum), dist),
             **LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers).kwargs(device, cfg.seed),
         )
         prompts = prompts.to(device)
@@ -246,9 +272,9 @@ def finetune(
             return stack
 
         text_side = StepTextSide(model, prompts, trains=text_trains, text_batch=cfg.text_batch,
-                                 context=forward_context)
+                                 context=forward_context, dist=dist)
         bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"finetune[{cfg.method}]", unit="step",
-                           enabled=progress)
+                           enabled=progress and dist.is_main)
         batches = iter(loader)
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
@@ -262,8 +288,15 @@ def finetune(
                     labels = labels.to(device, non_blocking=True)
                     with forward_context():
                         logits = clip_logits(model, images, text)
-                        loss = nn.functional.cross_entropy(logits.float(), labels)
+                        if dist.active:  # this rank's part of the global batch's mean
+                            loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                            loss = loss / cfg.batch_size
+                        else:
+                            loss = nn.functional.cross_entropy(logits.float(), labels)
                     loss_value = float(loss.detach())
+                    if dist.active:  # every rank stops together, or the others would wait forever
+                        loss_value = math.nan if dist.sum_int(not math.isfinite(loss_value), device) else \
+                            loss_value * cfg.batch_size / labels.numel()
                     # Stop before backward: a NaN/inf loss would poison the values and the
                     # optimizer state, and the next checkpoint would overwrite the last good one.
                     if not math.isfinite(loss_value):
@@ -273,6 +306,7 @@ def finetune(
                     correct += int((logits.argmax(-1) == labels).sum())
                     seen += labels.numel()
                 text_side.finish()  # the text tower's share of the step's backward
+                dist.all_reduce_grads(params)
             except Exception as exc:
                 if is_out_of_memory(exc):
                     raise BatchOutOfMemoryError(
@@ -280,6 +314,10 @@ def finetune(
                         f"(grad_accum {cfg.grad_accum}). {_batch_hint(cfg)}"
                     ) from exc
                 raise
+            if dist.active:
+                totals = dist.all_reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                                                      device=dist.comm_device(device)))
+                loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
             scaler.unscale_(optimizer)
             grad_norm = _clip(params, cfg.max_grad_norm)
             # With fp16 loss scaling an inf gradient is routine (the scaler skips that step);
@@ -298,9 +336,12 @@ def finetune(
             if ckpt_path and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 if not all(bool(torch.isfinite(p).all()) for p in params):  # never save a poisoned state
                     raise TrainingDivergedError(step + 1, "a trained value", math.nan, cfg, ckpt_path, last_saved)
-                _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, scaler, config_json, base_fp, history)
+                if dist.is_main:
+                    _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, scaler, config_json, base_fp,
+                                     history)
+                dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
                 last_saved = step + 1
-            if callback is not None:
+            if callback is not None and dist.is_main:
                 callback(record)
         bar.close()
     finally:

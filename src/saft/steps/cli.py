@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from saft.steps.params import resolve_device
+
+
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 reports (every rank runs the same step)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 
@@ -16,6 +22,8 @@ def _score(args: argparse.Namespace) -> int:
                       device=resolve_device(args.device), prompts=args.prompts, text_batch=args.text_batch,
                       **_loader(args))
     stats = score_step(cfg, args.data, args.out, root=args.root)
+    if not _main_rank():
+        return 0
     top = sorted(stats["per_tensor"].items(), key=lambda kv: -kv[1]["selected"])[:5]
     print(f"mask: {stats['num_selected']:,} of {stats['eligible']:,} entries "
           f"({stats['density']:.4%}) in {stats['tensors_with_selection']} of {stats['tensors_eligible']} tensors")
@@ -35,6 +43,8 @@ def _finetune(args: argparse.Namespace) -> int:
     summary = finetune_step(args.model, cfg, args.data, args.out, mask_path=args.mask, root=args.root,
                             resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt,
                             prompts=args.prompts)
+    if not _main_rank():
+        return 0
     print(f"{cfg.method}: {summary['trained_values']:,} trained values, final loss {summary['final_loss']:.4f}, "
           f"{summary['seconds']:.1f} s")
     print(f"wrote {args.out}/delta.safetensors, history.json, finetune.json")
@@ -50,6 +60,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                          template_set=args.templates, only=args.only, **_loader(args))
     suite = load_suite(args.suite, args.data_root)
     doc = evaluate_suite(cfg, suite, args.out)
+    if not _main_rank():
+        return 0
     print()
     for agg in doc["aggregates"]:
         parts = [f"{agg['model']}" + ("" if agg["alpha"] is None else f" @ alpha {agg['alpha']:g}")]

@@ -34,6 +34,7 @@ from saft.io import write_json
 from saft.models import load_model
 from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.sparse import FingerprintMismatch, apply_delta, load_delta, remove_delta
+from saft.sparse.distributed import SINGLE, Dist, from_env
 from saft.steps.record import run_once
 
 METRICS_FILE = "metrics.json"
@@ -147,11 +148,13 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     params = {"config": asdict(cfg), "suite": asdict(suite)}
     outputs = [METRICS_FILE] + ([] if cfg.only else ["report.md", "report.html"])
 
+    dist, device = from_env(cfg.device)  # under torchrun: this rank's share of every dataset's batches
+
     def compute() -> dict:
-        _evaluate(cfg, suite, out_dir, progress, log)
+        _evaluate(cfg, suite, out_dir, progress, log if dist.is_main else (lambda _: None), dist, device)
         return {}  # the document itself stays in metrics.json
 
-    run_once("evaluate", out_dir, params, [Path(run.path) for run in cfg.deltas], outputs, compute, log=log)
+    run_once("evaluate", out_dir, params, [Path(run.path) for run in cfg.deltas], outputs, compute, log=log, dist=dist)
     return json.loads((Path(out_dir) / METRICS_FILE).read_text())
 
 
@@ -182,9 +185,10 @@ def _merged(model, delta, alpha: float):
 
 
 def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: bool,
-              log: Callable[[str], None]) -> dict:
+              log: Callable[[str], None], dist: Dist = SINGLE, device: str | None = None) -> dict:
+    device = device or cfg.device
     entries = select_entries(suite, cfg.only)
-    loaded = load_model(cfg.model, device=cfg.device)
+    loaded = load_model(cfg.model, device=device)
     model = loaded.model
     tasks = [_task(e, cfg.template_set) for e in entries]
     variants: list[tuple[str, int | None, float | None, DeltaRun | None]] = []
@@ -194,7 +198,7 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
         variants += [(run.name, run.seed, alpha, run) for alpha in cfg.alphas]
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
-    deltas = {run.path: _checked_delta(run, loaded, cfg.device) for run in cfg.deltas}
+    deltas = {run.path: _checked_delta(run, loaded, device) for run in cfg.deltas}
     loader = LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
     records = []
     for task in tasks:
@@ -207,20 +211,21 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
                                      f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
             with merged():
                 head = cached_head(model, loaded.tokenizer, task.classes, task.templates, fingerprint=key,
-                                   device=cfg.device, progress=progress)
+                                   device=device, progress=progress and dist.is_main)
             label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
             scored.append(Variant(head, merged, label))
         data = EntryImages(task.entry.root, task.images, loaded.preprocess)
         accs = evaluate_variants(model, scored, data, subset=task.subset, batch_size=cfg.batch_size, loader=loader,
-                                 device=cfg.device, progress=progress,
-                                 desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})")
+                                 device=device, progress=progress,
+                                 desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})", dist=dist)
         for (name, seed, alpha, _), variant, acc in zip(variants, scored, accs):
             records.append(Record(name, task.entry.name, task.entry.role, acc.top1, acc.n, seed, alpha))
             log(f"{variant.label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  "
                 f"(n={acc.n})")
     doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint})
     out = Path(out_dir)
-    write_json(out / METRICS_FILE, doc)
-    if not cfg.only:  # a fan-out part gets its report from the collect step
-        write_report(doc, out, title=f"{suite.name}: {cfg.model}")
+    if dist.is_main:
+        write_json(out / METRICS_FILE, doc)
+        if not cfg.only:  # a fan-out part gets its report from the collect step
+            write_report(doc, out, title=f"{suite.name}: {cfg.model}")
     return doc

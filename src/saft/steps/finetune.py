@@ -9,6 +9,7 @@ from typing import Callable
 from saft.io import write_json
 from saft.models import load_model
 from saft.sparse import ClassPrompts, FinetuneConfig, Mask, finetune, save_delta
+from saft.sparse.distributed import Dist, from_env
 from saft.steps.prepared import PROMPT_SETS, PreparedData
 from saft.steps.record import run_once
 
@@ -38,13 +39,14 @@ def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, ou
     inputs = [data.folder] + ([Path(mask_path)] if mask_path is not None and cfg.method != "full" else [])
     params = {"model": model_spec, "config": asdict(cfg), "root": data.root, "device": device,
               "skip_corrupt": skip_corrupt, "prompts": prompts}
+    dist, device = from_env(device)  # under torchrun: this rank's part of every global batch
     return run_once("finetune", out_dir, params, inputs, [DELTA_FILE, HISTORY_FILE, CONFIG_FILE],
                     lambda: _finetune(model_spec, cfg, data, out_dir, mask_path, resume, device, skip_corrupt,
-                                      progress, prompts), log=log)
+                                      progress, prompts, dist), log=log, dist=dist)
 
 
 def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir, mask_path, resume: bool,
-              device: str, skip_corrupt: bool, progress: bool, prompt_set: str) -> dict:
+              device: str, skip_corrupt: bool, progress: bool, prompt_set: str, dist: Dist) -> dict:
     loaded = load_model(model_spec, device=device)
     mask = Mask.load(mask_path) if mask_path is not None and cfg.method != "full" else None
     if mask is not None and mask.meta.get("base_fingerprint", loaded.fingerprint) != loaded.fingerprint:
@@ -55,14 +57,16 @@ def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir,
     out = Path(out_dir)
     meta = {"base_model": model_spec, "manifest_hash": data.manifest_hash("train")}
     result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=out / CHECKPOINT_DIR,
-                      resume=resume, device=device, meta=meta, progress=progress)
-    save_delta(result.delta, out / DELTA_FILE)
-    write_json(out / HISTORY_FILE, result.history)
+                      resume=resume, device=device, meta=meta, progress=progress, dist=dist)
     summary = {"model": model_spec, "base_fingerprint": loaded.fingerprint, "data": str(data.folder),
                "root": data.root, "mask": str(mask_path) if mask_path else None, "config": result.config,
+               "prompt_set": prompt_set, "prompt_templates": list(prompts.templates), "processes": dist.world,
                "trained_values": result.delta.num_values, "seconds": result.seconds,
                "final_loss": result.history[-1]["loss"] if result.history else None, **meta}
-    write_json(out / CONFIG_FILE, summary)
+    if dist.is_main:
+        save_delta(result.delta, out / DELTA_FILE)
+        write_json(out / HISTORY_FILE, result.history)
+        write_json(out / CONFIG_FILE, summary)
     return summary
 
 

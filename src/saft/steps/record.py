@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from saft.io import write_json
+from saft.sparse.distributed import SINGLE, Dist
 
 RECORD_FILE = "step.json"
 
@@ -43,25 +44,43 @@ def step_key(step: str, params: dict, inputs: Iterable[str | Path] = ()) -> str:
     return hashlib.sha256(f"{blob}|{content_hash(inputs)}".encode()).hexdigest()
 
 
+def _up_to_date(out: Path, key: str) -> dict | None:
+    record_path = out / RECORD_FILE
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("key") == key and all((out / o).exists() for o in record.get("outputs", [])):
+        return record
+    return None
+
+
 def run_once(step: str, out_dir: str | Path, params: dict, inputs: Iterable[str | Path], outputs: list[str],
-             compute: Callable[[], dict], *, log: Callable[[str], None] | None = None) -> dict:
-    """``compute()`` unless ``out_dir`` already holds this step's outputs for the same key."""
+             compute: Callable[[], dict], *, log: Callable[[str], None] | None = None, dist: Dist = SINGLE) -> dict:
+    """``compute()`` unless ``out_dir`` already holds this step's outputs for the same key.
+
+    Under ``dist`` (a step run by torchrun) rank 0 decides for every rank whether the step
+    is up to date, every rank computes, and rank 0 alone checks the outputs and writes
+    the record (``compute`` writes outputs on rank 0 only).
+    """
     out = Path(out_dir)
     key = step_key(step, params, list(inputs))
     record_path = out / RECORD_FILE
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
-            record = {}
-        if record.get("key") == key and all((out / o).exists() for o in record.get("outputs", [])):
-            if log:
-                log(f"{step}: up to date in {out} (same inputs and parameters), skipped")
-            return {**record.get("summary", {}), "skipped": True}
+    record = _up_to_date(out, key) if dist.is_main else None
+    if dist.broadcast_flag(record is not None):
+        if log and dist.is_main:
+            log(f"{step}: up to date in {out} (same inputs and parameters), skipped")
+        record = record or json.loads(record_path.read_text())
+        return {**record.get("summary", {}), "skipped": True}
+    if dist.is_main and record_path.is_file():
         record_path.unlink()  # outputs are about to change; the old record no longer describes them
     summary = compute()
-    missing = [o for o in outputs if not (out / o).exists()]
-    if missing:
-        raise RuntimeError(f"{step}: finished without writing {', '.join(missing)} in {out}")
-    write_json(record_path, {"step": step, "key": key, "params": params, "outputs": outputs, "summary": summary})
+    dist.barrier()  # rank 0's outputs are in place
+    if dist.is_main:
+        missing = [o for o in outputs if not (out / o).exists()]
+        if missing:
+            raise RuntimeError(f"{step}: finished without writing {', '.join(missing)} in {out}")
+        write_json(record_path, {"step": step, "key": key, "params": params, "outputs": outputs, "summary": summary})
     return {**summary, "skipped": False}

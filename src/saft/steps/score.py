@@ -12,6 +12,7 @@ from saft.io import write_json
 from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.models import load_model
 from saft.sparse import ClassPrompts, Eligibility, importance_scores, random_mask, select_mask
+from saft.sparse.distributed import Dist, from_env
 from saft.sparse.objective import DEFAULT_TEXT_BATCH
 from saft.steps.prepared import PROMPT_SETS, PreparedData
 from saft.steps.record import run_once
@@ -54,29 +55,35 @@ def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, r
         raise ValueError(f"prompts must be one of {', '.join(PROMPT_SETS)}, got {cfg.prompts!r}")
     data = PreparedData.open(data_dir, root)
     params = {**asdict(cfg), "root": data.root}
+    dist, device = from_env(cfg.device)  # under torchrun: this rank's share of the batches
     return run_once("score", out_dir, params, [data.folder], [MASK_FILE, STATS_FILE, CONFIG_FILE],
-                    lambda: _score(cfg, data, out_dir, progress), log=log)
+                    lambda: _score(cfg, data, out_dir, progress, dist, device), log=log, dist=dist)
 
 
-def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: bool) -> dict:
-    loaded = load_model(cfg.model, device=cfg.device)
+def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: bool, dist: Dist,
+           device: str) -> dict:
+    loaded = load_model(cfg.model, device=device)
     eligibility = Eligibility(tuple(cfg.include), tuple(cfg.exclude))
     meta = {"base_model": cfg.model, "base_fingerprint": loaded.fingerprint,
             "manifest_hash": data.manifest_hash("train")}
     if cfg.kind == "saft":
         train = data.dataset(loaded.preprocess)
         options = LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
-        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, **options.kwargs(cfg.device, cfg.seed))
+        batches = [list(range(s, min(s + cfg.batch_size, len(train)))) for s in range(0, len(train), cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(train, batch_sampler=list(dist.batches(batches)),
+                                             **options.kwargs(device, cfg.seed))
         prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.prompt_templates(cfg.prompts))
         scores = importance_scores(loaded.model, loader, prompts, rule=cfg.rule, eligibility=eligibility,
-                                   device=cfg.device, progress=progress, text_batch=cfg.text_batch)
+                                   device=device, progress=progress, text_batch=cfg.text_batch, dist=dist)
         mask = select_mask(scores, cfg.density, meta=meta)
     else:
         shapes = {n: tuple(p.shape) for n, p in eligibility.select(loaded.model).items()}
         mask = random_mask(shapes, cfg.density, seed=cfg.seed, meta=meta)
     out = Path(out_dir)
-    mask.save(out / MASK_FILE)
     stats = mask.stats()
-    write_json(out / STATS_FILE, stats)
-    write_json(out / CONFIG_FILE, {"config": asdict(cfg), "data": str(data.folder), "root": data.root, **meta})
+    if dist.is_main:
+        mask.save(out / MASK_FILE)
+        write_json(out / STATS_FILE, stats)
+        write_json(out / CONFIG_FILE, {"config": asdict(cfg), "data": str(data.folder), "root": data.root,
+                                       "processes": dist.world, **meta})
     return stats
