@@ -106,8 +106,10 @@ def run_fewshot(cfg: FewShotConfig, log: Callable[[str], None] = print, progress
         runs = []
         for seed in cfg.seeds:
             runs += _train(cfg, out / f"shots{shots}" / f"seed{seed}", shots, seed, log)
-        doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=runs, zeroshot=zeroshot is None), suite,
-                             out / f"shots{shots}" / "eval", progress=progress, log=lambda *_: None)
+        # every entry named: metrics only; the grid's own table and plot are the report
+        ecfg = EvaluateConfig(model=cfg.model, deltas=runs, zeroshot=zeroshot is None,
+                              only=[e.name for e in suite.entries])
+        doc = evaluate_suite(ecfg, suite, out / f"shots{shots}" / "eval", progress=progress, log=lambda *_: None)
         for agg in doc["aggregates"]:
             if agg["model"] == ZERO_SHOT:
                 zeroshot = {"id": agg["id"], "ood_mean": agg["ood_mean"]}
