@@ -83,6 +83,14 @@ def _grouped_bars(ax, groups: list[str], series: list[tuple[str, str, list[float
                   ha="right" if len(groups) > 3 else "center")
 
 
+def _with_base(doc: dict, pts: list[dict]) -> list[dict]:
+    """An alpha curve with the zero-shot point as its alpha-0 end: base + 0 * delta is the base."""
+    zs = next((a for a in doc["aggregates"] if a["model"] == "zeroshot" and "id" in a and "ood_mean" in a), None)
+    if zs is None or len(pts) < 2 or any(a["alpha"] == 0 for a in pts):
+        return pts
+    return [{**zs, "alpha": 0.0}] + pts
+
+
 def _id_vs_ood(plt, doc: dict, others: list[str]) -> bytes | None:
     id_ood = [a for a in doc["aggregates"] if "id" in a and "ood_mean" in a]
     if not id_ood:
@@ -91,11 +99,12 @@ def _id_vs_ood(plt, doc: dict, others: list[str]) -> bytes | None:
     for model in sorted({a["model"] for a in id_ood}, key=model_key):
         pts = sorted((a for a in id_ood if a["model"] == model), key=lambda a: -1 if a["alpha"] is None else a["alpha"])
         col = colour(model, others)
-        alphas = ", ".join("0" if a["alpha"] is None else f"{a['alpha']:g}" for a in pts)
+        main = next((a for a in pts if a["alpha"] in (None, 1.0)), pts[-1])
+        pts = _with_base(doc, pts)
+        alphas = ", ".join("1" if a["alpha"] is None else f"{a['alpha']:g}" for a in pts)
         label = model if len(pts) == 1 else f"{model} (alpha {alphas})"
         ax.plot([_pct(a["id"])[0] for a in pts], [_pct(a["ood_mean"])[0] for a in pts], "-o" if len(pts) > 1 else "o",
                 color=col, markersize=5, label=label)
-        main = next((a for a in pts if a["alpha"] in (None, 1.0)), pts[-1])
         (x, xs), (y, ys) = _pct(main["id"]), _pct(main["ood_mean"])
         if xs is not None or ys is not None:
             ax.errorbar(x, y, xerr=xs, yerr=ys, color=col, capsize=3, fmt="none")
@@ -125,6 +134,7 @@ def _alpha_curve(plt, doc: dict, others: list[str]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     for model, pts in sorted(curves.items(), key=lambda kv: model_key(kv[0])):
+        pts = _with_base(doc, pts)
         alphas, col = [a["alpha"] for a in pts], colour(model, others)
         ax.plot(alphas, [_pct(a["id"])[0] for a in pts], "-o", markersize=4, color=col, label=f"{model} ID")
         ax.plot(alphas, [_pct(a["ood_mean"])[0] for a in pts], "--s", markersize=4, color=col, label=f"{model} OOD")

@@ -19,6 +19,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saft.eval.metrics import ZERO_SHOT
 from saft.eval.plots import main_aggregates, model_key, plot_figures
 from saft.io import atomic_path
 
@@ -51,7 +52,9 @@ def fmt(stat: dict | None) -> str:
 
 
 def fmt_gain(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}"
+    if value is None:
+        return "-"
+    return "+0.00" if abs(value) < 5e-5 else f"{100 * value:+.2f}"
 
 
 def _size(n_bytes: float) -> str:
@@ -130,7 +133,8 @@ def accuracy_table(doc: dict) -> Table:
         row = [a["model"] if a["alpha"] in (None, 1.0) else f"{a['model']} @ alpha {a['alpha']:g}"]
         row += [fmt(a["per_dataset"].get(d)) for d in datasets]
         if has_id_ood:
-            row += [fmt(a.get("id")), fmt(a.get("ood_mean")), fmt_gain(a.get("id_gain")), fmt_gain(a.get("ood_gain"))]
+            gains = [None, None] if a["model"] == ZERO_SHOT else [a.get("id_gain"), a.get("ood_gain")]
+            row += [fmt(a.get("id")), fmt(a.get("ood_mean"))] + [fmt_gain(g) for g in gains]
         if has_er:
             row.append(fmt(a.get("effective_robustness")))
         if has_b2n:
@@ -211,8 +215,8 @@ def html_report(doc: dict, figures: dict[str, bytes], title: str, context: dict 
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
              "table{border-collapse:collapse;font-size:13px;margin-bottom:.4em}td,th{border:1px solid #ccc;"
              "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             ".note{font-size:12px;color:#555;margin:.2em 0}figure{display:inline-block;margin:1em;"
-             "vertical-align:top}img{max-width:640px}figcaption{font-size:12px;color:#555;max-width:640px}")
+             ".note{font-size:12px;color:#555;margin:.2em 0}figure{display:inline-block;width:47%;margin:.5em 1%;"
+             "vertical-align:top}img{max-width:100%}figcaption{font-size:12px;color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>" + "".join(parts) + "</body></html>")
 
