@@ -172,3 +172,13 @@ def test_shipped_testbed_reference():
     assert abs(ref.effective_robustness("imagenet-v2", 0.7613, 0.6321)) < 0.03
     assert abs(ref.effective_robustness("imagenet-sketch", 0.7613, 0.2409)) < 0.03
     assert abs(ref.effective_robustness("imagenet-r", 0.9212, 0.3617)) < 0.03
+
+
+def test_shifts_without_effective_robustness_say_why(reference):
+    recs = [Record("zeroshot", "in", "id", 0.6, 10), Record("zeroshot", "v2", "ood", 0.45, 10),
+            Record("zeroshot", "r", "ood", 0.30, 10), Record("zeroshot", "sketch", "ood", 0.20, 10)]
+    doc = metrics_document(recs, {"suite": "s"}, reference)
+    assert set(doc["aggregates"][0]["effective_robustness_per_shift"]) == {"v2"}
+    why = doc["definitions"]["effective_robustness_missing"]
+    assert "r: its fit's x-axis is ID top-1 on the shift's classes" in why
+    assert "sketch: no fit in the reference 'hand'" in why

@@ -204,9 +204,24 @@ def definitions(aggregates: list[dict], reference: Reference | None = None) -> d
                 text = text.format(transform=reference.transform, reference=f"the reference {reference.name!r}",
                                    shifts=", ".join(shifts))
             out[key] = text
-    if reference is not None and reference.missing:
-        out["effective_robustness_missing"] = "; ".join(f"{s}: {why}" for s, why in sorted(reference.missing.items()))
+    if reference is not None:
+        out.update(_not_reported(aggregates, reference, set(shifts)))
     return out
+
+
+def _not_reported(aggregates: list[dict], reference: Reference, reported: set[str]) -> dict[str, str]:
+    """Why an OOD dataset of the document has no effective robustness (one line)."""
+    ood = sorted({d for a in aggregates for d, v in a["per_dataset"].items() if v["role"] == "ood"} - reported)
+    reasons = []
+    for shift in ood:
+        if shift in reference.missing:
+            reasons.append(f"{shift}: {reference.missing[shift]}")
+        elif shift in reference.fits:
+            reasons.append(f"{shift}: its fit's x-axis is ID top-1 on the shift's classes, and the suite has no "
+                           f"id_subset entry with group {shift!r}")
+        else:
+            reasons.append(f"{shift}: no fit in the reference {reference.name!r}")
+    return {"effective_robustness_missing": "; ".join(reasons)} if reasons else {}
 
 
 def metrics_document(records: Iterable[Record], meta: dict | None = None,

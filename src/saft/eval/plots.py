@@ -141,34 +141,35 @@ def _alpha_curve(plt, doc: dict, others: list[str]) -> bytes | None:
     return _finish(fig, ax, "alpha (base + alpha * delta)", "top-1 (%)", "Interpolating the delta")
 
 
+def _bars_with_average(plt, aggs: list[dict], values, ylabel: str, title: str, others: list[str]) -> bytes:
+    """Grouped bars per category and an ``average`` group; ``values(agg)`` -> (category -> stat, average stat)."""
+    per = {a["model"]: values(a) for a in aggs}
+    groups = sorted({g for cells, _ in per.values() for g in cells}) + ["average"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2.5), 3.8))
+    series = []
+    for a in aggs:
+        cells, average = per[a["model"]]
+        stats = [_pct(cells.get(g)) for g in groups[:-1]] + [_pct(average)]
+        series.append((a["model"], colour(a["model"], others), [c[0] for c in stats], [c[1] for c in stats]))
+    _grouped_bars(ax, groups, series)
+    ax.axhline(0, color="black", linewidth=0.8)
+    return _finish(fig, ax, "", ylabel, title, grid="y")
+
+
 def _base_to_new(plt, doc: dict, others: list[str]) -> bytes | None:
     aggs = [a for a in main_aggregates(doc) if "base_to_new" in a]
     if not aggs:
         return None
-    groups = sorted({g for a in aggs for g in a["base_to_new"]}) + ["average"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2.5), 3.8))
-    series = []
-    for a in aggs:
-        hm = [100 * a["base_to_new"][g]["hm"]["mean"] if g in a["base_to_new"] else float("nan") for g in groups[:-1]]
-        series.append((a["model"], colour(a["model"], others), hm + [100 * a["hm"]["mean"]], [None] * len(groups)))
-    _grouped_bars(ax, groups, series)
-    return _finish(fig, ax, "", "HM of base and new top-1 (%)", "Base-to-new: harmonic mean", grid="y")
+    return _bars_with_average(plt, aggs, lambda a: ({g: v["hm"] for g, v in a["base_to_new"].items()}, a["hm"]),
+                              "HM of base and new top-1 (%)", "Base-to-new: harmonic mean", others)
 
 
 def _effective_robustness(plt, doc: dict, others: list[str]) -> bytes | None:
     aggs = [a for a in main_aggregates(doc) if "effective_robustness_per_shift" in a]
     if not aggs:
         return None
-    shifts = sorted({s for a in aggs for s in a["effective_robustness_per_shift"]}) + ["average"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(shifts) + 2.5), 3.8))
-    series = []
-    for a in aggs:
-        cells = [_pct(a["effective_robustness_per_shift"].get(s)) for s in shifts[:-1]]
-        cells.append(_pct(a["effective_robustness"]))
-        series.append((a["model"], colour(a["model"], others), [c[0] for c in cells], [c[1] for c in cells]))
-    _grouped_bars(ax, shifts, series)
-    ax.axhline(0, color="black", linewidth=0.8)
-    return _finish(fig, ax, "", "effective robustness (points)", "OOD top-1 above the reference fit", grid="y")
+    return _bars_with_average(plt, aggs, lambda a: (a["effective_robustness_per_shift"], a["effective_robustness"]),
+                              "effective robustness (points)", "OOD top-1 above the reference fit", others)
 
 
 def _mask_landing(plt, context: dict, others: list[str]) -> bytes | None:

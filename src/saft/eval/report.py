@@ -41,6 +41,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    css: str = ""  # "kv": a setting/value table, left-aligned
 
 
 def fmt(stat: dict | None) -> str:
@@ -95,7 +96,7 @@ def settings_table(doc: dict, context: dict) -> Table:
     if ref:
         rows.append(["effective-robustness reference", f"{ref['name']} ({ref['transform']} fit; {ref['source']})"])
     rows += [[str(k), str(v)] for k, v in settings.items()]
-    return Table("Run", ["setting", "value"], rows)
+    return Table("Run", ["setting", "value"], rows, css="kv")
 
 
 def methods_table(context: dict) -> Table | None:
@@ -170,7 +171,8 @@ def effective_robustness_table(doc: dict) -> Table | None:
             + [fmt(a["effective_robustness"])] for a in aggs]
     ref = doc["meta"].get("effective_robustness_reference", {})
     notes = [f"Points above the {ref.get('transform', '')} fit of the reference {ref.get('name', '')!r}."]
-    notes += [f"{s}: not reported ({why})" for s, why in sorted(ref.get("missing", {}).items())]
+    if doc.get("definitions", {}).get("effective_robustness_missing"):
+        notes.append("Not reported: " + doc["definitions"]["effective_robustness_missing"])
     return Table("Effective robustness", ["model"] + shifts + ["average"], rows, notes)
 
 
@@ -197,7 +199,8 @@ def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table.notes)
-    return f"<h2>{html.escape(table.title)}</h2><table><tr>{head}</tr>{body}</table>{notes}"
+    css = f" class='{table.css}'" if table.css else ""
+    return f"<h2>{html.escape(table.title)}</h2><table{css}><tr>{head}</tr>{body}</table>{notes}"
 
 
 def html_report(doc: dict, figures: dict[str, bytes], title: str, context: dict | None = None) -> str:
@@ -215,6 +218,7 @@ def html_report(doc: dict, figures: dict[str, bytes], title: str, context: dict 
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
              "table{border-collapse:collapse;font-size:13px;margin-bottom:.4em}td,th{border:1px solid #ccc;"
              "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+             "table.kv td,table.kv th{text-align:left}"
              ".note{font-size:12px;color:#555;margin:.2em 0}figure{display:inline-block;width:47%;margin:.5em 1%;"
              "vertical-align:top}img{max-width:100%}figcaption{font-size:12px;color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
