@@ -100,6 +100,14 @@ def test_the_protocol_is_checked_before_anything_trains(tmp_path):
     # through `saft run`: refused after rendering the world, before the first prepare
     code = main(_args(tmp_path / "run", TINY_WORLD + ["evaluate.suite=synthshift-b2n"]))
     assert code == 2 and not (tmp_path / "run" / "seed1").exists()
+    # the pipeline's first task after the world makes the same check
+    from saft.steps.tasks import protocol_task, suite_datasets
+
+    world = str(tmp_path / "run" / "world")
+    assert protocol_task(json.dumps(load_params(None, ["data.subset=base"]).to_dict()), world) == "hm"
+    assert suite_datasets(world, "synthshift-b2n", "") == ["textile/base", "textile/new"]
+    with pytest.raises(ParamsError, match="data.subset: base"):
+        protocol_task(json.dumps(load_params(None, ["evaluate.suite=synthshift-b2n"]).to_dict()), world)
 
 
 @pytest.fixture(scope="module")

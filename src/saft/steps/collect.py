@@ -81,7 +81,8 @@ def collect_step(metric_files: list[str | Path], out_dir: str | Path, *, deltas:
                  context=context)
     summary = {"suite": doc["meta"].get("suite"), "model": doc["meta"].get("model"),
                "aggregates": doc["aggregates"], "sizes": delta_sizes(context["runs"]),
-               "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {}}
+               "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {},
+               "definitions": doc["definitions"]}
     if any(a["alpha"] not in (None, 0.0, 1.0) for a in doc["aggregates"]):
         # Read off measured alpha curves; with alpha 1 alone it would be a straight-line guess.
         summary["ood_at_matched_id"] = ood_at_matched_id(doc["aggregates"])

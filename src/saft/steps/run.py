@@ -43,9 +43,7 @@ from saft.steps.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
 from saft.steps.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
-from saft.steps.world import world_step
-
-WORLD_SUITES = ("", "synthshift", "synthshift-b2n")
+from saft.steps.world import world_step, world_suite
 
 
 def score_config(params: PipelineParams, kind: str, seed: int) -> ScoreConfig:
@@ -128,9 +126,9 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         with step("world", {"world": params.world.__dict__}):
             world = world_step(out / "world", params.world, log=log)
         train_root = world["train_root"]
-        if suite_path in WORLD_SUITES:
-            b2n = suite_path == "synthshift-b2n" or (not suite_path and params.data.subset == "base")
-            suite_path, data_root = world["b2n_suite" if b2n else "suite"], world["root"]
+        name = world_suite(suite_path, params.data.subset)
+        if name:
+            suite_path, data_root = str(Path(world["root"]) / name), world["root"]
     if not suite_path:
         raise ValueError("params: evaluate.suite is empty; name a suite (e.g. imagenet-shifts) or a suite YAML file")
     suite = load_suite(str(suite_path), data_root)

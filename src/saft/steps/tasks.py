@@ -73,15 +73,18 @@ def train_root(world_dir: str, data_root: str) -> str:
     return data_root or str(Path(world_dir) / POOL_DIR)
 
 
-def resolve_suite(world_dir: str, suite: str, data_root: str):
+def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
+    """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
+    ``subset="base"`` is the base-to-new variant) when the world task rendered one, else a built-in or a file."""
     from saft.eval.suites import load_suite
-    from saft.steps.world import SUITE_FILE
+    from saft.steps.world import world_suite
 
+    name = world_suite(suite, subset)
+    if name and (Path(world_dir) / name).is_file():
+        return load_suite(str(Path(world_dir) / name), world_dir)
     if suite:
         return load_suite(suite, data_root or None)
-    if not (Path(world_dir) / SUITE_FILE).is_file():
-        raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
-    return load_suite(str(Path(world_dir) / SUITE_FILE), world_dir)
+    raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
 
 
 def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
@@ -164,6 +167,20 @@ def _runs(delta_dirs: list[str]) -> list:
 
 def suite_datasets(world_dir: str, suite: str, data_root: str) -> list[str]:
     return [e.name for e in resolve_suite(world_dir, suite, data_root).entries]
+
+
+def protocol_task(params_json: str, world_dir: str) -> str:
+    """Check the run's protocol and the gate's inputs before anything trains (:mod:`saft.steps.plan`).
+
+    Returns the gate metric (``id_ood`` or ``hm``; ``""`` when registration is off) for the
+    register task; raises ``ParamsError`` with the setting to change otherwise.
+    """
+    from saft.steps.params import params_from_dict
+    from saft.steps.plan import check_protocol, training_plan
+
+    params = params_from_dict(json.loads(params_json), "pipeline parameters")
+    resolved = resolve_suite(world_dir, params.evaluate.suite, params.evaluate.data_root, params.data.subset)
+    return check_protocol(params, resolved, training_plan(params, resolved, params.data.root)) or ""
 
 
 def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[dict]:
