@@ -47,14 +47,15 @@ def test_evaluate_suite_with_seeds_and_alphas(world, tmp_path, monkeypatch):
             assert r["top1"] == zs[r["dataset"]]
     aggs = {(a["model"], a["alpha"]): a for a in doc["aggregates"]}
     assert aggs[("saft", 1.0)]["seeds"] == [1, 2]
-    assert "effective_robustness" in aggs[("saft", 1.0)]
+    assert "ood_gain" in aggs[("saft", 1.0)] and "effective_robustness" not in aggs[("saft", 1.0)]  # no reference
     for name in ("report.md", "report.html", "id_vs_ood.png", "per_dataset.png", "alpha_curve.png"):
         assert (tmp_path / "out" / name).is_file()
     # one head per distinct weights (both datasets share classes and templates; alpha 0 is the base)
     assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 1 + 2
 
 
-def test_base_new_roles_score_halves(world, tmp_path):
+def test_base_new_roles_score_halves(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
     suite = {"datasets": [{"name": "b", "dataset": "imagefolder", "root": "id", "role": "base"},
                           {"name": "n", "dataset": "imagefolder", "root": "id", "role": "new"}]}
     (tmp_path / "b2n.yaml").write_text(yaml.safe_dump(suite))
@@ -63,7 +64,12 @@ def test_base_new_roles_score_halves(world, tmp_path):
     assert rc == 0
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {r["dataset"]: r["n"] for r in doc["records"]} == {"b": 30, "n": 30}
-    assert "hm" in doc["aggregates"][0]
+    assert {r["group"] for r in doc["records"]} == {"id"}  # paired by their common root
+    assert "hm" in doc["aggregates"][0] and set(doc["aggregates"][0]["base_to_new"]) == {"id"}
+    from saft.io import load_tensors
+
+    heads = [load_tensors(p, "saft-head/1", "head")[0]["head"] for p in (tmp_path / "cache" / "heads").glob("*")]
+    assert sorted(h.shape[0] for h in heads) == [5, 5]  # each half scored by a head over its own 5 classes
 
 
 def test_suite_errors(tmp_path):
@@ -74,7 +80,12 @@ def test_suite_errors(tmp_path):
     with pytest.raises(SuiteError, match="role"):
         load_suite(str(bad))
     bad.write_text(yaml.safe_dump({"datasets": [{"dataset": "imagefolder", "role": "base"}]}))
-    with pytest.raises(SuiteError, match="both 'base' and 'new'"):
+    with pytest.raises(SuiteError, match="exactly one 'base' and one 'new'"):
+        load_suite(str(bad))
+    bad.write_text(yaml.safe_dump({"datasets": [{"name": "in", "dataset": "imagenet", "role": "id"},
+                                                {"name": "in@a", "dataset": "imagenet", "role": "id_subset",
+                                                 "group": "imagenet-a"}]}))
+    with pytest.raises(SuiteError, match="needs 'group' naming an OOD entry"):
         load_suite(str(bad))
     with pytest.raises(ValueError, match="NAME"):
         DeltaRun.parse("just-a-path.safetensors")

@@ -32,7 +32,8 @@ TENCH, GOLDFISH, TOILET_PAPER = "n01440764", "n01443537", "n15075141"  # labels 
 SUBSET_SETS = ("imagenet-a", "imagenet-r")
 MARGIN = 1e-3  # cosine margin that keeps a pick stable under float noise between head builds
 CANDIDATES = 240
-ROLES = {"imagenet": "id", "imagenet-v2": "ood", "imagenet-sketch": "ood", "imagenet-a": "ood", "imagenet-r": "ood"}
+ROLES = {"imagenet": "id", "imagenet-v2": "ood", "imagenet-sketch": "ood", "imagenet-a": "ood", "imagenet-r": "ood",
+         "imagenet@a-classes": "id_subset", "imagenet@r-classes": "id_subset"}
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for label, indices in picked.items():
             for index in indices:
                 _save(candidates[index], folder / wnid_of[label] / f"cand_{index:04d}.png")
+                # the same picture in ImageNet val: the id_subset entries score it on the set's classes
+                _save(candidates[index], data_root / DEFAULT_FOLDERS["imagenet"] / "val" / wnid_of[label]
+                      / f"{name}_{index:04d}.png")
                 filed[name].append((candidates[index], label))
     return {"root": data_root, "loaded": loaded, "names": names, "templates": imagenet.templates,
             "full_head": full_head, "filed": filed}
@@ -138,10 +142,29 @@ def test_imagenet_shifts_suite_on_default_folders(world: dict, tmp_path: Path, m
     doc = json.loads((out / "metrics.json").read_text())
     records = {r["dataset"]: r for r in doc["records"]}
     assert len(doc["records"]) == len(ROLES) and set(records) == set(ROLES)
+    val_labels = [0, 0, 999, 999] + [label for name in SUBSET_SETS for _, label in world["filed"][name]]
+    expected_n = {"imagenet": len(val_labels)}
+    for name in SUBSET_SETS:
+        subset = set(get_adapter(name).imagenet_subset or [])
+        expected_n[f"imagenet@{name[-1]}-classes"] = sum(label in subset for label in val_labels)
     for name, role in ROLES.items():
         record = records[name]
-        assert (record["model"], record["role"], record["n"]) == ("zeroshot", role, 4), name
+        assert (record["model"], record["role"], record["n"]) == ("zeroshot", role, expected_n.get(name, 4)), name
         assert record["seed"] is None and record["alpha"] is None
+        assert record["group"] == ({"imagenet@a-classes": "imagenet-a", "imagenet@r-classes": "imagenet-r"}
+                                   .get(name))
+    # Effective robustness against the shipped testbed fit; -R's x is ImageNet on -R's 200 classes.
+    from saft.eval.robustness import load_reference
+
+    reference = load_reference("taori2020-testbed")
+    (agg,) = doc["aggregates"]
+    per_shift = agg["effective_robustness_per_shift"]
+    assert set(per_shift) == {"imagenet-v2", "imagenet-sketch", "imagenet-r"}  # -A: no published single line
+    assert per_shift["imagenet-r"]["mean"] == pytest.approx(reference.effective_robustness(
+        "imagenet-r", records["imagenet@r-classes"]["top1"], records["imagenet-r"]["top1"]))
+    assert per_shift["imagenet-v2"]["mean"] == pytest.approx(reference.effective_robustness(
+        "imagenet-v2", records["imagenet"]["top1"], records["imagenet-v2"]["top1"]))
+    assert "imagenet-a" in doc["definitions"]["effective_robustness_missing"]
     # One 1000-class head serves all five sets: same classes, same 'simple' templates.
     assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 1
     assert doc["meta"]["suite"] == "imagenet-shifts"

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_fingerprint_covers_the_activation(tmp_path, vit):
         saft.apply_delta(quick.model, delta)
 
 
-def _fill_hub_cache(hub: "Path", repo_id: str, filename: str, state_dict) -> "Path":
+def _fill_hub_cache(hub: Path, repo_id: str, filename: str, state_dict) -> Path:
     """A Hugging Face hub cache holding ``filename`` of ``repo_id`` (the layout huggingface_hub reads offline)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = hub / f"models--{repo_id.replace('/', '--')}"

@@ -6,7 +6,7 @@ import saft
 from saft.data.synth import DOMAINS, SHAPES, render, write_domain
 from saft.models.tiny import VOCABULARY, tiny_tokenizer
 from saft.models.tokenizer import EOT, PAD, SOT, WordTokenizer
-from saft.world.benchmark import Checks
+from saft.world.checks import Checks
 
 
 def test_render_is_deterministic_and_seeded():
@@ -87,7 +87,7 @@ def test_validity_checks():
 
 
 def test_world_protocol_fast_path(tmp_path):
-    from saft.world.benchmark import WorldConfig, run_world
+    from saft.protocols.synthshift import WorldConfig, run_world
     from saft.world.table import format_checks, format_results
 
     cfg = WorldConfig(out_dir=tmp_path, model="saft-tiny-clip@random", seeds=(1,), steps=2, batch_size=16,
@@ -131,7 +131,7 @@ def test_shipped_checkpoint_reproduces_its_card():
 
 
 def test_ood_at_matched_id_interpolates_along_alpha():
-    from saft.world.benchmark import ood_at_matched_id
+    from saft.eval.alpha_curve import ood_at_matched_id
 
     def agg(model, alpha, i, o):
         return {"model": model, "alpha": alpha, "id": {"mean": i}, "ood_mean": {"mean": o}}

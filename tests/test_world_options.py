@@ -8,7 +8,7 @@ import torch
 
 from saft.sparse import Mask, Scores, select_mask
 from saft.sparse.mask import select_mask_layerwise
-from saft.world.benchmark import DEFAULT_GRIDS, WorldConfig, parse_grid
+from saft.protocols.synthshift import DEFAULT_GRIDS, WorldConfig, parse_grid
 
 
 def _scores(seed=0):
@@ -76,7 +76,7 @@ def test_world_config_validates_its_options():
 
 def test_cli_builds_the_config():
     from saft.cli import build_parser
-    from saft.world.cli import world_config
+    from saft.protocols.cli import world_config
 
     parse = build_parser().parse_args
     default = world_config(parse(["benchmark", "synthshift"]))
@@ -98,7 +98,7 @@ def test_cli_builds_the_config():
 
 
 def test_saft_only_variant_with_base_to_new(tmp_path):
-    from saft.world.benchmark import run_world
+    from saft.protocols.synthshift import run_world
     from saft.world.table import format_checks, format_results
 
     cfg = WorldConfig(out_dir=tmp_path, model="saft-tiny-clip@random", seeds=(1,), steps=2, batch_size=16,

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_world(sub)
 
+    from saft.protocols.cli import register as register_protocols
+
+    register_protocols(sub)
+
     from saft.tracking.cli import register as register_tracking
 
     register_tracking(sub)

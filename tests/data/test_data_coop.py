@@ -10,22 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from coop_trees import SPLIT_JSON_SETS
 
 from saft.data.adapters import AdapterError, LayoutError, get_adapter
 from saft.data.imagefolder import ImageEntry
-
-# name -> (split file, image folder, the prompt its spec must give)
-SPLIT_JSON_SETS = {
-    "caltech101": ("split_zhou_Caltech101.json", "101_ObjectCategories", "a photo of a {}."),
-    "oxford_pets": ("split_zhou_OxfordPets.json", "images", "a photo of a {}, a type of pet."),
-    "stanford_cars": ("split_zhou_StanfordCars.json", "", "a photo of a {}."),
-    "oxford_flowers": ("split_zhou_OxfordFlowers.json", "jpg", "a photo of a {}, a type of flower."),
-    "food101": ("split_zhou_Food101.json", "images", "a photo of a {}, a type of food."),
-    "sun397": ("split_zhou_SUN397.json", "SUN397", "a photo of a {}."),
-    "dtd": ("split_zhou_DescribableTextures.json", "images", "{} texture."),
-    "eurosat": ("split_zhou_EuroSAT.json", "2750", "a centered satellite photo of {}."),
-    "ucf101": ("split_zhou_UCF101.json", "UCF-101-midframes", "a photo of a person doing {}."),
-}
 
 # Records as the split files write them: [path under the image folder, label, class name].
 SPLIT = {

@@ -89,3 +89,39 @@ def test_comparability_reasons():
 def test_tolerances_are_fractions(bad):
     with pytest.raises(ValueError, match="fraction in \\[0, 1\\)"):
         GateRule(ood_tolerance=bad)
+
+
+HM_RULE = GateRule(metric="hm", hm_tolerance=0.01)
+
+
+@pytest.mark.parametrize("hm, promoted", [(0.70, True), (0.69, True), (0.6899, False)])
+def test_hm_rule_against_zero_shot_edges(hm, promoted):
+    d = decide(Scores(hm=hm), Scores(hm=0.70), None, HM_RULE)
+    assert d.promoted is promoted and [c.name for c in d.checks] == ["HM vs zero-shot"]
+    assert "hm" in HM_RULE.text
+
+
+def test_hm_rule_against_the_champion_and_a_missing_score():
+    d = decide(Scores(hm=0.75), Scores(hm=0.70), Scores(hm=0.80), HM_RULE, champion_label="champion v2")
+    assert not d.promoted and "HM vs champion v2" in d.reason
+    assert not decide(Scores(id=0.9, ood_mean=0.9), Scores(hm=0.7), None, HM_RULE).promoted  # no HM: never promoted
+    from saft.tracking.promotion import HM_TAG, ZS_HM_TAG, scores_from_tags, zeroshot_from_tags
+
+    tags = {HM_TAG: "0.75", ZS_HM_TAG: "0.7"}
+    assert scores_from_tags(tags, rule=HM_RULE).hm == 0.75 and zeroshot_from_tags(tags, HM_RULE).hm == 0.7
+    assert scores_from_tags(tags) is None  # the ID/OOD rule finds no ID/OOD tags
+    reason = comparability({HM_TAG: "0.75"}, {"saft.id": "0.7", "saft.ood_mean": "0.5"}, "3", HM_RULE)
+    assert "no saft.hm tags" in reason
+
+
+def test_gate_metric_follows_the_suite_roles():
+    from saft.tracking.promotion import gate_metric
+
+    assert gate_metric({"base", "new"}) == "hm"
+    assert gate_metric({"id", "ood", "id_subset"}) == "id_ood"
+    with pytest.raises(ValueError, match="needs ID and OOD entries .* or base and new"):
+        gate_metric({"ood"}, where="suite 'x'")
+    with pytest.raises(ValueError, match="no base and new entries"):
+        gate_metric({"id", "ood"}, "hm")
+    with pytest.raises(ValueError, match="gate metric"):
+        GateRule(metric="accuracy")

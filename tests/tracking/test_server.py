@@ -351,3 +351,26 @@ def test_register_refuses_a_delta_of_another_base(tracking_env, candidate, model
         register_step(RegisterConfig(model_name=model_name, alpha=ALPHA), candidate.metrics, candidate.delta,
                       tmp_path, base_model="saft-tiny-clip@random", data_dir=candidate.data_dir)
     assert not (tmp_path / "register.json").exists()
+
+
+def test_base_to_new_candidate_is_judged_on_hm(tracking_env, candidate, model_name, tmp_path):
+    from saft.eval.metrics import Record, harmonic_mean, metrics_document
+
+    client = tracking_env.client()
+
+    def b2n(base: float, new: float) -> Path:
+        halves = [("zeroshot", None, None, 0.70, 0.70), ("saft", 1, ALPHA, base, new)]
+        records = [Record(m, f"textile/{half}", half, acc, 50, seed, alpha, "textile")
+                   for m, seed, alpha, b, n in halves for half, acc in (("base", b), ("new", n))]
+        doc = metrics_document(records, {**candidate.doc()["meta"], "suite": "mini-b2n"})
+        return write_document(tmp_path / f"b2n-{base}-{new}.json", doc)
+
+    # gains on the base classes by forgetting the new ones: HM 0.643 < 0.70 - 0.01
+    worse = _register(candidate, tmp_path / "r1", model_name, b2n(0.90, 0.50), baseline=True, hm_tolerance=0.01)
+    assert worse["baseline"]["verdict"] == "promoted" and worse["verdict"] == "rejected"
+    assert [c["name"] for c in worse["checks"]] == ["HM vs zero-shot", "HM vs champion v1"]
+    tags = client.get_model_version(model_name, "2").tags
+    assert float(tags["saft.hm"]) == pytest.approx(harmonic_mean(0.90, 0.50)) and "saft.id" not in tags
+    assert float(client.get_model_version(model_name, "1").tags["saft.hm"]) == pytest.approx(0.70)
+    better = _register(candidate, tmp_path / "r2", model_name, b2n(0.80, 0.72))
+    assert (better["version"], better["verdict"]) == ("3", "promoted") and "hm" in better["rule"]["text"]

@@ -1,182 +1,245 @@
-"""Reports from a metrics document: Markdown plus a self-contained HTML page with plots.
+"""Reports from a metrics document: Markdown plus one self-contained HTML page with plots.
 
-Plots (matplotlib, embedded in the HTML as PNG data URIs so the page opens anywhere):
-ID vs OOD accuracy per model (error bars over seeds; models evaluated at several
-``alpha`` values are drawn as a curve from the base), per-dataset bars, and ID/OOD
-accuracy against ``alpha`` for base + alpha * delta.
+The page holds, in order: the run's settings (model and base fingerprint, suite, data and
+its version, effective-robustness reference), the methods (learning rate, steps, mask
+density, trainable values, delta size), the accuracy table, base-to-new and effective
+robustness tables where the suite has them, one line per aggregate saying how it was
+computed, and the figures (:mod:`saft.eval.plots`): ID vs OOD, per dataset, base-to-new
+HM, effective robustness, the base + alpha * delta curve when several alphas were
+evaluated, where the mask landed per block and the training curves. The run context
+(settings and per-delta facts) comes from the steps layer
+(:func:`saft.steps.context.report_context`); without it only the document's own
+facts are shown. A value without ``±`` comes from one seed: there is no spread to show.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from saft.eval.metrics import ZERO_SHOT
+from saft.eval.plots import main_aggregates, model_key, plot_figures
 from saft.io import atomic_path
 
-_MODEL_ORDER = ("zeroshot", "full", "saft", "random")
+CAPTION = "Top-1 accuracy in %: mean ± sample standard deviation over seeds; a value without ± comes from one seed."
+FIGURE_CAPTIONS = {
+    "id_vs_ood.png": "ID vs OOD mean top-1 per model (error bars: std over seeds, where there are several).",
+    "per_dataset.png": "Top-1 per dataset and model.",
+    "base_to_new.png": "Base-to-new: HM of mean base and mean new top-1, per dataset and averaged.",
+    "effective_robustness.png": "Effective robustness per shift: OOD top-1 minus the reference fit's prediction.",
+    "alpha_curve.png": "ID and OOD mean top-1 of base + alpha * delta.",
+    "mask_landing.png": "Trained entries per block (sparse deltas; mean over seeds).",
+    "training_curves.png": "Training loss per optimizer step, one line per seed.",
+}
 
 
-def _model_key(name: str) -> tuple[int, str]:
-    return (_MODEL_ORDER.index(name) if name in _MODEL_ORDER else len(_MODEL_ORDER), name)
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    css: str = ""  # "kv": a setting/value table, left-aligned
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def fmt(stat: dict | None) -> str:
+    """``61.23 ± 1.20`` (percent), ``61.23`` when there is no spread, ``-`` when missing."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    text = f"{100 * stat['mean']:.2f}"
+    return text if stat.get("std") is None else f"{text} ± {100 * stat['std']:.2f}"
 
 
-def _main_aggregates(doc: dict) -> list[dict]:
-    """One aggregate per model: alpha 1.0 (or None) when several alphas exist."""
-    best: dict[str, dict] = {}
-    for agg in doc["aggregates"]:
-        cur = best.get(agg["model"])
-        rank = 0 if agg["alpha"] in (None, 1.0) else 1
-        if cur is None or rank < (0 if cur["alpha"] in (None, 1.0) else 1):
-            best[agg["model"]] = agg
-    return [best[m] for m in sorted(best, key=_model_key)]
+def fmt_gain(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "+0.00" if abs(value) < 5e-5 else f"{100 * value:+.2f}"
 
 
-def markdown_report(doc: dict, title: str = "Evaluation report") -> str:
-    aggs = _main_aggregates(doc)
-    datasets = sorted({d for a in aggs for d in a["per_dataset"]},
-                      key=lambda d: (aggs[0]["per_dataset"].get(d, {}).get("role", "z") != "id", d))
-    lines = [f"# {title}", ""]
-    if doc.get("meta"):
-        lines += [f"- {k}: {v}" for k, v in sorted(doc["meta"].items())] + [""]
-    head = ["model"] + [f"{d} ({a['per_dataset'][d]['role']})" if d in (a := aggs[0])["per_dataset"] else d
-                        for d in datasets]
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def _span(values: list, show) -> str:
+    values = sorted(set(v for v in values if v is not None))
+    if not values:
+        return "-"
+    return show(values[0]) if len(values) == 1 else f"{show(values[0])} to {show(values[-1])}"
+
+
+def settings_table(doc: dict, context: dict) -> Table:
+    meta, settings, runs = doc.get("meta", {}), dict(context.get("settings", {})), context.get("runs", [])
+    rows = []
+    if meta.get("model"):
+        fp = meta.get("base_fingerprint")
+        rows.append(["model", f"{meta['model']}" + (f" (weights sha256 {fp[:12]}…)" if fp else "")])
+    if meta.get("suite"):
+        rows.append(["evaluation suite", str(meta["suite"])])
+    data = settings.pop("data", None) or next((r["data"] for r in runs if r.get("data")), None)
+    if data:
+        rows.append(["training data", ", ".join(f"{k} {v}" for k, v in data.items() if v not in ("", None))])
+    versions = sorted({(r.get("seed"), r["manifest_hash"]) for r in runs if r.get("manifest_hash")},
+                      key=lambda sv: (sv[0] is None, sv[0] or 0, sv[1]))
+    if versions:
+        rows.append(["data version (train manifest sha256)",
+                     "; ".join(f"seed {s}: {h[:12]}…" if s is not None else f"{h[:12]}…" for s, h in versions[:12])
+                     + (f"; … {len(versions) - 12} more" if len(versions) > 12 else "")])
+    seeds = sorted({s for a in doc["aggregates"] for s in a.get("seeds", [])})
+    if seeds:
+        rows.append(["seeds", ", ".join(map(str, seeds))])
+    ref = meta.get("effective_robustness_reference")
+    if ref:
+        rows.append(["effective-robustness reference", f"{ref['name']} ({ref['transform']} fit; {ref['source']})"])
+    rows += [[str(k), str(v)] for k, v in settings.items()]
+    return Table("Run", ["setting", "value"], rows, css="kv")
+
+
+def methods_table(context: dict) -> Table | None:
+    runs = context.get("runs", [])
+    if not runs:
+        return None
+    default_density = context.get("settings", {}).get("density")
+    rows = []
+    for method in sorted({r["method"] for r in runs}, key=model_key):
+        mine = [r for r in runs if r["method"] == method]
+        sparse = all(r.get("sparse") for r in mine)
+        densities = [r.get("density", default_density if sparse else None) for r in mine]
+        rows.append([method, _span([r.get("lr") for r in mine], lambda v: f"{v:g}"),
+                     _span([r.get("steps") for r in mine], str),
+                     _span(densities, lambda v: f"{v:.4%}") if sparse else "dense (every eligible entry)",
+                     _span([r["trainable"] for r in mine], lambda v: f"{v:,}"),
+                     _span([r["delta_bytes"] for r in mine], _size), str(len(mine))])
+    return Table("Methods", ["method", "learning rate", "steps", "density", "trainable values", "delta file", "runs"],
+                 rows)
+
+
+def accuracy_table(doc: dict) -> Table:
+    aggs = main_aggregates(doc)
+    roles = {d: v["role"] for a in aggs for d, v in a["per_dataset"].items()}
+    order = {"id": 0, "id_subset": 1, "ood": 2, "base": 3, "new": 3}
+    datasets = sorted(roles, key=lambda d: (order.get(roles[d], 9), d))
     has_id_ood = any("id" in a and "ood_mean" in a for a in aggs)
     has_b2n = any("hm" in a for a in aggs)
-    if has_id_ood:
-        head += ["ID", "OOD mean", "OOD gain", "eff. robustness"]
-    if has_b2n:
-        head += ["base", "new", "HM"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    has_er = any("effective_robustness" in a for a in aggs)
+    head = ["model"] + [f"{d} ({roles[d]})" for d in datasets]
+    head += (["ID", "OOD mean", "ID gain", "OOD gain"] if has_id_ood else [])
+    head += (["eff. robustness"] if has_er else []) + (["base", "new", "HM"] if has_b2n else [])
+    rows = []
     for a in aggs:
-        row = [a["model"]]
-        for d in datasets:
-            cell = a["per_dataset"].get(d)
-            row.append("-" if cell is None else f"{_pct(cell['mean'])} ± {_pct(cell['std'])}")
+        row = [a["model"] if a["alpha"] in (None, 1.0) else f"{a['model']} @ alpha {a['alpha']:g}"]
+        row += [fmt(a["per_dataset"].get(d)) for d in datasets]
         if has_id_ood:
-            row += [_pct(a.get("id", {}).get("mean")), _pct(a.get("ood_mean", {}).get("mean")),
-                    _pct(a.get("ood_gain")), _pct(a.get("effective_robustness"))]
+            gains = [None, None] if a["model"] == ZERO_SHOT else [a.get("id_gain"), a.get("ood_gain")]
+            row += [fmt(a.get("id")), fmt(a.get("ood_mean"))] + [fmt_gain(g) for g in gains]
+        if has_er:
+            row.append(fmt(a.get("effective_robustness")))
         if has_b2n:
-            row += [_pct(a.get(k, {}).get("mean")) for k in ("base", "new", "hm")]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Top-1 accuracy in %, mean ± std over seeds."]
+            row += [fmt(a.get(k)) for k in ("base", "new", "hm")]
+        rows.append(row)
+    notes = [CAPTION] + (["Gains are in points against zero-shot."] if has_id_ood else [])
+    return Table("Accuracy", head, rows, notes)
+
+
+def base_to_new_table(doc: dict) -> Table | None:
+    aggs = [a for a in main_aggregates(doc) if "base_to_new" in a]
+    if not aggs:
+        return None
+    groups = sorted({g for a in aggs for g in a["base_to_new"]})
+    head = ["dataset"] + [f"{a['model']} {k}" for a in aggs for k in ("base", "new", "HM")]
+    rows = []
+    for g in groups:
+        row = [g]
+        for a in aggs:
+            cell = a["base_to_new"].get(g, {})
+            row += [fmt(cell.get("base")), fmt(cell.get("new")), fmt(cell.get("hm"))]
+        rows.append(row)
+    rows.append([f"average over {len(groups)}"] + [fmt(a.get(k)) for a in aggs for k in ("base", "new", "hm")])
+    return Table("Base-to-new", head, rows, [CAPTION, "HM: harmonic mean of the mean base and mean new accuracy."])
+
+
+def effective_robustness_table(doc: dict) -> Table | None:
+    aggs = [a for a in main_aggregates(doc) if "effective_robustness_per_shift" in a]
+    if not aggs:
+        return None
+    shifts = sorted({s for a in aggs for s in a["effective_robustness_per_shift"]})
+    rows = [[a["model"]] + [fmt(a["effective_robustness_per_shift"].get(s)) for s in shifts]
+            + [fmt(a["effective_robustness"])] for a in aggs]
+    ref = doc["meta"].get("effective_robustness_reference", {})
+    notes = [f"Points above the {ref.get('transform', '')} fit of the reference {ref.get('name', '')!r}."]
+    if doc.get("definitions", {}).get("effective_robustness_missing"):
+        notes.append("Not reported: " + doc["definitions"]["effective_robustness_missing"])
+    return Table("Effective robustness", ["model"] + shifts + ["average"], rows, notes)
+
+
+def report_tables(doc: dict, context: dict | None = None) -> list[Table]:
+    context = context or {}
+    tables = [settings_table(doc, context), methods_table(context), accuracy_table(doc), base_to_new_table(doc),
+              effective_robustness_table(doc)]
+    return [t for t in tables if t is not None and t.rows]
+
+
+def markdown_report(doc: dict, title: str = "Evaluation report", context: dict | None = None) -> str:
+    lines = [f"# {title}", ""]
+    for table in report_tables(doc, context):
+        lines += [f"## {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        lines += [""] + [f"{note}  " for note in table.notes] + ([""] if table.notes else [])
+    if doc.get("definitions"):
+        lines += ["## How each number is computed", ""]
+        lines += [f"- `{key}`: {text}" for key, text in doc["definitions"].items()] + [""]
     return "\n".join(lines) + "\n"
 
 
-def _figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+def _html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table.notes)
+    css = f" class='{table.css}'" if table.css else ""
+    return f"<h2>{html.escape(table.title)}</h2><table{css}><tr>{head}</tr>{body}</table>{notes}"
 
 
-def _finish(fig, ax, xlabel: str, ylabel: str, title: str, grid: bool = True) -> bytes:
-    """Label, render to PNG and close one figure."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if grid:
-        ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    png = _figure_png(fig)
-    plt.close(fig)
-    return png
-
-
-def plot_figures(doc: dict) -> dict[str, bytes]:
-    """PNG bytes of each plot the document supports, by file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures: dict[str, bytes] = {}
-    aggs = _main_aggregates(doc)
-    id_ood = [a for a in doc["aggregates"] if "id" in a and "ood_mean" in a]
-    if id_ood:
-        fig, ax = plt.subplots(figsize=(5.5, 4.2))
-        for model in sorted({a["model"] for a in id_ood}, key=_model_key):
-            pts = sorted((a for a in id_ood if a["model"] == model), key=lambda a: -1 if a["alpha"] is None else a["alpha"])
-            xs = [100 * a["id"]["mean"] for a in pts]
-            ys = [100 * a["ood_mean"]["mean"] for a in pts]
-            line = ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", label=model, markersize=5)[0]
-            main = next((a for a in pts if a["alpha"] in (None, 1.0)), pts[-1])
-            ax.errorbar(100 * main["id"]["mean"], 100 * main["ood_mean"]["mean"], xerr=100 * main["id"]["std"],
-                        yerr=100 * main["ood_mean"]["std"], color=line.get_color(), capsize=3)
-        figures["id_vs_ood.png"] = _finish(fig, ax, "ID top-1 (%)", "OOD mean top-1 (%)",
-                                           "In-distribution vs out-of-distribution")
-
-    datasets = sorted({d for a in aggs for d in a["per_dataset"]})
-    if datasets:
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(datasets) + 2), 3.8))
-        width = 0.8 / max(len(aggs), 1)
-        for i, a in enumerate(aggs):
-            xs = [j + i * width for j in range(len(datasets))]
-            means = [100 * a["per_dataset"].get(d, {}).get("mean", float("nan")) for d in datasets]
-            stds = [100 * a["per_dataset"].get(d, {}).get("std", 0.0) for d in datasets]
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=a["model"])
-        ax.set_xticks([j + width * (len(aggs) - 1) / 2 for j in range(len(datasets))], datasets, rotation=30,
-                      ha="right")
-        figures["per_dataset.png"] = _finish(fig, ax, "", "top-1 (%)", "Per-dataset accuracy", grid=False)
-
-    curves = {m: sorted((a for a in id_ood if a["model"] == m and a["alpha"] is not None), key=lambda a: a["alpha"])
-              for m in {a["model"] for a in id_ood}}
-    curves = {m: c for m, c in curves.items() if len(c) > 1}
-    if curves:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for model, pts in sorted(curves.items(), key=lambda kv: _model_key(kv[0])):
-            alphas = [a["alpha"] for a in pts]
-            line = ax.plot(alphas, [100 * a["id"]["mean"] for a in pts], "-o", markersize=4, label=f"{model} ID")[0]
-            ax.plot(alphas, [100 * a["ood_mean"]["mean"] for a in pts], "--s", markersize=4,
-                    color=line.get_color(), label=f"{model} OOD")
-        figures["alpha_curve.png"] = _finish(fig, ax, "alpha (base + alpha * delta)", "top-1 (%)",
-                                             "Interpolating the delta")
-    return figures
-
-
-def html_report(markdown: str, figures: dict[str, bytes], title: str) -> str:
-    """A single self-contained page: the table (rendered from the Markdown) and the plots."""
-    rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    table = ""
-    if rows:
-        header = [c.strip() for c in rows[0].strip("|").split("|")]
-        body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
-        table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-        table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-        table += "</table>"
-    notes = [line[2:] for line in markdown.splitlines() if line.startswith("- ")]
-    imgs = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, png in figures.items()
-    )
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
-             "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             "figure{display:inline-block;margin:1em}img{max-width:520px}")
+def html_report(doc: dict, figures: dict[str, bytes], title: str, context: dict | None = None) -> str:
+    """One self-contained page: tables, definitions and the plots (PNG data URIs)."""
+    parts = [_html_table(t) for t in report_tables(doc, context)]
+    if doc.get("definitions"):
+        items = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in doc["definitions"].items())
+        parts.append(f"<h2>How each number is computed</h2><ul>{items}</ul>")
+    if figures:
+        imgs = "".join(
+            f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
+            for name, png in figures.items())
+        parts.append(f"<h2>Figures</h2>{imgs}")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+             "table{border-collapse:collapse;font-size:13px;margin-bottom:.4em}td,th{border:1px solid #ccc;"
+             "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+             "table.kv td,table.kv th{text-align:left}"
+             ".note{font-size:12px;color:#555;margin:.2em 0}figure{display:inline-block;width:47%;margin:.5em 1%;"
+             "vertical-align:top}img{max-width:100%}figcaption{font-size:12px;color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-            + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-            + table + "<p>Top-1 accuracy in %, mean ± std over seeds.</p>" + imgs + "</body></html>")
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>" + "".join(parts) + "</body></html>")
 
 
-def write_report(doc: dict, out_dir: str | Path, title: str = "Evaluation report") -> dict[str, Path]:
+def write_report(doc: dict, out_dir: str | Path, title: str = "Evaluation report",
+                 context: dict | None = None) -> dict[str, Path]:
     """Write report.md, report.html and the PNGs into ``out_dir`` (each file atomically)."""
     out = Path(out_dir)
-    md = markdown_report(doc, title)
-    figures = plot_figures(doc)
+    figures = plot_figures(doc, context)
     written = {}
     for name, data in figures.items():
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(data)
         written[name] = out / name
-    for name, text in (("report.md", md), ("report.html", html_report(md, figures, title))):
+    for name in set(FIGURE_CAPTIONS) - set(figures):  # a figure of an earlier run must not outlive its data
+        (out / name).unlink(missing_ok=True)
+    pages = (("report.md", markdown_report(doc, title, context)),
+             ("report.html", html_report(doc, figures, title, context)))
+    for name, text in pages:
         with atomic_path(out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
         written[name] = out / name

@@ -9,9 +9,20 @@ entry can be pointed elsewhere. A user suite is a YAML file::
       - {name: imagenet, dataset: imagenet, root: s3://bucket/imagenet, split: val, role: id}
       - {name: my-sketches, dataset: imagefolder, root: /data/sketches, role: ood}
 
-``role`` is ``id``/``ood`` or ``base``/``new`` (base-to-new: only that half of the
-classes is scored, predictions restricted to the half). Relative roots are taken
-relative to ``data_root``.
+``role`` is ``id``/``ood``, ``base``/``new`` or ``id_subset``. Relative roots are taken
+relative to ``data_root``. Optional fields: ``split`` (default: the adapter's test split),
+``group`` and, at the top level, ``reference`` (the effective-robustness reference fit,
+see :mod:`saft.eval.robustness`; built-in ``imagenet-shifts`` uses ``taori2020-testbed``).
+
+Base-to-new (CoOp/CoCoOp protocol): a ``base`` and a ``new`` entry of the same dataset form
+one ``group`` (default: the entry name without a trailing ``/base`` or ``/new``, else its
+root). Each half is scored with a zero-shot head over its own classes only, the first
+ceil(n/2) classes in label order being base (:func:`saft.data.fewshot.split_base_new`,
+the rule ``prepare --subset base`` trains on). Every group needs exactly one of each.
+
+``id_subset``: the ID dataset restricted to the classes of the shift named by ``group``
+(ImageNet-A/-R cover 200 of ImageNet's 1000), predictions restricted to them. It is the
+x-axis of that shift's effective robustness (Taori et al. 2020) and enters no mean.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ class SuiteEntry:
     role: str
     root: str = ""
     split: str | None = None  # None: the adapter's test split (or its default)
+    group: str | None = None  # base/new: the dataset the halves belong to; id_subset: the shift
 
     def resolved(self, data_root: str | None) -> "SuiteEntry":
         root = self.root or DEFAULT_FOLDERS.get(self.dataset, self.dataset)
@@ -68,9 +80,25 @@ class SuiteEntry:
 class Suite:
     name: str
     entries: tuple[SuiteEntry, ...]
+    reference: str = ""  # default effective-robustness reference ("" : none)
 
     def resolved(self, data_root: str | None) -> "Suite":
-        return Suite(self.name, tuple(e.resolved(data_root) for e in self.entries))
+        return replace(self, entries=tuple(e.resolved(data_root) for e in self.entries))
+
+    @property
+    def roles(self) -> set[str]:
+        return {e.role for e in self.entries}
+
+    def base_to_new_groups(self) -> dict[str, tuple[SuiteEntry, SuiteEntry]]:
+        """group -> (base entry, new entry), in suite order."""
+        out: dict[str, tuple[SuiteEntry, SuiteEntry]] = {}
+        for e in self.entries:
+            if e.role == "base":
+                out[e.group] = (e, next(n for n in self.entries if n.role == "new" and n.group == e.group))
+        return out
+
+    def entry(self, name: str) -> SuiteEntry:
+        return next(e for e in self.entries if e.name == name)
 
 
 def _imagenet_shifts() -> Suite:
@@ -80,14 +108,18 @@ def _imagenet_shifts() -> Suite:
         SuiteEntry("imagenet-sketch", "imagenet-sketch", "ood"),
         SuiteEntry("imagenet-a", "imagenet-a", "ood"),
         SuiteEntry("imagenet-r", "imagenet-r", "ood"),
-    ))
+        # the x-axis of -A/-R's effective robustness: ImageNet val on their 200 classes
+        SuiteEntry("imagenet@a-classes", "imagenet", "id_subset", split="val", group="imagenet-a"),
+        SuiteEntry("imagenet@r-classes", "imagenet", "id_subset", split="val", group="imagenet-r"),
+    ), reference="taori2020-testbed")
 
 
 def _base2new() -> Suite:
     entries = []
     for ds in ("imagenet",) + COOP_DATASETS:
         split = "val" if ds == "imagenet" else "test"
-        entries += [SuiteEntry(f"{ds}/base", ds, "base", split=split), SuiteEntry(f"{ds}/new", ds, "new", split=split)]
+        entries += [SuiteEntry(f"{ds}/base", ds, "base", split=split, group=ds),
+                    SuiteEntry(f"{ds}/new", ds, "new", split=split, group=ds)]
     return Suite("base2new", tuple(entries))
 
 
@@ -118,7 +150,7 @@ def load_suite(name_or_path: str, data_root: str | None = None) -> Suite:
         where = f"{path}, datasets item {i}"
         if not isinstance(item, dict):
             raise SuiteError(f"{where}: expected a mapping with dataset, role and root")
-        unknown = set(item) - {"name", "dataset", "role", "root", "split"}
+        unknown = set(item) - {"name", "dataset", "role", "root", "split", "group"}
         if unknown:
             raise SuiteError(f"{where}: unknown field(s) {sorted(unknown)}")
         dataset, role = item.get("dataset", "imagefolder"), item.get("role")
@@ -128,8 +160,29 @@ def load_suite(name_or_path: str, data_root: str | None = None) -> Suite:
         if name in seen:
             raise SuiteError(f"{where}: name {name!r} is used twice; give each entry its own 'name'")
         seen.add(name)
-        entries.append(SuiteEntry(name, dataset, role, str(item.get("root", "")), item.get("split")))
-    roles = {e.role for e in entries}
-    if ("base" in roles) != ("new" in roles):
-        raise SuiteError(f"{path}: a base-to-new suite needs both 'base' and 'new' entries")
-    return Suite(str(doc.get("name") or path.stem), tuple(entries)).resolved(data_root)
+        root = str(item.get("root", ""))
+        group = item.get("group")
+        if role in ("base", "new") and not group:
+            group = name.rsplit("/", 1)[0] if name.endswith(("/base", "/new")) else (root or dataset)
+        entries.append(SuiteEntry(name, dataset, role, root, item.get("split"),
+                                  None if group is None else str(group)))
+    _check_groups(path, entries)
+    reference = doc.get("reference") or ""
+    return Suite(str(doc.get("name") or path.stem), tuple(entries), str(reference)).resolved(data_root)
+
+
+def _check_groups(path: Path, entries: list[SuiteEntry]) -> None:
+    """Every base-to-new group has one base and one new entry; every id_subset names an OOD entry."""
+    halves: dict[str, list[str]] = {}
+    for e in entries:
+        if e.role in ("base", "new"):
+            halves.setdefault(e.group, []).append(e.role)
+    for group, roles in halves.items():
+        if sorted(roles) != ["base", "new"]:
+            raise SuiteError(f"{path}: base-to-new group {group!r} has {', '.join(sorted(roles))} entries; each "
+                             "dataset needs exactly one 'base' and one 'new' entry (set 'group' to pair them)")
+    ood = {e.name for e in entries if e.role == "ood"}
+    for e in entries:
+        if e.role == "id_subset" and e.group not in ood:
+            raise SuiteError(f"{path}: entry {e.name!r} (role id_subset) needs 'group' naming an OOD entry of the "
+                             f"suite whose classes it covers; OOD entries: {', '.join(sorted(ood)) or 'none'}")

@@ -55,9 +55,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from saft.eval.suites import load_suite
     from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 
+    from saft.eval.report import fmt
+
     cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
                          zeroshot=not args.no_zeroshot, batch_size=args.batch_size, device=resolve_device(args.device),
-                         template_set=args.templates, only=args.only, **_loader(args))
+                         template_set=args.templates, only=args.only, reference=args.reference, **_loader(args))
     suite = load_suite(args.suite, args.data_root)
     doc = evaluate_suite(cfg, suite, args.out)
     if not _main_rank():
@@ -65,9 +67,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     print()
     for agg in doc["aggregates"]:
         parts = [f"{agg['model']}" + ("" if agg["alpha"] is None else f" @ alpha {agg['alpha']:g}")]
-        for key, label in (("id", "ID"), ("ood_mean", "OOD mean"), ("base", "base"), ("new", "new"), ("hm", "HM")):
+        for key, label in (("id", "ID"), ("ood_mean", "OOD mean"), ("effective_robustness", "eff. robustness"),
+                           ("base", "base"), ("new", "new"), ("hm", "HM")):
             if key in agg:
-                parts.append(f"{label} {100 * agg[key]['mean']:.2f} ± {100 * agg[key]['std']:.2f}")
+                parts.append(f"{label} {fmt(agg[key])}")
         print(" | ".join(parts))
     print(f"wrote {args.out}/metrics.json, report.md, report.html")
     return 0
@@ -188,6 +191,9 @@ def register(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
     _loader_flags(ev)
     ev.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible; default)")
+    ev.add_argument("--reference", default="",
+                    help="effective-robustness reference fit: a shipped name (taori2020-testbed), 'none', or a "
+                         "reference YAML file (default: the suite's own; imagenet-shifts uses taori2020-testbed)")
     ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
                     help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")
     ev.set_defaults(func=_evaluate)

@@ -1,10 +1,13 @@
 """The collect step: evaluation parts (one per dataset when fanned out) -> one result.
 
 Merges the metrics documents of the evaluate step's parts into one ``metrics.json``
-(records concatenated, aggregates recomputed over all of them), writes the report, and
-a ``results.json`` / ``results.md`` with the results table: ID, each OOD set, OOD mean,
-trainable values and delta size per method. On the embedded world's ``synthshift``
-suite it also computes the world's validity checks from zero-shot and full fine-tuning.
+(records concatenated, aggregates recomputed over all of them with the parts' shared
+effective-robustness reference), writes the report (with the run context: settings, the
+deltas' sizes, mask landing and training curves), and a ``results.json`` /
+``results.md`` with the results table: ID, each OOD set, OOD mean (or base, new and HM
+on a base-to-new suite), trainable values and delta size per method. On the embedded
+world's ``synthshift`` suite it also computes the world's validity checks from
+zero-shot and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from saft.eval.metrics import metrics_document, records_from_document
+from saft.eval.alpha_curve import ood_at_matched_id
+from saft.eval.metrics import REFERENCE_META, metrics_document, records_from_document
 from saft.eval.report import write_report
 from saft.io import atomic_path, write_json
-from saft.sparse import load_delta
+from saft.steps.context import report_context
 from saft.steps.evaluate import METRICS_FILE, DeltaRun
-from saft.world.benchmark import Checks, ood_at_matched_id
+from saft.world.checks import Checks
 from saft.world.table import format_checks, format_results
 
 RESULTS_FILE = "results.json"
@@ -32,7 +36,7 @@ def merge_metrics(docs: Iterable[dict]) -> dict:
         raise ValueError("collect: no metrics documents to merge")
     meta = dict(docs[0].get("meta", {}))
     for doc in docs[1:]:
-        for key in ("suite", "model", "base_fingerprint"):
+        for key in ("suite", "model", "base_fingerprint", REFERENCE_META):
             if doc.get("meta", {}).get(key) != meta.get(key):
                 raise ValueError(f"collect: the parts disagree on {key} ({meta.get(key)!r} vs "
                                  f"{doc.get('meta', {}).get(key)!r}); evaluate them with one model and suite")
@@ -46,18 +50,22 @@ def merge_metrics(docs: Iterable[dict]) -> dict:
     return metrics_document(records, meta)
 
 
-def delta_sizes(deltas: Iterable[DeltaRun]) -> dict[str, dict]:
+def delta_sizes(runs: Iterable[dict]) -> dict[str, dict]:
+    """Trainable values and delta file size per method (its first run: every seed trains as many)."""
     sizes: dict[str, dict] = {}
-    for run in deltas:
-        if run.name not in sizes:  # every seed of a method trains the same number of values
-            sizes[run.name] = {"trainable": load_delta(run.path).num_values,
-                               "delta_bytes": Path(run.path).stat().st_size}
+    for run in runs:
+        sizes.setdefault(run["method"], {"trainable": run["trainable"], "delta_bytes": run["delta_bytes"]})
     return sizes
 
 
 def collect_step(metric_files: list[str | Path], out_dir: str | Path, *, deltas: Iterable[DeltaRun] = (),
-                 learning_rates: dict | None = None) -> dict:
-    """Write ``metrics.json``, the report, ``results.json`` and ``results.md`` into ``out_dir``."""
+                 learning_rates: dict | None = None, settings: dict | None = None) -> dict:
+    """Write ``metrics.json``, the report, ``results.json`` and ``results.md`` into ``out_dir``.
+
+    ``settings`` (key -> value) are shown in the report's run table beside what the delta
+    files themselves record.
+    """
+    deltas = list(deltas)
     docs = []
     for path in metric_files:
         path = Path(path) / METRICS_FILE if Path(path).is_dir() else Path(path)
@@ -68,10 +76,13 @@ def collect_step(metric_files: list[str | Path], out_dir: str | Path, *, deltas:
     doc = merge_metrics(docs)
     out = Path(out_dir)
     write_json(out / METRICS_FILE, doc)
-    write_report(doc, out, title=f"{doc['meta'].get('suite', 'suite')}: {doc['meta'].get('model', '')}")
+    context = report_context(deltas, settings)
+    write_report(doc, out, title=f"{doc['meta'].get('suite', 'suite')}: {doc['meta'].get('model', '')}",
+                 context=context)
     summary = {"suite": doc["meta"].get("suite"), "model": doc["meta"].get("model"),
-               "aggregates": doc["aggregates"], "sizes": delta_sizes(deltas),
-               "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {}}
+               "aggregates": doc["aggregates"], "sizes": delta_sizes(context["runs"]),
+               "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {},
+               "definitions": doc["definitions"]}
     if any(a["alpha"] not in (None, 0.0, 1.0) for a in doc["aggregates"]):
         # Read off measured alpha curves; with alpha 1 alone it would be a straight-line guess.
         summary["ood_at_matched_id"] = ood_at_matched_id(doc["aggregates"])

@@ -3,8 +3,12 @@
 Each model variant is the base (``zeroshot``) or base + alpha * delta; every variant is
 scored on every suite entry with a zero-shot head built from the entry's class names and
 templates (cached on disk per weights/classes/templates). Labels that live in a larger
-class space (ImageNet-A/-R) and base/new halves are scored with logits restricted to
-their classes.
+class space (ImageNet-A/-R, and ``id_subset`` entries on their classes) are scored with
+logits restricted to their classes. A base or new half is scored with a head over its
+own classes only (labels renumbered within the half), the split rule of
+:func:`saft.data.fewshot.split_base_new` that ``prepare --subset base`` trains on.
+Effective robustness needs a reference fit (``EvaluateConfig.reference``, default the
+suite's own); its fitted lines are stored in the metrics document.
 
 Each suite entry's images are decoded once for all variants: a batch is read (by loader
 workers), and every variant's weights are merged in turn to score it. Deltas are read
@@ -14,6 +18,7 @@ and checked against the base's fingerprint once, before any image is read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -23,11 +28,13 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from saft.data.adapters import get_adapter
+from saft.data.fewshot import split_base_new
 from saft.data.images import ImageDecodeError, load_rgb
 from saft.data.storage import open_storage
 from saft.eval.head import cached_head
 from saft.eval.metrics import ZERO_SHOT, Record, metrics_document
 from saft.eval.report import write_report
+from saft.eval.robustness import NO_REFERENCE, Reference, load_reference
 from saft.eval.runner import Variant, evaluate_variants
 from saft.eval.suites import Suite, SuiteEntry
 from saft.io import write_json
@@ -76,6 +83,7 @@ class EvaluateConfig:
     device: str = "cpu"
     template_set: str = "default"
     only: list[str] = field(default_factory=list)  # suite entry names; empty: all (fan-out runs one each)
+    reference: str = ""  # effective-robustness reference: "" the suite's default, "none", a name or a YAML file
 
 
 class EntryImages(Dataset):
@@ -107,8 +115,12 @@ class _Task:
     images: list
     subset: list[int] | None
 
+    def record(self, model: str, seed: int | None, alpha: float | None, acc) -> Record:
+        e = self.entry
+        return Record(model, e.name, e.role, acc.top1, acc.n, seed, alpha, e.group)
 
-def _task(entry: SuiteEntry, template_set: str) -> _Task:
+
+def _task(entry: SuiteEntry, template_set: str, suite: Suite | None = None) -> _Task:
     adapter = get_adapter(entry.dataset)
     if template_set != "default" and template_set in adapter.template_sets:
         adapter = adapter.with_templates(template_set)
@@ -118,13 +130,30 @@ def _task(entry: SuiteEntry, template_set: str) -> _Task:
     subset = adapter.imagenet_subset
     entries = list(index.entries)
     if entry.role in ("base", "new"):
-        n_base = (len(classes) + 1) // 2
-        half = range(0, n_base) if entry.role == "base" else range(n_base, len(classes))
-        entries = [e for e in entries if e.label in half]
-        subset = list(half)
+        # a head over the half's own classes: labels renumbered within the half
+        half = split_base_new(range(len(classes)))[0 if entry.role == "base" else 1]
+        position = {label: i for i, label in enumerate(half)}
+        entries = [dataclasses.replace(e, label=position[e.label]) for e in entries if e.label in position]
+        classes, subset = [classes[i] for i in half], None
+    elif entry.role == "id_subset":
+        shift = get_adapter(suite.entry(entry.group).dataset) if suite is not None else None
+        subset = shift.imagenet_subset if shift is not None else None
+        if not subset:
+            raise ValueError(f"suite entry {entry.name!r}: role id_subset needs its group {entry.group!r} to be a "
+                             "dataset covering a subset of the ID classes (ImageNet-A/-R)")
+        kept = set(subset)
+        entries = [e for e in entries if e.label in kept]
     if not entries:
         raise ValueError(f"suite entry {entry.name!r}: no images found under {entry.root} (split {split!r})")
     return _Task(entry, classes, adapter.templates, entries, subset)
+
+
+def resolve_reference(cfg: EvaluateConfig, suite: Suite) -> Reference | None:
+    """The effective-robustness reference: the config's, else the suite's default; None for none."""
+    name = cfg.reference or suite.reference
+    if not name or name == NO_REFERENCE or "ood" not in suite.roles or "id" not in suite.roles:
+        return None
+    return load_reference(name)
 
 
 def select_entries(suite: Suite, names: list[str]) -> list[SuiteEntry]:
@@ -145,13 +174,16 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     Returns the metrics document. Skipped when ``out_dir`` already holds the metrics of
     the same configuration, suite and delta files (see :mod:`saft.steps.record`).
     """
-    params = {"config": asdict(cfg), "suite": asdict(suite)}
+    reference = resolve_reference(cfg, suite)  # a bad reference file fails before any model is loaded
+    params = {"config": asdict(cfg), "suite": asdict(suite),
+              "reference": None if reference is None else reference.to_dict()}
     outputs = [METRICS_FILE] + ([] if cfg.only else ["report.md", "report.html"])
 
     dist, device = from_env(cfg.device)  # under torchrun: this rank's share of every dataset's batches
 
     def compute() -> dict:
-        _evaluate(cfg, suite, out_dir, progress, log if dist.is_main else (lambda _: None), dist, device)
+        _evaluate(cfg, suite, out_dir, progress, log if dist.is_main else (lambda _: None), reference, dist,
+                  device)
         return {}  # the document itself stays in metrics.json
 
     run_once("evaluate", out_dir, params, [Path(run.path) for run in cfg.deltas], outputs, compute, log=log, dist=dist)
@@ -185,12 +217,13 @@ def _merged(model, delta, alpha: float):
 
 
 def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: bool,
-              log: Callable[[str], None], dist: Dist = SINGLE, device: str | None = None) -> dict:
+              log: Callable[[str], None], reference: Reference | None = None, dist: Dist = SINGLE,
+              device: str | None = None) -> dict:
     device = device or cfg.device
     entries = select_entries(suite, cfg.only)
     loaded = load_model(cfg.model, device=device)
     model = loaded.model
-    tasks = [_task(e, cfg.template_set) for e in entries]
+    tasks = [_task(e, cfg.template_set, suite) for e in entries]
     variants: list[tuple[str, int | None, float | None, DeltaRun | None]] = []
     if cfg.zeroshot:
         variants.append((ZERO_SHOT, None, None, None))
@@ -219,13 +252,16 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
                                  device=device, progress=progress,
                                  desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})", dist=dist)
         for (name, seed, alpha, _), variant, acc in zip(variants, scored, accs):
-            records.append(Record(name, task.entry.name, task.entry.role, acc.top1, acc.n, seed, alpha))
+            records.append(task.record(name, seed, alpha, acc))
             log(f"{variant.label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  "
                 f"(n={acc.n})")
-    doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint})
+    doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint},
+                           reference)
     out = Path(out_dir)
     if dist.is_main:
         write_json(out / METRICS_FILE, doc)
         if not cfg.only:  # a fan-out part gets its report from the collect step
-            write_report(doc, out, title=f"{suite.name}: {cfg.model}")
+            from saft.steps.context import report_context
+
+            write_report(doc, out, title=f"{suite.name}: {cfg.model}", context=report_context(cfg.deltas))
     return doc

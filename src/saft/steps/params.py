@@ -21,9 +21,10 @@ from saft.io import atomic_path
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 RESOLVED_FILE = "params.resolved.yaml"
-# Chosen on the world's ID validation split by `saft benchmark synthshift` (world/chosen_lr.json).
+# Chosen on the world's ID validation split by `saft benchmark synthshift` (protocols/chosen_lr.json).
 DEFAULT_LR = {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
 METHODS = ("saft", "full", "random")
+SUBSETS = ("all", "base")  # base: the first half of the classes (base-to-new); "new" is never trained on
 
 
 def resolve_device(device: str) -> str:
@@ -54,6 +55,7 @@ class DataParams:
     split: str = ""  # empty: the dataset's training split
     shots: int = 16
     val_shots: int = 8
+    subset: str = "all"  # all | base (the first ceil(n/2) classes in label order: base-to-new)
     train_templates: list[str] = field(default_factory=list)  # empty: the dataset's training prompt
 
 
@@ -96,6 +98,7 @@ class EvaluateParams:
     data_root: str = ""
     alphas: list[float] = field(default_factory=lambda: [1.0])
     batch_size: int = 128
+    reference: str = ""  # effective-robustness reference fit: "" the suite's default, none, a name or a YAML file
 
 
 @dataclass
@@ -106,6 +109,8 @@ class RegisterParams:
     promote: bool = True
     ood_tolerance: float = 0.01
     id_tolerance: float = 0.01
+    gate: str = "auto"  # auto | id_ood | hm (auto: hm on a base-to-new suite, else id_ood)
+    hm_tolerance: float = 0.01
     baseline: bool = True  # with no champion yet, the zero-shot base is registered and promoted first
 
 
@@ -171,6 +176,11 @@ class PipelineParams:
                 raise ParamsError(f"{where}: {section}.text_batch must be >= 1")
         if self.loader.num_workers < -1:
             raise ParamsError(f"{where}: loader.num_workers must be >= 0, or -1 to choose from the CPUs")
+        if self.data.subset not in SUBSETS:
+            raise ParamsError(f"{where}: data.subset must be one of {', '.join(SUBSETS)} (base: train on the first "
+                              f"half of the classes for base-to-new), got {self.data.subset!r}")
+        if self.register.gate not in ("auto", "id_ood", "hm"):
+            raise ParamsError(f"{where}: register.gate must be auto, id_ood or hm, got {self.register.gate!r}")
         return self
 
 

@@ -2,7 +2,10 @@
 
 Reads the metrics document of the evaluate step (the candidate is the aggregate of
 ``cfg.method`` at ``cfg.alpha``; zero-shot is the ``zeroshot`` aggregate of the same
-document), checks that the delta, the document and the base model belong together,
+document), picks the gate's metric from the suite (``cfg.gate``: ``auto`` is HM on a
+base-to-new suite, ID and OOD mean otherwise; see :mod:`saft.tracking.promotion`) and
+fails before anything is logged when the document cannot be judged on it, checks that
+the delta, the document and the base model belong together,
 and in a nested ``register`` run: logs the pyfunc model (delta + base reference),
 registers it as a version of ``cfg.model_name`` (once per candidate), applies the
 promotion gate and writes the decision to ``out_dir/register.json``.
@@ -44,6 +47,8 @@ class RegisterConfig:
     promote: bool = True
     ood_tolerance: float = 0.01
     id_tolerance: float = 0.01
+    gate: str = "auto"  # auto | id_ood | hm
+    hm_tolerance: float = 0.01
     alpha: float = 1.0
     register_full: bool = False
     baseline: bool = False  # register the zero-shot base as the first champion when there is none
@@ -63,8 +68,18 @@ def read_metrics(path: str | Path) -> dict:
     return doc
 
 
-def select_aggregate(doc: dict, model: str, alpha: float | None, path: str | Path = "metrics") -> dict:
-    """The aggregate of ``model`` at ``alpha`` (zero-shot has none), with ID and OOD means."""
+def document_gate(doc: dict, requested: str = "auto", path: str | Path = "metrics") -> str:
+    """The gate metric a metrics document supports (see :func:`saft.tracking.promotion.gate_metric`)."""
+    from saft.tracking.promotion import gate_metric
+
+    roles = {r.get("role") for r in doc.get("records", [])}
+    return gate_metric(roles, requested, f"{path} (suite {doc.get('meta', {}).get('suite')!r})")
+
+
+def select_aggregate(doc: dict, model: str, alpha: float | None, path: str | Path = "metrics",
+                     gate: str = "id_ood") -> dict:
+    """The aggregate of ``model`` at ``alpha`` (zero-shot has none), with the scores ``gate`` compares."""
+    need = ("hm",) if gate == "hm" else ("id", "ood_mean")
     for agg in doc.get("aggregates", []):
         if agg.get("model") != model:
             continue
@@ -72,9 +87,9 @@ def select_aggregate(doc: dict, model: str, alpha: float | None, path: str | Pat
             a = 1.0 if agg.get("alpha") is None else agg["alpha"]
             if not math.isclose(a, 1.0 if alpha is None else alpha, abs_tol=1e-9):
                 continue
-        if "id" not in agg or "ood_mean" not in agg:
-            raise ValueError(f"{path}: {model} has no ID/OOD aggregate (suite {doc.get('meta', {}).get('suite')!r} "
-                             "has no id/ood roles); the promotion gate needs an ID/OOD suite")
+        if any(k not in agg for k in need):
+            raise ValueError(f"{path}: {model} has no {'/'.join(need)} aggregate (suite "
+                             f"{doc.get('meta', {}).get('suite')!r}); the promotion gate ({gate}) cannot judge it")
         return agg
     have = ", ".join(f"{a.get('model')}" + ("" if a.get("alpha") is None else f"@{a['alpha']:g}")
                      for a in doc.get("aggregates", []))
@@ -95,8 +110,9 @@ def _candidate(cfg: RegisterConfig, metrics_path, delta_path, base_model: str, v
     from saft.tracking.registry import CandidateInfo
 
     doc = read_metrics(metrics_path)
-    cand = select_aggregate(doc, cfg.method, cfg.alpha, metrics_path)
-    zs = select_aggregate(doc, ZERO_SHOT, None, metrics_path)
+    gate = document_gate(doc, cfg.gate, metrics_path)
+    cand = select_aggregate(doc, cfg.method, cfg.alpha, metrics_path, gate)
+    zs = select_aggregate(doc, ZERO_SHOT, None, metrics_path, gate)
     delta = load_delta(delta_path)
     meta = doc.get("meta", {})
     doc_fp = meta.get("base_fingerprint")
@@ -109,19 +125,28 @@ def _candidate(cfg: RegisterConfig, metrics_path, delta_path, base_model: str, v
             raise ValueError(f"base model {base_model} has weights {loaded.fingerprint[:12]}..., the delta was trained "
                              f"on {delta.base_fingerprint[:12]}... ({delta.meta.get('base_model', 'unknown spec')}); "
                              "pass the delta's base with --model")
+    mean = lambda agg, key: agg[key]["mean"] if key in agg else None  # noqa: E731
     info = CandidateInfo(method=cfg.method, alpha=float(cfg.alpha), suite=str(meta.get("suite", "unknown")),
                          base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
-                         id=cand["id"]["mean"], ood_mean=cand["ood_mean"]["mean"], zeroshot_id=zs["id"]["mean"],
-                         zeroshot_ood_mean=zs["ood_mean"]["mean"], delta_sha256=sha256_file(delta_path),
-                         delta_bytes=Path(delta_path).stat().st_size)
-    return doc, delta, info
+                         delta_sha256=sha256_file(delta_path), delta_bytes=Path(delta_path).stat().st_size,
+                         id=mean(cand, "id"), ood_mean=mean(cand, "ood_mean"), zeroshot_id=mean(zs, "id"),
+                         zeroshot_ood_mean=mean(zs, "ood_mean"), hm=mean(cand, "hm"), zeroshot_hm=mean(zs, "hm"))
+    return doc, delta, info, gate
+
+
+def candidate_scores(info) -> tuple:
+    """(candidate, zero-shot) Scores of a CandidateInfo."""
+    from saft.tracking.promotion import Scores
+
+    return (Scores(info.id, info.ood_mean, info.hm),
+            Scores(info.zeroshot_id, info.zeroshot_ood_mean, info.zeroshot_hm))
 
 
 def _unregistered(tracking_on: bool, info, rule) -> dict:
     """Verdict and reason when nothing is registered, with the zero-shot checks as advice."""
-    from saft.tracking.promotion import Scores, decide
+    from saft.tracking.promotion import decide
 
-    advisory = decide(Scores(info.id, info.ood_mean), Scores(info.zeroshot_id, info.zeroshot_ood_mean), None, rule)
+    advisory = decide(*candidate_scores(info), None, rule)
     if not tracking_on:
         return {"verdict": SKIPPED, "checks": [asdict(c) for c in advisory.checks],
                 "reason": f"tracking is off (SAFT_TRACKING=off): nothing registered; against zero-shot the gate "
@@ -148,11 +173,11 @@ def _bootstrap_baseline(tracker, cfg: RegisterConfig, rule, doc: dict, info, dat
     empty = Delta({}, {}, info.base_fingerprint, {"method": ZERO_SHOT, "base_model": str(base_model)})
     path = empty.save(out_dir / "baseline" / "delta.safetensors")
     # keyed on what identifies the zero-shot model only, so later candidates never re-register it
-    zs = select_aggregate(doc, ZERO_SHOT, None)
+    zs = select_aggregate(doc, ZERO_SHOT, None, gate=rule.metric)
     key = candidate_key(path, {"suite": info.suite, "base_fingerprint": info.base_fingerprint, "zeroshot": zs},
                         method=ZERO_SHOT, alpha=0.0)
     binfo = replace(info, method=ZERO_SHOT, alpha=0.0, id=info.zeroshot_id, ood_mean=info.zeroshot_ood_mean,
-                    delta_sha256=sha256_file(path), delta_bytes=path.stat().st_size)
+                    hm=info.zeroshot_hm, delta_sha256=sha256_file(path), delta_bytes=path.stat().st_size)
     reference = model_reference(base_model=str(base_model), base_fingerprint=info.base_fingerprint,
                                 classes=data.classes, templates=data.templates, alpha=0.0, method=ZERO_SHOT,
                                 delta_sha256=binfo.delta_sha256)
@@ -176,18 +201,19 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
     """
     from saft.steps.prepared import PreparedData
     from saft.tracking.config import probe, resolve_config, tracking_enabled
-    from saft.tracking.promotion import GateRule, Scores, apply_gate
+    from saft.tracking.promotion import GateRule, apply_gate
     from saft.tracking.pyfunc import model_reference
     from saft.tracking.registry import candidate_key, check_model_name, register_delta
     from saft.tracking.config import tracking_call
     from saft.tracking.runs import step_run
 
-    rule = GateRule(cfg.ood_tolerance, cfg.id_tolerance)
     check_model_name(cfg.model_name)
+    GateRule(cfg.ood_tolerance, cfg.id_tolerance, "id_ood", cfg.hm_tolerance)  # bad tolerances fail first
     if tracking_enabled():
         probe(resolve_config())  # a dead server fails now, before the base model is loaded
     data = PreparedData.open(data_dir)
-    doc, delta, info = _candidate(cfg, metrics_path, delta_path, base_model, verify_base)
+    doc, delta, info, gate = _candidate(cfg, metrics_path, delta_path, base_model, verify_base)
+    rule = GateRule(cfg.ood_tolerance, cfg.id_tolerance, gate, cfg.hm_tolerance)
     key = candidate_key(delta_path, doc, method=cfg.method, alpha=cfg.alpha)
     reference = model_reference(base_model=str(base_model), base_fingerprint=delta.base_fingerprint,
                                 classes=data.classes, templates=data.templates, alpha=cfg.alpha, method=cfg.method,
@@ -195,12 +221,14 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
     params = {"register": asdict(cfg), "metrics": str(metrics_path), "delta": str(delta_path),
               "data": str(data_dir), "base_model": str(base_model)}
     with step_run("register", parent_run_id, params, experiment=cfg.experiment) as tracker:
-        tracker.log_metrics({"candidate.id": info.id, "candidate.ood_mean": info.ood_mean,
-                             "zeroshot.id": info.zeroshot_id, "zeroshot.ood_mean": info.zeroshot_ood_mean})
+        scores = {"candidate.id": info.id, "candidate.ood_mean": info.ood_mean, "candidate.hm": info.hm,
+                  "zeroshot.id": info.zeroshot_id, "zeroshot.ood_mean": info.zeroshot_ood_mean,
+                  "zeroshot.hm": info.zeroshot_hm}
+        tracker.log_metrics({k: v for k, v in scores.items() if v is not None})
         tracker.set_tags({"saft.candidate_key": key, "saft.method": cfg.method})
         result = {"schema": REGISTER_SCHEMA, "model_name": cfg.model_name, "version": None, "created": False,
                   "candidate_key": key, "candidate": asdict(info),
-                  "zeroshot": asdict(Scores(info.zeroshot_id, info.zeroshot_ood_mean)), "champion": None,
+                  "zeroshot": asdict(candidate_scores(info)[1]), "champion": None,
                   "rule": {"text": rule.text, **asdict(rule)}, "checks": [], "repeated": False, "aliases": {},
                   "baseline": None}
         if not tracker.enabled or (_is_full(delta, cfg.method) and not cfg.register_full):
@@ -236,4 +264,5 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
     return result
 
 
-__all__ = ["BASELINE_TAG", "REGISTER_FILE", "RegisterConfig", "read_metrics", "register_step", "select_aggregate"]
+__all__ = ["BASELINE_TAG", "REGISTER_FILE", "RegisterConfig", "document_gate", "read_metrics", "register_step",
+           "select_aggregate"]

@@ -4,6 +4,11 @@ world (embedded default only) -> per seed: prepare -> score (SAFT mask, random m
 finetune (each method) -> evaluate (every model on the suite) -> collect (table,
 report, validity checks) -> register (MLflow model version + promotion gate).
 
+Base-to-new (``data.subset: base``): on the embedded world the ``synthshift-b2n`` suite;
+with a suite of several datasets (``base2new``) one training per dataset and seed, each
+evaluated on its own halves (:mod:`saft.steps.plan`), merged by collect. The protocol and
+the gate's inputs are checked before the first step that trains.
+
 The same step functions run under Kubeflow (one component each, ``saft.orchestration``)
 and DVC (``dvc.yaml``). Every step skips itself when its outputs already exist for the
 same inputs and parameters, so a re-run after a crash continues where it stopped.
@@ -15,7 +20,9 @@ Layout under ``out_dir``::
     seed<N>/mask-saft/          mask.safetensors, mask_stats.json
     seed<N>/mask-random/
     seed<N>/<method>/           delta.safetensors, history.json, finetune.json
+    seed<N>/<dataset>/...       the same per dataset, for a base-to-new suite of several
     eval/                       metrics.json, report.html, results.json, results.md
+    eval/parts/<dataset>/       per-dataset evaluations (base-to-new suite of several)
     register/register.json      the registry decision
 """
 
@@ -32,10 +39,11 @@ from saft.steps.collect import collect_step, results_text
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.finetune import DELTA_FILE
 from saft.steps.params import PipelineParams, resolve_device, write_resolved
+from saft.steps.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
 from saft.steps.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
-from saft.steps.world import world_step
+from saft.steps.world import world_step, world_suite
 
 
 def score_config(params: PipelineParams, kind: str, seed: int) -> ScoreConfig:
@@ -55,7 +63,20 @@ def finetune_config(params: PipelineParams, method: str, seed: int) -> FinetuneC
 def evaluate_config(params: PipelineParams, deltas: list[DeltaRun], only: list[str] = ()) -> EvaluateConfig:
     e = params.evaluate
     return EvaluateConfig(model=params.model, deltas=deltas, alphas=list(e.alphas), batch_size=e.batch_size,
-                          device=params.device, only=list(only), **vars(params.loader))
+                          device=params.device, only=list(only), reference=e.reference, **vars(params.loader))
+
+
+def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
+    """The run's settings as the report shows them beside what each delta records."""
+    d, f, s = params.data, params.finetune, params.score
+    if len(plan) > 1:
+        data = {"datasets": ", ".join(t.name for t in plan), "root": "each dataset's suite root", "shots": d.shots,
+                "subset": d.subset}
+    else:
+        data = {"dataset": d.dataset, "root": d.root or "the embedded world's textile pool", "split": d.split,
+                "shots": d.shots, "subset": d.subset}
+    return {"data": data, "density": s.density, "score rule": s.rule, "batch size": f.batch_size,
+            "warm-up steps": f.warmup_steps, "weight decay": f.weight_decay}
 
 
 def mask_kind(method: str) -> str | None:
@@ -106,56 +127,81 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         with step("world", {"world": params.world.__dict__}):
             world = world_step(out / "world", params.world, log=log)
         train_root = world["train_root"]
-        if not suite_path:
-            suite_path, data_root = world["suite"], world["root"]
+        name = world_suite(suite_path, params.data.subset)
+        if name:
+            suite_path, data_root = str(Path(world["root"]) / name), world["root"]
     if not suite_path:
         raise ValueError("params: evaluate.suite is empty; name a suite (e.g. imagenet-shifts) or a suite YAML file")
-    runs: list[DeltaRun] = []
-    for seed in params.seeds:
-        seed_dir = out / f"seed{seed}"
-        d = params.data
-        prepare_task(str(out / "world"), str(seed_dir / "data"), data_root=train_root, dataset=d.dataset,
-                     split=d.split, shots=d.shots, val_shots=d.val_shots, seed=seed, parent_run_id=parent or "",
-                     train_templates=list(d.train_templates))
-        log(f"seed {seed}: prepared {seed_dir / 'data'}")
-        masks = {}
-        for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
-            stats = score_task(str(seed_dir / "data"), str(seed_dir / f"mask-{kind}"), score_config(params, kind, seed),
-                               parent or "", progress=progress, log=log)
-            masks[kind] = seed_dir / f"mask-{kind}"
-            log(f"seed {seed}: {kind} mask, {stats['num_selected']:,} entries")
-        for method in params.finetune.methods:
-            cfg = finetune_config(params, method, seed)
-            result = finetune_task(params.model, str(seed_dir / "data"), masks.get(mask_kind(method)),
-                                   str(seed_dir / method), cfg, device=params.device, parent_run_id=parent or "",
-                                   progress=progress, log=log, prompts=params.finetune.prompts)
-            log(f"seed {seed}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
-                f"final loss {result['final_loss']:.3f}")
-            runs.append(DeltaRun(method, str(seed_dir / method / DELTA_FILE), seed))
     suite = load_suite(str(suite_path), data_root)
-    ecfg = evaluate_config(params, runs)
-    with step("evaluate", {"suite": suite.name, "alphas": ecfg.alphas}) as tracker:
-        log(f"evaluating the {suite.name} suite ({len(suite.entries)} datasets, {len(runs) + 1} models)")
-        evaluate_suite(ecfg, suite, out / "eval", progress=progress, log=lambda *_: None)
-        summary = collect_step([out / "eval" / "metrics.json"], out / "eval", deltas=runs,
-                               learning_rates={m: params.finetune.lr[m] for m in params.finetune.methods})
+    plan = training_plan(params, suite, train_root)
+    gate = check_protocol(params, suite, plan)  # before anything trains
+    runs: dict[str, list[DeltaRun]] = {task.name: [] for task in plan}
+    for seed in params.seeds:
+        for task in plan:
+            runs[task.name] += _train(params, task, out, seed, parent, progress, log)
+    all_runs = [run for task in plan for run in runs[task.name]]
+    with step("evaluate", {"suite": suite.name, "alphas": list(params.evaluate.alphas)}) as tracker:
+        log(f"evaluating the {suite.name} suite ({len(suite.entries)} datasets, {len(params.finetune.methods)} "
+            f"methods + zero-shot)")
+        if len(plan) == 1:  # every entry named: a part without a report, written once below by collect
+            evaluate_suite(evaluate_config(params, all_runs, [e.name for e in suite.entries]), suite, out / "eval",
+                           progress=progress, log=lambda *_: None)
+            parts = [out / "eval" / "metrics.json"]
+        else:  # each dataset's deltas score that dataset's halves only
+            parts = []
+            for task in plan:
+                part = out / "eval" / "parts" / task.folder
+                evaluate_suite(evaluate_config(params, runs[task.name], task.entries), suite, part,
+                               progress=progress, log=lambda *_: None)
+                parts.append(part / "metrics.json")
+        summary = collect_step(parts, out / "eval", deltas=all_runs,
+                               learning_rates={m: params.finetune.lr[m] for m in params.finetune.methods},
+                               settings=report_settings(params, plan))
         tracker.log_metrics_document(json.loads((out / "eval" / "metrics.json").read_text()))
         tracker.log_report(str(out / "eval"))
     if params.register.enabled and not tracking:
         log("register: skipped (tracking is off; the registry lives in MLflow)")
     elif params.register.enabled:
-        summary["register"] = _register(params, out, runs, parent)
+        summary["register"] = _register(params, out, runs[plan[0].name], parent, gate)
     return summary
 
 
-def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: str | None) -> dict:
+def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, parent: str | None,
+           progress: bool, log) -> list[DeltaRun]:
+    """prepare -> score -> finetune of one task and seed; the deltas it wrote."""
+    d = params.data
+    task_dir = out / f"seed{seed}" / task.folder
+    what = f"seed {seed}" + (f" {task.name}" if task.name else "")
+    prepare_task(str(out / "world"), str(task_dir / "data"), data_root=task.root, dataset=task.dataset,
+                 split=task.split, shots=d.shots, val_shots=d.val_shots, seed=seed, subset=d.subset,
+                 parent_run_id=parent or "", train_templates=list(d.train_templates))
+    log(f"{what}: prepared {task_dir / 'data'}")
+    masks = {}
+    for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
+        stats = score_task(str(task_dir / "data"), str(task_dir / f"mask-{kind}"), score_config(params, kind, seed),
+                           parent or "", progress=progress, log=log)
+        masks[kind] = task_dir / f"mask-{kind}"
+        log(f"{what}: {kind} mask, {stats['num_selected']:,} entries")
+    runs = []
+    for method in params.finetune.methods:
+        cfg = finetune_config(params, method, seed)
+        result = finetune_task(params.model, str(task_dir / "data"), masks.get(mask_kind(method)),
+                               str(task_dir / method), cfg, device=params.device, parent_run_id=parent or "",
+                               progress=progress, log=log, prompts=params.finetune.prompts)
+        log(f"{what}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
+            f"final loss {result['final_loss']:.3f}")
+        runs.append(DeltaRun(method, str(task_dir / method / DELTA_FILE), seed))
+    return runs
+
+
+def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: str | None, gate: str) -> dict:
     """Register the first seed's delta of ``register.method`` with the suite's metrics over all seeds."""
     from saft.steps.register import RegisterConfig, register_step
 
     r = params.register
     candidate = min((run for run in runs if run.name == r.method), key=lambda run: run.seed)
-    cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote,
-                         ood_tolerance=r.ood_tolerance, id_tolerance=r.id_tolerance, baseline=r.baseline)
+    cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote, ood_tolerance=r.ood_tolerance,
+                         id_tolerance=r.id_tolerance, gate=gate, hm_tolerance=r.hm_tolerance, baseline=r.baseline)
     return register_step(cfg, out / "eval" / "metrics.json", candidate.path, out / "register",
                          base_model=params.model, data_dir=Path(candidate.path).parent.parent / "data",
                          parent_run_id=parent)

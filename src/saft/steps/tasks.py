@@ -73,27 +73,37 @@ def train_root(world_dir: str, data_root: str) -> str:
     return data_root or str(Path(world_dir) / POOL_DIR)
 
 
-def resolve_suite(world_dir: str, suite: str, data_root: str):
+def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
+    """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
+    ``subset="base"`` is the base-to-new variant) when the world task rendered one, else a built-in or a file."""
     from saft.eval.suites import load_suite
-    from saft.steps.world import SUITE_FILE
+    from saft.steps.world import world_suite
 
+    name = world_suite(suite, subset)
+    if name and (Path(world_dir) / name).is_file():
+        return load_suite(str(Path(world_dir) / name), world_dir)
     if suite:
         return load_suite(suite, data_root or None)
-    if not (Path(world_dir) / SUITE_FILE).is_file():
-        raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
-    return load_suite(str(Path(world_dir) / SUITE_FILE), world_dir)
+    raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
 
 
 def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
-                 val_shots: int, seed: int, parent_run_id: str = "", train_templates: list[str] = ()) -> str:
-    """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream)."""
+                 val_shots: int, seed: int, parent_run_id: str = "", subset: str = "all",
+                 train_templates: list[str] = ()) -> str:
+    """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream).
+
+    ``subset`` ``base`` keeps the first ceil(n/2) classes (base-to-new; see
+    :func:`saft.data.fewshot.split_base_new`); ``train_templates`` replaces the dataset's
+    training prompt.
+    """
     from saft.data.prepare import prepare_dataset
 
     logged = {"seed": seed, "dataset": dataset, "root": data_root, "split": split, "shots": shots,
-              "val_shots": val_shots}
-    with step_context(f"prepare seed{seed}", parent_run_id, logged) as tracker:
+              "val_shots": val_shots, "subset": subset}
+    name = f"prepare seed{seed}" + ("" if subset == "all" else f" {subset}")
+    with step_context(name, parent_run_id, logged) as tracker:
         result = prepare_dataset(train_root(world_dir, data_root), out_dir, dataset=dataset, split=split or None,
-                                 shots=shots, seed=seed, val_shots=val_shots,
+                                 shots=shots, seed=seed, val_shots=val_shots, subset=subset,
                                  train_templates=list(train_templates) or None)
         tracker.set_tags({"saft.manifest_hash": result.manifest_hash})
     return result.manifest_hash
@@ -163,15 +173,53 @@ def suite_datasets(world_dir: str, suite: str, data_root: str) -> list[str]:
     return [e.name for e in resolve_suite(world_dir, suite, data_root).entries]
 
 
+def protocol_task(params_json: str, world_dir: str) -> str:
+    """Check the run's protocol and the gate's inputs before anything trains (:mod:`saft.steps.plan`).
+
+    Returns the gate metric (``id_ood`` or ``hm``; ``""`` when registration is off) for the
+    register task; raises ``ParamsError`` with the setting to change otherwise.
+    """
+    from saft.steps.params import params_from_dict
+    from saft.steps.plan import check_protocol, training_plan
+
+    params = params_from_dict(json.loads(params_json), "pipeline parameters")
+    resolved = resolve_suite(world_dir, params.evaluate.suite, params.evaluate.data_root, params.data.subset)
+    return check_protocol(params, resolved, training_plan(params, resolved, params.data.root)) or ""
+
+
+def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[dict]:
+    """The base-to-new protocol's fan-out: one training per dataset of the suite.
+
+    Each item: ``name`` (the dataset group), ``dataset`` (adapter) and ``root`` to prepare
+    from with ``subset="base"`` (its training split), and ``entries``, the two suite
+    entries (base and new half) that only this dataset's deltas evaluate. Empty for a
+    suite of one dataset or none (those train once, on ``data``).
+    """
+    from saft.steps.params import PipelineParams
+    from saft.steps.plan import training_plan
+
+    params = PipelineParams()
+    params.data.subset = "base"
+    plan = training_plan(params, resolve_suite(world_dir, suite, data_root), "")
+    if len(plan) < 2:
+        return []
+    return [{"name": t.name, "folder": t.folder, "dataset": t.dataset, "root": t.root, "entries": list(t.entries)}
+            for t in plan]
+
+
 def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
                   out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
-                  parent_run_id: str = "") -> dict:
-    """One suite dataset for the base and every delta (the evaluation fan-out)."""
+                  parent_run_id: str = "", reference: str = "") -> dict:
+    """One suite dataset for the base and every delta (the evaluation fan-out).
+
+    ``reference`` is the effective-robustness reference (``evaluate.reference``); every
+    part of one suite must use the same, or collect refuses to merge them.
+    """
     from saft.steps.evaluate import EvaluateConfig, evaluate_suite
 
     resolved = resolve_suite(world_dir, suite, data_root)
     cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
-                         device=resolve_device(device), only=[dataset])
+                         device=resolve_device(device), only=[dataset], reference=reference)
     with step_context(f"evaluate {dataset}", parent_run_id, {"dataset": dataset}) as tracker:
         doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
         tracker.log_metrics_document(doc)
@@ -193,7 +241,8 @@ def collect_task(part_dirs: list[str], deltas_dir: str, out_dir: str, *, learnin
 
 def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
                   method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
-                  baseline: bool = True, parent_run_id: str = "") -> dict:
+                  baseline: bool = True, parent_run_id: str = "", gate: str = "auto",
+                  hm_tolerance: float = 0.01) -> dict:
     """Register the first seed's delta of ``method`` with the suite's metrics over all seeds."""
     from saft.steps.register import RegisterConfig, register_step
 
@@ -203,6 +252,6 @@ def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list
     candidate = min(runs, key=lambda r: r.seed)
     data_dir = next(d for d in data_dirs if json.loads((Path(d) / "prepare.json").read_text())["seed"] == candidate.seed)
     cfg = RegisterConfig(model_name=model_name, method=method, promote=promote, ood_tolerance=ood_tolerance,
-                         id_tolerance=id_tolerance, baseline=baseline)
+                         id_tolerance=id_tolerance, gate=gate, hm_tolerance=hm_tolerance, baseline=baseline)
     return register_step(cfg, Path(results_dir) / METRICS_FILE, candidate.path, out_dir, base_model=model,
                          data_dir=data_dir, parent_run_id=parent_run_id or None)

@@ -11,6 +11,15 @@ from saft.world.task import ID_DOMAIN, build_world
 SUITE_FILE = "synthshift.yaml"
 B2N_SUITE_FILE = "synthshift-b2n.yaml"
 POOL_DIR = f"{ID_DOMAIN}/pool"
+WORLD_SUITES = ("", "synthshift", "synthshift-b2n")  # evaluate.suite values that name the world's own suites
+
+
+def world_suite(suite: str, subset: str = "all") -> str | None:
+    """The world's suite file that ``evaluate.suite`` names (``""``: synthshift, or synthshift-b2n when the
+    training subset is ``base``); None when ``suite`` names something else."""
+    if suite not in WORLD_SUITES:
+        return None
+    return B2N_SUITE_FILE if suite == "synthshift-b2n" or (not suite and subset == "base") else SUITE_FILE
 
 
 def world_step(out_dir: str | Path, params: WorldParams | None = None, *, log: Callable[[str], None] = print) -> dict:

@@ -9,14 +9,16 @@ def _register(args: argparse.Namespace) -> int:
     from saft.steps.register import REGISTER_FILE, RegisterConfig, register_step
 
     cfg = RegisterConfig(model_name=args.model_name, method=args.method, promote=args.promote,
-                         ood_tolerance=args.ood_tolerance, id_tolerance=args.id_tolerance, alpha=args.alpha,
-                         register_full=args.register_full, baseline=args.baseline, experiment=args.experiment)
+                         ood_tolerance=args.ood_tolerance, id_tolerance=args.id_tolerance, gate=args.gate,
+                         hm_tolerance=args.hm_tolerance, alpha=args.alpha, register_full=args.register_full,
+                         baseline=args.baseline, experiment=args.experiment)
     result = register_step(cfg, args.metrics, args.delta, args.out, base_model=args.model, data_dir=args.data,
                            parent_run_id=args.parent_run_id)
-    cand = result["candidate"]
-    print(f"candidate {cfg.method} @ alpha {cfg.alpha:g} on {cand['suite']}: ID {100 * cand['id']:.2f}, "
-          f"OOD mean {100 * cand['ood_mean']:.2f} (zero-shot ID {100 * result['zeroshot']['id']:.2f}, "
-          f"OOD mean {100 * result['zeroshot']['ood_mean']:.2f})")
+    cand, zs = result["candidate"], result["zeroshot"]
+    scores = lambda s: ", ".join(f"{label} {100 * s[k]:.2f}" for k, label in  # noqa: E731
+                                 (("id", "ID"), ("ood_mean", "OOD mean"), ("hm", "HM")) if s.get(k) is not None)
+    print(f"candidate {cfg.method} @ alpha {cfg.alpha:g} on {cand['suite']}: {scores(cand)} "
+          f"(zero-shot {scores(zs)})")
     if result.get("baseline"):
         b = result["baseline"]
         print(f"{cfg.model_name} v{b['version']}: zero-shot baseline, {b['verdict']} ({b['reason'][:200]})")
@@ -67,6 +69,11 @@ def register(sub) -> None:
                    help="largest allowed drop of OOD mean top-1, as a fraction (default: 0.01 = one point)")
     p.add_argument("--id-tolerance", type=_fraction, default=0.01,
                    help="largest allowed drop of ID top-1, as a fraction (default: 0.01 = one point)")
+    p.add_argument("--gate", choices=("auto", "id_ood", "hm"), default="auto",
+                   help="what the gate compares: id_ood (ID and OOD mean), hm (base-to-new harmonic mean), or auto: "
+                        "hm on a base-to-new suite, id_ood otherwise (default: auto)")
+    p.add_argument("--hm-tolerance", type=_fraction, default=0.01,
+                   help="largest allowed drop of the base-to-new HM, as a fraction (default: 0.01 = one point)")
     p.add_argument("--register-full", action="store_true",
                    help="register a full fine-tuning (dense) delta too; by default baselines are only logged")
     p.add_argument("--baseline", action="store_true",

@@ -59,22 +59,33 @@ def model_prefix(model: str, alpha: float | None) -> str:
 
 
 def metrics_from_document(doc: Mapping[str, Any]) -> dict[str, float]:
-    """Per-dataset top-1 and aggregate metrics of a saft-metrics/1 document.
+    """Per-dataset top-1 and aggregate metrics of a saft-metrics document.
 
     Names: ``<model>.<dataset>`` (mean top-1 over seeds), ``<model>.id``,
-    ``<model>.ood_mean``, ``<model>.base|new|hm``, their ``_std``, and ``<model>.id_gain``,
-    ``.ood_gain``, ``.effective_robustness`` against zero-shot.
+    ``<model>.ood_mean``, ``<model>.base|new|hm``, ``<model>.<dataset>.hm`` (base-to-new
+    per dataset), ``<model>.effective_robustness`` and ``.effective_robustness.<shift>``
+    (only against a reference fit), the ``_std`` of each where there is a spread (none
+    with one seed), and ``<model>.id_gain``, ``.ood_gain`` against zero-shot.
     """
     out: dict[str, float] = {}
+
+    def put(name: str, stat: Mapping[str, Any]) -> None:
+        out[name] = float(stat["mean"])
+        if stat.get("std") is not None:
+            out[f"{name}_std"] = float(stat["std"])
+
     for agg in doc.get("aggregates", []):
         prefix = model_prefix(agg["model"], agg.get("alpha"))
         for dataset, row in agg.get("per_dataset", {}).items():
             out[f"{prefix}.{clean_name(dataset)}"] = float(row["mean"])
-        for key in ("id", "ood_mean", "base", "new", "hm"):
+        for key in ("id", "ood_mean", "base", "new", "hm", "effective_robustness"):
             if key in agg:
-                out[f"{prefix}.{key}"] = float(agg[key]["mean"])
-                out[f"{prefix}.{key}_std"] = float(agg[key]["std"])
-        for key in ("id_gain", "ood_gain", "effective_robustness"):
+                put(f"{prefix}.{key}", agg[key])
+        for group, halves in agg.get("base_to_new", {}).items():
+            out[f"{prefix}.{clean_name(group)}.hm"] = float(halves["hm"]["mean"])
+        for shift, stat in agg.get("effective_robustness_per_shift", {}).items():
+            put(f"{prefix}.effective_robustness.{clean_name(shift)}", stat)
+        for key in ("id_gain", "ood_gain"):
             if key in agg:
                 out[f"{prefix}.{key}"] = float(agg[key])
     return out

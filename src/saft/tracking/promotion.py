@@ -1,12 +1,21 @@
 """The promotion gate: when the ``champion`` alias may move to a new model version.
 
-Rule (tolerances are absolute top-1 fractions; 0.01 = one point):
+Rule (tolerances are absolute top-1 fractions; 0.01 = one point), on one of two metrics:
 
-* against zero-shot, always (the base model is the champion every fine-tuned model must
-  beat, and it was scored in the same metrics document as the candidate):
-  ``ood_mean >= zs.ood_mean - ood_tolerance`` and ``id >= zs.id - id_tolerance``
-* against the current ``champion``, when there is one:
-  ``ood_mean >= champion.ood_mean - ood_tolerance`` and ``id >= champion.id - id_tolerance``
+* ``id_ood`` (suites with ID and OOD roles: domain shift, cross-dataset): against
+  zero-shot, always (the base model is the champion every fine-tuned model must beat,
+  and it was scored in the same metrics document as the candidate):
+  ``ood_mean >= zs.ood_mean - ood_tolerance`` and ``id >= zs.id - id_tolerance``; against
+  the current ``champion``, when there is one, the same with the champion's numbers.
+  On a cross-dataset suite the OOD mean is over the datasets not trained on.
+* ``hm`` (base-to-new suites): ``hm >= reference.hm - hm_tolerance`` against zero-shot
+  and against the champion, where ``hm`` is the harmonic mean of the mean base and the
+  mean new accuracy (CoCoOp). It weighs the classes trained on and the classes never
+  seen alike: a candidate that gains on base by forgetting new classes is refused.
+
+``gate_metric`` picks the metric a suite supports (``auto``: ``hm`` for base-to-new,
+``id_ood`` otherwise) before any training runs, so a suite the gate cannot judge fails
+at once, not after the GPU work.
 
 A drop of exactly the tolerance passes. A champion evaluated on another suite or trained
 on another base (fingerprint) is not comparable: the candidate is rejected with that
@@ -36,8 +45,9 @@ PROMOTED, REJECTED, ALREADY_CHAMPION = "promoted", "rejected", "already champion
 AUDIT_SCHEMA = "saft-promotion/1"
 
 # version tags written at registration (registry.py) and read here
-ID_TAG, OOD_TAG = "saft.id", "saft.ood_mean"
-ZS_ID_TAG, ZS_OOD_TAG = "saft.zeroshot.id", "saft.zeroshot.ood_mean"
+ID_TAG, OOD_TAG, HM_TAG = "saft.id", "saft.ood_mean", "saft.hm"
+ZS_ID_TAG, ZS_OOD_TAG, ZS_HM_TAG = "saft.zeroshot.id", "saft.zeroshot.ood_mean", "saft.zeroshot.hm"
+GATE_METRICS = ("id_ood", "hm")
 SUITE_TAG, FINGERPRINT_TAG = "saft.suite", "saft.base_fingerprint"
 # decision tags
 VERDICT_TAG = "saft.promotion.verdict"
@@ -56,25 +66,56 @@ _REASON_LIMIT = 4000
 
 @dataclass(frozen=True)
 class Scores:
-    id: float
-    ood_mean: float
+    id: float | None = None
+    ood_mean: float | None = None
+    hm: float | None = None
 
 
 @dataclass(frozen=True)
 class GateRule:
     ood_tolerance: float = 0.01
     id_tolerance: float = 0.01
+    metric: str = "id_ood"  # id_ood | hm
+    hm_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("ood_tolerance", "id_tolerance"):
+        if self.metric not in GATE_METRICS:
+            raise ValueError(f"gate metric must be one of {', '.join(GATE_METRICS)}, got {self.metric!r}")
+        for name in ("ood_tolerance", "id_tolerance", "hm_tolerance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be a fraction in [0, 1) (0.01 = one point of top-1), got {value!r}")
 
     @property
     def text(self) -> str:
+        if self.metric == "hm":
+            return (f"promote iff, against zero-shot and against the current champion: "
+                    f"hm (harmonic mean of mean base and mean new top-1) >= reference - {self.hm_tolerance:g}")
         return (f"promote iff, against zero-shot and against the current champion: "
                 f"ood_mean >= reference - {self.ood_tolerance:g} and id >= reference - {self.id_tolerance:g}")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The Scores fields this rule compares."""
+        return ("hm",) if self.metric == "hm" else ("ood_mean", "id")
+
+
+def gate_metric(roles: set[str], requested: str = "auto", where: str = "the suite") -> str:
+    """The gate metric for a suite with these roles; ValueError when the suite cannot be judged."""
+    b2n, id_ood = {"base", "new"} <= roles, {"id", "ood"} <= roles
+    if requested == "auto":
+        if b2n or id_ood:
+            return "hm" if b2n else "id_ood"
+        raise ValueError(f"{where} has roles {', '.join(sorted(roles)) or 'none'}: the promotion gate needs ID and "
+                         "OOD entries (metric id_ood) or base and new entries (metric hm); use another suite or "
+                         "set register.enabled: false")
+    if requested not in GATE_METRICS:
+        raise ValueError(f"gate metric must be auto or one of {', '.join(GATE_METRICS)}, got {requested!r}")
+    if (requested == "hm" and not b2n) or (requested == "id_ood" and not id_ood):
+        need = "base and new" if requested == "hm" else "ID and OOD"
+        raise ValueError(f"{where} has no {need} entries, which the gate metric {requested!r} compares; set "
+                         "register.gate: auto")
+    return requested
 
 
 @dataclass(frozen=True)
@@ -103,21 +144,29 @@ class GateDecision:
         return self.verdict == PROMOTED
 
 
-def _check(name: str, candidate: float, reference: float, tolerance: float) -> Check:
-    passed = (candidate - reference) >= -tolerance - _EPS  # False for NaN on either side
-    return Check(name, float(candidate), float(reference), float(tolerance), bool(passed))
+def _check(name: str, candidate: float | None, reference: float | None, tolerance: float) -> Check:
+    candidate, reference = (math.nan if v is None else float(v) for v in (candidate, reference))
+    passed = (candidate - reference) >= -tolerance - _EPS  # False for NaN (or a missing score) on either side
+    return Check(name, candidate, reference, float(tolerance), bool(passed))
+
+
+_LABELS = {"ood_mean": "OOD mean", "id": "ID", "hm": "HM"}
+
+
+def _checks(rule: GateRule, candidate: Scores, reference: Scores, label: str) -> list[Check]:
+    tolerance = {"ood_mean": rule.ood_tolerance, "id": rule.id_tolerance, "hm": rule.hm_tolerance}
+    return [_check(f"{_LABELS[f]} vs {label}", getattr(candidate, f), getattr(reference, f), tolerance[f])
+            for f in rule.fields]
 
 
 def decide(candidate: Scores, zeroshot: Scores, champion: Scores | None = None, rule: GateRule = GateRule(), *,
            not_comparable: str | None = None, champion_label: str = CHAMPION) -> GateDecision:
     """The verdict for ``candidate``; pure, so every edge can be tested without a server."""
-    checks = [_check("OOD mean vs zero-shot", candidate.ood_mean, zeroshot.ood_mean, rule.ood_tolerance),
-              _check("ID vs zero-shot", candidate.id, zeroshot.id, rule.id_tolerance)]
+    checks = _checks(rule, candidate, zeroshot, "zero-shot")
     if not_comparable:
         return GateDecision(REJECTED, f"not comparable with the {champion_label}: {not_comparable}", checks)
     if champion is not None:
-        checks += [_check(f"OOD mean vs {champion_label}", candidate.ood_mean, champion.ood_mean, rule.ood_tolerance),
-                   _check(f"ID vs {champion_label}", candidate.id, champion.id, rule.id_tolerance)]
+        checks += _checks(rule, candidate, champion, champion_label)
     failed = [c for c in checks if not c.passed]
     if failed:
         return GateDecision(REJECTED, "; ".join(c.describe() for c in failed), checks)
@@ -133,16 +182,29 @@ def _float_tag(tags: dict, key: str) -> float | None:
         return None
 
 
-def scores_from_tags(tags: dict, id_key: str = ID_TAG, ood_key: str = OOD_TAG) -> Scores | None:
-    id_, ood = _float_tag(tags, id_key), _float_tag(tags, ood_key)
-    return None if id_ is None or ood is None else Scores(id_, ood)
+def scores_from_tags(tags: dict, id_key: str = ID_TAG, ood_key: str = OOD_TAG, hm_key: str = HM_TAG,
+                     rule: GateRule | None = None) -> Scores | None:
+    """The scores a version's tags hold; None when a field ``rule`` compares (default: ID and OOD) is missing."""
+    scores = Scores(_float_tag(tags, id_key), _float_tag(tags, ood_key), _float_tag(tags, hm_key))
+    fields = rule.fields if rule is not None else ("id", "ood_mean")
+    return None if any(getattr(scores, f) is None for f in fields) else scores
 
 
-def comparability(candidate_tags: dict, champion_tags: dict, champion_version: str) -> str | None:
+def zeroshot_from_tags(tags: dict, rule: GateRule | None = None) -> Scores | None:
+    return scores_from_tags(tags, ZS_ID_TAG, ZS_OOD_TAG, ZS_HM_TAG, rule)
+
+
+def _tag_names(rule: GateRule | None) -> str:
+    return f"{HM_TAG}" if rule is not None and rule.metric == "hm" else f"{ID_TAG}/{OOD_TAG}"
+
+
+def comparability(candidate_tags: dict, champion_tags: dict, champion_version: str,
+                  rule: GateRule | None = None) -> str | None:
     """Why the champion cannot be compared with the candidate, or None when it can."""
     label = f"champion v{champion_version}"
-    if scores_from_tags(champion_tags) is None:
-        return f"{label} has no {ID_TAG}/{OOD_TAG} tags (registered outside saft?); compare by hand"
+    if scores_from_tags(champion_tags, rule=rule) is None:
+        return f"{label} has no {_tag_names(rule)} tags (registered outside saft, or on another kind of suite?); " \
+               "compare by hand"
     c_suite, h_suite = candidate_tags.get(SUITE_TAG), champion_tags.get(SUITE_TAG)
     if c_suite != h_suite:
         return (f"{label} was evaluated on suite {h_suite!r}, the candidate on {c_suite!r}; evaluate both on the "
@@ -175,12 +237,11 @@ def _move_aliases(client, model_name: str, version: str, old_champion) -> None:
 
 def _version_summary(mv) -> dict[str, Any]:
     tags = dict(mv.tags or {})
-    scores = scores_from_tags(tags)
     return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
             "candidate_key": tags.get("saft.candidate_key"), "method": tags.get("saft.method"),
             "alpha": _float_tag(tags, "saft.alpha"), "suite": tags.get(SUITE_TAG),
             "base_fingerprint": tags.get(FINGERPRINT_TAG),
-            "id": None if scores is None else scores.id, "ood_mean": None if scores is None else scores.ood_mean}
+            "id": _float_tag(tags, ID_TAG), "ood_mean": _float_tag(tags, OOD_TAG), "hm": _float_tag(tags, HM_TAG)}
 
 
 def apply_gate(client, model_name: str, version: str | int, rule: GateRule = GateRule(), *,
@@ -190,11 +251,12 @@ def apply_gate(client, model_name: str, version: str | int, rule: GateRule = Gat
     mv = client.get_model_version(model_name, version)
     tags = dict(mv.tags or {})
     champion = get_alias(client, model_name, CHAMPION)
-    candidate = scores_from_tags(tags)
-    zeroshot = scores_from_tags(tags, ZS_ID_TAG, ZS_OOD_TAG)
+    candidate = scores_from_tags(tags, rule=rule)
+    zeroshot = zeroshot_from_tags(tags, rule)
     if candidate is None or zeroshot is None:
-        raise ValueError(f"{model_name} v{version} lacks the metric tags the gate needs ({ID_TAG}, {OOD_TAG}, "
-                         f"{ZS_ID_TAG}, {ZS_OOD_TAG}); register it with saft register")
+        needed = (HM_TAG, ZS_HM_TAG) if rule.metric == "hm" else (ID_TAG, OOD_TAG, ZS_ID_TAG, ZS_OOD_TAG)
+        raise ValueError(f"{model_name} v{version} lacks the metric tags the gate ({rule.metric}) needs "
+                         f"({', '.join(needed)}); register it with saft register")
     audit: dict[str, Any] = {
         "schema": AUDIT_SCHEMA, "model_name": model_name, "candidate": _version_summary(mv),
         "zeroshot": asdict(zeroshot), "rule": {"text": rule.text, **asdict(rule)},
@@ -221,8 +283,8 @@ def apply_gate(client, model_name: str, version: str | int, rule: GateRule = Gat
         not_comparable = None
         champ_scores = None
         if champion is not None:
-            not_comparable = comparability(tags, dict(champion.tags or {}), str(champion.version))
-            champ_scores = None if not_comparable else scores_from_tags(dict(champion.tags or {}))
+            not_comparable = comparability(tags, dict(champion.tags or {}), str(champion.version), rule)
+            champ_scores = None if not_comparable else scores_from_tags(dict(champion.tags or {}), rule=rule)
         decision = decide(candidate, zeroshot, champ_scores, rule, not_comparable=not_comparable,
                           champion_label=CHAMPION if champion is None else f"champion v{champion.version}")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

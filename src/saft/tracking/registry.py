@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from saft.tracking.config import tracking_call
-from saft.tracking.promotion import FINGERPRINT_TAG, ID_TAG, OOD_TAG, SUITE_TAG, ZS_ID_TAG, ZS_OOD_TAG
+from saft.tracking.promotion import (FINGERPRINT_TAG, HM_TAG, ID_TAG, OOD_TAG, SUITE_TAG, ZS_HM_TAG, ZS_ID_TAG,
+                                    ZS_OOD_TAG)
 
 KEY_TAG = "saft.candidate_key"
 METHOD_TAG = "saft.method"
@@ -53,26 +54,39 @@ def candidate_key(delta_path: str | Path, metrics_doc: dict, *, method: str, alp
 
 @dataclass(frozen=True)
 class CandidateInfo:
-    """What a version's tags record about the candidate it holds."""
+    """What a version's tags record about the candidate it holds.
+
+    The scores a suite does not define stay None and get no tag: an ID/OOD suite has no
+    HM, a base-to-new suite no ID or OOD mean.
+    """
 
     method: str
     alpha: float
     suite: str
     base_model: str
     base_fingerprint: str
-    id: float
-    ood_mean: float
-    zeroshot_id: float
-    zeroshot_ood_mean: float
     delta_sha256: str
     delta_bytes: int
+    id: float | None = None
+    ood_mean: float | None = None
+    zeroshot_id: float | None = None
+    zeroshot_ood_mean: float | None = None
+    hm: float | None = None
+    zeroshot_hm: float | None = None
 
     def tags(self, key: str) -> dict[str, str]:
-        return {KEY_TAG: key, METHOD_TAG: self.method, ALPHA_TAG: repr(float(self.alpha)), SUITE_TAG: self.suite,
+        tags = {KEY_TAG: key, METHOD_TAG: self.method, ALPHA_TAG: repr(float(self.alpha)), SUITE_TAG: self.suite,
                 BASE_MODEL_TAG: self.base_model, FINGERPRINT_TAG: self.base_fingerprint,
-                ID_TAG: repr(float(self.id)), OOD_TAG: repr(float(self.ood_mean)),
-                ZS_ID_TAG: repr(float(self.zeroshot_id)), ZS_OOD_TAG: repr(float(self.zeroshot_ood_mean)),
                 DELTA_SHA_TAG: self.delta_sha256, DELTA_BYTES_TAG: str(self.delta_bytes)}
+        scores = {ID_TAG: self.id, OOD_TAG: self.ood_mean, ZS_ID_TAG: self.zeroshot_id,
+                  ZS_OOD_TAG: self.zeroshot_ood_mean, HM_TAG: self.hm, ZS_HM_TAG: self.zeroshot_hm}
+        tags.update({tag: repr(float(v)) for tag, v in scores.items() if v is not None})
+        return tags
+
+    def describe(self) -> str:
+        parts = [f"{label} {100 * v:.2f}" for label, v in (("ID", self.id), ("OOD mean", self.ood_mean),
+                                                            ("HM", self.hm)) if v is not None]
+        return ", ".join(parts) or "no scores"
 
 
 def find_version(client, model_name: str, key: str):
@@ -135,6 +149,5 @@ def register_delta(tracker, *, model_name: str, delta_path: str | Path, referenc
         ensure_registered_model(client, model_name)
         mv = client.create_model_version(
             model_name, source, run_id=tracker.run_id, tags={**info.tags(key), **(extra_tags or {})},
-            description=f"{what} on {info.base_model}, suite {info.suite}: "
-                        f"ID {100 * info.id:.2f}, OOD mean {100 * info.ood_mean:.2f}")
+            description=f"{what} on {info.base_model}, suite {info.suite}: {info.describe()}")
     return mv, True

@@ -6,32 +6,50 @@ _ORDER = ("zeroshot", "full", "saft", "random")
 
 
 def _cell(stat: dict | None) -> str:
+    """``61.2±1.3`` in percent; a bare ``61.2`` where there is no spread (one seed, an HM of means)."""
     if not stat:
         return "-"
-    return f"{100 * stat['mean']:.1f}±{100 * stat['std']:.1f}"
+    mean = f"{100 * stat['mean']:.1f}"
+    return mean if stat.get("std") is None else f"{mean}±{100 * stat['std']:.1f}"
 
 
-def format_results(summary: dict) -> str:
-    aggs = [a for a in summary["aggregates"] if a["alpha"] in (None, 1.0)]
-    aggs.sort(key=lambda a: _ORDER.index(a["model"]) if a["model"] in _ORDER else 99)
-    ood = sorted(d for d, v in aggs[0]["per_dataset"].items() if v["role"] == "ood")
-    sizes = summary.get("sizes", {})
-    head = ["method", "trainable", "delta", "ID"] + ood + ["OOD mean"]
-    rows = []
-    for a in aggs:
-        size = sizes.get(a["model"], {})
-        rows.append([
-            a["model"],
-            f"{size['trainable']:,}" if size else "0",
-            f"{size['delta_bytes'] / 1024:.0f} KB" if size else "-",
-            _cell(a.get("id")),
-            *[_cell(a["per_dataset"].get(d)) for d in ood],
-            _cell(a.get("ood_mean")),
-        ])
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [head] + rows]
     lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def format_results(summary: dict) -> str:
+    """One row per method: sizes, then ID / each OOD set / OOD mean, or base / new / HM on a base-to-new suite."""
+    aggs = [a for a in summary["aggregates"] if a["alpha"] in (None, 1.0)]
+    aggs.sort(key=lambda a: _ORDER.index(a["model"]) if a["model"] in _ORDER else 99)
+    sizes = summary.get("sizes", {})
+    id_ood = any("id" in a and "ood_mean" in a for a in aggs)
+    ood = sorted(d for d, v in aggs[0]["per_dataset"].items() if v["role"] == "ood")
+    er = any("effective_robustness" in a for a in aggs)
+    if id_ood:
+        head = ["method", "trainable", "delta", "ID"] + ood + ["OOD mean"] + (["eff. robustness"] if er else [])
+    else:
+        head = ["method", "trainable", "delta", "base", "new", "HM"]
+    rows = []
+    for a in aggs:
+        size = sizes.get(a["model"], {})
+        row = [a["model"], f"{size['trainable']:,}" if size else "0",
+               f"{size['delta_bytes'] / 1024:.0f} KB" if size else "-"]
+        if id_ood:
+            row += [_cell(a.get("id")), *[_cell(a["per_dataset"].get(d)) for d in ood], _cell(a.get("ood_mean"))]
+            row += [_cell(a.get("effective_robustness"))] if er else []
+        else:
+            row += [_cell(a.get(k)) for k in ("base", "new", "hm")]
+        rows.append(row)
+    lines = _grid(head, rows)
+    groups = sorted({g for a in aggs for g in a.get("base_to_new", {})})
+    if len(groups) > 1:
+        lines.append("HM per dataset: " + "; ".join(
+            f"{g} " + ", ".join(f"{a['model']} {_cell(a['base_to_new'][g]['hm'])}" for a in aggs
+                                if g in a.get("base_to_new", {})) for g in groups))
     lr = summary.get("chosen_lr", {})
     if lr:
         lines.append("learning rates (chosen on the ID validation split): "
@@ -59,15 +77,11 @@ def format_landing(method: str, landing: dict, top: int = 4) -> str:
 
 
 def format_b2n(table: dict) -> str:
-    """Base-to-new: base / new / harmonic mean per method, mean ± std over seeds."""
+    """Base-to-new per method: base and new as mean ± std over seeds, HM of the two means."""
     models = sorted(table, key=lambda m: _ORDER.index(m) if m in _ORDER else 99)
     head = ["base-to-new", "base", "new", "HM"]
     rows = [[m, _cell(table[m]["base"]), _cell(table[m]["new"]), _cell(table[m]["hm"])] for m in models]
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head] + rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(_grid(head, rows))
 
 
 def format_checks(summary: dict) -> str:

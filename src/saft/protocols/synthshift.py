@@ -29,6 +29,7 @@ import torch
 
 from saft.data.prepare import prepare_dataset
 from saft.eval import top1_accuracy
+from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.suites import load_suite
 from saft.io import write_json
 from saft.models import load_model
@@ -37,11 +38,12 @@ from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig,
 from saft.sparse.mask import Mask, select_mask_layerwise
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.prepared import PreparedData
+from saft.world.checks import Checks
 from saft.world.task import ID_DOMAIN, build_world
 
 DEFAULT_GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4], "saft": [3e-4, 1e-3, 3e-3, 1e-2],
                  "random": [3e-4, 1e-3, 3e-3, 1e-2]}
-CHOSEN_LR_FILE = Path(__file__).with_name("chosen_lr.json")
+CHOSEN_LR_FILE = Path(__file__).with_name("chosen_lr.json")  # what the protocol chose (params.py's defaults)
 METHODS = ("full", "saft", "random")
 SELECTIONS = ("global", "layerwise")
 
@@ -104,63 +106,6 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
     return method, values
 
 
-@dataclass
-class Checks:
-    zero_shot_id: float
-    full_id_gain: float
-    full_ood_gain: float
-    results: dict = field(default_factory=dict)
-
-    @classmethod
-    def compute(cls, aggregates: list[dict]) -> "Checks":
-        by = {(a["model"], a["alpha"]): a for a in aggregates}
-        zs = by[("zeroshot", None)]
-        full = next(a for (m, al), a in by.items() if m == "full" and al in (1.0, None))
-        zs_id, zs_ood = zs["id"]["mean"], zs["ood_mean"]["mean"]
-        c = cls(zs_id, full["id"]["mean"] - zs_id, full["ood_mean"]["mean"] - zs_ood)
-        c.results = {
-            "zero-shot ID accuracy within [30%, 85%]": 0.30 <= zs_id <= 0.85,
-            "full fine-tuning gains >= 5 ID points over zero-shot": c.full_id_gain >= 0.05,
-            "full fine-tuning loses OOD (or gains < 1/3 of its ID gain)":
-                c.full_ood_gain < 0 or c.full_ood_gain < c.full_id_gain / 3,
-            "every OOD set above chance (+5 points) zero-shot": all(
-                v["mean"] > 0.15 for v in zs["per_dataset"].values() if v["role"] == "ood"),
-        }
-        return c
-
-    @property
-    def passed(self) -> bool:
-        return all(self.results.values())
-
-
-def ood_at_matched_id(aggregates: list[dict]) -> dict:
-    """OOD mean of each method at one common ID accuracy, read off its alpha curve.
-
-    Each method's curve runs from the zero-shot point (alpha 0) through its evaluated
-    alphas; the common ID level is the highest one every curve reaches, and OOD is
-    linearly interpolated there. Needs alpha values below 1 to say much.
-    """
-    zs = next(a for a in aggregates if a["model"] == "zeroshot")
-    curves = {}
-    for a in aggregates:
-        if a["model"] != "zeroshot" and a["alpha"] is not None and "id" in a:
-            curves.setdefault(a["model"], [(0.0, zs["id"]["mean"], zs["ood_mean"]["mean"])]).append(
-                (a["alpha"], a["id"]["mean"], a["ood_mean"]["mean"]))
-    if not curves:
-        return {}
-    target = min(max(p[1] for p in pts) for pts in curves.values())
-    out = {"id": target}
-    for model, pts in curves.items():
-        pts.sort()
-        value = None
-        for (_, i0, o0), (_, i1, o1) in zip(pts, pts[1:]):
-            if min(i0, i1) <= target <= max(i0, i1):
-                value = o0 if i1 == i0 else o0 + (o1 - o0) * (target - i0) / (i1 - i0)
-                break
-        out[model] = value if value is not None else next(o for _, i, o in pts if i == target)
-    return out
-
-
 def _lr_label(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
@@ -215,6 +160,7 @@ def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, 
     for method in cfg.methods:
         result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks[method], meta, progress)
         path = save_delta(result.delta, seed_dir / "b2n" / method / "delta.safetensors")
+        write_json(path.parent / "history.json", result.history)
         runs.append(DeltaRun(method, str(path), seed))
         log(f"seed {seed} {method:<6} base-to-new: trained on {len(data.classes)} base classes at lr "
             f"{lrs[method]:.0e} ({result.seconds:.1f} s)")
@@ -263,6 +209,7 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
             for lr in cfg.grids[method]:
                 result = _train(cfg, model, train, prompts, method, lr, seed, masks[method], meta, progress)
                 path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / "delta.safetensors")
+                write_json(path.parent / "history.json", result.history)  # the report's training curves
                 apply_delta(model, result.delta, check_fingerprint=False)
                 val_acc = top1_accuracy(model, val, prompts)
                 remove_delta(model, result.delta)

@@ -1,0 +1,136 @@
+"""``saft benchmark synthshift`` and ``saft benchmark fewshot``: the protocols on the embedded world."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from saft.protocols.fewshot import FewShotConfig
+    from saft.protocols.synthshift import WorldConfig
+
+
+def world_config(args: argparse.Namespace) -> "WorldConfig":
+    """The benchmark's configuration from parsed arguments; ValueError on a bad option."""
+    from saft.sparse import Eligibility
+    from saft.protocols.synthshift import DEFAULT_GRIDS, WorldConfig, parse_grid
+
+    grids = dict(DEFAULT_GRIDS)
+    for text in args.lr or []:
+        method, rates = parse_grid(text)
+        grids[method] = rates
+    return WorldConfig(out_dir=Path(args.out), world_dir=Path(args.world) if args.world else None, model=args.model,
+                       seeds=tuple(args.seeds), steps=args.steps, alphas=tuple(args.alpha), grids=grids,
+                       methods=tuple(args.methods), density=args.density,
+                       include=tuple(args.include or Eligibility.include),
+                       exclude=tuple(Eligibility.exclude) + tuple(args.exclude or ()),
+                       score_rule=args.score_rule, selection=args.selection, b2n=args.b2n)
+
+
+def _synthshift(args: argparse.Namespace) -> int:
+    from saft.io import write_json
+    from saft.protocols.synthshift import run_world
+    from saft.world.table import format_checks, format_results
+
+    summary = run_world(world_config(args))  # a bad option raises ValueError before anything runs
+    write_json(Path(args.out) / "chosen_lr.json", {"chosen_lr": summary["chosen_lr"],
+                                                   "per_seed": summary["chosen_lr_per_seed"]})
+    print()
+    print(format_results(summary))
+    print()
+    print(format_checks(summary))
+    return 3 if summary["checks_passed"] is False else 0
+
+
+def fewshot_config(args: argparse.Namespace) -> "FewShotConfig":
+    """The few-shot grid's configuration from parsed arguments; ValueError on a bad option."""
+    from saft.protocols.fewshot import FewShotConfig
+    from saft.steps.params import DEFAULT_LR
+
+    lrs = dict(DEFAULT_LR)
+    for text in args.lr or []:
+        method, sep, value = text.partition("=")
+        try:
+            lrs[method.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {text!r}: expected METHOD=LR, e.g. saft=3e-3") from None
+        if not sep or not lrs[method.strip()] > 0:
+            raise ValueError(f"--lr {text!r}: expected METHOD=LR with a positive rate, e.g. saft=3e-3")
+    return FewShotConfig(out_dir=Path(args.out), world_dir=Path(args.world) if args.world else None,
+                         model=args.model, shots=tuple(args.shots), seeds=tuple(args.seeds),
+                         methods=tuple(args.methods), lrs=lrs, steps=args.steps, density=args.density,
+                         pool_per_class=args.pool_per_class, test_per_class=args.test_per_class)
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    from saft.protocols.fewshot import PLOT_FILE, RESULTS_FILE, format_fewshot, run_fewshot
+
+    summary = run_fewshot(fewshot_config(args), progress=args.progress)
+    print()
+    print(format_fewshot(summary))
+    print(f"\nwrote {Path(args.out) / RESULTS_FILE}, {Path(args.out) / PLOT_FILE}")
+    return 0
+
+
+def register(sub) -> None:
+    bm = sub.add_parser("benchmark", help="full protocols: learning-rate grids x seeds")
+    bm_sub = bm.add_subparsers(dest="benchmark_command", required=True, metavar="PROTOCOL")
+    syn = bm_sub.add_parser("synthshift", help="the embedded world: every method over its lr grid, 3 seeds",
+                            description="Chooses each method's learning rate on the ID validation split, "
+                                        "evaluates the synthshift suite with alpha-interpolation curves and "
+                                        "checks the world's validity.")
+    syn.add_argument("--out", default="runs/synthshift", help="output folder (default: runs/synthshift)")
+    syn.add_argument("--model", default="tiny", help="model spec (default: tiny)")
+    syn.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    syn.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default: 100)")
+    syn.add_argument("--alpha", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
+                     help="interpolation weights of the deltas (default: 0.25 0.5 0.75 1)")
+    syn.add_argument("--world", metavar="DIR", help="world root to render into or reuse (default: OUT/world)")
+    syn.add_argument("--methods", nargs="+", choices=("full", "saft", "random"), default=["full", "saft", "random"],
+                     help="methods to train; zero-shot is always evaluated, and the validity checks need full "
+                          "(default: full saft random)")
+    syn.add_argument("--lr", action="append", metavar="METHOD=LR[,LR...]",
+                     help="replace a method's learning-rate grid, e.g. --lr saft=1e-3,3e-3 (repeatable; defaults: "
+                          "full 1e-5,3e-5,1e-4,3e-4; saft and random 3e-4,1e-3,3e-3,1e-2)")
+    syn.add_argument("--density", type=float, default=0.001,
+                     help="fraction of the eligible entries SAFT and the random mask train (default: 0.001)")
+    syn.add_argument("--include", nargs="+", metavar="PATTERN",
+                     help="fnmatch patterns of parameter names SAFT and the random mask may select "
+                          "(default: *); full fine-tuning is unaffected")
+    syn.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                     help="patterns they may not select, besides logit_scale and logit_bias, "
+                          "e.g. --exclude 'visual.conv1.*'")
+    syn.add_argument("--score-rule", choices=("abs_mean", "mean_abs", "mean_sq"), default="abs_mean",
+                     help="SAFT's score: |mean gradient| (the paper), or mean |g| / mean g^2 over batches "
+                          "(default: abs_mean)")
+    syn.add_argument("--selection", choices=("global", "layerwise"), default="global",
+                     help="global top-k over all eligible entries (the paper), or per tensor: each keeps its "
+                          "round(density * size) best entries (default: global)")
+    syn.add_argument("--no-b2n", dest="b2n", action="store_false",
+                     help="skip base-to-new (training on the base half of the classes at the chosen rates)")
+    syn.set_defaults(func=_synthshift)
+
+    few = bm_sub.add_parser("fewshot", help="the few-shot grid: accuracy against shots per class, over seeds",
+                            description="For every shot count and seed: draw the few-shot split from the world's "
+                                        "ID pool, score the mask, fine-tune each method at a fixed learning rate "
+                                        "and evaluate the synthshift suite; writes fewshot.json, fewshot.md and "
+                                        "the accuracy-vs-shots plot fewshot.png.")
+    few.add_argument("--out", default="runs/fewshot", help="output folder (default: runs/fewshot)")
+    few.add_argument("--model", default="tiny", help="model spec (default: tiny)")
+    few.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                     help="training images per class (default: 1 2 4 8 16)")
+    few.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    few.add_argument("--methods", nargs="+", choices=("saft", "full", "random"), default=["saft", "full"],
+                     help="methods to train; zero-shot is always evaluated (default: saft full)")
+    few.add_argument("--lr", action="append", metavar="METHOD=LR",
+                     help="a method's learning rate (repeatable; defaults: params.yaml's, chosen by the synthshift "
+                          "protocol at 16 shots)")
+    few.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default: 100)")
+    few.add_argument("--density", type=float, default=0.001, help="mask density (default: 0.001)")
+    few.add_argument("--world", metavar="DIR", help="world root to render into or reuse (default: OUT/world)")
+    few.add_argument("--pool-per-class", type=int, default=64, help="ID pool images per class (default: 64)")
+    few.add_argument("--test-per-class", type=int, default=100,
+                     help="test images per class and domain (default: 100)")
+    few.add_argument("--progress", action="store_true", help="progress bars for evaluation")
+    few.set_defaults(func=_fewshot)
