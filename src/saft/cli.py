@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--old-score-batches", type=int, default=2, help="batches timed for the old scoring path")
     sc.add_argument("--text-sample-classes", type=int, default=8,
                     help="classes (x 80 templates) of the text-encoding sample (default: 8)")
-    sc.add_argument("--text-batch", type=int, default=256, help="prompts encoded at once (default: 256)")
+    sc.add_argument("--text-batch", type=int, default=0,
+                    help="prompts encoded at once (default: 0, the library's 8 per image)")
     sc.add_argument("--warmup", type=int, default=1, help="untimed training steps before the timed one")
     sc.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     sc.add_argument("--threads", type=int, default=0, help="torch threads per measuring process (default: torch's)")
@@ -140,7 +142,7 @@ def _command_name(args: argparse.Namespace) -> str:
 def _run_command(args: argparse.Namespace) -> int:
     """Run the command; a step under a tracked pipeline runner gets its own nested run."""
     name = _command_name(args)
-    if name not in TRACKED_COMMANDS:
+    if name not in TRACKED_COMMANDS or int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 tracks
         return args.func(args)
     from saft.steps.tracked import command_context, log_outputs
 

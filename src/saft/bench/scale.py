@@ -48,7 +48,7 @@ class ScaleBenchConfig:
     old_class_counts: list[int] = field(default_factory=lambda: [1, 2])
     old_score_batches: int = 2
     text_sample_classes: int = 8
-    text_batch: int = 256
+    text_batch: int = 0  # 0: the library's automatic size (8 prompts per image)
     density: float = 0.001
     warmup: int = 1
     device: str = "cpu"
@@ -58,7 +58,7 @@ class ScaleBenchConfig:
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.score_batches, self.classes, self.small_classes, self.text_sample_classes,
-               self.old_score_batches, self.text_batch) < 1 or not self.old_class_counts:
+               self.old_score_batches) < 1 or self.text_batch < 0 or not self.old_class_counts:
             raise ValueError("batch sizes, counts and class numbers must be >= 1")
 
 
@@ -182,7 +182,7 @@ def _measure_text(cfg: dict) -> dict:
 
 def _measure_score_ours(cfg: dict) -> dict:
     import saft.sparse.scores as scores_module
-    from saft.sparse.objective import ClassPrompts
+    from saft.sparse.objective import ClassPrompts, auto_text_batch
 
     torch, device, loaded, names, _ = _setup(cfg)
     prompts = ClassPrompts.build(loaded.tokenizer, names[:cfg["classes"]], ["a photo of a {}."])
@@ -207,7 +207,7 @@ def _measure_score_ours(cfg: dict) -> dict:
 
     def run():
         return scores_module.importance_scores(loaded.model, data, prompts, progress=False,
-                                               text_batch=cfg["text_batch"])
+                                               text_batch=auto_text_batch(cfg["text_batch"], cfg["batch_size"]))
 
     try:
         seconds, peak, _ = _timed(device, run)
@@ -273,13 +273,14 @@ def _train_setup(cfg: dict, n_classes: int, templates: list[str]):
 def _measure_train_ours(cfg: dict, n_classes: int) -> dict:
     import torch.nn.functional as F
 
-    from saft.sparse.objective import clip_logits, is_text_side
+    from saft.sparse.objective import auto_text_batch, clip_logits, is_text_side
     from saft.sparse.text_side import StepTextSide
 
     torch, device, model, update, optimizer, prompts, images, labels = _train_setup(cfg, n_classes,
                                                                                    ["a photo of a {}."])
     side = StepTextSide(model, prompts, trains=any(is_text_side(n) for n in update.names),
-                        text_batch=cfg["text_batch"], context=lambda: update.attached(model))
+                        text_batch=auto_text_batch(cfg["text_batch"], cfg["batch_size"]),
+                        context=lambda: update.attached(model))
     times = {}
 
     def step():

@@ -32,7 +32,7 @@ from saft.models.loading import unsafe_pickle_reason
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
-from saft.sparse.objective import DEFAULT_TEXT_BATCH, ClassPrompts, clip_logits, is_text_side
+from saft.sparse.objective import AUTO_TEXT_BATCH, ClassPrompts, auto_text_batch, clip_logits, is_text_side
 from saft.sparse.scores import Eligibility
 from saft.sparse.text_side import StepTextSide
 from saft.sparse.update import SparseUpdate
@@ -62,24 +62,30 @@ class FinetuneConfig:
     num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs (saft.data.loader)
     pin_memory: bool = True  # CUDA only
     persistent_workers: bool = True
-    text_batch: int = DEFAULT_TEXT_BATCH  # prompts encoded at once; bounds the text side's memory
+    text_batch: int = AUTO_TEXT_BATCH  # prompts encoded at once; 0: 8 per image of the batch (auto_text_batch)
     eligible_include: Sequence[str] = ("*",)
     eligible_exclude: Sequence[str] = ("logit_scale", "logit_bias")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("steps", "batch_size", "grad_accum", "text_batch"):
+        for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         LoaderOptions(self.num_workers)  # validates num_workers
+        auto_text_batch(self.text_batch, self.batch_size)  # validates text_batch
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         self.betas = tuple(self.betas)
         self.eligible_include = tuple(self.eligible_include)
         self.eligible_exclude = tuple(self.eligible_exclude)
+
+    @property
+    def text_prompts(self) -> int:
+        """Prompts per text chunk of one process (``text_batch``, or the automatic size for the batch)."""
+        return auto_text_batch(self.text_batch, self.batch_size)
 
     @property
     def learning_rate(self) -> float:
@@ -271,7 +277,9 @@ def finetune(
                                                enabled=amp_dtype is not None))
             return stack
 
-        text_side = StepTextSide(model, prompts, trains=text_trains, text_batch=cfg.text_batch,
+        # each rank's image batch is its part of the global batch: size the text chunks to that
+        text_prompts = auto_text_batch(cfg.text_batch, max(1, cfg.batch_size // dist.world))
+        text_side = StepTextSide(model, prompts, trains=text_trains, text_batch=text_prompts,
                                  context=forward_context, dist=dist)
         bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"finetune[{cfg.method}]", unit="step",
                            enabled=progress and dist.is_main)
@@ -410,7 +418,7 @@ def _batch_hint(cfg: FinetuneConfig) -> str:
     return (f"Lower it with --batch-size {smaller} (finetune.batch_size in params.yaml) and keep the effective "
             f"batch of {cfg.batch_size * cfg.grad_accum} with --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
             "; on a GPU, --precision bf16 or fp16 also halves activation memory; with many classes and a trained text "
-            f"tower, a smaller --text-batch (now {cfg.text_batch} prompts) bounds the text side. A changed batch size starts a "
+            f"tower, a smaller --text-batch (now {cfg.text_prompts} prompts) bounds the text side. A changed batch size starts a "
             "fresh run (a checkpoint resumes only with the same settings).")
 
 

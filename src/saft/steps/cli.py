@@ -132,8 +132,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="train", choices=["train", "eval"],
                    help="prompt set of the loss: train (the data's training prompt, default) or eval (the "
                         "evaluation ensemble, e.g. CLIP's 80 ImageNet prompts)")
-    p.add_argument("--text-batch", type=int, default=256,
-                   help="prompts encoded at once; bounds the text side's memory at any class count (default: 256)")
+    p.add_argument("--text-batch", type=int, default=0,
+                   help="prompts encoded at once; bounds the text side's memory at any class count "
+                        "(default: 0 = 8 per image of the batch, within 32-2048)")
 
 
 def register(sub) -> None:

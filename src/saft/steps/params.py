@@ -76,7 +76,7 @@ class ScoreParams:
     exclude: list[str] = field(default_factory=lambda: ["logit_scale", "logit_bias"])
     batch_size: int = 32
     prompts: str = "train"  # train: the prepared training prompt; eval: the evaluation ensemble
-    text_batch: int = 256  # prompts encoded at once (bounds the text side's memory)
+    text_batch: int = 0  # prompts encoded at once, bounding the text side's memory; 0: 8 per image of the batch
 
 
 @dataclass
@@ -89,7 +89,7 @@ class FinetuneParams:
     weight_decay: float = 0.1
     checkpoint_every: int = 0
     prompts: str = "train"
-    text_batch: int = 256
+    text_batch: int = 0
 
 
 @dataclass
@@ -172,8 +172,8 @@ class PipelineParams:
             part = getattr(self, section)
             if part.prompts not in ("train", "eval"):
                 raise ParamsError(f"{where}: {section}.prompts must be train or eval, got {part.prompts!r}")
-            if part.text_batch < 1:
-                raise ParamsError(f"{where}: {section}.text_batch must be >= 1")
+            if part.text_batch < 0:
+                raise ParamsError(f"{where}: {section}.text_batch must be >= 1, or 0 for 8 prompts per image")
         if self.loader.num_workers < -1:
             raise ParamsError(f"{where}: loader.num_workers must be >= 0, or -1 to choose from the CPUs")
         if self.data.subset not in SUBSETS:

@@ -13,7 +13,7 @@ from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.models import load_model
 from saft.sparse import ClassPrompts, Eligibility, importance_scores, random_mask, select_mask
 from saft.sparse.distributed import Dist, from_env
-from saft.sparse.objective import DEFAULT_TEXT_BATCH
+from saft.sparse.objective import AUTO_TEXT_BATCH, auto_text_batch
 from saft.steps.prepared import PROMPT_SETS, PreparedData
 from saft.steps.record import run_once
 
@@ -37,7 +37,7 @@ class ScoreConfig:
     seed: int = 0
     device: str = "cpu"
     prompts: str = "train"  # train: the prepared training prompt set; eval: the evaluation ensemble
-    text_batch: int = DEFAULT_TEXT_BATCH
+    text_batch: int = AUTO_TEXT_BATCH  # 0: 8 prompts per image of the batch (auto_text_batch)
 
 
 def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, root: str | None = None,
@@ -74,7 +74,7 @@ def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: 
                                              **options.kwargs(device, cfg.seed))
         prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.prompt_templates(cfg.prompts))
         scores = importance_scores(loaded.model, loader, prompts, rule=cfg.rule, eligibility=eligibility,
-                                   device=device, progress=progress, text_batch=cfg.text_batch, dist=dist)
+                                   device=device, progress=progress, text_batch=auto_text_batch(cfg.text_batch, cfg.batch_size), dist=dist)
         mask = select_mask(scores, cfg.density, meta=meta)
     else:
         shapes = {n: tuple(p.shape) for n, p in eligibility.select(loaded.model).items()}
