@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_tracking(sub)
 
+    from saft.serving.cli import register as register_serving
+
+    register_serving(sub)
+
     from saft.orchestration.cli import register as register_pipeline
 
     register_pipeline(sub)
