@@ -84,16 +84,13 @@ class ServedModel:
         self.classifier = self.pool = self.batcher = None
 
     def load(self) -> None:
-        import os
-
         import mlflow.pyfunc
 
         from saft.serving.predictor import Batcher, ImagePool, serving_device
 
         start = time.perf_counter()
-        os.environ["SAFT_SERVE_DEVICE"] = serving_device(self.cfg.device)
-        os.environ["SAFT_SERVE_PRECISION"] = self.cfg.precision
-        python_model = mlflow.pyfunc.load_model(self.cfg.model_uri).unwrap_python_model()
+        settings = {"device": serving_device(self.cfg.device), "precision": self.cfg.precision}
+        python_model = mlflow.pyfunc.load_model(self.cfg.model_uri, model_config=settings).unwrap_python_model()
         classifier = getattr(python_model, "classifier", None)
         if classifier is None:
             raise ValueError(f"{self.cfg.model_uri} is not a SAFT model (its python model is "

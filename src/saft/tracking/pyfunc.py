@@ -87,9 +87,10 @@ class SaftDeltaModel(mlflow.pyfunc.PythonModel):
         from saft.serving.predictor import ImagePool, serving_device
         from saft.serving.protocol import Limits
 
+        settings = getattr(context, "model_config", None) or {}  # what `saft serve` passes
         self.ref = read_reference(context.artifacts["model_ref"])
-        device = serving_device(os.environ.get("SAFT_SERVE_DEVICE"))
-        precision = os.environ.get("SAFT_SERVE_PRECISION", "auto")
+        device = serving_device(settings.get("device") or os.environ.get("SAFT_SERVE_DEVICE"))
+        precision = settings.get("precision") or os.environ.get("SAFT_SERVE_PRECISION", "auto")
         self.classifier = load_classifier(self.ref, context.artifacts["delta"], context.artifacts.get("head"),
                                           device=device, precision=precision)
         self.limits = Limits()
