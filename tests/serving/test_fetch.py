@@ -62,7 +62,7 @@ class _Images(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def images():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield f"127.0.0.1:{server.server_address[1]}"
     finally:

@@ -118,7 +118,7 @@ def test_urls_are_fetched_when_the_policy_allows(server) -> None:
     image = shape_images(1)[0]
     _OneImage.png = base64.b64decode(encoded(image))
     images = ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
-    threading.Thread(target=images.serve_forever, daemon=True).start()
+    threading.Thread(target=images.serve_forever, args=(0.05,), daemon=True).start()
     try:
         by_url = post(server.predict_url(), {"instances": [{"url": f"http://127.0.0.1:{images.server_address[1]}/a"}]})
     finally:

@@ -39,7 +39,8 @@ def _deploy(args: argparse.Namespace) -> int:
                                   service_account=args.service_account, max_batch=args.max_batch,
                                   precision=args.precision)
     rollout = RolloutConfig(canary_percent=args.canary_percent, ready_timeout_s=args.ready_timeout,
-                            observe_s=args.observe, poll_s=args.poll, smoke_test=not args.no_smoke_test)
+                            observe_s=args.observe, poll_s=args.poll, failure_grace_s=args.failure_grace,
+                            smoke_test=not args.no_smoke_test)
     cfg = DeployConfig(model_name=args.model_name, version=args.version, service=args.service, predictor=predictor,
                        rollout=rollout, kube_host=args.kube_host, kubeconfig=args.kubeconfig,
                        kube_context=args.kube_context, dry_run=args.dry_run)
@@ -118,6 +119,8 @@ def register(sub) -> None:
     dp.add_argument("--observe", type=float, default=60.0,
                     help="seconds the ready canary is watched before promotion (default: 60)")
     dp.add_argument("--poll", type=float, default=5.0, help="seconds between status reads (default: 5)")
+    dp.add_argument("--failure-grace", type=float, default=60.0,
+                    help="seconds a False readiness condition may last before the canary counts as failed (default: 60)")
     dp.add_argument("--no-smoke-test", action="store_true", help="skip the prediction sent to the canary's URL")
     dp.add_argument("--kube-host", default="", help="Kubernetes API URL (default: in-cluster or kube-config); "
                                                    "token from KUBE_TOKEN")

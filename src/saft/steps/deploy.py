@@ -54,11 +54,7 @@ def _resolve(client, cfg: DeployConfig):
 
     if str(cfg.version).isdigit():
         return client.get_model_version(cfg.model_name, str(cfg.version))
-    mv = get_alias(client, cfg.model_name, str(cfg.version))
-    if mv is None:
-        raise ValueError(f"registered model {cfg.model_name!r} has no alias {cfg.version!r}: nothing to deploy "
-                         "(register and promote a version first, or give a version number)")
-    return mv
+    return get_alias(client, cfg.model_name, str(cfg.version))
 
 
 def _record(client, cfg: DeployConfig, version: str, result, service: str) -> None:
@@ -94,6 +90,9 @@ def deploy_step(cfg: DeployConfig, out_dir: str | Path, *, isvcs=None, smoke="de
     client = make_client(config)
     with tracking_call(config, f"resolving {cfg.model_name}@{cfg.version}"):
         mv = _resolve(client, cfg)
+    if mv is None:
+        raise ValueError(f"registered model {cfg.model_name!r} has no alias {cfg.version!r}: nothing to deploy "
+                         "(register and promote a version first, or give a version number)")
     version = str(mv.version)
     name = cfg.service or service_name(cfg.model_name)
     manifest = render(name, cfg.model_name, version, cfg.predictor)
