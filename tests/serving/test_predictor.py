@@ -37,18 +37,31 @@ def pixels(classifiers):
     return torch.stack([classifiers["fp32"].preprocess(im) for im in shape_images(10)])
 
 
+def test_prepared_bytes_normalise_to_the_preprocess_exactly(classifiers) -> None:
+    """Decode threads hand over 8-bit pixels; ToTensor + Normalize happen on the batch, same arithmetic."""
+    classifier = classifiers["fp32"]
+    images = shape_images(3)
+    prepared = torch.from_numpy(np.stack([classifier.prepare(im) for im in images]))
+    assert prepared.dtype == torch.uint8
+    assert torch.equal(classifier._normalise(prepared), torch.stack([classifier.preprocess(im) for im in images]))
+    assert torch.allclose(classifier.probabilities(prepared),
+                          classifier.probabilities(torch.stack([classifier.preprocess(im) for im in images])))
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_rows(classifiers, pixels) -> None:
     classifier = classifiers["fp32"]
     expected = classifier.probabilities(pixels)
     batcher = Batcher(classifier, max_batch=8, max_wait_s=0.2)
     try:
-        singles = [batcher.submit(pixels[i:i + 1])[0] for i in range(6)]  # six requests of one image
-        got = torch.cat([f.result(timeout=30) for f in singles])
+        singles = [batcher.submit(pixels[i:i + 1], 5)[0] for i in range(6)]  # six requests of one image
+        got = [f.result(timeout=30)[0] for f in singles]
         assert batcher.batches < 6 and batcher.images_seen == 6
-        assert torch.allclose(got, expected[:6], atol=1e-5)
-        chunks = batcher.submit(pixels)  # ten images: two forward passes of at most eight
+        for row, want in zip(got, classifier.top_k(expected[:6], 5)):
+            assert row["labels"] == want["labels"] and row["probabilities"] == pytest.approx(want["probabilities"])
+        chunks = batcher.submit(pixels, 2)  # ten images: two forward passes of at most eight
         assert [len(f.result(timeout=30)) for f in chunks] == [8, 2]
-        assert torch.allclose(torch.cat([f.result() for f in chunks]), expected, atol=1e-5)
+        rows = [row for f in chunks for row in f.result()]
+        assert [r["labels"] for r in rows] == [r["labels"] for r in classifier.top_k(expected, 2)]
     finally:
         batcher.close()
     top = classifier.top_k(expected[:2], 3)
@@ -80,9 +93,9 @@ def test_images_go_through_the_projects_decoder(classifiers, monkeypatch) -> Non
     monkeypatch.setattr(images, "load_rgb", lambda data, name=None: calls.append(name) or real(data, name))
     wide = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
     data = _png(wide)
-    pool = ImagePool(classifier.preprocess, Limits(), FetchPolicy(), workers=2)
+    pool = ImagePool(classifier.prepare, Limits(), FetchPolicy(), workers=2)
     try:
-        got = pool.tensors([ImageInput(0, data=data)])[0]
+        got = classifier._normalise(pool.tensors([ImageInput(0, data=data)]))[0]
     finally:
         pool.close()
     assert calls == ["instances[0]"]
@@ -95,7 +108,7 @@ def test_oversized_and_undecodable_images_are_refused_before_decoding(classifier
 
     classifier = classifiers["fp32"]
     monkeypatch.setattr(images, "load_rgb", lambda *a, **k: pytest.fail("decoded an image it should refuse"))
-    pool = ImagePool(classifier.preprocess, Limits(max_image_pixels=100 * 100), FetchPolicy(), workers=2)
+    pool = ImagePool(classifier.prepare, Limits(max_image_pixels=100 * 100), FetchPolicy(), workers=2)
     try:
         big = ImageInput(1, data=_png(Image.new("RGB", (200, 120))))
         junk = ImageInput(0, data=b"GIF89a but not really")

@@ -53,7 +53,7 @@ def test_every_bad_request_gets_a_clear_4xx(server, monkeypatch) -> None:
         ({"instances": [{"b64": ok}], "stream": True}, None, 400, "unknown field 'stream'"),
         ({"instances": [{"b64": ok, "mime": "image/png"}]}, None, 400, "instances[0]: unknown field 'mime'"),
         ({"instances": [{"b64": "%%%"}]}, None, 400, "not valid base64"),
-        ({"instances": [{"b64": ok}, {"b64": "aGVsbG8gd29ybGQ="}]}, None, 400, "instances[1] is not an image"),
+        ({"instances": [{"b64": ok}, {"b64": "aGVsbG8gd29ybGQ="}]}, None, 400, "instances[1] is not a readable image"),
         ({"instances": [{"b64": ok}], "parameters": {"top_k": 6}}, None, 400, "5 classes"),
         ({"instances": [{"b64": ok}] * 9}, None, 413, "limit of 8"),
         ({"instances": [{"b64": encoded(shape_images(1)[0].resize((600, 600)))}]}, None, 413, "600 x 600 pixels"),

@@ -8,8 +8,13 @@ softmax over the served classes. The image tower runs under bf16 autocast on CUD
 (``precision="auto"``), in float32 on the CPU; ``bf16`` forces autocast anywhere.
 
 Images are fetched (URLs), decoded with the project's one decoder
-(``saft.data.images.load_rgb``: EXIF orientation, 16-bit, alpha, palettes) and
-preprocessed in a thread pool (Pillow and torchvision release the GIL for that work).
+(``saft.data.images.load_rgb``: EXIF orientation, 16-bit, alpha, palettes), resized and
+cropped in a thread pool (Pillow releases the GIL for that work) and handed over as
+8-bit tensors. The float conversion and normalisation (the preprocess's ``ToTensor`` and
+``Normalize``, the same arithmetic) happen on the whole batch in the inference thread, on
+the device: no torch kernel runs in the decode threads, whose OpenMP teams would otherwise
+compete with the model's for the same cores (measured: concurrent requests on 2 cores
+were several times slower), and a GPU receives a quarter of the bytes.
 :class:`Batcher` gathers images of concurrent requests into one forward pass of at most
 ``max_batch`` images, waiting at most ``max_wait_s`` for company, so a GPU under many
 small requests still runs full batches.
@@ -27,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,8 +68,8 @@ def decode_image(data: bytes, where: str, limits: Limits):
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
     except UnidentifiedImageError:
-        raise RequestError(f"{where} is not an image in a format this server reads (PNG, JPEG, WebP, TIFF, BMP, "
-                           f"GIF, ...): {len(data)} bytes starting {data[:8]!r}") from None
+        raise RequestError(f"{where} is not a readable image: no format this server reads (PNG, JPEG, WebP, TIFF, "
+                           f"BMP, GIF, ...) matches its {len(data)} bytes starting {data[:8]!r}") from None
     except Exception as exc:  # Pillow raises many types for damaged headers
         raise RequestError(f"{where} is not a readable image ({type(exc).__name__}: {exc})") from None
     if width * height > limits.max_image_pixels:
@@ -73,6 +79,16 @@ def decode_image(data: bytes, where: str, limits: Limits):
         return load_rgb(data, where)
     except ImageDecodeError as exc:
         raise RequestError(f"{where} is not a readable image ({exc})") from None
+
+
+def split_preprocess(preprocess: Callable) -> tuple[Callable, tuple, tuple] | None:
+    """``(PIL part, mean, std)`` of an open_clip preprocess ``Compose([..., ToTensor, Normalize])``, else None."""
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not type(steps[-2]).__name__.endswith("ToTensor") or not hasattr(steps[-1], "mean"):
+        return None
+    from torchvision.transforms import Compose
+
+    return Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std)
 
 
 class Classifier:
@@ -86,6 +102,15 @@ class Classifier:
         self.autocast = autocast_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
+        split = split_preprocess(preprocess)
+        if split is None:
+            log.warning("preprocess %r is not Compose([..., ToTensor, Normalize]): it runs whole in the decode threads",
+                        preprocess)
+            self._pil, self._mean, self._std = None, None, None
+        else:
+            self._pil = split[0]
+            self._mean = torch.tensor(split[1], device=self.device).view(1, -1, 1, 1)
+            self._std = torch.tensor(split[2], device=self.device).view(1, -1, 1, 1)
         self.head = F.normalize(head.to(self.device, torch.float32), dim=-1)
         self.classes = list(classes)
         scale = getattr(model, "logit_scale", None)
@@ -95,10 +120,21 @@ class Classifier:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    def prepare(self, image) -> np.ndarray | torch.Tensor:
+        """A decoded image as model input: 8-bit ``[3, H, W]`` (normalised later, batched), or the float preprocess."""
+        if self._pil is None:
+            return self.preprocess(image)
+        return np.asarray(self._pil(image), dtype=np.uint8).transpose(2, 0, 1)
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            return pixels  # already preprocessed
+        return pixels.float().div_(255).sub_(self._mean).div_(self._std)
+
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes for a preprocessed batch ``[n, 3, H, W]``; float32 on the CPU."""
-        pixels = pixels.to(self.device, non_blocking=True)
+        """Softmax over the classes for a batch from :meth:`prepare` (or preprocessed floats); float32 on the CPU."""
+        pixels = self._normalise(pixels.to(self.device, non_blocking=True))
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             features = self.model.encode_image(pixels)
         logits = self.scale * F.normalize(features.float(), dim=-1) @ self.head.t()
@@ -113,14 +149,20 @@ class Classifier:
         """One forward pass on a blank image, so the first request pays no lazy initialisation."""
         from PIL import Image
 
-        self.probabilities(self.preprocess(Image.new("RGB", (64, 64), (128, 128, 128))).unsqueeze(0))
+        self.probabilities(_batch([self.prepare(Image.new("RGB", (64, 64), (128, 128, 128)))]))
+
+
+def _batch(items: list) -> torch.Tensor:
+    if items and isinstance(items[0], np.ndarray):
+        return torch.from_numpy(np.stack(items))  # numpy copies: no torch kernel in this thread
+    return torch.stack(items)
 
 
 class ImagePool:
-    """Fetch, decode and preprocess the images of a request in worker threads."""
+    """Fetch, decode and prepare (``Classifier.prepare``) the images of a request in worker threads."""
 
-    def __init__(self, preprocess: Callable, limits: Limits, policy: FetchPolicy, workers: int | None = None):
-        self.preprocess, self.limits, self.policy = preprocess, limits, policy
+    def __init__(self, prepare: Callable, limits: Limits, policy: FetchPolicy, workers: int | None = None):
+        self.prepare, self.limits, self.policy = prepare, limits, policy
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="saft-decode")
 
@@ -130,10 +172,10 @@ class ImagePool:
         if data is None:
             data = fetch_url(item.url, self.policy)
             where = f"{where}.url ({item.url})"
-        return self.preprocess(decode_image(data, where, self.limits))
+        return self.prepare(decode_image(data, where, self.limits))
 
     def tensors(self, items: Sequence[ImageInput]) -> torch.Tensor:
-        """The preprocessed batch; the first failing instance (by index) raises its RequestError."""
+        """The prepared batch; the first failing instance (by index) raises its RequestError."""
         futures = [self.pool.submit(self._one, item) for item in items]
         results, first_error = [], None
         for fut in futures:
@@ -143,7 +185,7 @@ class ImagePool:
                 first_error = first_error or exc
         if first_error:
             raise first_error
-        return torch.stack(results)
+        return _batch(results)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -155,11 +197,15 @@ _STOP = object()
 @dataclass
 class _Job:
     pixels: torch.Tensor
+    k: int
     future: Future
 
 
 class Batcher:
-    """One inference thread serving batches gathered from every concurrent request."""
+    """One inference thread serving batches gathered from every concurrent request.
+
+    The thread also picks each request's top k, so every torch kernel of serving runs in it.
+    """
 
     def __init__(self, classifier: Classifier, max_batch: int = 32, max_wait_s: float = 0.005):
         if max_batch < 1:
@@ -171,11 +217,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="saft-inference", daemon=True)
         self._thread.start()
 
-    def submit(self, pixels: torch.Tensor) -> list[Future]:
-        """Futures of the probabilities ``[n, n_classes]`` of each chunk of at most ``max_batch`` images."""
+    def submit(self, pixels: torch.Tensor, k: int) -> list[Future]:
+        """Futures of the top-k predictions (``Classifier.top_k``) of each chunk of at most ``max_batch`` images."""
         futures = []
         for start in range(0, len(pixels), self.max_batch):
-            job = _Job(pixels[start:start + self.max_batch], Future())
+            job = _Job(pixels[start:start + self.max_batch], k, Future())
             self._queue.put(job)
             futures.append(job.future)
         return futures
@@ -213,7 +259,7 @@ class Batcher:
                 self.images_seen += len(probs)
                 start = 0
                 for j in jobs:
-                    j.future.set_result(probs[start:start + len(j.pixels)])
+                    j.future.set_result(self.classifier.top_k(probs[start:start + len(j.pixels)], j.k))
                     start += len(j.pixels)
 
     def close(self) -> None:

@@ -42,9 +42,10 @@ class ServeConfig:
     device: str = "auto"
     precision: str = "auto"
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0  # 0: a batch is what queued while the previous one ran
     decode_workers: int = 0  # 0: min(8, CPUs)
     max_concurrent: int = 64
+    threads: int = 0  # torch intra-op threads; 0: torch's default
     limits: Limits = field(default_factory=Limits)
     policy: FetchPolicy = field(default_factory=FetchPolicy)
 
@@ -89,6 +90,10 @@ class ServedModel:
         from saft.serving.predictor import Batcher, ImagePool, serving_device
 
         start = time.perf_counter()
+        if self.cfg.threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.threads)
         settings = {"device": serving_device(self.cfg.device), "precision": self.cfg.precision}
         python_model = mlflow.pyfunc.load_model(self.cfg.model_uri, model_config=settings).unwrap_python_model()
         classifier = getattr(python_model, "classifier", None)
@@ -96,7 +101,7 @@ class ServedModel:
             raise ValueError(f"{self.cfg.model_uri} is not a SAFT model (its python model is "
                              f"{type(python_model).__name__}); serve a version registered by `saft register`")
         self.version = _version_of(self.cfg.model_uri)
-        self.pool = ImagePool(classifier.preprocess, self.cfg.limits, self.cfg.policy, self.cfg.decode_workers or None)
+        self.pool = ImagePool(classifier.prepare, self.cfg.limits, self.cfg.policy, self.cfg.decode_workers or None)
         self.batcher = Batcher(classifier, self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
         classifier.warm_up()
         self.classifier = classifier
@@ -111,13 +116,12 @@ class ServedModel:
                 **({"error": self.error} if self.error else {})}
 
     async def predict(self, body: bytes) -> dict:
-        import torch
-
         request = parse_request(body, self.cfg.limits, self.classifier.n_classes)
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(None, self.pool.tensors, request.images)
-        chunks = [await asyncio.wrap_future(f) for f in self.batcher.submit(pixels)]
-        predictions = self.classifier.top_k(torch.cat(chunks), request.top_k)
+        predictions = []
+        for future in self.batcher.submit(pixels, request.top_k):
+            predictions += await asyncio.wrap_future(future)
         return {"model_name": self.name, "model_version": self.version, "predictions": predictions}
 
     def close(self) -> None:

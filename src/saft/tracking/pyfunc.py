@@ -94,7 +94,7 @@ class SaftDeltaModel(mlflow.pyfunc.PythonModel):
         self.classifier = load_classifier(self.ref, context.artifacts["delta"], context.artifacts.get("head"),
                                           device=device, precision=precision)
         self.limits = Limits()
-        self.pool = ImagePool(self.classifier.preprocess, self.limits, policy_from_env())
+        self.pool = ImagePool(self.classifier.prepare, self.limits, policy_from_env())
         self.classes = self.classifier.classes
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -120,11 +120,17 @@ class SaftDeltaModel(mlflow.pyfunc.PythonModel):
 
 
 def signature():
+    """Outputs and the ``top_k`` parameter; no input schema, on purpose.
+
+    With an input schema MLflow drops columns it does not know before ``predict`` sees
+    them (a misspelt ``imgae`` column would answer an empty result); without one,
+    ``predict`` checks the columns itself and names the unknown one in a 400.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN, required=False), ColSpec("string", URL_COLUMN, required=False)]),
+        inputs=None,
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                         ColSpec(Array("string"), "labels"), ColSpec(Array("double"), "probabilities")]),
         params=ParamSchema([ParamSpec(TOP_K_PARAM, "long", 5)]),
