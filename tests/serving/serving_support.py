@@ -54,10 +54,8 @@ class Reply:
     body: dict
 
 
-def post(url: str, payload, *, raw: bytes | None = None, headers: dict | None = None) -> Reply:
-    data = raw if raw is not None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+def _open(request) -> Reply:
+    """The status and JSON body of a request, 4xx/5xx answers included (no proxy for loopback)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=60) as response:
@@ -66,13 +64,14 @@ def post(url: str, payload, *, raw: bytes | None = None, headers: dict | None = 
         return Reply(exc.code, json.loads(exc.read()))
 
 
+def post(url: str, payload, *, raw=None, headers: dict | None = None) -> Reply:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    return _open(urllib.request.Request(url, data=data, method="POST",
+                                        headers={"Content-Type": "application/json", **(headers or {})}))
+
+
 def get(url: str) -> Reply:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=30) as response:
-            return Reply(response.status, json.loads(response.read()))
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, json.loads(exc.read()))
+    return _open(url)
 
 
 class InProcessServer:

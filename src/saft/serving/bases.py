@@ -75,17 +75,17 @@ def cache_dir() -> Path:
 def _weights_spec_candidates(loaded, model_spec: str) -> list[str]:
     """Specs that may rebuild ``loaded`` (loaded from ``model_spec``) from its state dict, most likely first.
 
-    A file, random or embedded spec rebuilds itself (the weights given replace its source). A hub tag's weights do not record the
-    activation they were trained with, so the spec names it (``ARCH-quickgelu``,
-    ``ARCH-gelu``); which one is right is settled by the fingerprint, never assumed.
+    A file, random or embedded spec usually rebuilds itself (the weights given replace its
+    source). A hub tag's weights do not record the activation they were trained with, so
+    the spec names it (``ARCH-quickgelu``, ``ARCH-gelu``); which one is right is settled by
+    the fingerprint, never assumed. A spec the loader refuses costs nothing to try.
     """
     spec = loaded.spec
-    if spec.is_random or spec.is_file:
-        return list(dict.fromkeys([model_spec, str(spec)]))
     config = getattr(loaded.model, "saft_model_config", None) or {}
     quick = bool((config.get("open_clip") or {}).get("quick_gelu", False))
-    first, second = ("quickgelu", "gelu") if quick else ("gelu", "quickgelu")
-    return [f"{spec.arch}-{first}@random", f"{spec.arch}-{second}@random", f"{spec.arch}@random"]
+    named = [f"{spec.arch}-{a}@random" for a in (("quickgelu", "gelu") if quick else ("gelu", "quickgelu"))]
+    own = [model_spec, str(spec)] if spec.is_random or spec.is_file else []
+    return list(dict.fromkeys(own + named + [f"{spec.arch}@random"]))
 
 
 def save_base_weights(loaded, folder: str | Path, model_spec: str | None = None) -> BaseRef:

@@ -207,7 +207,7 @@ class Batcher:
     The thread also picks each request's top k, so every torch kernel of serving runs in it.
     """
 
-    def __init__(self, classifier: Classifier, max_batch: int = 32, max_wait_s: float = 0.005):
+    def __init__(self, classifier: Classifier, max_batch: int = 32, max_wait_s: float = 0.0):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.classifier, self.max_batch, self.max_wait_s = classifier, max_batch, max_wait_s
@@ -250,6 +250,10 @@ class Batcher:
             jobs, carried = self._gather(job)
             try:
                 probs = self.classifier.probabilities(torch.cat([j.pixels for j in jobs]))
+                results, start = [], 0
+                for j in jobs:
+                    results.append(self.classifier.top_k(probs[start:start + len(j.pixels)], j.k))
+                    start += len(j.pixels)
             except Exception as exc:  # e.g. CUDA out of memory: every waiting request gets it
                 log.exception("inference failed for a batch of %d images", sum(len(j.pixels) for j in jobs))
                 for j in jobs:
@@ -257,10 +261,8 @@ class Batcher:
             else:
                 self.batches += 1
                 self.images_seen += len(probs)
-                start = 0
-                for j in jobs:
-                    j.future.set_result(self.classifier.top_k(probs[start:start + len(j.pixels)], j.k))
-                    start += len(j.pixels)
+                for j, result in zip(jobs, results):
+                    j.future.set_result(result)
 
     def close(self) -> None:
         self._queue.put(_STOP)
