@@ -20,6 +20,7 @@ bytes (fixed timestamps, sorted entries).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import zipfile
@@ -95,6 +96,11 @@ def _requirements_of(dist_name: str, extras: frozenset[str]):
                 break
 
 
+@functools.lru_cache(maxsize=4)  # the environment does not change under a running process
+def _closure(root: str) -> tuple[str, ...]:
+    return tuple(_walk(root))
+
+
 def pinned_closure(root: str = PROJECT) -> list[str]:
     """``name==version`` of every installed distribution ``root`` needs, transitively, sorted.
 
@@ -102,6 +108,10 @@ def pinned_closure(root: str = PROJECT) -> list[str]:
     serves the public version. A requirement that is not installed is skipped; it is not
     part of the environment being reproduced.
     """
+    return list(_closure(root))
+
+
+def _walk(root: str) -> list[str]:
     from packaging.utils import canonicalize_name
 
     pins: dict[str, str] = {}
