@@ -38,6 +38,17 @@ def _bench_scale(args: argparse.Namespace) -> int:
     return _show_report(report, format_scale_benchmark(report), args.out)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from saft.bench.serve import ServeBenchConfig, format_serve_benchmark, run_serve_benchmark
+
+    cfg = ServeBenchConfig(model=args.model, classes=args.classes, templates=args.templates, clients=args.clients,
+                           requests=args.requests, images_per_request=args.images_per_request,
+                           duration_s=args.duration, max_batch=args.max_batch, startup_repeats=args.startup_repeats,
+                           baseline=not args.no_baseline, threads=args.threads)
+    report = run_serve_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
+    return _show_report(report, format_serve_benchmark(report), args.out)
+
+
 def _show_report(report: dict, text: str, out: str | None) -> int:
     """Print a benchmark's table; with ``out``, also write its report as JSON."""
     from saft.io import write_json
@@ -103,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--threads", type=int, default=0, help="torch threads per measuring process (default: torch's)")
     sc.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     sc.set_defaults(func=_bench_scale)
+    sv = bench_sub.add_parser("serve", help="serving start-up and load on 127.0.0.1: saft serve vs mlflow models "
+                                            "serve, same model, same run")
+    sv.add_argument("--out", help="write the JSON report here")
+    sv.add_argument("--model", default="tiny", help="base model spec (default: tiny)")
+    sv.add_argument("--classes", type=int, default=10, help="served classes (default: 10)")
+    sv.add_argument("--templates", type=int, default=2, help="prompt templates per class (default: 2)")
+    sv.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    sv.add_argument("--requests", type=int, default=200, help="requests per server (default: 200)")
+    sv.add_argument("--images-per-request", type=int, default=4, help="images per request (default: 4)")
+    sv.add_argument("--duration", type=float, default=120.0, help="at most this many seconds of load per server")
+    sv.add_argument("--max-batch", type=int, default=32, help="saft serve's batch size (default: 32)")
+    sv.add_argument("--startup-repeats", type=int, default=3, help="start-up measurements each (default: 3)")
+    sv.add_argument("--threads", type=int, default=0, help="torch threads of each server (default: torch's)")
+    sv.add_argument("--no-baseline", action="store_true", help="measure saft serve only")
+    sv.set_defaults(func=_bench_serve)
 
     from saft.data.cli import register as register_data
 
@@ -124,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     from saft.tracking.cli import register as register_tracking
 
     register_tracking(sub)
+
+    from saft.serving.cli import register as register_serving
+
+    register_serving(sub)
 
     from saft.orchestration.cli import register as register_pipeline
 

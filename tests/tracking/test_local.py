@@ -179,14 +179,15 @@ def test_pyfunc_model_classifies_like_the_evaluated_model(candidate, tmp_path):
     path = save_pyfunc_model(tmp_path / "model", candidate.delta, ref)
     model = mlflow.pyfunc.load_model(str(path))
     images = [render("textile", shape, 20_000 + i, WORLD_SEED).image for i, shape in enumerate(SHAPES)]
-    out = model.predict(pd.DataFrame({"image": [png_b64(im) for im in images]}))
-    assert list(out.columns) == ["label", "probability", "probabilities"]
+    k = len(data.classes)
+    out = model.predict(pd.DataFrame({"image": [png_b64(im) for im in images]}), params={"top_k": k})
+    assert list(out.columns) == ["label", "probability", "labels", "probabilities"]
     assert len(out) == len(SHAPES)
     for _, row in out.iterrows():
-        assert row["label"] in data.classes
+        assert row["label"] == row["labels"][0] and sorted(row["labels"]) == sorted(data.classes)
         assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-5)
         assert row["probability"] == pytest.approx(max(row["probabilities"]))
-        assert data.classes[list(row["probabilities"]).index(max(row["probabilities"]))] == row["label"]
+    assert len(model.predict(pd.DataFrame({"image": [png_b64(images[0])]}))["labels"][0]) == min(5, k)  # default k
 
     # the same numbers as base + alpha * delta with a head built here
     apply_delta(loaded.model, load_delta(candidate.delta), ALPHA)
@@ -195,7 +196,8 @@ def test_pyfunc_model_classifies_like_the_evaluated_model(candidate, tmp_path):
         feats = loaded.model.encode_image(torch.stack([loaded.preprocess(im.convert("RGB")) for im in images]))
         probs = (loaded.model.logit_scale.exp() * torch.nn.functional.normalize(feats, dim=-1) @ head.t()).softmax(-1)
     assert [data.classes[i] for i in probs.argmax(-1).tolist()] == list(out["label"])
-    assert torch.allclose(torch.tensor(list(out["probabilities"])), probs, atol=1e-5)
+    by_class = [[dict(zip(row["labels"], row["probabilities"]))[c] for c in data.classes] for _, row in out.iterrows()]
+    assert torch.allclose(torch.tensor(by_class), probs, atol=1e-5)
 
     with pytest.raises(Exception, match="not valid base64"):
         model.predict(pd.DataFrame({"image": ["not base64!"]}))

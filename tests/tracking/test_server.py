@@ -150,9 +150,12 @@ def test_candidate_is_registered_as_delta_plus_reference_and_promoted(pipeline, 
     assert _alias(client, pipeline.model_name, "champion") == "1"
     assert _alias(client, pipeline.model_name, "previous-champion") is None
 
-    # the registered artifact is the delta and its base reference: KB, not a checkpoint
+    # the registered artifact is the delta, its head and its base reference: KB, not a checkpoint
+    # (besides the project's wheel, which the model's environment installs)
     model_dir = Path(client.download_artifacts(mv.run_id, "model", str(pipeline.out_dir.parent / "dl")))
-    sizes = {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in model_dir.rglob("*") if p.is_file()}
+    sizes = {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in model_dir.rglob("*")
+             if p.is_file() and p.parent.name != "wheels"}
+    assert list((model_dir / "wheels").glob("saft-*.whl"))
     assert (model_dir / "artifacts" / "delta.safetensors").read_bytes() == candidate.delta.read_bytes()
     assert sum(sizes.values()) < 200_000, sizes
     assert not any(n.endswith((".pt", ".bin", ".pth")) for n in sizes)

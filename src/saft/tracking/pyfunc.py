@@ -1,202 +1,208 @@
-"""The served model: a sparse delta plus a reference to its base, as an MLflow pyfunc.
+"""The served model as an MLflow pyfunc: a sparse delta, a stored head and a base reference.
 
-The logged model holds two artifacts, never a checkpoint:
+The logged model folder holds no checkpoint:
 
-* ``delta.safetensors``  the trained entries (KB to a few MB)
-* ``model_ref.json``     base model spec and fingerprint, alpha, class names, templates
+* ``artifacts/delta.safetensors``  the trained entries (KB to a few MB)
+* ``artifacts/head.safetensors``   the zero-shot classifier of the served classes (float16)
+* ``artifacts/model_ref.json``     base spec, fingerprint and stored copy, alpha, classes, templates
+* ``wheels/saft-*.whl`` + ``constraints.txt``  what its environment installs (``saft.serving.wheel``)
 
-``load_context`` rebuilds the fine-tuned model where it is served: it loads the base with
-``saft.models.load_model`` (the embedded ``tiny`` model ships with the package; a
-``ARCH@TAG`` base downloads on first use; an ``ARCH@/path`` base must exist at that path),
-refuses a base whose weights do not match the recorded fingerprint, merges
-``alpha * delta`` and encodes the zero-shot head once.
+``load_context`` builds the classifier with ``saft.serving.bundle.load_classifier``: the base
+comes from its stored copy (never a hub unless nothing else has it and the spec is a hub
+tag), its fingerprint is checked, ``alpha * delta`` is merged, the head is read, and the
+text tower is freed. ``SAFT_SERVE_DEVICE`` (default: CUDA when visible) and
+``SAFT_SERVE_PRECISION`` (``auto``: bf16 on CUDA) choose where and how it runs.
 
-``predict`` takes a DataFrame with a column ``image`` of base64-encoded PNG/JPEG bytes
-and returns ``label`` (top-1 class name), ``probability`` (its softmax probability) and
-``probabilities`` (all classes, in ``model_ref.json``'s class order).
+``predict`` takes a DataFrame with one of two columns per row, ``image`` (base64 image
+bytes) or ``url`` (fetched only where ``SAFT_SERVE_ALLOW_URLS`` and an allow-list permit,
+see ``saft.serving.fetch``), and the parameter ``top_k`` (default 5); it returns
+``label`` and ``probability`` (top-1) and ``labels`` and ``probabilities`` (the top k, most
+probable first). Bad input raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``,
+which ``mlflow models serve`` answers with a 400. ``saft serve`` (``saft.serving.server``)
+serves the same model with the request limits and dynamic batching a production
+endpoint needs.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import io
-import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 
+from saft.data.storage import sha256_file  # noqa: F401  (the register step hashes deltas with it)
 from saft.progress import quiet_logger
+from saft.serving.bundle import (DELTA_FILE, HEAD_FILE, MODEL_REF_FILE, MODEL_REF_FORMAT,  # noqa: F401
+                                 model_reference)
+from saft.serving.protocol import example_image_b64
 
-MODEL_REF_FILE = "model_ref.json"
-DELTA_ARTIFACT = "delta.safetensors"
-MODEL_REF_FORMAT = "saft-model-ref/1"
+DELTA_ARTIFACT = DELTA_FILE
 MODEL_ARTIFACT_PATH = "model"
 IMAGE_COLUMN = "image"
-BATCH = 64
-_DISTRIBUTIONS = ("torch", "open_clip_torch", "safetensors", "pillow", "pandas")
+URL_COLUMN = "url"
+TOP_K_PARAM = "top_k"
+INPUT_COLUMNS = (IMAGE_COLUMN, URL_COLUMN)
 
 
-def model_reference(*, base_model: str, base_fingerprint: str, classes: Sequence[str], templates: Sequence[str],
-                    alpha: float = 1.0, method: str = "saft", delta_sha256: str | None = None) -> dict:
-    if not classes or not templates:
-        raise ValueError("a served model needs at least one class name and one prompt template")
-    return {"format": MODEL_REF_FORMAT, "base_model": str(base_model), "base_fingerprint": base_fingerprint,
-            "alpha": float(alpha), "method": method, "classes": list(classes), "templates": list(templates),
-            "delta_sha256": delta_sha256}
+def _invalid(message: str):
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
 
 
-def decode_image(value: Any, row: int = 0):
-    """A PIL RGB image from base64 text (optionally a ``data:`` URI) or raw image bytes."""
-    from PIL import UnidentifiedImageError
+def _image_inputs(frame: pd.DataFrame, limits) -> list:
+    """One ``ImageInput`` per row; every problem names the row and column."""
+    from saft.serving.protocol import ImageInput, decode_b64
 
-    if isinstance(value, str):
-        text = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} is not valid base64 text") from None
-    elif isinstance(value, (bytes, bytearray)):
-        data = bytes(value)
-    else:
-        raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} must hold base64-encoded image bytes, "
-                         f"got {type(value).__name__}")
-    from saft.data.images import load_rgb
-
-    try:  # the decoder training uses: EXIF orientation, 16-bit, alpha, palettes alike
-        return load_rgb(data, f"row {row}")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"row {row}: the bytes are not a readable image ({exc})") from None
+    extra = [c for c in frame.columns if c not in INPUT_COLUMNS]
+    if extra:
+        raise _invalid(f"unknown column(s) {extra}: send images in column {IMAGE_COLUMN!r} (base64) "
+                       f"or {URL_COLUMN!r}")
+    if len(frame) > limits.max_instances:
+        raise _invalid(f"{len(frame)} rows, more than the limit of {limits.max_instances} per request")
+    items = []
+    for row in range(len(frame)):
+        values = {c: frame[c].iloc[row] for c in INPUT_COLUMNS if c in frame.columns}
+        given = {c: v for c, v in values.items() if isinstance(v, str) and v}
+        if len(given) != 1:
+            raise _invalid(f"row {row}: give exactly one of {IMAGE_COLUMN!r} (base64 image bytes) or {URL_COLUMN!r}")
+        column, value = next(iter(given.items()))
+        if column == IMAGE_COLUMN:
+            items.append(ImageInput(row, data=decode_b64(value, f"row {row}: column {IMAGE_COLUMN!r}", limits)))
+        else:
+            items.append(ImageInput(row, url=value))
+    return items
 
 
 class SaftDeltaModel(mlflow.pyfunc.PythonModel):
-    """Base model + alpha * sparse delta, classifying images zero-shot over fixed classes."""
+    """Base model + alpha * sparse delta, classifying images over fixed classes with a stored head."""
 
     def load_context(self, context) -> None:
-        import torch
+        from saft.serving.bundle import load_classifier, read_reference
+        from saft.serving.fetch import policy_from_env
+        from saft.serving.predictor import ImagePool, serving_device
+        from saft.serving.protocol import Limits
 
-        from saft.eval.head import build_head
-        from saft.models import load_model
-        from saft.sparse import apply_delta, load_delta
+        settings = getattr(context, "model_config", None) or {}  # what `saft serve` passes
+        self.ref = read_reference(context.artifacts["model_ref"])
+        device = serving_device(settings.get("device") or os.environ.get("SAFT_SERVE_DEVICE"))
+        precision = settings.get("precision") or os.environ.get("SAFT_SERVE_PRECISION", "auto")
+        self.classifier = load_classifier(self.ref, context.artifacts["delta"], context.artifacts.get("head"),
+                                          device=device, precision=precision)
+        self.limits = Limits()
+        self.pool = ImagePool(self.classifier.prepare, self.limits, policy_from_env())
+        self.classes = self.classifier.classes
 
-        ref = json.loads(Path(context.artifacts["model_ref"]).read_text())
-        if ref.get("format") != MODEL_REF_FORMAT:
-            raise ValueError(f"{MODEL_REF_FILE}: expected format {MODEL_REF_FORMAT!r}, found {ref.get('format')!r}")
-        device = os.environ.get("SAFT_SERVE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        delta = load_delta(context.artifacts["delta"])
-        loaded = load_model(ref["base_model"], device=device)
-        if loaded.fingerprint != ref["base_fingerprint"]:
-            raise RuntimeError(
-                f"base model {ref['base_model']} loaded here has weights {loaded.fingerprint[:12]}..., but the delta "
-                f"was trained on {ref['base_fingerprint'][:12]}...: serve it where the original base weights are "
-                "available under that spec"
-            )
-        apply_delta(loaded.model, delta, float(ref.get("alpha", 1.0)))
-        loaded.model.eval()
-        self.ref, self.device, self.model, self.preprocess = ref, torch.device(device), loaded.model, loaded.preprocess
-        self.classes = list(ref["classes"])
-        self.head = build_head(loaded.model, loaded.tokenizer, self.classes, ref["templates"], device=device)
-
-    # The DataFrame hint tells MLflow the schema is the logged signature, not inferred from hints.
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
-        import torch.nn.functional as F
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from saft.serving.protocol import RequestError, check_top_k, default_top_k
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if IMAGE_COLUMN not in frame.columns:
-            raise ValueError(f"expected a column {IMAGE_COLUMN!r} of base64-encoded PNG/JPEG bytes, "
-                             f"got columns {list(frame.columns)}")
-        values = list(frame[IMAGE_COLUMN])
-        scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 100.0
-        probs = []
-        with torch.inference_mode():
-            for start in range(0, len(values), BATCH):
-                images = [self.preprocess(decode_image(v, start + i))
-                          for i, v in enumerate(values[start:start + BATCH])]
-                features = self.model.encode_image(torch.stack(images).to(self.device))
-                logits = scale * F.normalize(features.float(), dim=-1) @ self.head.float().t()
-                probs.append(logits.softmax(-1).cpu())
-        p = torch.cat(probs) if probs else torch.zeros(0, len(self.classes))
-        best = p.argmax(-1) if len(p) else torch.zeros(0, dtype=torch.long)
+        n = self.classifier.n_classes
+        try:
+            k = check_top_k((params or {}).get(TOP_K_PARAM, default_top_k(n)), n, TOP_K_PARAM)
+            items = _image_inputs(frame, self.limits)
+            rows = []
+            for start in range(0, len(items), 64):
+                pixels = self.pool.tensors(items[start:start + 64])
+                rows += self.classifier.top_k(self.classifier.probabilities(pixels), k)
+        except RequestError as exc:
+            raise _invalid(str(exc)) from None
         return pd.DataFrame({
-            "label": [self.classes[i] for i in best.tolist()],
-            "probability": [float(p[r, i]) for r, i in enumerate(best.tolist())],
-            "probabilities": [row.tolist() for row in p],
+            "label": [r["labels"][0] for r in rows],
+            "probability": [r["probabilities"][0] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "probabilities": [r["probabilities"] for r in rows],
         })
 
 
 def signature():
+    """Outputs and the ``top_k`` parameter; no input schema, on purpose.
+
+    With an input schema MLflow drops columns it does not know before ``predict`` sees
+    them (a misspelt ``imgae`` column would answer an empty result); without one,
+    ``predict`` checks the columns itself and names the unknown one in a 400.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        inputs=None,
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec(Array("double"), "probabilities")]),
+                        ColSpec(Array("string"), "labels"), ColSpec(Array("double"), "probabilities")]),
+        params=ParamSchema([ParamSpec(TOP_K_PARAM, "long", 5)]),
     )
 
 
-def example_image_b64(size: int = 32) -> str:
-    """A small, valid PNG (a colour gradient) as base64: the logged input example."""
-    from PIL import Image
+def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
+                      head_path: str | Path | None = None) -> Path:
+    """Write the MLflow model folder at ``path``: MLmodel, the artifacts, the wheel and its pins."""
+    import json
 
-    image = Image.new("RGB", (size, size))
-    image.putdata([(x * 255 // size, y * 255 // size, 128) for y in range(size) for x in range(size)])
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    from saft.serving.wheel import WHEELS_DIR, build_project_wheel, pinned_closure
 
-
-def _requirements() -> list[str]:
-    """Pins of what the model imports; ``saft`` itself comes from the project image."""
-    from importlib import metadata
-
-    from saft.version import __version__
-
-    pins = [f"mlflow=={mlflow.__version__}", f"saft=={__version__}"]
-    for dist in _DISTRIBUTIONS:
-        try:
-            pins.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            pins.append(dist)
-    return pins
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict) -> Path:
-    """Write the MLflow model folder (MLmodel, python_model.pkl, the two artifacts) at ``path``."""
     path = Path(path)
     # quiet: MLflow's advice to log models as code does not apply to this importable class
-    with tempfile.TemporaryDirectory(prefix="saft-model-ref-") as tmp, quiet_logger("mlflow.pyfunc"):
+    with tempfile.TemporaryDirectory(prefix="saft-model-ref-") as tmp, quiet_logger("mlflow.pyfunc"), \
+            quiet_logger("mlflow.utils.environment"):
         ref_file = Path(tmp) / MODEL_REF_FILE
         ref_file.write_text(json.dumps(reference, indent=2, sort_keys=True) + "\n")
+        wheel = build_project_wheel(Path(tmp) / WHEELS_DIR)
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text("\n".join(pinned_closure()) + "\n")
+        artifacts = {"delta": str(delta_path), "model_ref": str(ref_file)}
+        if head_path is not None:
+            artifacts["head"] = str(head_path)
         mlflow.pyfunc.save_model(
             str(path),
             python_model=SaftDeltaModel(),
-            artifacts={"delta": str(delta_path), "model_ref": str(ref_file)},
+            artifacts=artifacts,
             signature=signature(),
-            input_example=pd.DataFrame({IMAGE_COLUMN: [example_image_b64()]}),
-            pip_requirements=_requirements(),
-            metadata={"saft.base_model": reference["base_model"], "saft.method": reference["method"]},
+            input_example=(pd.DataFrame({IMAGE_COLUMN: [example_image_b64()]}), {TOP_K_PARAM: 1}),
+            pip_requirements=[f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
+            metadata={"saft.base_model": reference["base_model"], "saft.method": reference["method"],
+                      "saft.model_ref_format": reference.get("format", MODEL_REF_FORMAT)},
         )
+        (path / WHEELS_DIR).mkdir(exist_ok=True)
+        shutil.copy2(wheel, path / WHEELS_DIR / wheel.name)
     return path
 
 
-def log_delta_model(tracker, delta_path: str | Path, reference: dict, artifact_path: str = MODEL_ARTIFACT_PATH) -> str:
+def log_delta_model(tracker, delta_path: str | Path, reference: dict, artifact_path: str = MODEL_ARTIFACT_PATH,
+                    head_path: str | Path | None = None) -> str:
     """Log the pyfunc model into the tracker's run under ``artifact_path``; returns its artifact URI."""
     with tempfile.TemporaryDirectory(prefix="saft-model-") as tmp:
-        local = save_pyfunc_model(Path(tmp) / artifact_path, delta_path, reference)
+        local = save_pyfunc_model(Path(tmp) / artifact_path, delta_path, reference, head_path)
         tracker.log_artifacts(local, artifact_path)
     return f"{tracker.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def build_model_folder(folder: str | Path, *, base_model: str, classes, templates, delta_path: str | Path | None = None,
+                       alpha: float = 1.0, method: str = "saft") -> Path:
+    """A servable model without a registry: ``folder/model`` (the MLflow model) and ``folder/base``.
+
+    The base weights are stored once in ``folder/base`` and referenced by path, the head is
+    built here; benchmarks and tests serve ``folder/model`` with ``saft serve`` or
+    ``mlflow models serve``. An empty delta serves the zero-shot base.
+    """
+    from dataclasses import replace
+
+    from saft.models import load_model
+    from saft.serving.bases import save_base_weights
+    from saft.serving.bundle import build_head_file
+    from saft.sparse import Delta, load_delta
+
+    folder = Path(folder)
+    base = load_model(base_model)
+    if delta_path is None:
+        delta_path = Delta({}, {}, base.fingerprint, {"method": method, "base_model": base_model}).save(
+            folder / DELTA_FILE)
+    reference = model_reference(base_model=base_model, base_fingerprint=base.fingerprint, classes=classes,
+                                templates=templates, alpha=alpha, method=method, delta_sha256=sha256_file(delta_path))
+    base_ref = replace(save_base_weights(base, folder / "base", base_model), uri=str((folder / "base").resolve()))
+    head = build_head_file(base, load_delta(delta_path), reference, folder / HEAD_FILE, progress=False)
+    reference = {**reference, "base": base_ref.to_json(), "head": head}
+    return save_pyfunc_model(folder / MODEL_ARTIFACT_PATH, delta_path, reference, folder / HEAD_FILE)

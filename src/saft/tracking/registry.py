@@ -7,8 +7,14 @@ crash, or a retried pipeline step, reuses the version instead of adding a duplic
 The key is part of ``create_model_version``'s own tags, so a version never exists
 without it.
 
-The version's source is the pyfunc model logged in the register step's run (delta +
-base reference, see ``pyfunc.py``); its tags carry what the gate and a reader need.
+The version's source is the pyfunc model logged in the register step's run (delta, the
+head built here once, and the base reference, see ``pyfunc.py``); its tags carry what the
+gate and a reader need.
+
+Base weights are registered once per fingerprint, as versions of the registered model
+``saft-bases`` (tag ``saft.base_fingerprint``; source: ``base/weights.safetensors`` in the
+run that first needed it). A delta's model references its base as ``models:/saft-bases/N``,
+so a cluster without a model hub serves it from the registry alone.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ ALPHA_TAG = "saft.alpha"
 BASE_MODEL_TAG = "saft.base_model"
 DELTA_SHA_TAG = "saft.delta_sha256"
 DELTA_BYTES_TAG = "saft.delta_bytes"
+BASE_URI_TAG = "saft.base_uri"
+BASE_SPEC_TAG = "saft.base_spec"
+BASE_SHA_TAG = "saft.base_sha256"
+BASE_BYTES_TAG = "saft.base_bytes"
+KIND_TAG = "saft.kind"
+BASES_MODEL = "saft-bases"
+BASE_ARTIFACT = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
@@ -89,11 +102,11 @@ class CandidateInfo:
         return ", ".join(parts) or "no scores"
 
 
-def find_version(client, model_name: str, key: str):
-    """The version of ``model_name`` tagged with candidate ``key``, or None."""
+def find_version_by_tag(client, model_name: str, tag: str, value: str):
+    """The lowest version of ``model_name`` whose tag ``tag`` is ``value``, or None (also when the model is absent)."""
     from mlflow.exceptions import MlflowException
 
-    token = None
+    token, found = None, []
     while True:
         try:
             page = client.search_model_versions(f"name = '{model_name}'", max_results=200, page_token=token)
@@ -101,15 +114,18 @@ def find_version(client, model_name: str, key: str):
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
-        for mv in page:
-            if (mv.tags or {}).get(KEY_TAG) == key:
-                return mv
+        found += [mv for mv in page if (mv.tags or {}).get(tag) == value]
         token = getattr(page, "token", None)
         if not token:
-            return None
+            return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def ensure_registered_model(client, model_name: str) -> None:
+def find_version(client, model_name: str, key: str):
+    """The version of ``model_name`` tagged with candidate ``key``, or None."""
+    return find_version_by_tag(client, model_name, KEY_TAG, key)
+
+
+def ensure_registered_model(client, model_name: str, *, kind: str = "sparse-delta", description: str | None = None) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -120,21 +136,71 @@ def ensure_registered_model(client, model_name: str) -> None:
             raise
     try:
         client.create_registered_model(
-            model_name, tags={"saft.kind": "sparse-delta"},
-            description="SAFT sparse deltas over a fixed base model; the champion alias is moved by the "
-                        "promotion gate (see saft.promotion.* version tags).")
+            model_name, tags={KIND_TAG: kind},
+            description=description or "SAFT sparse deltas over a fixed base model; the champion alias is moved by "
+                                       "the promotion gate (see saft.promotion.* version tags).")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process registered it first
             raise
 
 
+def store_base(tracker, base, model_spec: str, bases_model: str = BASES_MODEL):
+    """The stored copy of ``base`` (a ``LoadedModel`` of ``model_spec``) in the registry, written on first use; a ``BaseRef``."""
+    import tempfile
+
+    from saft.serving.bases import BaseRef, save_base_weights
+
+    client = tracker.client
+    with tracking_call(tracker.config, f"searching {bases_model} for base {base.fingerprint[:12]}"):
+        existing = find_version_by_tag(client, bases_model, FINGERPRINT_TAG, base.fingerprint)
+    if existing is not None:
+        tags = existing.tags or {}
+        return BaseRef(base.fingerprint, tags.get(BASE_SPEC_TAG, model_spec), tags.get(BASE_MODEL_TAG, model_spec),
+                       f"models:/{bases_model}/{existing.version}", tags.get(BASE_SHA_TAG),
+                       int(tags[BASE_BYTES_TAG]) if tags.get(BASE_BYTES_TAG, "").isdigit() else None)
+    with tempfile.TemporaryDirectory(prefix="saft-base-") as tmp:
+        ref = save_base_weights(base, Path(tmp) / BASE_ARTIFACT, model_spec)
+        tracker.log_artifacts(Path(tmp) / BASE_ARTIFACT, BASE_ARTIFACT)
+    source = f"{tracker.artifact_uri.rstrip('/')}/{BASE_ARTIFACT}"
+    with tracking_call(tracker.config, f"registering base {base.fingerprint[:12]} in {bases_model}"):
+        ensure_registered_model(client, bases_model, kind="base-weights",
+                                description="Base model weights stored once per fingerprint (tag "
+                                            "saft.base_fingerprint); served deltas reference them.")
+        mv = client.create_model_version(
+            bases_model, source, run_id=tracker.run_id,
+            tags={FINGERPRINT_TAG: base.fingerprint, BASE_SPEC_TAG: ref.spec, BASE_MODEL_TAG: ref.model,
+                  BASE_SHA_TAG: ref.sha256, BASE_BYTES_TAG: str(ref.bytes)},
+            description=f"weights of {ref.model} ({ref.bytes / 2**20:.1f} MiB), rebuilt with spec {ref.spec}")
+    return BaseRef(ref.fingerprint, ref.spec, ref.model, f"models:/{bases_model}/{mv.version}", ref.sha256, ref.bytes)
+
+
+def _serving_files(tracker, reference: dict, delta_path, base, folder: Path) -> tuple[dict, Path]:
+    """Store the base, build the head; the completed reference and the head file."""
+    from saft.models import load_model
+    from saft.serving.bundle import HEAD_FILE, build_head_file
+    from saft.sparse import load_delta
+
+    loaded = base or load_model(reference["base_model"])
+    if loaded.fingerprint != reference["base_fingerprint"]:
+        raise ValueError(f"base model {reference['base_model']} has fingerprint {loaded.fingerprint[:12]}..., the "
+                         f"delta was trained on {reference['base_fingerprint'][:12]}...: register it with its own base")
+    base_ref = store_base(tracker, loaded, reference["base_model"])
+    head = build_head_file(loaded, load_delta(delta_path), reference, folder / HEAD_FILE)
+    return {**reference, "base": base_ref.to_json(), "head": head}, folder / HEAD_FILE
+
+
 def register_delta(tracker, *, model_name: str, delta_path: str | Path, reference: dict, info: CandidateInfo,
                    key: str, artifact_path: str | None = None, extra_tags: dict[str, str] | None = None,
-                   description: str | None = None) -> tuple[Any, bool]:
+                   description: str | None = None, base=None) -> tuple[Any, bool]:
     """Log the pyfunc model in ``tracker``'s run (under ``artifact_path``, default ``model``) and register it; ``(version, created)``.
 
     When a version with ``key`` exists, nothing is logged and ``created`` is False.
+    Otherwise the base is stored in the registry (once per fingerprint) and the head is
+    built from ``base`` (a ``LoadedModel`` of ``reference["base_model"]``, loaded here when
+    not given) merged with the delta.
     """
+    import tempfile
+
     from saft.tracking.pyfunc import MODEL_ARTIFACT_PATH, log_delta_model
 
     check_model_name(model_name)
@@ -143,11 +209,14 @@ def register_delta(tracker, *, model_name: str, delta_path: str | Path, referenc
         existing = find_version(client, model_name, key)
     if existing is not None:
         return existing, False
-    source = log_delta_model(tracker, delta_path, reference, artifact_path or MODEL_ARTIFACT_PATH)
+    with tempfile.TemporaryDirectory(prefix="saft-serving-") as tmp:
+        reference, head = _serving_files(tracker, reference, delta_path, base, Path(tmp))
+        source = log_delta_model(tracker, delta_path, reference, artifact_path or MODEL_ARTIFACT_PATH, head)
     what = description or f"{info.method} delta (alpha {info.alpha:g})"
     with tracking_call(tracker.config, f"registering a version of {model_name}"):
         ensure_registered_model(client, model_name)
         mv = client.create_model_version(
-            model_name, source, run_id=tracker.run_id, tags={**info.tags(key), **(extra_tags or {})},
+            model_name, source, run_id=tracker.run_id,
+            tags={**info.tags(key), BASE_URI_TAG: reference["base"]["uri"], **(extra_tags or {})},
             description=f"{what} on {info.base_model}, suite {info.suite}: {info.describe()}")
     return mv, True
