@@ -160,3 +160,48 @@ def test_token_embedding_entries_cost_a_lookup_not_a_dense_copy(vit, dataset, vi
     ref.token_embedding(tokens).backward(grad)
     dense = ref.token_embedding.weight.grad.reshape(-1)[update.index("token_embedding.weight")]
     torch.testing.assert_close(update.value("token_embedding.weight").grad, dense, rtol=0, atol=1e-6)
+
+
+def test_sparse_linear_under_autocast_saves_the_autocast_dtype_and_matches_dense_gradients():
+    """bf16 autocast (on the CPU here, the same code as CUDA): output and saved input in bf16, no fp32 copy
+    of the weight, and value gradients equal to the masked dense gradient of the same bf16 computation."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 32)
+    weight, bias = torch.randn(24, 32), torch.randn(24)
+    idx = torch.tensor([0, 7, 33, 100, 767], dtype=torch.long)
+    values = torch.nn.Parameter(torch.randn(5) * 0.1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = sparse_linear(x, weight, bias, values, idx)
+    assert y.dtype == torch.bfloat16
+    assert all(t.dtype != torch.float32 or t.numel() <= idx.numel() for t in saved), [t.dtype for t in saved]
+    y.float().sum().backward()
+
+    dense = weight.clone().reshape(-1)
+    dense[idx] += values.detach()
+    dense = dense.view_as(weight).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, dense, bias)
+    ref.float().sum().backward()
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=0)
+    torch.testing.assert_close(values.grad, dense.grad.reshape(-1)[idx], rtol=1e-2, atol=1e-2)
+
+
+def test_sparse_kernels_run_in_deterministic_mode(vit, dataset, vit_prompts):
+    """index_put with unique indices (not index_add's atomics): torch's deterministic mode accepts every op."""
+    update = _mask_and_update(vit, dataset, vit_prompts)
+    images, labels = dataset.tensors
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            for v in update.values:
+                v.grad = None
+            with update.attached(vit.model):
+                classification_loss(vit.model.eval(), images[:8], labels[:8], vit_prompts)[0].backward()
+            grads.append([v.grad.clone() for v in update.values])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -15,28 +15,42 @@ import torch.nn.functional as F
 _GATHER_BUDGET = 1 << 24
 
 
-def scatter_values(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def scatter_values(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, alpha: float = 1.0,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """base + alpha * scatter(idx, values), out of place, differentiable in ``values``.
 
     Training, merging and delta application all go through this one function, so a
-    merged model is bit-identical to the model that was trained.
+    merged model is bit-identical to the model that was trained. The selected entries
+    are computed in the base's dtype and written with ``index_put`` (the indices of a
+    mask are unique), which is deterministic on every device, unlike ``index_add``'s
+    atomics on CUDA. With ``dtype`` (autocast's) the result is that dtype: one cast
+    of the weight, as autocast would make anyway, and no fp32 copy.
     """
     flat = base.detach().reshape(-1)
-    return flat.index_add(0, idx, values.to(base.dtype), alpha=alpha).view_as(base)
+    entries = flat.index_select(0, idx) + alpha * values.to(base.dtype)
+    if dtype is not None and dtype != base.dtype:
+        flat, entries = flat.to(dtype), entries.to(dtype)
+    return flat.index_put((idx,), entries).view(base.shape)
 
 
 def _value_grad(gy2: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Gradient of the selected weight entries: sum over tokens of gy[:, row] * x[:, col]."""
+    """Gradient of the selected weight entries: sum over tokens of gy[:, row] * x[:, col].
+
+    Columns are gathered a chunk of entries at a time and multiplied in fp32, so no fp32
+    (or transposed) copy of a whole activation is ever made.
+    """
     rows, cols = idx // in_features, idx % in_features
-    gy_t = gy2.t().contiguous()
-    x_t = x2.t().contiguous()
     tokens = max(gy2.shape[0], 1)
     chunk = max(1, _GATHER_BUDGET // tokens)
     parts = []
     for start in range(0, idx.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        parts.append((gy_t.index_select(0, r) * x_t.index_select(0, c)).sum(dim=1))
-    return torch.cat(parts) if parts else gy2.new_zeros(0)
+        parts.append((gy2.index_select(1, r).float() * x2.index_select(1, c).float()).sum(dim=0))
+    return torch.cat(parts) if parts else gy2.new_zeros(0, dtype=torch.float32)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 class SparseLinearFn(torch.autograd.Function):
@@ -44,11 +58,23 @@ class SparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_values, w_idx, b_values, b_idx):
-        w_eff = weight if w_values is None else scatter_values(weight, w_idx, w_values)
+        # Under autocast compute (and save) in its dtype, as F.linear would: the effective
+        # weight is built directly in that dtype, the input is saved in it.
+        amp = _autocast_dtype(x.device.type)
+        in_dtype = x.dtype
+        if amp is not None:
+            x = x.to(amp)
+        if w_values is None:
+            w_eff = weight if amp is None else weight.to(amp)
+        else:
+            w_eff = scatter_values(weight, w_idx, w_values, dtype=amp)
         b_eff = bias
         if b_values is not None:
-            b_eff = scatter_values(bias, b_idx, b_values)
-        y = F.linear(x, w_eff, b_eff)
+            b_eff = scatter_values(bias, b_idx, b_values, dtype=amp)
+        elif bias is not None and amp is not None:
+            b_eff = bias.to(amp)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, w_eff, b_eff)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         ctx.save_for_backward(
             x if need_w else None,
@@ -56,7 +82,7 @@ class SparseLinearFn(torch.autograd.Function):
             w_idx if need_w else None,
             b_idx if ctx.needs_input_grad[5] else None,
         )
-        ctx.shapes = (x.dtype, weight.shape[1], w_values.dtype if w_values is not None else None,
+        ctx.shapes = (in_dtype, weight.shape[1], w_values.dtype if w_values is not None else None,
                       b_values.dtype if b_values is not None else None)
         return y
 
@@ -69,11 +95,9 @@ class SparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (gy @ w_eff.to(gy.dtype)).to(x_dtype)
         if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, in_features)
-            compute = torch.promote_types(gy2.dtype, torch.float32)
-            gw = _value_grad(gy2.to(compute), x2.to(compute), w_idx, in_features).to(w_dtype)
+            gw = _value_grad(gy2, x.reshape(-1, in_features), w_idx, in_features).to(w_dtype)
         if ctx.needs_input_grad[5]:
-            gb = gy2.float().sum(dim=0).index_select(0, b_idx).to(b_dtype)
+            gb = gy2.sum(dim=0, dtype=torch.float32).index_select(0, b_idx).to(b_dtype)
         return gx, None, None, gw, None, gb, None
 
 

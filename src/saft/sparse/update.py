@@ -131,6 +131,12 @@ class SparseUpdate(nn.Module):
                 base = getattr(module, leaf)
                 module.__dict__[leaf] = scatter_values(base, getattr(self, f"idx_{i}"), self.values[i])
                 shadowed.append((module, leaf))
+            if any(p.is_cuda for p in model.parameters()):
+                # On a GPU every self-attention runs through the path that turns a causal float
+                # mask into is_causal (flash attention), not only the ones holding selected entries.
+                for module in model.modules():
+                    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+                        patches.setdefault(module, {})
             for module, slots in patches.items():
                 module.__dict__["forward"] = types.MethodType(_patched_forward(module, self, slots), module)
                 patched.append(module)
@@ -203,6 +209,8 @@ def _mha_forward(update: SparseUpdate, slots: dict[str, int]):
         bv, bi = _slot(update, slots, "in_proj_bias")
         qkv = sparse_linear(x, self.in_proj_weight, self.in_proj_bias, wv, wi, bv, bi)
         q, k, v = qkv.view(bsz, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if key_padding_mask is None and _is_causal_mask(self, attn_mask, seq):
+            attn_mask, is_causal = None, True  # the same attention, and flash attention stays available
         mask = _merge_masks(attn_mask, key_padding_mask, q.dtype, bsz, heads, seq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         out = out.transpose(1, 2).reshape(bsz, seq, embed)
@@ -211,6 +219,26 @@ def _mha_forward(update: SparseUpdate, slots: dict[str, int]):
         out = sparse_linear(out, self.out_proj.weight, self.out_proj.bias, ov, oi, obv, obi)
         return (out if self.batch_first else out.transpose(0, 1)), None
     return forward
+
+
+def _is_causal_mask(module: nn.Module, mask, seq: int) -> bool:
+    """Whether ``mask`` is the additive (or boolean) causal mask of length ``seq``.
+
+    open_clip's text tower passes its causal mask as a float tensor, which rules out the
+    flash attention kernel; recognised, it becomes ``is_causal=True``. The answer is cached
+    per mask storage on the module, so the check (a device sync) runs once per mask.
+    """
+    if mask is None or mask.dim() != 2 or tuple(mask.shape) != (seq, seq):
+        return False
+    key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype)
+    cache = module.__dict__.setdefault("_saft_causal_masks", {})
+    if key not in cache:
+        upper = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).triu(1)
+        if mask.dtype == torch.bool:
+            cache[key] = bool(torch.equal(mask, upper))
+        else:
+            cache[key] = bool(torch.isneginf(mask[upper]).all() and (mask[~upper] == 0).all())
+    return cache[key]
 
 
 def _merge_masks(attn_mask, key_padding_mask, dtype, bsz, heads, seq):
