@@ -21,10 +21,11 @@ CHECKPOINT_DIR = "checkpoints"
 def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, out_dir: str | Path, *,
                   mask_path: str | Path | None = None, root: str | None = None, resume: bool = False,
                   device: str = "cpu", skip_corrupt: bool = False, progress: bool = True,
-                  log: Callable[[str], None] | None = print) -> dict:
+                  checkpoint_dir: str | Path | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Write ``delta.safetensors``, ``history.json`` and the resolved ``finetune.json``.
 
-    Checkpoints go to ``out_dir/checkpoints``; ``resume=True`` continues from there.
+    Checkpoints go to ``checkpoint_dir`` (default ``out_dir/checkpoints``; a pipeline task
+    puts them where a retry of it finds them); ``resume=True`` continues from there.
     Skipped when ``out_dir`` already holds the delta of the same configuration, data and
     mask (see :mod:`saft.steps.record`).
     """
@@ -36,11 +37,11 @@ def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, ou
               "skip_corrupt": skip_corrupt}
     return run_once("finetune", out_dir, params, inputs, [DELTA_FILE, HISTORY_FILE, CONFIG_FILE],
                     lambda: _finetune(model_spec, cfg, data, out_dir, mask_path, resume, device, skip_corrupt,
-                                      progress), log=log)
+                                      progress, checkpoint_dir), log=log)
 
 
 def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir, mask_path, resume: bool,
-              device: str, skip_corrupt: bool, progress: bool) -> dict:
+              device: str, skip_corrupt: bool, progress: bool, checkpoint_dir=None) -> dict:
     loaded = load_model(model_spec, device=device)
     mask = Mask.load(mask_path) if mask_path is not None and cfg.method != "full" else None
     if mask is not None and mask.meta.get("base_fingerprint", loaded.fingerprint) != loaded.fingerprint:
@@ -50,7 +51,8 @@ def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir,
     prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)
     out = Path(out_dir)
     meta = {"base_model": model_spec, "manifest_hash": data.manifest_hash("train")}
-    result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=out / CHECKPOINT_DIR,
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out / CHECKPOINT_DIR
+    result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=checkpoints,
                       resume=resume, device=device, meta=meta, progress=progress)
     save_delta(result.delta, out / DELTA_FILE)
     write_json(out / HISTORY_FILE, result.history)
