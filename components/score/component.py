@@ -1,14 +1,29 @@
-"""The SAFT mask (gradient scores) or a random mask of the same density."""
+"""Phase I of SAFT: the gradient-importance mask (or a random mask of the same density)."""
 
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 
-def score(model: str, data: Input[Dataset], data_hash: str, kind: str, density: float, rule: str, batch_size: int,
-          seed: int, device: str, run: Input[Artifact], mask: Output[Model]):
-    # data_hash is unused in the body: as an input it makes the cache key follow the data.
+def score(model: str, data: Input[Dataset], data_version: str, kind: str, density: float, rule: str,
+          batch_size: int, seed: int, device: str, tracking: bool, mask: Output[Model]):
+    """Scores every eligible parameter entry by its downstream-loss gradient and keeps the top density.
+
+    Args:
+        model: Model spec: ARCH@TAG (open_clip hub), ARCH@/path/weights, or tiny.
+        data: The prepare task's output.
+        data_version: The data version (part of the cache key).
+        kind: saft (gradient scores) or random (uniformly random entries).
+        density: Fraction of entries selected, e.g. 0.001.
+        rule: Score rule: abs_mean, mean_abs or mean_sq.
+        batch_size: Images per scoring batch (does not change abs_mean scores).
+        seed: Seed of the random mask.
+        device: auto, cpu, cuda or cuda:N.
+        tracking: Log a nested MLflow run.
+        mask: mask.safetensors, mask_stats.json, score.json.
+    """
+    from saft.steps.pipeline_run import parent_run
     from saft.steps.score import ScoreConfig
-    from saft.steps.tasks import parent_run, score_task
+    from saft.steps.tasks import score_task
 
     cfg = ScoreConfig(model=model, density=density, rule=rule, kind=kind, batch_size=batch_size, seed=seed,
                       device=device)
-    score_task(data.path, mask.path, cfg, parent_run(run.path))
+    score_task(data.path, mask.path, cfg, parent_run(tracking))

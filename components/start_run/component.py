@@ -1,22 +1,25 @@
-"""Open and close the pipeline's parent MLflow run; every step gets its id through the ``run`` artifact.
+"""Open the pipeline run's parent MLflow run."""
 
-The id travels as a small artifact rather than a string output because kfp.local
-replaces string outputs that enter a ParallelFor with the loop item.
-"""
-
-from kfp.dsl import Artifact, Dataset, Input, Output
+from kfp import dsl
 
 
-def start_run(params_json: str, run_name: str, tracking: bool, run: Output[Artifact]):
+def start_run(params_json: str, run_name: str, tracking: bool) -> str:
+    """Opens the parent MLflow run of this pipeline run; the other tasks nest their runs under it.
+
+    The parent is tagged with the pipeline run's id (environment variable
+    SAFT_PIPELINE_RUN, the pod's pipeline/runid label), and every task finds it by that
+    tag, so no task takes a per-run input that would keep it from being cached.
+
+    Args:
+        params_json: The resolved params.yaml as JSON, logged as the run's parameters.
+        run_name: Name of the MLflow run.
+        tracking: False: no MLflow run (and no registration downstream).
+
+    Returns:
+        The MLflow run id ("" when untracked).
+    """
     import json
 
     from saft.steps.tasks import start_task
 
-    start_task(json.loads(params_json), run_name, tracking, run.path)
-
-
-def finish_run(run: Input[Artifact], results: Input[Dataset]):
-    # results is not read: as an input it makes the run end only after collect
-    from saft.steps.tasks import finish_task, parent_run
-
-    finish_task(parent_run(run.path))
+    return start_task(json.loads(params_json), run_name, tracking)

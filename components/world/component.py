@@ -1,9 +1,17 @@
-"""The embedded world (default data), or a marker that the data lives at ``data_root``."""
+"""The embedded world (the default data), or a marker that the data lives at ``data_root``."""
 
 from kfp.dsl import Dataset, Output
 
 
 def world(data_root: str, pool_per_class: int, test_per_class: int, world: Output[Dataset]):
+    """Renders the embedded world (shape classes in six domains, deterministic), unless data_root is set.
+
+    Args:
+        data_root: Non-empty: the data lives there; the output only records that.
+        pool_per_class: Training pool images per class.
+        test_per_class: Test images per class and domain.
+        world: The rendered world (pool, test sets, suite file) or the marker.
+    """
     from saft.steps.tasks import world_task
 
     world_task(world.path, data_root, pool_per_class, test_per_class)

@@ -21,12 +21,12 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     return out
 
 
-def publish_collect(part_dirs, deltas_dir, learning_rates, run_dir, results, report, table, headline):
+def publish_collect(part_dirs, deltas_dirs, parent_run_id, results, report, table, headline, step="collect"):
+    """Merge ``part_dirs`` (evaluate outputs, or earlier results) into ``results``; fill the UI artifacts."""
     from saft.steps.collect import TABLE_FILE
-    from saft.steps.tasks import collect_task, parent_run
+    from saft.steps.tasks import collect_task
 
-    summary = collect_task(part_dirs, deltas_dir, results.path, learning_rates=learning_rates,
-                           parent_run_id=parent_run(run_dir))
+    summary = collect_task(part_dirs, deltas_dirs, results.path, parent_run_id=parent_run_id, step=step)
     shutil.copyfile(Path(results.path) / "report.html", report.path)
     shutil.copyfile(Path(results.path) / TABLE_FILE, table.path)
     for name, value in headline_metrics(summary).items():

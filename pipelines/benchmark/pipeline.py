@@ -1,0 +1,109 @@
+"""The benchmark pipeline: SAFT vs full fine-tuning vs a random mask over seeds (the comparison made once).
+
+    start-run -> data-version -> for each seed: prepare -> score (saft, random) -> finetune (saft, random, full)
+    world ----------------------^                                                          |
+    gather-deltas <-----------------------------------------------------------------------+
+      -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report, checks)
+      -> if register_enabled: register (the lowest seed's SAFT delta, judged on its own metrics)
+      -> finish-run
+
+Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline benchmark``).
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from saft.orchestration.arguments import check_default_eligibility, shared_arguments
+from saft.orchestration.cluster import ClusterConfig, configure
+from saft.steps.params import PipelineParams
+
+NAME = "saft-benchmark"
+DESCRIPTION = ("SAFT vs full fine-tuning vs a random mask over seeds, on an OOD suite, with MLflow tracking and an "
+               "OOD-aware promotion gate.")
+METHODS = ("saft", "random", "full")
+
+
+def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
+    """``params.yaml`` as this pipeline's arguments (it trains saft, random and full)."""
+    if sorted(params.finetune.methods) != sorted(METHODS):
+        raise ValueError("the benchmark pipeline trains saft, random and full: keep finetune.methods at all three "
+                         "(the retrain pipeline trains SAFT alone; `saft run` takes a subset)")
+    if params.register.method != "saft":
+        raise ValueError("the benchmark pipeline registers the saft delta: keep register.method: saft")
+    check_default_eligibility(params)
+    lr = params.finetune.lr
+    return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
+            "seeds": list(params.seeds), "lr_saft": lr["saft"], "lr_full": lr["full"], "lr_random": lr["random"]}
+
+
+def build(cfg: ClusterConfig, c):
+    """The pipeline function for ``cfg`` and the components ``c`` (compile it, run it locally, submit it)."""
+    # params_json is the run's own (a default would restate every default of params.yaml)
+    d = {**arguments(PipelineParams()), "checkpoint_root": cfg.checkpoint_root, "params_json": "{}"}
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def benchmark(
+        model: str = d["model"], seeds: list = d["seeds"], device: str = d["device"],
+        data_root: str = d["data_root"], dataset: str = d["dataset"], split: str = d["split"],
+        shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
+        data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
+        pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
+        density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
+        settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
+        lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
+        suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
+        eval_batch_size: int = d["eval_batch_size"],
+        register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
+        promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
+        id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
+        tracking: bool = d["tracking"], params_json: str = d["params_json"],
+        gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
+    ) -> Dataset:
+        def on(task, name, display=None):
+            return configure(task, name, cfg, gpu_type, gpu_count, display=display)
+
+        start = on(c.start_run(params_json=params_json, run_name=NAME, tracking=tracking), "start_run")
+        version = on(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo, expected=data_version,
+                                    pool_per_class=pool_per_class, test_per_class=test_per_class,
+                                    tracking=tracking).after(start), "data_version")
+        world = on(c.world(data_root=data_root, pool_per_class=pool_per_class, test_per_class=test_per_class), "world")
+        with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
+            prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
+                                shots=shots, val_shots=val_shots, seed=seed, data_version=version.output,
+                                data_rev=data_rev, data_repo=data_repo, tracking=tracking), "prepare")
+            data = prep.outputs["data"]
+            masks = {kind: on(c.score(model=model, data=data, data_version=version.output, kind=kind, density=density,
+                                      rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
+                                      tracking=tracking), "score", f"score-{kind}")
+                     for kind in ("saft", "random")}
+            tuned = {}
+            for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):
+                mask = {"mask": masks[method].outputs["mask"]} if method in masks else {}
+                tuned[method] = on(c.finetune(model=model, data=data, data_version=version.output, method=method,
+                                              lr=lr, settings=settings, seed=seed, device=device,
+                                              checkpoint_root=checkpoint_root, tracking=tracking, **mask),
+                                   "finetune", f"finetune-{method}")
+        gathered = on(c.gather_deltas(**{f"{m}_deltas": dsl.Collected(t.outputs["delta"]) for m, t in tuned.items()},
+                                      data=dsl.Collected(prep.outputs["data"])), "gather_deltas")
+        deltas = gathered.outputs["deltas"]
+        names = on(c.suite_datasets(world=world.outputs["world"], suite=suite, data_root=eval_data_root),
+                   "suite_datasets")
+        with dsl.ParallelFor(names.output, parallelism=cfg.parallelism) as name:
+            part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
+                                 dataset=name, data_version=version.output, alphas=alphas,
+                                 batch_size=eval_batch_size, device=device, tracking=tracking, deltas=deltas),
+                      "evaluate")
+        collected = on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=tracking),
+                       "collect")
+        results = collected.outputs["results"]
+        with dsl.If(register_enabled == True, "register-enabled"):  # noqa: E712 (a pipeline condition)
+            reg = on(c.register(model=model, results=results, deltas=deltas, method="saft",
+                                model_name=register_model_name, promote=promote, ood_tolerance=ood_tolerance,
+                                id_tolerance=id_tolerance, baseline=register_baseline, tracking=tracking),
+                     "register")
+            on(c.finish_run(tracking=tracking, results=results, decision=reg.outputs["decision"]), "finish_run")
+        with dsl.Else():
+            on(c.finish_run(tracking=tracking, results=results), "finish_run")
+        return results
+
+    return benchmark
