@@ -9,10 +9,10 @@ embedded world (its parameters).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from dvc_repos import make_dvc_repo
 from image_trees import write_image, write_tree
 
 from saft.steps.data_version import DataVersionError, resolve_data_version, world_version
@@ -58,35 +58,12 @@ def test_an_s3_prefix_version_follows_keys_and_etags(s3_bucket, tmp_path: Path) 
         resolve_data_version(f"s3://{bucket}/ds", rev="abc")
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture
 def dvc_repo(tmp_path: Path, monkeypatch) -> tuple[Path, str, str]:
     """A git + DVC repository whose data/ds has two committed versions; returns (repo, rev1, rev2)."""
-    from dvc.repo import Repo
-
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
-    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(tmp_path / "dvc-global"))
     repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    for key, value in (("user.email", "t@example.invalid"), ("user.name", "t"), ("commit.gpgsign", "false")):
-        _git(repo, "config", key, value)
-    dvc = Repo.init(str(repo))
-    write_tree(repo / "data" / "ds")
-    dvc.add(str(repo / "data" / "ds"))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "ds v1")
-    rev1 = _git(repo, "rev-parse", "HEAD")
-    for i in range(3):
-        write_image(repo / "data" / "ds" / "cat" / f"extra{i}.png", 500 + i)
-    dvc.add(str(repo / "data" / "ds"))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "ds v2")
-    return repo, rev1, _git(repo, "rev-parse", "HEAD")
+    rev1, rev2 = make_dvc_repo(repo, monkeypatch)
+    return repo, rev1, rev2
 
 
 def test_a_dvc_folder_is_versioned_and_read_at_a_git_revision(dvc_repo, tmp_path: Path) -> None:

@@ -26,7 +26,10 @@ from saft.steps.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = ("benchmark", "retrain")
-DATA_READERS = {"prepare", "score", "finetune", "baseline", "select", "evaluate"}
+# What carries the data version into a data-reading task's cache key: the world task's output
+# (which records it) or prepare's output (made from that).
+DATA_READERS = {"prepare": "world", "evaluate": "world", "score": "data", "finetune": "data", "baseline": "data",
+                "select": "data"}
 
 
 def _cfg() -> ClusterConfig:
@@ -97,7 +100,7 @@ def test_a_loaded_component_builds_into_a_users_own_pipeline(tmp_path) -> None:
     def theirs():
         v = version(data_root=root, data_rev="", data_repo="", expected="", pool_per_class=4, test_per_class=4,
                     tracking=False)
-        world(data_root=root, pool_per_class=4, test_per_class=4).after(v)
+        world(data_root=root, data_version=v.output, pool_per_class=4, test_per_class=4)
 
     compiler.Compiler().compile(theirs, str(tmp_path / "theirs.yaml"))
     assert "saft.steps.tasks" in (tmp_path / "theirs.yaml").read_text()
@@ -151,8 +154,10 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
             assert settings["pvcMount"][0]["mountPath"] == "/mnt/saft-checkpoints", task_name
         if function not in ("start_run", "finish_run"):
             assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
-        if function in DATA_READERS:  # the cache key follows the data
+        if function == "world":  # the cache key follows the data
             assert "data_version" in task["inputs"]["parameters"], task_name
+        if function in DATA_READERS:
+            assert DATA_READERS[function] in task["inputs"]["artifacts"], task_name
         # no task of a pipeline run takes a per-run input: that would defeat every cache
         assert "run" not in task.get("inputs", {}).get("artifacts", {}), task_name
     expected = {"benchmark": {"gather_deltas"}, "retrain": {"select", "baseline", "compare", "deploy"}}[name]

@@ -3,14 +3,13 @@
 from kfp.dsl import Dataset, Input, Model, Output
 
 
-def baseline(model: str, data: Input[Dataset], data_version: str, method: str, lr: float, settings: str,
+def baseline(model: str, data: Input[Dataset], method: str, lr: float, settings: str,
              seed: int, density: float, device: str, checkpoint_root: str, tracking: bool, delta: Output[Model]):
     """Trains one baseline with the same settings as SAFT (random: draws its mask first).
 
     Args:
         model: Model spec.
         data: The prepare task's output.
-        data_version: The data version (part of the cache key).
         method: full or random.
         lr: Learning rate of the baseline.
         settings: JSON of FinetuneConfig fields plus epochs, as for finetune.

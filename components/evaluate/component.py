@@ -3,7 +3,7 @@
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 
-def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, dataset: str, data_version: str,
+def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, dataset: str,
              alphas: list, batch_size: int, device: str, tracking: bool, deltas: Input[Model],
              metrics: Output[Artifact], zeroshot: bool = True):
     """Top-1 of zero-shot and of base + alpha * delta for each delta, on one suite dataset.
@@ -14,7 +14,6 @@ def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, data
         suite: Built-in suite name or suite YAML file; "" = the embedded world's synthshift.
         data_root: Root the suite's datasets live under.
         dataset: The suite dataset to score ("" = every dataset of the suite).
-        data_version: The training data version (part of the cache key).
         alphas: Delta scales to evaluate, e.g. [1.0] or [0.5, 1.0].
         batch_size: Images per batch.
         device: auto, cpu, cuda or cuda:N.

@@ -3,7 +3,7 @@
 from kfp.dsl import Dataset, Input, Model, Output
 
 
-def finetune(model: str, data: Input[Dataset], data_version: str, method: str, lr: float, settings: str,
+def finetune(model: str, data: Input[Dataset], method: str, lr: float, settings: str,
              seed: int, device: str, checkpoint_root: str, tracking: bool, delta: Output[Model],
              mask: Input[Model] = None):
     """Fine-tunes the masked entries (saft, random) or every parameter (full) and writes the delta.
@@ -14,7 +14,6 @@ def finetune(model: str, data: Input[Dataset], data_version: str, method: str, l
     Args:
         model: Model spec the mask was scored on.
         data: The prepare task's output.
-        data_version: The data version (part of the cache key).
         method: saft, random or full.
         lr: Learning rate.
         settings: JSON of FinetuneConfig fields (steps, batch_size, grad_accum, precision, checkpoint_every, num_workers, warmup_steps, weight_decay, ...) plus epochs (> 0 overrides steps).

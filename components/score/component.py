@@ -3,14 +3,13 @@
 from kfp.dsl import Dataset, Input, Model, Output
 
 
-def score(model: str, data: Input[Dataset], data_version: str, kind: str, density: float, rule: str,
+def score(model: str, data: Input[Dataset], kind: str, density: float, rule: str,
           batch_size: int, seed: int, device: str, tracking: bool, mask: Output[Model]):
     """Scores every eligible parameter entry by its downstream-loss gradient and keeps the top density.
 
     Args:
         model: Model spec: ARCH@TAG (open_clip hub), ARCH@/path/weights, or tiny.
         data: The prepare task's output.
-        data_version: The data version (part of the cache key).
         kind: saft (gradient scores) or random (uniformly random entries).
         density: Fraction of entries selected, e.g. 0.001.
         rule: Score rule: abs_mean, mean_abs or mean_sq.

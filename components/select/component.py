@@ -5,7 +5,7 @@ from typing import List, NamedTuple
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
 
-def select(model: str, data: Input[Dataset], data_version: str, candidates: Input[List[Model]], batch_size: int,
+def select(model: str, data: Input[Dataset], candidates: Input[List[Model]], batch_size: int,
            device: str, tracking: bool, chosen: Output[Model],
            table: Output[Markdown]) -> NamedTuple("Outputs", [("lr", float), ("val_top1", float)]):
     """Scores every candidate (one per learning rate) on the prepared val manifest and keeps the best.
@@ -15,7 +15,6 @@ def select(model: str, data: Input[Dataset], data_version: str, candidates: Inpu
     Args:
         model: Model spec the candidates were trained on.
         data: The prepare task's output (its val.jsonl).
-        data_version: The data version (part of the cache key).
         candidates: The finetune outputs of the learning-rate grid.
         batch_size: Images per evaluation batch.
         device: auto, cpu, cuda or cuda:N.

@@ -1,9 +1,8 @@
 """The benchmark pipeline: SAFT vs full fine-tuning vs a random mask over seeds (the comparison made once).
 
-    start-run -> data-version -> for each seed: prepare -> score (saft, random) -> finetune (saft, random, full)
-    world ----------------------^                                                          |
-    gather-deltas <-----------------------------------------------------------------------+
-      -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report, checks)
+    start-run -> data-version -> world (renders the world or marks data_root; records the version)
+      -> for each seed: prepare -> score (saft, random) -> finetune (saft, random, full)
+      -> gather-deltas -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report, checks)
       -> if register_enabled: register (the lowest seed's SAFT delta, judged on its own metrics)
       -> finish-run
 
@@ -66,20 +65,24 @@ def build(cfg: ClusterConfig, c):
         version = on(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo, expected=data_version,
                                     pool_per_class=pool_per_class, test_per_class=test_per_class,
                                     tracking=tracking).after(start), "data_version")
-        world = on(c.world(data_root=data_root, pool_per_class=pool_per_class, test_per_class=test_per_class), "world")
+        # The world output records the version; every data-reading task takes it (or prepare's output,
+        # made from it), so the version is in every such cache key. (Not a parameter of the looped
+        # tasks: kfp.local replaces a task output entering a ParallelFor with the loop item.)
+        world = on(c.world(data_root=data_root, data_version=version.output, pool_per_class=pool_per_class,
+                           test_per_class=test_per_class), "world")
         with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
             prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
-                                shots=shots, val_shots=val_shots, seed=seed, data_version=version.output,
-                                data_rev=data_rev, data_repo=data_repo, tracking=tracking), "prepare")
+                                shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
+                                data_repo=data_repo, tracking=tracking), "prepare")
             data = prep.outputs["data"]
-            masks = {kind: on(c.score(model=model, data=data, data_version=version.output, kind=kind, density=density,
+            masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
                                       rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
                                       tracking=tracking), "score", f"score-{kind}")
                      for kind in ("saft", "random")}
             tuned = {}
             for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):
                 mask = {"mask": masks[method].outputs["mask"]} if method in masks else {}
-                tuned[method] = on(c.finetune(model=model, data=data, data_version=version.output, method=method,
+                tuned[method] = on(c.finetune(model=model, data=data, method=method,
                                               lr=lr, settings=settings, seed=seed, device=device,
                                               checkpoint_root=checkpoint_root, tracking=tracking, **mask),
                                    "finetune", f"finetune-{method}")
@@ -90,7 +93,7 @@ def build(cfg: ClusterConfig, c):
                    "suite_datasets")
         with dsl.ParallelFor(names.output, parallelism=cfg.parallelism) as name:
             part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                 dataset=name, data_version=version.output, alphas=alphas,
+                                 dataset=name, alphas=alphas,
                                  batch_size=eval_batch_size, device=device, tracking=tracking, deltas=deltas),
                       "evaluate")
         collected = on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=tracking),

@@ -1,7 +1,7 @@
 """The retrain pipeline: production retraining that trains only what ships.
 
-    start-run -> data-version (never cached) -> prepare (one seed, read at that version)
-    world -------------------------------------^        -> score (the SAFT mask)
+    start-run -> data-version (never cached) -> world (renders the world or marks data_root; records the version)
+      -> prepare (one seed, read at that version) -> score (the SAFT mask)
       -> for each learning rate of lr_grid: finetune (saft)      [at most `parallelism` at a time]
       -> select (the rate with the best top-1 on the prepared ID validation split)
       -> for each suite dataset: evaluate (zero-shot and the chosen delta) -> collect
@@ -9,8 +9,9 @@
       -> if register_enabled: register + promotion gate -> if promoted: deploy
       -> finish-run
 
-The data version is an input of every task that reads data, so a recurring run over new
-data recomputes from prepare on, while one over unchanged data is served from cache.
+The data version is an input of the world task, whose output every data-reading task takes
+(directly, or through prepare's output): a recurring run over new data recomputes from
+there on, while one over unchanged data is served from cache.
 Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline retrain``).
 """
 
@@ -67,19 +68,23 @@ def build(cfg: ClusterConfig, c):
         version = on(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo, expected=data_version,
                                     pool_per_class=pool_per_class, test_per_class=test_per_class,
                                     tracking=tracking).after(start), "data_version")
-        world = on(c.world(data_root=data_root, pool_per_class=pool_per_class, test_per_class=test_per_class), "world")
+        # The world output records the version; every data-reading task takes it (or prepare's output,
+        # made from it), so the version is in every such cache key. (Not a parameter of the looped
+        # tasks: kfp.local replaces a task output entering a ParallelFor with the loop item.)
+        world = on(c.world(data_root=data_root, data_version=version.output, pool_per_class=pool_per_class,
+                           test_per_class=test_per_class), "world")
         prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
-                            shots=shots, val_shots=val_shots, seed=seed, data_version=version.output,
-                            data_rev=data_rev, data_repo=data_repo, tracking=tracking), "prepare")
+                            shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
+                            data_repo=data_repo, tracking=tracking), "prepare")
         data = prep.outputs["data"]
-        mask = on(c.score(model=model, data=data, data_version=version.output, kind="saft", density=density,
+        mask = on(c.score(model=model, data=data, kind="saft", density=density,
                           rule=score_rule, batch_size=score_batch_size, seed=seed, device=device, tracking=tracking),
                   "score")
         with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
-            tuned = on(c.finetune(model=model, data=data, data_version=version.output, method="saft", lr=lr,
+            tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr,
                                   settings=settings, seed=seed, device=device, checkpoint_root=checkpoint_root,
                                   tracking=tracking, mask=mask.outputs["mask"]), "finetune")
-        chosen = on(c.select(model=model, data=data, data_version=version.output,
+        chosen = on(c.select(model=model, data=data,
                              candidates=dsl.Collected(tuned.outputs["delta"]), batch_size=eval_batch_size,
                              device=device, tracking=tracking), "select")
         candidate = chosen.outputs["chosen"]
@@ -87,7 +92,7 @@ def build(cfg: ClusterConfig, c):
                    "suite_datasets")
         with dsl.ParallelFor(names.output, parallelism=cfg.parallelism) as name:
             part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                 dataset=name, data_version=version.output, alphas=alphas,
+                                 dataset=name, alphas=alphas,
                                  batch_size=eval_batch_size, device=device, tracking=tracking, deltas=candidate),
                       "evaluate")
         collected = on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=candidate, tracking=tracking),
@@ -95,12 +100,12 @@ def build(cfg: ClusterConfig, c):
         results = collected.outputs["results"]
         with dsl.If(with_baselines == True, "baselines"):  # noqa: E712 (a pipeline condition)
             with dsl.ParallelFor(baselines, parallelism=cfg.parallelism) as b:
-                base = on(c.baseline(model=model, data=data, data_version=version.output, method=b.method, lr=b.lr,
+                base = on(c.baseline(model=model, data=data, method=b.method, lr=b.lr,
                                      settings=settings, seed=seed, density=density, device=device,
                                      checkpoint_root=checkpoint_root, tracking=tracking), "baseline")
             gathered = on(c.gather_runs(runs=dsl.Collected(base.outputs["delta"])), "gather_runs")
             scored = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                   dataset="", data_version=version.output, alphas=alphas,
+                                   dataset="", alphas=alphas,
                                    batch_size=eval_batch_size, device=device, tracking=tracking,
                                    deltas=gathered.outputs["deltas"], zeroshot=False),
                         "evaluate", "evaluate-baselines")

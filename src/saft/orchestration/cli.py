@@ -87,11 +87,41 @@ def _write_summary(args, run_id: str, state: str) -> None:
         print(f"wrote the run summary to {target}")
 
 
+def apply_revision(params, revision: str, data_repo: str = "") -> str:
+    """A triggering commit as the run's data revision, when data.root is data DVC tracks here.
+
+    Then the pipeline reads data.root from ``data_repo`` (the repository's git URL) at that
+    commit. Any other root (the world, an S3 prefix, a mounted folder) is versioned by its
+    content; the commit is then only reported. Returns what was done, for the log.
+    """
+    root = params.data.root
+    if not revision:
+        return ""
+    if not root or root.startswith("s3://"):
+        return f"revision {revision}: recorded (data.root {root or '(the embedded world)'} is versioned by content)"
+    from saft.steps.data_version import DataVersionError, dvc_storage
+
+    try:
+        tracked = dvc_storage(root, rev=revision) is not None
+    except DataVersionError:
+        tracked = False
+    if not tracked:
+        return f"revision {revision}: recorded ({root} is not data DVC tracks at that commit)"
+    if not (data_repo or params.data.repo):
+        raise ValueError(f"{root} is DVC-tracked: pass --data-repo URL (the git repository the pipeline's pods read it "
+                         "from at that commit)")
+    params.data.rev, params.data.repo = revision, data_repo or params.data.repo
+    return f"revision {revision}: data.rev for the DVC-tracked {root} (read from {params.data.repo})"
+
+
 def _submit(args: argparse.Namespace) -> int:
     from saft.orchestration.client import FINISHED_STATES, submit_run, wait_for_run
 
     params = _params(args)
-    args.revision_note = params.data.rev
+    note = apply_revision(params, args.revision, args.data_repo)
+    if note:
+        print(note)
+    args.revision_note = args.revision or params.data.rev
     run_id = submit_run(args.host, args.pipeline, params, package=args.package, cfg=_cluster(args, params),
                         experiment=args.experiment, run_name=args.run_name, namespace=args.namespace,
                         token_env=args.token_env)
@@ -212,6 +242,10 @@ def register(sub) -> None:
     _cluster_flags(sm, "benchmark")
     sm.add_argument("--run-name", help="run name (default: chosen by KFP)")
     sm.add_argument("--run-id-file", help="write the run id to this file")
+    sm.add_argument("--revision", default="",
+                    help="git commit that triggered the run (CI): becomes data.rev when data.root is a folder DVC "
+                         "tracks in this repository, so the run reads the data of that commit")
+    sm.add_argument("--data-repo", default="", help="git URL the pipeline reads DVC-tracked data from (with --revision)")
     sm.add_argument("--wait", action="store_true", help="wait for the run to finish (exit 1 if it did not succeed)")
     sm.add_argument("--timeout", type=float, default=4 * 3600, help="longest wait in seconds (default: 14400)")
     sm.add_argument("--poll", type=float, default=30, help="seconds between status checks (default: 30)")

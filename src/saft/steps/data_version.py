@@ -188,4 +188,5 @@ def reader_for(version: DataVersion):
     return version.root
 
 
-__all__ = ["DVC", "FILES", "S3", "WORLD", "DataVersion", "DataVersionError", "reader_for", "resolve_data_version"]
+__all__ = ["DVC", "FILES", "S3", "WORLD", "DataVersion", "DataVersionError", "dvc_storage", "reader_for",
+           "resolve_data_version"]

@@ -96,14 +96,27 @@ def finish_task(tracking: bool, *, results_dir: str | None = None, decision_dir:
 # --------------------------------------------------------------------------- data
 
 
-def world_task(out_dir: str, data_root: str, pool_per_class: int, test_per_class: int) -> None:
-    """Render the embedded world, or record that the data lives elsewhere (``data_root``)."""
+def world_task(out_dir: str, data_root: str, pool_per_class: int, test_per_class: int, *,
+               data_version: str = "") -> None:
+    """Render the embedded world, or record that the data lives elsewhere (``data_root``).
+
+    ``data_version`` is recorded in the output, which every data-reading task downstream
+    takes: that puts the version in their cache keys, and prepare checks the data against it.
+    """
     if data_root:
         write_json(Path(out_dir) / EXTERNAL_FILE, {"data_root": data_root})
-        return
-    from saft.steps.world import world_step
+    else:
+        from saft.steps.world import world_step
 
-    world_step(out_dir, WorldParams(pool_per_class, test_per_class), log=_log)
+        world_step(out_dir, WorldParams(pool_per_class, test_per_class), log=_log)
+    if data_version:
+        write_json(Path(out_dir) / VERSION_FILE, {"version": data_version})
+
+
+def recorded_version(world_dir: str) -> str:
+    """The data version the world task recorded ("" when none: ``saft run``)."""
+    path = Path(world_dir) / VERSION_FILE
+    return json.loads(path.read_text())["version"] if path.is_file() else ""
 
 
 def train_root(world_dir: str, data_root: str) -> str:
@@ -174,11 +187,12 @@ def _materialize(storage, out_dir: Path) -> int:
 
 
 def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
-                 val_shots: int, seed: int, parent_run_id: str = "", data_version: str = "", data_rev: str = "",
-                 data_repo: str = "") -> str:
+                 val_shots: int, seed: int, parent_run_id: str = "", data_version: str | None = None,
+                 data_rev: str = "", data_repo: str = "") -> str:
     """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream).
 
-    With ``data_version`` (the pipelines), the root is read at that version or not at all:
+    With a data version (given, or recorded by the world task: the pipelines), the root is
+    read at that version or not at all:
     it is resolved again here and must match (a root that changed since the data-version
     task fails rather than training on other data than the run records). Data read
     through DVC at a revision is copied into ``out_dir/files`` (only the drawn images),
@@ -189,6 +203,7 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
     logged = {"seed": seed, "dataset": dataset, "root": data_root, "split": split, "shots": shots,
               "val_shots": val_shots}
     reader, version = train_root(world_dir, data_root), None
+    data_version = recorded_version(world_dir) if data_version is None else data_version
     if data_version:
         from saft.steps.data_version import WORLD, DataVersion, reader_for, resolve_data_version
 
@@ -248,8 +263,8 @@ def finetune_settings(finetune_params) -> dict:
 def config_from_settings(settings: dict, *, method: str, lr: float, seed: int):
     """A :class:`FinetuneConfig` from a settings dict (``epochs`` is resolved later, from the data).
 
-    Kubeflow passes a dict parameter as a protobuf Struct, whose numbers are all floats:
-    integral values of integer fields are turned back into ints.
+    Settings typed into the KFP UI or written by other tools (protobuf Structs) may carry
+    every number as a float: integral values of integer fields are turned back into ints.
     """
     from dataclasses import MISSING, fields
 
