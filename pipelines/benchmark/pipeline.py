@@ -9,11 +9,14 @@
 Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline benchmark``).
 """
 
+from types import SimpleNamespace
+
 from kfp import dsl
 from kfp.dsl import Dataset
 
 from saft.orchestration.arguments import check_default_eligibility, shared_arguments
 from saft.orchestration.cluster import ClusterConfig, configure
+from saft.orchestration.stages import begin, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
 
 NAME = "saft-benchmark"
@@ -58,18 +61,12 @@ def build(cfg: ClusterConfig, c):
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
     ) -> Dataset:
+        p = SimpleNamespace(**locals())
+
         def on(task, name, display=None):
             return configure(task, name, cfg, gpu_type, gpu_count, display=display)
 
-        start = on(c.start_run(params_json=params_json, run_name=NAME, tracking=tracking), "start_run")
-        version = on(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo, expected=data_version,
-                                    pool_per_class=pool_per_class, test_per_class=test_per_class,
-                                    tracking=tracking).after(start), "data_version")
-        # The world output records the version; every data-reading task takes it (or prepare's output,
-        # made from it), so the version is in every such cache key. (Not a parameter of the looped
-        # tasks: kfp.local replaces a task output entering a ParallelFor with the loop item.)
-        world = on(c.world(data_root=data_root, data_version=version.output, pool_per_class=pool_per_class,
-                           test_per_class=test_per_class), "world")
+        world = begin(c, on, p, NAME)
         with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
             prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                                 shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
@@ -89,24 +86,9 @@ def build(cfg: ClusterConfig, c):
         gathered = on(c.gather_deltas(**{f"{m}_deltas": dsl.Collected(t.outputs["delta"]) for m, t in tuned.items()},
                                       data=dsl.Collected(prep.outputs["data"])), "gather_deltas")
         deltas = gathered.outputs["deltas"]
-        names = on(c.suite_datasets(world=world.outputs["world"], suite=suite, data_root=eval_data_root),
-                   "suite_datasets")
-        with dsl.ParallelFor(names.output, parallelism=cfg.parallelism) as name:
-            part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                 dataset=name, alphas=alphas,
-                                 batch_size=eval_batch_size, device=device, tracking=tracking, deltas=deltas),
-                      "evaluate")
-        collected = on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=tracking),
-                       "collect")
+        collected = evaluate_suite(c, on, p, world, deltas, cfg.parallelism)
         results = collected.outputs["results"]
-        with dsl.If(register_enabled == True, "register-enabled"):  # noqa: E712 (a pipeline condition)
-            reg = on(c.register(model=model, results=results, deltas=deltas, method="saft",
-                                model_name=register_model_name, promote=promote, ood_tolerance=ood_tolerance,
-                                id_tolerance=id_tolerance, baseline=register_baseline, tracking=tracking),
-                     "register")
-            on(c.finish_run(tracking=tracking, results=results, decision=reg.outputs["decision"]), "finish_run")
-        with dsl.Else():
-            on(c.finish_run(tracking=tracking, results=results), "finish_run")
+        register_and_finish(c, on, p, results, deltas)  # the data: data-seed<N>/ in the gathered deltas
         return results
 
     return benchmark

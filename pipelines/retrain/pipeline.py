@@ -15,11 +15,14 @@ there on, while one over unchanged data is served from cache.
 Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline retrain``).
 """
 
+from types import SimpleNamespace
+
 from kfp import dsl
 from kfp.dsl import Dataset
 
 from saft.orchestration.arguments import check_default_eligibility, shared_arguments
 from saft.orchestration.cluster import ClusterConfig, configure
+from saft.orchestration.stages import begin, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
 
 NAME = "saft-retrain"
@@ -61,67 +64,40 @@ def build(cfg: ClusterConfig, c):
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
     ) -> Dataset:
+        p = SimpleNamespace(**locals())
+
         def on(task, name, display=None):
             return configure(task, name, cfg, gpu_type, gpu_count, display=display)
 
-        start = on(c.start_run(params_json=params_json, run_name=NAME, tracking=tracking), "start_run")
-        version = on(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo, expected=data_version,
-                                    pool_per_class=pool_per_class, test_per_class=test_per_class,
-                                    tracking=tracking).after(start), "data_version")
-        # The world output records the version; every data-reading task takes it (or prepare's output,
-        # made from it), so the version is in every such cache key. (Not a parameter of the looped
-        # tasks: kfp.local replaces a task output entering a ParallelFor with the loop item.)
-        world = on(c.world(data_root=data_root, data_version=version.output, pool_per_class=pool_per_class,
-                           test_per_class=test_per_class), "world")
+        world = begin(c, on, p, NAME)
         prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                             shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
                             data_repo=data_repo, tracking=tracking), "prepare")
         data = prep.outputs["data"]
-        mask = on(c.score(model=model, data=data, kind="saft", density=density,
-                          rule=score_rule, batch_size=score_batch_size, seed=seed, device=device, tracking=tracking),
-                  "score")
+        mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
+                          batch_size=score_batch_size, seed=seed, device=device, tracking=tracking), "score")
         with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
-            tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr,
-                                  settings=settings, seed=seed, device=device, checkpoint_root=checkpoint_root,
-                                  tracking=tracking, mask=mask.outputs["mask"]), "finetune")
-        chosen = on(c.select(model=model, data=data,
-                             candidates=dsl.Collected(tuned.outputs["delta"]), batch_size=eval_batch_size,
-                             device=device, tracking=tracking), "select")
+            tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr, settings=settings, seed=seed,
+                                  device=device, checkpoint_root=checkpoint_root, tracking=tracking,
+                                  mask=mask.outputs["mask"]), "finetune")
+        chosen = on(c.select(model=model, data=data, candidates=dsl.Collected(tuned.outputs["delta"]),
+                             batch_size=eval_batch_size, device=device, tracking=tracking), "select")
         candidate = chosen.outputs["chosen"]
-        names = on(c.suite_datasets(world=world.outputs["world"], suite=suite, data_root=eval_data_root),
-                   "suite_datasets")
-        with dsl.ParallelFor(names.output, parallelism=cfg.parallelism) as name:
-            part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                 dataset=name, alphas=alphas,
-                                 batch_size=eval_batch_size, device=device, tracking=tracking, deltas=candidate),
-                      "evaluate")
-        collected = on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=candidate, tracking=tracking),
-                       "collect")
+        collected = evaluate_suite(c, on, p, world, candidate, cfg.parallelism)
         results = collected.outputs["results"]
         with dsl.If(with_baselines == True, "baselines"):  # noqa: E712 (a pipeline condition)
             with dsl.ParallelFor(baselines, parallelism=cfg.parallelism) as b:
-                base = on(c.baseline(model=model, data=data, method=b.method, lr=b.lr,
-                                     settings=settings, seed=seed, density=density, device=device,
-                                     checkpoint_root=checkpoint_root, tracking=tracking), "baseline")
+                base = on(c.baseline(model=model, data=data, method=b.method, lr=b.lr, settings=settings, seed=seed,
+                                     density=density, device=device, checkpoint_root=checkpoint_root,
+                                     tracking=tracking), "baseline")
             gathered = on(c.gather_runs(runs=dsl.Collected(base.outputs["delta"])), "gather_runs")
             scored = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
-                                   dataset="", alphas=alphas,
-                                   batch_size=eval_batch_size, device=device, tracking=tracking,
-                                   deltas=gathered.outputs["deltas"], zeroshot=False),
+                                   dataset="", alphas=alphas, batch_size=eval_batch_size, device=device,
+                                   tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False),
                         "evaluate", "evaluate-baselines")
             on(c.compare(results=results, candidate=candidate, baseline_metrics=scored.outputs["metrics"],
                          baselines=gathered.outputs["deltas"], tracking=tracking), "compare")
-        with dsl.If(register_enabled == True, "register-enabled"):  # noqa: E712
-            reg = on(c.register(model=model, results=results, deltas=candidate, data=data, method="saft",
-                                model_name=register_model_name, promote=promote, ood_tolerance=ood_tolerance,
-                                id_tolerance=id_tolerance, baseline=register_baseline, tracking=tracking),
-                     "register")
-            with dsl.If(reg.outputs["verdict"] == "promoted", "promoted"):
-                on(c.deploy(decision=reg.outputs["decision"], model_name=register_model_name, tracking=tracking),
-                   "deploy")
-            on(c.finish_run(tracking=tracking, results=results, decision=reg.outputs["decision"]), "finish_run")
-        with dsl.Else():
-            on(c.finish_run(tracking=tracking, results=results), "finish_run")
+        register_and_finish(c, on, p, results, candidate, data=data, deploy=True)
         return results
 
     return retrain

@@ -60,8 +60,9 @@ def _cell(text) -> str:
 
 
 def _used_by(repo: Path, name: str) -> list[str]:
-    return sorted(p.parent.name for p in (repo / "pipelines").glob("*/pipeline.py")
-                  if re.search(rf"\bc\.{name}\(", p.read_text()))
+    """The pipelines whose compiled YAML runs the component."""
+    return sorted(p.parent.name for p in (repo / "pipelines").glob("*/pipeline.yaml")
+                  if re.search(rf"--function_to_execute\s*\n\s*- {name}\n", p.read_text()))
 
 
 def _resources(name: str, cfg: ClusterConfig) -> list[str]:
