@@ -181,6 +181,40 @@ def _data_pipeline(pipeline_root: Path, a: dict, parent_run_id: str) -> dict:
             "version": version["parameterValues"]["Output"]}
 
 
+def test_baselines_train_into_runs_that_gather_and_compare_read(mini_world, tmp_path, monkeypatch) -> None:
+    """The retrain pipeline's optional branch, task by task: a random-mask baseline, gathered beside the
+    chosen SAFT delta, compared in one table (the DAG around them is checked in test_pipeline_cluster)."""
+    from saft.data.prepare import prepare_dataset
+    from saft.eval.metrics import Record, metrics_document
+    from saft.io import write_json
+    from saft.steps.tasks import baseline_task, collect_task, delta_runs, gather_deltas
+
+    monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
+    data = tmp_path / "data"
+    prepare_dataset(mini_world / "textile" / "pool", data, shots=2, seed=1, val_shots=1)
+    settings = {"steps": 3, "batch_size": 8, "warmup_steps": 0}
+    baseline_task("tiny", str(data), str(tmp_path / "random"), method="random", lr=0.01, settings=settings, seed=1,
+                  density=0.01)
+    gather_deltas([str(tmp_path / "random")], str(tmp_path / "baselines"))
+    (run,) = delta_runs(str(tmp_path / "baselines"))
+    assert (run.name, run.seed) == ("random", 1) and not list(tmp_path.glob("random/mask*"))
+    for name, models in (("candidate", ("zeroshot", "saft")), ("baseline", ("random",))):
+        records = [Record(m, d, role, top1, 10, None if m == "zeroshot" else 1, None if m == "zeroshot" else 1.0)
+                   for m in models for d, role, top1 in (("textile", "id", 0.6), ("sketch", "ood", 0.7))]
+        write_json(tmp_path / name / "metrics.json", metrics_document(records, {"suite": "synth-mini", "model": "tiny"}))
+    saft_run = tmp_path / "chosen" / "saft-seed1"
+    saft_run.mkdir(parents=True)
+    for f in ("delta.safetensors", "history.json"):
+        shutil.copyfile(tmp_path / "random" / f, saft_run / f)
+    record = json.loads((tmp_path / "random" / "finetune.json").read_text())
+    record["config"].update(method="saft", lr=0.003)
+    write_json(saft_run / "finetune.json", record)
+    summary = collect_task([str(tmp_path / "candidate"), str(tmp_path / "baseline")],
+                           [str(tmp_path / "chosen"), str(tmp_path / "baselines")], str(tmp_path / "compare"))
+    assert {a["model"] for a in summary["aggregates"]} == {"zeroshot", "saft", "random"}
+    assert summary["learning_rates"] == {"saft": 0.003, "random": 0.01}
+
+
 def _kill_when_checkpointed(root: Path, killed: list, stop: threading.Event) -> None:
     """SIGKILL the running task process once its first checkpoint is on disk."""
     import psutil

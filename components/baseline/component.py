@@ -18,7 +18,7 @@ def baseline(model: str, data: Input[Dataset], method: str, lr: float, settings:
         device: auto, cpu, cuda or cuda:N.
         checkpoint_root: Folder that outlives the pod; "" = no resumable checkpoints.
         tracking: Log nested MLflow runs.
-        delta: <method>-seed<N>/ with delta.safetensors, history.json, finetune.json.
+        delta: delta.safetensors, history.json, finetune.json.
     """
     import json
 

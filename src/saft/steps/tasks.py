@@ -377,23 +377,27 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
 
 def baseline_task(model: str, data_dir: str, out_dir: str, *, method: str, lr: float, settings: dict, seed: int,
                   density: float, device: str = "cpu", parent_run_id: str = "", checkpoint_root: str = "") -> dict:
-    """A comparison run of the retrain pipeline: full fine-tuning, or a random mask of SAFT's density."""
+    """A comparison run of the retrain pipeline: full fine-tuning, or a random mask of SAFT's density.
+
+    ``out_dir`` becomes a finetune output folder (what gather and evaluate read); a random
+    mask is drawn into a folder beside it and removed once the delta (which holds its
+    indices) is written.
+    """
+    import tempfile
+
     if method not in ("full", "random"):
         raise ValueError(f"baseline: method must be full or random, got {method!r}")
-    mask_dir = None
-    if method == "random":
-        from saft.steps.score import ScoreConfig
+    with tempfile.TemporaryDirectory(prefix="saft-baseline-mask-") as tmp:
+        mask_dir = None
+        if method == "random":
+            from saft.steps.score import ScoreConfig
 
-        mask_dir = str(Path(out_dir) / "mask")
-        score_task(data_dir, mask_dir, ScoreConfig(model=model, density=density, kind="random", seed=seed,
-                                                   device=device), parent_run_id)
-    cfg = config_from_settings(settings, method=method, lr=lr, seed=seed)
-    run_dir = Path(out_dir) / f"{method}-seed{seed}"
-    summary = finetune_task(model, data_dir, mask_dir, str(run_dir), cfg, device=device, parent_run_id=parent_run_id,
-                            epochs=float(settings.get("epochs", 0.0)), checkpoint_root=checkpoint_root)
-    if mask_dir:
-        shutil.rmtree(mask_dir)  # the delta carries its own indices
-    return summary
+            mask_dir = str(Path(tmp) / "mask")
+            score_task(data_dir, mask_dir, ScoreConfig(model=model, density=density, kind="random", seed=seed,
+                                                       device=device), parent_run_id)
+        cfg = config_from_settings(settings, method=method, lr=lr, seed=seed)
+        return finetune_task(model, data_dir, mask_dir, out_dir, cfg, device=device, parent_run_id=parent_run_id,
+                             epochs=float(settings.get("epochs", 0.0)), checkpoint_root=checkpoint_root)
 
 
 def select_task(model: str, data_dir: str, candidate_dirs: list[str], out_dir: str, *, batch_size: int = 128,
