@@ -1,7 +1,5 @@
 """Open the pipeline run's parent MLflow run."""
 
-from kfp import dsl
-
 
 def start_run(params_json: str, run_name: str, tracking: bool) -> str:
     """Opens the parent MLflow run of this pipeline run; the other tasks nest their runs under it.
