@@ -607,9 +607,10 @@ def option(words: list[str], name: str) -> str | None:
 
 def test_retrain_workflow_triggers():
     on = load_workflow("retrain.yml")["on"]
-    assert set(on) >= {"push", "workflow_dispatch"}
+    assert set(on) >= {"push", "pull_request", "workflow_dispatch"}
     assert "main" in on["push"]["branches"]
     assert set(on["push"]["paths"]) >= {"**/*.dvc", "params.yaml", "dvc.lock"}
+    assert set(on["pull_request"]["paths"]) == set(on["push"]["paths"])
     inputs = on["workflow_dispatch"]["inputs"]
     assert "image_tag" in inputs and "experiment" in inputs
     assert "schedule" not in on, "scheduled retraining belongs to KFP recurring runs"
@@ -652,14 +653,92 @@ def test_retrain_workflow_installs_like_make_and_keeps_the_compiled_yaml():
     compiles = [w for w in commands if w[1:3] == ["pipeline", "compile"]]
     submits = [w for w in commands if w[1:3] == ["pipeline", "submit"]]
     assert len(compiles) == 1 and len(submits) == 1, commands
+    assert option(compiles[0], "--pipeline") == option(submits[0], "--pipeline") == "retrain"
     out = option(compiles[0], "--out")
     assert option(compiles[0], "--image"), "compile without --image uses no project image"
     assert option(submits[0], "--package") == out
-    for name in ("--host", "--params", "--experiment", "--run-name"):
+    for name in ("--host", "--params", "--experiment", "--run-name", "--revision", "--timeout", "--summary"):
         assert option(submits[0], name), f"submit without {name}"
+    assert "--wait" in submits[0]
     uploads = [step for job in data["jobs"].values() for step in job["steps"]
                if "actions/upload-artifact" in step.get("uses", "")]
     assert uploads and uploads[0]["with"]["path"] == out
+
+
+def _expand(script: str, env: dict[str, str]) -> str:
+    """The shell's variable expansion of ``script`` with ``env`` (GitHub expressions resolved first)."""
+    script = re.sub(r"\$\{\{.*?\}\}", "GH_EXPRESSION", script)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], script)
+
+
+def _step(data: dict, name: str) -> dict:
+    return next(step for job in data["jobs"].values() for step in job["steps"] if step.get("name") == name)
+
+
+def test_retrain_workflow_submits_the_triggering_revision_and_reports_the_run(tmp_path, monkeypatch):
+    """The workflow's own commands, run with the real CLI in a git + DVC checkout: the commit
+    that triggered it reaches the submitted run as data.rev; after the (bounded) wait the job
+    summary and the pull-request comment hold the results table and the registry decision,
+    read from what the pipeline's finish-run task leaves on its MLflow parent run."""
+    from dvc_repos import make_dvc_repo
+    from fake_kfp import fake_kfp_server, submitted_run
+
+    from saft.cli import main
+    from saft.steps.pipeline_run import PIPELINE_RUN_ENV
+    from saft.steps.tasks import finish_task, start_task
+
+    data = load_workflow("retrain.yml")
+    job = data["jobs"]["retrain"]
+    assert "DATA_REV" in job["env"] and "pull_request.head.sha" in job["env"]["DATA_REV"]
+    comment = _step(data, "Comment on the pull request")
+    assert "pull_request" in comment["if"] and "always()" in comment["if"]
+    assert shell_commands(comment["run"])[0][:3] == ["gh", "pr", "comment"]
+    assert option(shell_commands(comment["run"])[0], "--body-file") == "retrain-summary.md"
+
+    checkout = tmp_path / "checkout"
+    _, rev2 = make_dvc_repo(checkout, monkeypatch)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["root"] = "data/ds"
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("SAFT_TRACKING", raising=False)
+
+    # what the retrain run leaves in MLflow: its parent run, tagged with the KFP run id, holding the table and decision
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "run-42")
+    start_task({"data": params["data"]}, "saft-retrain", True)
+    results, decision = tmp_path / "results", tmp_path / "decision"
+    results.mkdir()
+    decision.mkdir()
+    (results / "results.md").write_text("method  ID  OOD mean\nsaft    61.3  66.8\n")
+    (decision / "register.json").write_text(json.dumps({"verdict": "rejected", "version": "2",
+                                                       "summary": "saft-tiny v2: rejected (OOD mean drop)"}))
+    finish_task(True, results_dir=str(results), decision_dir=str(decision))
+    monkeypatch.delenv(PIPELINE_RUN_ENV)
+
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("# earlier steps\n")
+    with fake_kfp_server(monkeypatch) as (host, requests):
+        env = {**job["env"], "IMAGE": "registry.example.com/ml/saft:1.2.3", "KFP_HOST": host, "DATA_REV": rev2,
+               "REPO_URL": "https://github.example.com/acme/saft", "EXPERIMENT": "saft-retrain",
+               "GITHUB_STEP_SUMMARY": str(summary)}
+        for step in ("Compile pipeline", "Submit, wait, summarize"):
+            for words in shell_commands(_expand(_step(data, step)["run"], env)):
+                if words and words[0] == "saft":
+                    assert main(words[1:]) == 0, words
+        run = submitted_run(requests)
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters["data_rev"] == rev2 and parameters["data_root"] == "data/ds"
+    assert parameters["data_repo"] == "https://github.example.com/acme/saft"
+    assert run["display_name"] == f"retrain-{rev2}"
+    spec = run["pipeline_spec"]
+    assert spec.get("pipeline_spec", spec)["pipelineInfo"]["name"] == "saft-retrain"
+    for path in (summary, checkout / "retrain-summary.md"):
+        text = path.read_text()
+        assert "## saft retrain: run `run-42` succeeded" in text and f"Data revision: `{rev2}`" in text
+        assert "saft    61.3  66.8" in text and "**Registry: rejected**" in text
+    assert summary.read_text().startswith("# earlier steps\n")  # appended, as GitHub expects
 
 
 def _has_pipeline_command() -> bool:

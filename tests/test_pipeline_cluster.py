@@ -1,201 +1,267 @@
-"""The compiled Kubeflow pipeline and the cluster client, without a cluster.
+"""The compiled Kubeflow pipelines and components, and the cluster client, without a cluster.
 
-The compiled YAML is compared with the checked-in snapshot (pipelines/saft_pipeline.yaml);
-after a reviewed change, regenerate it with `saft pipeline compile`. Submit and schedule
-talk to a local HTTP endpoint that answers like the KFP API and records every request.
+Each pipeline's compiled YAML is compared with its checked-in snapshot
+(pipelines/<name>/pipeline.yaml), and each component's with components/<name>/
+component.yaml and README.md; after a reviewed change regenerate them with
+`saft pipeline compile --all` and `saft components compile`. The component files load
+with kfp's own loader. The cluster settings of every task (resources, GPU, secrets,
+caching, retries, checkpoints, the data version as an input) are read from the compiled
+YAML. Submit and schedule talk to a local HTTP endpoint that answers like the KFP API.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from fake_kfp import fake_kfp_server, submitted_run
 
 from saft.cli import main
-from saft.orchestration.client import DEFAULT_PACKAGE, compile_pipeline
-from saft.orchestration.dag import ClusterConfig, pipeline_arguments
+from saft.orchestration.client import compile_pipeline, pipeline_arguments
+from saft.orchestration.cluster import DEFAULT_IMAGE, TASK_RESOURCES, UNCACHED, ClusterConfig
+from saft.orchestration.repository import component_functions, find_repository, pipeline_names
 from saft.steps.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_TASKS = ("score", "score-2", "finetune", "finetune-2", "finetune-3", "evaluate")
+PIPELINES = ("benchmark", "retrain")
+# What carries the data version into a data-reading task's cache key: the world task's output
+# (which records it) or prepare's output (made from that).
+DATA_READERS = {"prepare": "world", "evaluate": "world", "score": "data", "finetune": "data", "baseline": "data",
+                "select": "data"}
+
+
+def _cfg() -> ClusterConfig:
+    return ClusterConfig.from_params(load_params(REPO / "params.yaml"))
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> tuple[Path, dict]:
-    path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
-    docs = list(yaml.safe_load_all(path.read_text()))
-    return path, {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}}
+def compiled(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for name in PIPELINES:
+        path = compile_pipeline(name, tmp_path_factory.mktemp(name) / "pipeline.yaml", _cfg())
+        docs = list(yaml.safe_load_all(path.read_text()))
+        out[name] = (path, {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}})
+    return out
 
 
-def test_compiled_yaml_matches_the_reviewed_snapshot(compiled) -> None:
-    path, _ = compiled
-    snapshot = REPO / DEFAULT_PACKAGE
-    assert snapshot.is_file(), "no snapshot: run `saft pipeline compile` and review the YAML"
+def test_the_repository_holds_both_pipelines_and_the_components() -> None:
+    assert find_repository() == REPO
+    assert pipeline_names() == sorted(PIPELINES)
+    assert set(component_functions(REPO)) == set(TASK_RESOURCES)  # every component has a resource policy
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_compiled_pipeline_matches_the_reviewed_snapshot(compiled, name) -> None:
+    path, _ = compiled[name]
+    snapshot = REPO / "pipelines" / name / "pipeline.yaml"
+    assert snapshot.is_file(), f"no snapshot: run `saft pipeline compile --pipeline {name}` and review the YAML"
     assert path.read_text() == snapshot.read_text(), (
-        "the compiled pipeline differs from pipelines/saft_pipeline.yaml; review the change and regenerate "
-        "the snapshot with `saft pipeline compile`")
+        f"the compiled {name} pipeline differs from {snapshot.relative_to(REPO)}; review the change and regenerate "
+        "it with `saft pipeline compile --all`")
+    text = path.read_text()
+    for machine in (str(REPO), "/tmp/", "saft_components", "saft_pipelines"):
+        assert machine not in text, f"the compiled YAML depends on this machine ({machine!r})"
 
 
-def _executor_of(spec: dict, task: str) -> dict:
-    """The container spec of a task (searching every DAG, loops included)."""
+def test_component_library_matches_its_definitions_and_loads_with_kfp(tmp_path) -> None:
+    from kfp import components
+
+    from saft.orchestration.library import compile_components
+
+    fresh = compile_components(DEFAULT_IMAGE, tmp_path)
+    assert {f.name for f in fresh} == set(component_functions(REPO))
+    for folder in fresh:
+        checked_in = REPO / "components" / folder.name
+        for file in ("component.yaml", "README.md"):
+            assert (checked_in / file).is_file(), f"components/{folder.name}/{file} is missing"
+            assert (folder / file).read_text() == (checked_in / file).read_text(), (
+                f"components/{folder.name}/{file} differs from its definition; run `saft components compile`")
+        loaded = components.load_component_from_file(str(checked_in / "component.yaml"))
+        assert loaded.name == folder.name.replace("_", "-")
+        assert loaded.component_spec.implementation.container.image == DEFAULT_IMAGE
+        inputs = set(loaded.component_spec.inputs or {})
+        readme = (checked_in / "README.md").read_text()
+        assert all(f"| `{key}` |" in readme for key in inputs), folder.name  # every input documented
+        assert "## Resources" in readme
+
+
+def test_a_loaded_component_builds_into_a_users_own_pipeline(tmp_path) -> None:
+    """What another team does: load two published components and wire them in their pipeline."""
+    from kfp import compiler, components, dsl
+
+    version = components.load_component_from_file(str(REPO / "components" / "data_version" / "component.yaml"))
+    world = components.load_component_from_file(str(REPO / "components" / "world" / "component.yaml"))
+
+    root = "s3://bucket/images"
+
+    @dsl.pipeline(name="their-pipeline")  # no parameters: this module's annotations are strings
+    def theirs():
+        v = version(data_root=root, data_rev="", data_repo="", expected="", pool_per_class=4, test_per_class=4,
+                    tracking=False)
+        world(data_root=root, data_version=v.output, pool_per_class=4, test_per_class=4)
+
+    compiler.Compiler().compile(theirs, str(tmp_path / "theirs.yaml"))
+    assert "saft.steps.tasks" in (tmp_path / "theirs.yaml").read_text()
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of every DAG (loops and conditions included): name -> task spec."""
+    out = {}
     for comp in [spec["root"]] + list(spec["components"].values()):
-        tasks = comp.get("dag", {}).get("tasks", {})
-        if task in tasks:
-            component = spec["components"][tasks[task]["componentRef"]["name"]]
-            return spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
-    raise KeyError(task)
+        out.update(comp.get("dag", {}).get("tasks", {}))
+    return out
 
 
-def _task_spec(spec: dict, task: str) -> dict:
-    for comp in [spec["root"]] + list(spec["components"].values()):
-        if task in comp.get("dag", {}).get("tasks", {}):
-            return comp["dag"]["tasks"][task]
-    raise KeyError(task)
+def _component_of(spec: dict, task: dict) -> tuple[str, str, dict] | None:
+    """(component function, executor label, container) of a task; None for loops and conditions."""
+    component = spec["components"][task["componentRef"]["name"]]
+    if "executorLabel" not in component:
+        return None
+    label = component["executorLabel"]
+    container = spec["deploymentSpec"]["executors"][label]["container"]
+    args = container["command"] + container.get("args", [])
+    return args[args.index("--function_to_execute") + 1], label, container
 
 
-def test_gpu_requests_secrets_shm_caching_and_retries_where_they_belong(compiled) -> None:
-    _, docs = compiled
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, name) -> None:
+    _, docs = compiled[name]
     spec, platform = docs["spec"], docs["platform"]
-    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for task in GPU_TASKS:
-        container = _executor_of(spec, task)
-        resources = container["resources"]
-        assert "accelerator" in resources, task
-        assert resources["accelerator"].get("resourceCount") or resources["accelerator"].get("count"), task
-        assert container["image"] == ClusterConfig().image
-        label = next(k for k, v in spec["deploymentSpec"]["executors"].items() if v["container"] is container)
-        k8s = executors[label]
-        assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and k8s["emptyDirMounts"][0]["medium"] == "Memory"
-        assert k8s["nodeSelector"] and k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
-        secrets = {s["secretName"] for s in k8s["secretAsEnv"]}
-        assert secrets == {"saft-s3", "saft-mlflow"}, task
-        assert _task_spec(spec, task)["retryPolicy"]["maxRetryCount"] == 2
-    for task in ("world", "prepare", "score", "finetune", "evaluate", "collect", "gather-deltas"):
-        assert _task_spec(spec, task)["cachingOptions"].get("enableCache") is True, task
-    for task in ("start-run", "register", "finish-run"):  # side effects: never served from a cache
-        assert not _task_spec(spec, task)["cachingOptions"].get("enableCache"), task
-    for task in ("world", "collect"):  # CPU-only tasks do not hold a GPU
-        assert "accelerator" not in _executor_of(spec, task).get("resources", {})
-    # the data hash flows into the cache key of every task reading the data
-    for task in ("score", "finetune"):
-        assert "data_hash" in _task_spec(spec, task)["inputs"]["parameters"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    seen = set()
+    for task_name, task in _tasks(spec).items():
+        found = _component_of(spec, task)
+        if found is None:
+            continue
+        function, label, container = found
+        seen.add(function)
+        res = TASK_RESOURCES[function]
+        resources = container.get("resources", {})
+        assert resources.get("resourceCpuRequest") == res.cpu, task_name  # on every task, not only GPU ones
+        assert resources.get("resourceMemoryRequest") == res.memory, task_name
+        assert ("accelerator" in resources) == res.gpu, task_name
+        assert container["image"] == DEFAULT_IMAGE
+        settings = k8s[label]
+        assert {s["secretName"] for s in settings["secretAsEnv"]} == {"saft-s3", "saft-mlflow"}, task_name
+        assert {e["name"]: e["fieldPath"] for e in settings["fieldPathAsEnv"]} == {
+            "SAFT_PIPELINE_RUN": "metadata.labels['pipeline/runid']"}, task_name
+        if res.gpu:
+            assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and settings["nodeSelector"], task_name
+        assert bool(task["cachingOptions"].get("enableCache")) == (function not in UNCACHED), task_name
+        if function in ("finetune", "baseline"):
+            assert settings["pvcMount"][0]["mountPath"] == "/mnt/saft-checkpoints", task_name
+        if function not in ("start_run", "finish_run"):
+            assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
+        if function == "world":  # the cache key follows the data
+            assert "data_version" in task["inputs"]["parameters"], task_name
+        if function in DATA_READERS:
+            assert DATA_READERS[function] in task["inputs"]["artifacts"], task_name
+        # no task of a pipeline run takes a per-run input: that would defeat every cache
+        assert "run" not in task.get("inputs", {}).get("artifacts", {}), task_name
+    expected = {"benchmark": {"gather_deltas"}, "retrain": {"select", "baseline", "compare", "deploy"}}[name]
+    assert expected <= seen
+
+
+def test_the_retrain_dag_trains_a_grid_selects_and_gates(compiled) -> None:
+    _, docs = compiled["retrain"]
+    spec = docs["spec"]
+    tasks = _tasks(spec)
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    grid = next(t for t in loops if t["parameterIterator"]["items"]["inputParameter"].endswith("lr_grid"))
+    assert grid["iteratorPolicy"]["parallelismLimit"] == 2  # cluster.parallelism
+    assert all(t["iteratorPolicy"]["parallelismLimit"] == 2 for t in loops)  # every fan-out is limited
+    conditions = {t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t
+                  and "condition" in t["triggerPolicy"]}
+    assert any("register_enabled" in c and "true" in c for c in conditions)
+    assert any("with_baselines" in c for c in conditions)
+    assert any("verdict" in c and "promoted" in c for c in conditions)  # deploy only on promotion
+    version = next(t for t in tasks.values() if t["taskInfo"]["name"] == "data-version")
+    assert not version["cachingOptions"].get("enableCache")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["lr_grid"]["defaultValue"] == [0.001, 0.003, 0.01]
+    assert params["with_baselines"]["defaultValue"] is False
 
 
 def test_compiled_yaml_holds_no_credentials(compiled) -> None:
-    path, _ = compiled
-    text = path.read_text()
-    for needle in ("AKIA", "aws_secret_access_key=", "password:", "token:"):
-        assert needle not in text
+    for path, _ in compiled.values():
+        text = path.read_text()
+        for needle in ("AKIA", "aws_secret_access_key=", "password:", "token:"):
+            assert needle not in text
 
 
 def test_params_become_pipeline_arguments() -> None:
-    params = load_params(REPO / "params.yaml", ["finetune.steps=7", "finetune.warmup_steps=1", "seeds=[4, 5]", "finetune.lr.saft=0.02"])
-    args = pipeline_arguments(params)
-    assert args["steps"] == 7 and args["seeds"] == [4, 5] and args["lr_saft"] == 0.02
+    params = load_params(REPO / "params.yaml", ["finetune.steps=7", "finetune.warmup_steps=1", "seeds=[4, 5]",
+                                                "finetune.lr.saft=0.02", "finetune.grad_accum=2",
+                                                "finetune.precision=bf16", "finetune.num_workers=3",
+                                                "finetune.checkpoint_every=5", "finetune.batch_size=12"])
+    args = pipeline_arguments("benchmark", params)
+    assert args["seeds"] == [4, 5] and args["lr_saft"] == 0.02
+    # every finetune setting reaches the components, in one JSON object
+    settings = json.loads(args["settings"])
+    assert {k: settings[k] for k in ("steps", "grad_accum", "precision", "num_workers", "checkpoint_every",
+                                     "batch_size")} == {"steps": 7, "grad_accum": 2, "precision": "bf16",
+                                                                "num_workers": 3, "checkpoint_every": 5,
+                                                                "batch_size": 12}
     assert json.loads(args["params_json"])["finetune"]["steps"] == 7
+    assert "checkpoint_root" not in args  # a cluster run keeps the compiled default (the PVC)
     with pytest.raises(ValueError, match="saft, random and full"):
-        pipeline_arguments(load_params(REPO / "params.yaml", ["finetune.methods=[saft, full]"]))
-
-
-class _FakeKfp(BaseHTTPRequestHandler):
-    """Answers the few KFP v2beta1 calls the client makes; records each request."""
-
-    requests: list[dict] = []
-
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        entry = {"method": self.command, "path": self.path,
-                 "headers": {k.lower(): v for k, v in self.headers.items()},
-                 "body": json.loads(raw) if raw else None}
-        self.requests.append(entry)
-        return entry
-
-    def do_GET(self) -> None:
-        self._record()
-        if "/experiments" in self.path:
-            self._reply({"experiments": [], "total_size": 0})
-        else:
-            self._reply({"multi_user": False})
-
-    def do_POST(self) -> None:
-        entry = self._record()
-        if self.path.startswith("/apis/v2beta1/experiments"):
-            self._reply({"experiment_id": "exp-1", "display_name": entry["body"]["display_name"]})
-        elif self.path.startswith("/apis/v2beta1/runs"):
-            self._reply({"run_id": "run-42", "display_name": entry["body"].get("display_name", ""),
-                         "experiment_id": "exp-1"})
-        elif self.path.startswith("/apis/v2beta1/recurringruns"):
-            self._reply({"recurring_run_id": "rr-7", "display_name": entry["body"].get("display_name", "")})
-        else:
-            self.send_response(404)
-            self.end_headers()
+        pipeline_arguments("benchmark", load_params(REPO / "params.yaml", ["finetune.methods=[saft, full]"]))
+    retrain = pipeline_arguments("retrain", load_params(REPO / "params.yaml", [
+        "retrain.lr_grid=[0.01, 0.1]", "retrain.baselines=[full]", "register.enabled=false", "data.rev=abc123",
+        "finetune.epochs=3"]))
+    assert retrain["lr_grid"] == [0.01, 0.1] and retrain["baselines"] == [{"method": "full", "lr": 1e-4}]
+    assert retrain["with_baselines"] is True and retrain["register_enabled"] is False
+    assert retrain["data_rev"] == "abc123" and json.loads(retrain["settings"])["epochs"] == 3.0
+    with pytest.raises(ValueError, match="no pipeline 'nightly'"):
+        pipeline_arguments("nightly", params)
 
 
 @pytest.fixture
 def fake_kfp(monkeypatch):
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    _FakeKfp.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfp)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", _FakeKfp.requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with fake_kfp_server(monkeypatch) as server:
+        yield server
 
 
-def test_submit_sends_the_compiled_pipeline_with_params_and_token(fake_kfp, tmp_path, monkeypatch, capsys) -> None:
+def test_submit_sends_the_compiled_pipeline_with_params_and_token(fake_kfp, compiled, monkeypatch, capsys) -> None:
     host, requests = fake_kfp
     monkeypatch.setenv("KFP_TOKEN", "tok-123")
-    package = compile_pipeline(tmp_path / "p.yaml")
+    package, _ = compiled["benchmark"]
     code = main(["pipeline", "submit", "--host", host, "--package", str(package), "--params",
-                 str(REPO / "params.yaml"), "--set", "finetune.steps=9", "--set", "finetune.warmup_steps=0", "--experiment", "nightly",
-                 "--run-name", "retrain-abc"])
+                 str(REPO / "params.yaml"), "--set", "finetune.steps=9", "--set", "finetune.warmup_steps=0",
+                 "--experiment", "nightly", "--run-name", "retrain-abc"])
     assert code == 0
     assert "run-42" in capsys.readouterr().out
-    run = next(r for r in requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
-    assert run["body"]["display_name"] == "retrain-abc"
-    assert run["body"]["experiment_id"] == "exp-1"
-    assert run["body"]["runtime_config"]["parameters"]["steps"] == 9
-    spec = run["body"]["pipeline_spec"]
+    run = submitted_run(requests)
+    assert run["display_name"] == "retrain-abc" and run["experiment_id"] == "exp-1"
+    assert json.loads(run["runtime_config"]["parameters"]["settings"])["steps"] == 9
+    spec = run["pipeline_spec"]
     spec = spec.get("pipeline_spec", spec)  # with platform settings the spec is wrapped
-    assert spec["pipelineInfo"]["name"] == "saft-robust-finetuning"
+    assert spec["pipelineInfo"]["name"] == "saft-benchmark"
     assert requests and all(r["headers"].get("authorization") == "Bearer tok-123" for r in requests)
     created = [r for r in requests if r["method"] == "POST" and "experiments" in r["path"]]
     assert created and created[0]["body"]["display_name"] == "nightly"
 
 
-def test_schedule_creates_a_cron_recurring_run(fake_kfp, tmp_path, monkeypatch) -> None:
+def test_schedule_creates_a_recurring_retrain_run(fake_kfp, compiled, monkeypatch, capsys) -> None:
     host, requests = fake_kfp
     monkeypatch.delenv("KFP_TOKEN", raising=False)
-    package = compile_pipeline(tmp_path / "p.yaml")
+    package, _ = compiled["retrain"]
     code = main(["pipeline", "schedule", "--host", host, "--package", str(package), "--cron", "0 3 * * *",
-                 "--name", "nightly-saft", "--params", str(REPO / "params.yaml")])
+                 "--name", "nightly-saft", "--params", str(REPO / "params.yaml"), "--set", "data.root=s3://b/images"])
     assert code == 0
-    job = next(r for r in requests if r["path"].startswith("/apis/v2beta1/recurringruns"))
-    assert job["body"]["display_name"] == "nightly-saft"
-    assert job["body"]["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
-    assert job["body"]["max_concurrency"] in (1, "1")
-    assert job["body"]["runtime_config"]["parameters"]["seeds"] == [1, 2, 3]
+    assert "the retrain pipeline" in capsys.readouterr().out
+    job = next(r for r in requests if r["path"].startswith("/apis/v2beta1/recurringruns"))["body"]
+    assert job["display_name"] == "nightly-saft"
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert job["max_concurrency"] in (1, "1")
+    parameters = job["runtime_config"]["parameters"]
+    # no data version in the arguments: each scheduled run resolves it when it starts
+    assert parameters["lr_grid"] == [0.001, 0.003, 0.01] and parameters["data_version"] == ""
+    assert parameters["data_root"] == "s3://b/images"
+    spec = job["pipeline_spec"]
+    assert spec.get("pipeline_spec", spec)["pipelineInfo"]["name"] == "saft-retrain"
 
 
 def test_bad_cron_and_missing_package_are_clear_errors(fake_kfp, tmp_path, capsys) -> None:
@@ -205,4 +271,4 @@ def test_bad_cron_and_missing_package_are_clear_errors(fake_kfp, tmp_path, capsy
     assert "cron expression" in capsys.readouterr().err
     assert main(["pipeline", "submit", "--host", host, "--package", str(tmp_path / "none.yaml"), "--params",
                  str(REPO / "params.yaml")]) == 2
-    assert "saft pipeline compile" in capsys.readouterr().err
+    assert "saft pipeline compile --pipeline benchmark" in capsys.readouterr().err

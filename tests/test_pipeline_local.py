@@ -154,11 +154,39 @@ def test_task_log_counts_tasks_whose_messages_reach_no_handler(tmp_path: Path, c
     assert "task  1 evaluate: success" in capsys.readouterr().out
 
 
+def test_task_log_keeps_kfp_locals_global_swaps_off_the_terminal(tmp_path: Path, capsys) -> None:
+    """What leaked into `make demo` after the first loop: a stderr handler that a module-level
+    logging.info installs when parallel tasks left the root logger without handlers (raw
+    `INFO:root:Task ... outputs:` with colour codes), and an indenting print left behind."""
+    import builtins
+    import logging
+
+    from saft.orchestration.tasklog import task_log
+
+    root = logging.getLogger()
+    handlers, print_ = root.handlers[:], builtins.print
+    with task_log(tmp_path / "kfp.log") as sink:
+        root.handlers.clear()  # as a parallel task's logger context left them
+        logging.info("Task \x1b[96m'prepare'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+        logging.info("Task \x1b[96m'prepare'\x1b[0m outputs:\n    data: Dataset( name='data' )")
+        logging.info("Task score cache hit (key=0123456789ab); skipping execution.")
+        builtins.print = lambda *a, **k: print_("    ", *a, **k)  # kfp.local's indented_print, not undone
+        print("a task's own output")
+    assert root.handlers == handlers and builtins.print is print_
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines() == ["  task  1 prepare: success", "  task  2 score: cached"]
+    assert sink.cached == 1
+    logged = (tmp_path / "kfp.log").read_text()
+    assert "outputs:" in logged and "a task's own output" in logged and "\x1b[" not in logged
+
+
 def test_display_names_of_the_pipeline_tasks() -> None:
-    from saft.orchestration.dag import ClusterConfig, build_pipeline
+    from saft.orchestration.client import build_pipeline
+    from saft.orchestration.cluster import ClusterConfig
     from saft.orchestration.tasklog import display_names
 
-    names = display_names(build_pipeline(ClusterConfig(kubernetes=False)))
+    names = display_names(build_pipeline("benchmark", ClusterConfig(kubernetes=False)))
     methods = {"saft", "random", "full"}
     assert {names[k] for k in names if k.startswith("finetune")} == {f"finetune-{m}" for m in methods}
     assert {names[k] for k in names if k.startswith("score")} == {"score-saft", "score-random"}
@@ -205,7 +233,7 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert "OOD mean" in text
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
-    assert text.count("  task ") == 19 and len(text.splitlines()) < 80  # 19 tasks for one seed
+    assert text.count("  task ") == 20 and len(text.splitlines()) < 80  # 20 tasks for one seed
     assert "finetune-full: success" in text
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"

@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_protocols(sub)
 
-    from saft.tracking.cli import register as register_tracking
+    from saft.steps.register_cli import register as register_registry
 
-    register_tracking(sub)
+    register_registry(sub)
 
     from saft.serving.cli import register as register_serving
 

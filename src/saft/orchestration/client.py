@@ -1,4 +1,4 @@
-"""Cluster use: compile the pipeline, submit a run, create a recurring (cron) run.
+"""Cluster use: compile a pipeline, submit a run (and wait for it), create a recurring (cron) run.
 
 Authentication follows what KFP users expect: a bearer token from ``--token-env``
 (default ``KFP_TOKEN``) when set, otherwise the kfp client's own credentials (e.g. the
@@ -12,18 +12,37 @@ import tempfile
 from pathlib import Path
 
 from saft.io import atomic_path
-from saft.orchestration.dag import ClusterConfig, build_pipeline, pipeline_arguments
+from saft.orchestration.cluster import ClusterConfig
 from saft.steps.params import PipelineParams
 
-DEFAULT_PACKAGE = "pipelines/saft_pipeline.yaml"
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED")
 
 
-def compile_pipeline(out: str | Path = DEFAULT_PACKAGE, cfg: ClusterConfig = ClusterConfig()) -> Path:
+def build_pipeline(name: str, cfg: ClusterConfig = ClusterConfig(), repo=None):
+    """The pipeline function of ``pipelines/<name>/pipeline.py`` for ``cfg``."""
+    from saft.orchestration.repository import load_components, load_pipeline
+
+    return load_pipeline(name, repo).build(cfg, load_components(cfg.image, repo))
+
+
+def pipeline_arguments(name: str, params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "",
+                       repo=None) -> dict:
+    """``params`` as the arguments of pipeline ``name``."""
+    from saft.orchestration.repository import load_pipeline
+
+    return load_pipeline(name, repo).arguments(params, tracking=tracking, checkpoint_root=checkpoint_root)
+
+
+def compile_pipeline(name: str, out: str | Path | None = None, cfg: ClusterConfig = ClusterConfig(),
+                     repo=None) -> Path:
+    """Compile pipeline ``name``; default output: its reviewed ``pipelines/<name>/pipeline.yaml``."""
     from kfp import compiler
 
-    out = Path(out)
+    from saft.orchestration.repository import package_path
+
+    out = Path(out) if out else package_path(name, repo)
     with atomic_path(out) as tmp:
-        compiler.Compiler().compile(build_pipeline(cfg), str(tmp.with_suffix(".yaml")))
+        compiler.Compiler().compile(build_pipeline(name, cfg, repo), str(tmp.with_suffix(".yaml")))
         tmp.with_suffix(".yaml").replace(tmp)
     return out
 
@@ -35,26 +54,27 @@ def make_client(host: str, token_env: str = "KFP_TOKEN", namespace: str | None =
     return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
 
 
-def _package(package: str | None, image: str | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+def _package(name: str, package: str | None, cfg: ClusterConfig) -> tuple[str, tempfile.TemporaryDirectory | None]:
     if package:
         if not Path(package).is_file():
-            raise ValueError(f"{package}: no compiled pipeline there; run `saft pipeline compile --out {package}`")
+            raise ValueError(f"{package}: no compiled pipeline there; run `saft pipeline compile --pipeline {name} "
+                             f"--out {package}`")
         return package, None
     tmpdir = tempfile.TemporaryDirectory(prefix="saft-pipeline-")
     path = Path(tmpdir.name) / "pipeline.yaml"
-    compile_pipeline(path, ClusterConfig(image=image) if image else ClusterConfig())
+    compile_pipeline(name, path, cfg)
     return str(path), tmpdir
 
 
-def submit_run(host: str, params: PipelineParams, *, package: str | None = None, image: str | None = None,
-               experiment: str = "saft", run_name: str | None = None, namespace: str | None = None,
-               token_env: str = "KFP_TOKEN") -> str:
-    """Create one run; returns its run id."""
-    path, tmpdir = _package(package, image)
+def submit_run(host: str, name: str, params: PipelineParams, *, package: str | None = None,
+               cfg: ClusterConfig = ClusterConfig(), experiment: str = "saft", run_name: str | None = None,
+               namespace: str | None = None, token_env: str = "KFP_TOKEN") -> str:
+    """Create one run of pipeline ``name``; returns its run id."""
+    path, tmpdir = _package(name, package, cfg)
     try:
         client = make_client(host, token_env, namespace)
         result = client.create_run_from_pipeline_package(
-            path, arguments=pipeline_arguments(params), run_name=run_name, experiment_name=experiment,
+            path, arguments=pipeline_arguments(name, params), run_name=run_name, experiment_name=experiment,
             namespace=namespace)
         return result.run_id
     finally:
@@ -62,23 +82,35 @@ def submit_run(host: str, params: PipelineParams, *, package: str | None = None,
             tmpdir.cleanup()
 
 
-def schedule_run(host: str, params: PipelineParams, cron: str, *, name: str = "saft-retrain",
-                 package: str | None = None, image: str | None = None, experiment: str = "saft",
+def wait_for_run(host: str, run_id: str, timeout_s: float, *, token_env: str = "KFP_TOKEN",
+                 namespace: str | None = None, poll_s: float = 30.0) -> str:
+    """Wait (at most ``timeout_s``) for the run to finish; returns its final state (e.g. SUCCEEDED)."""
+    client = make_client(host, token_env, namespace)
+    try:
+        run = client.wait_for_run_completion(run_id, timeout=timeout_s, sleep_duration=poll_s)
+    except TimeoutError:
+        raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s; it keeps running on the cluster "
+                           f"(follow it in the KFP UI)") from None
+    return str(run.state).upper()
+
+
+def schedule_run(host: str, name: str, params: PipelineParams, cron: str, *, job_name: str = "saft-retrain",
+                 package: str | None = None, cfg: ClusterConfig = ClusterConfig(), experiment: str = "saft",
                  namespace: str | None = None, token_env: str = "KFP_TOKEN", max_concurrency: int = 1) -> str:
-    """Create a recurring run on a KFP cron schedule (6 fields, seconds first); returns its id."""
+    """Create a recurring run of pipeline ``name`` on a KFP cron schedule (6 fields, seconds first)."""
     fields = cron.split()
     if len(fields) not in (5, 6):
         raise ValueError(f"--cron {cron!r}: expected a cron expression such as '0 0 3 * * *' "
                          "(KFP uses 6 fields: seconds minutes hours day month weekday)")
     if len(fields) == 5:
         cron = "0 " + cron  # a classic 5-field cron: run at second 0
-    path, tmpdir = _package(package, image)
+    path, tmpdir = _package(name, package, cfg)
     try:
         client = make_client(host, token_env, namespace)
         exp = client.create_experiment(experiment, namespace=namespace)
         job = client.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
-            pipeline_package_path=path, params=pipeline_arguments(params), enabled=True)
+            experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=max_concurrency,
+            pipeline_package_path=path, params=pipeline_arguments(name, params), enabled=True)
         return job.recurring_run_id
     finally:
         if tmpdir is not None:

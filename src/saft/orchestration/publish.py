@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -21,15 +22,20 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     return out
 
 
-def publish_collect(part_dirs, deltas_dir, learning_rates, run_dir, results, report, table, headline):
+def publish_collect(part_dirs, deltas_dirs, parent_run_id, results, report, table, headline, step="collect"):
+    """Merge ``part_dirs`` (evaluate outputs, or earlier results) into ``results``; fill the UI artifacts."""
     from saft.steps.collect import TABLE_FILE
-    from saft.steps.tasks import collect_task, parent_run
+    from saft.steps.tasks import collect_task
 
-    summary = collect_task(part_dirs, deltas_dir, results.path, learning_rates=learning_rates,
-                           parent_run_id=parent_run(run_dir))
+    summary = collect_task(part_dirs, deltas_dirs, results.path, parent_run_id=parent_run_id, step=step)
     shutil.copyfile(Path(results.path) / "report.html", report.path)
     shutil.copyfile(Path(results.path) / TABLE_FILE, table.path)
-    for name, value in headline_metrics(summary).items():
+    values = headline_metrics(summary)
+    for name, value in values.items():
         headline.log_metric(name, value)
+    # KFP keeps Metrics in the artifact's metadata; a file at its path too, because kfp.local
+    # treats a cached artifact without a file as gone and would never serve this task from cache.
+    Path(headline.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(headline.path).write_text(json.dumps(values, sort_keys=True, indent=2) + "\n")
     passed = summary.get("checks_passed")
     return namedtuple("Outputs", ["checks_passed"])("n/a" if passed is None else str(bool(passed)).lower())

@@ -3,13 +3,24 @@
 kfp.local prints every task's full output (executor input and output JSON, component
 source, library logs) to stdout: thousands of lines for one run of the pipeline. While
 the pipeline runs, ``sys.stdout`` is replaced by a :class:`TaskLog` that writes all of it
-to a log file (warnings too); kfp.local's task messages are picked up on the root logger
-and each finished task gets one line on the terminal, with its status and duration. When
-a task fails, the log's last lines are shown with its path.
+to a log file (warnings and stderr too); kfp.local's task messages are picked up on the
+root logger and each finished task gets one line on the terminal, with its status and
+duration (or ``cached`` when kfp.local's cache served it). When a task fails, the log's
+last lines are shown with its path.
+
+No root-logger record reaches a handler while the pipeline runs: kfp.local's parallel
+tasks clear the root logger's handlers under each other, and a module-level
+``logging.info`` finding none calls ``logging.basicConfig()``, which installs a stderr
+handler that printed raw ``INFO:root:Task ... outputs:`` blocks (with colour codes) into
+the terminal. The records go to the log file instead, stderr is routed there too, and
+the root logger's handlers are put back as they were when the block ends. kfp.local's
+``indented_print`` swaps ``builtins.print`` the same way, and parallel tasks can leave an
+indenting wrapper behind; it is put back too.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -25,6 +36,7 @@ from typing import Iterator, TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_CACHED = re.compile(r"Task '?([^' ]+)'? cache hit")
 FAILURE_TAIL = 40  # log lines shown when a task fails
 
 
@@ -42,6 +54,7 @@ class TaskLog(io.TextIOBase):
         self._lock = threading.Lock()
         self._started: dict[str, deque[float]] = defaultdict(deque)
         self.finished = 0
+        self.cached = 0
         self.failed: list[str] = []
 
     def writable(self) -> bool:
@@ -62,6 +75,12 @@ class TaskLog(io.TextIOBase):
         with self._lock:
             if match := _STARTED.search(message):
                 self._started[match.group(1)].append(time.perf_counter())
+            elif match := _CACHED.search(message):
+                self.finished += 1
+                self.cached += 1
+                shown = self._names.get(match.group(1), match.group(1))
+                self._terminal.write(f"  task {self.finished:>2} {shown}: cached\n")
+                self._terminal.flush()
             elif match := _FINISHED.search(message):
                 name, status = match.groups()
                 starts = self._started.get(name)
@@ -75,20 +94,25 @@ class TaskLog(io.TextIOBase):
 
 
 class _TaskEvents(logging.Filter):
-    """Sees kfp.local's task messages on the root logger before any handler does.
+    """Takes every root-logger record before any handler does: task messages become terminal
+    lines, everything goes to the log file, and no handler sees the record.
 
     kfp.local swaps the root logger's handlers and level per task, and its parallel loop
-    iterations undo each other's swaps, so a message can reach no handler at all; a
-    filter on the logger itself is not swapped out.
+    iterations undo each other's swaps, so a message could reach no handler at all, or
+    one that ``basicConfig`` installed on stderr; a filter on the logger itself is not
+    swapped out.
     """
 
     def __init__(self, sink: TaskLog) -> None:
         super().__init__()
         self.sink = sink
+        self.formatter = logging.Formatter("%(asctime)s - %(levelname)s - %(message)s")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.sink.event(record.getMessage())
-        return True
+        message = record.getMessage()
+        self.sink.event(message)
+        self.sink.write(_ANSI.sub("", self.formatter.format(record)) + "\n")
+        return False
 
 
 def display_names(pipeline) -> dict[str, str]:
@@ -96,6 +120,10 @@ def display_names(pipeline) -> dict[str, str]:
     spec = pipeline.pipeline_spec
     dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
     return {key: task.task_info.name for dag in dags for key, task in dag.tasks.items()}
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
 
 
 def tail(path: Path, lines: int = FAILURE_TAIL) -> str:
@@ -120,14 +148,14 @@ def task_log(path: str | Path, *, verbose: bool = False, names: dict[str, str] |
             sink.write(warnings.formatwarning(message, category, filename, lineno, line))
 
         root, events = logging.getLogger(), _TaskEvents(sink)
-        level = root.level
+        level, handlers, print_ = root.level, root.handlers[:], builtins.print
         # at INFO before kfp.local saves "the original level", so no task restores WARNING mid-run
         root.setLevel(logging.INFO)
         root.addFilter(events)
         try:
             # kfp.local warns on every task that settings it ignores locally (the image, display
             # names) have no effect: expected here, so into the log with the rest
-            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
                 warnings.showwarning = to_log
                 yield sink
         except BaseException:
@@ -137,6 +165,8 @@ def task_log(path: str | Path, *, verbose: bool = False, names: dict[str, str] |
         finally:
             root.removeFilter(events)
             root.setLevel(level)
+            root.handlers[:] = handlers  # drop what basicConfig or kfp.local left behind
+            builtins.print = print_
 
 
-__all__ = ["TaskLog", "display_names", "task_log", "tail"]
+__all__ = ["TaskLog", "display_names", "strip_ansi", "task_log", "tail"]

@@ -22,10 +22,12 @@ CHECKPOINT_DIR = "checkpoints"
 def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, out_dir: str | Path, *,
                   mask_path: str | Path | None = None, root: str | None = None, resume: bool = False,
                   device: str = "cpu", skip_corrupt: bool = False, progress: bool = True,
-                  prompts: str = "train", log: Callable[[str], None] | None = print) -> dict:
+                  prompts: str = "train", checkpoint_dir: str | Path | None = None,
+                  log: Callable[[str], None] | None = print) -> dict:
     """Write ``delta.safetensors``, ``history.json`` and the resolved ``finetune.json``.
 
-    Checkpoints go to ``out_dir/checkpoints``; ``resume=True`` continues from there.
+    Checkpoints go to ``checkpoint_dir`` (default ``out_dir/checkpoints``; a pipeline task
+    puts them where a retry of it finds them); ``resume=True`` continues from there.
     ``prompts`` picks the prepared prompt set the loss uses: ``train`` (the training
     prompt, default) or ``eval`` (the evaluation ensemble).
     Skipped when ``out_dir`` already holds the delta of the same configuration, data and
@@ -42,11 +44,12 @@ def finetune_step(model_spec: str, cfg: FinetuneConfig, data_dir: str | Path, ou
     dist, device = from_env(device)  # under torchrun: this rank's part of every global batch
     return run_once("finetune", out_dir, params, inputs, [DELTA_FILE, HISTORY_FILE, CONFIG_FILE],
                     lambda: _finetune(model_spec, cfg, data, out_dir, mask_path, resume, device, skip_corrupt,
-                                      progress, prompts, dist), log=log, dist=dist)
+                                      progress, prompts, dist, checkpoint_dir), log=log, dist=dist)
 
 
 def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir, mask_path, resume: bool,
-              device: str, skip_corrupt: bool, progress: bool, prompt_set: str, dist: Dist) -> dict:
+              device: str, skip_corrupt: bool, progress: bool, prompt_set: str, dist: Dist,
+              checkpoint_dir=None) -> dict:
     loaded = load_model(model_spec, device=device)
     mask = Mask.load(mask_path) if mask_path is not None and cfg.method != "full" else None
     if mask is not None and mask.meta.get("base_fingerprint", loaded.fingerprint) != loaded.fingerprint:
@@ -56,7 +59,8 @@ def _finetune(model_spec: str, cfg: FinetuneConfig, data: PreparedData, out_dir,
     prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.prompt_templates(prompt_set))
     out = Path(out_dir)
     meta = {"base_model": model_spec, "manifest_hash": data.manifest_hash("train")}
-    result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=out / CHECKPOINT_DIR,
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else out / CHECKPOINT_DIR
+    result = finetune(loaded.model, train, prompts, config=cfg, mask=mask, checkpoint_dir=checkpoints,
                       resume=resume, device=device, meta=meta, progress=progress, dist=dist)
     summary = {"model": model_spec, "base_fingerprint": loaded.fingerprint, "data": str(data.folder),
                "root": data.root, "mask": str(mask_path) if mask_path else None, "config": result.config,

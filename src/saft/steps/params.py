@@ -55,6 +55,10 @@ class DataParams:
     split: str = ""  # empty: the dataset's training split
     shots: int = 16
     val_shots: int = 8
+    # The data version (steps/data_version.py): resolved at run time from the root; these pin it.
+    version: str = ""  # non-empty: the run fails unless the data is exactly this version
+    rev: str = ""  # git revision of the DVC-tracked data.root ("" = the working tree); CI passes its commit
+    repo: str = ""  # repository holding data.root's .dvc file (path or git URL; "" = the one data.root is in)
     subset: str = "all"  # all | base (the first ceil(n/2) classes in label order: base-to-new)
     train_templates: list[str] = field(default_factory=list)  # empty: the dataset's training prompt
 
@@ -90,6 +94,23 @@ class FinetuneParams:
     checkpoint_every: int = 0
     prompts: str = "train"
     text_batch: int = 0
+    epochs: float = 0.0  # > 0: train this many passes over the training set (overrides steps)
+    grad_accum: int = 1
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+
+
+# The embedded world's grid around the rate `saft benchmark synthshift` chose (3e-3); real-model
+# grids are in docs/pipelines.md.
+DEFAULT_LR_GRID = [1e-3, 3e-3, 1e-2]
+
+
+@dataclass
+class RetrainParams:
+    """The retrain pipeline: SAFT over a learning-rate grid, the rate chosen on ID validation."""
+
+    lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))
+    seed: int = 1
+    baselines: list[str] = field(default_factory=list)  # full, random: trained at finetune.lr, compared, never shipped
 
 
 @dataclass
@@ -120,6 +141,8 @@ class ClusterParams:
 
     gpu_type: str = "nvidia.com/gpu"
     gpu_count: int = 1
+    parallelism: int = 2  # loop iterations at a time in every fan-out (compiled into the pipeline)
+    checkpoint_pvc: str = "saft-checkpoints"  # PVC where training checkpoints outlive a pod; "": none
 
 
 @dataclass
@@ -134,6 +157,7 @@ class PipelineParams:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
 
     @property
@@ -181,6 +205,23 @@ class PipelineParams:
                               f"half of the classes for base-to-new), got {self.data.subset!r}")
         if self.register.gate not in ("auto", "id_ood", "hm"):
             raise ParamsError(f"{where}: register.gate must be auto, id_ood or hm, got {self.register.gate!r}")
+        f = self.finetune
+        if f.epochs < 0 or f.grad_accum < 1 or f.checkpoint_every < 0:
+            raise ParamsError(f"{where}: finetune.epochs must be >= 0, finetune.grad_accum >= 1 and "
+                              f"finetune.checkpoint_every >= 0")
+        if f.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ParamsError(f"{where}: finetune.precision must be auto, fp32, bf16 or fp16, got {f.precision!r}")
+        r = self.retrain
+        if not r.lr_grid or any(not lr > 0 for lr in r.lr_grid) or len(set(r.lr_grid)) != len(r.lr_grid):
+            raise ParamsError(f"{where}: retrain.lr_grid must be distinct positive learning rates, got {r.lr_grid}")
+        bad = [m for m in r.baselines if m not in ("full", "random")] + [m for m in r.baselines if r.baselines.count(m) > 1]
+        if bad:
+            raise ParamsError(f"{where}: retrain.baselines must be distinct entries of [full, random], got {r.baselines}")
+        missing = [m for m in r.baselines if m not in f.lr]
+        if missing:
+            raise ParamsError(f"{where}: finetune.lr has no learning rate for the baseline {', '.join(missing)}")
+        if self.cluster.parallelism < 1:
+            raise ParamsError(f"{where}: cluster.parallelism must be >= 1")
         return self
 
 

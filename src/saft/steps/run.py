@@ -41,7 +41,8 @@ from saft.steps.finetune import DELTA_FILE
 from saft.steps.params import PipelineParams, resolve_device, write_resolved
 from saft.steps.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
-from saft.steps.tasks import finetune_task, prepare_task, score_task
+from saft.steps.tasks import (candidate_metrics, config_from_settings, finetune_settings, finetune_task, prepare_task,
+                              score_task)
 from saft.steps.tracked import step_context
 from saft.steps.world import world_step, world_suite
 
@@ -54,10 +55,9 @@ def score_config(params: PipelineParams, kind: str, seed: int) -> ScoreConfig:
 
 
 def finetune_config(params: PipelineParams, method: str, seed: int) -> FinetuneConfig:
-    f = params.finetune
-    return FinetuneConfig(method=method, steps=f.steps, batch_size=f.batch_size, lr=f.lr[method],
-                          weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, seed=seed,
-                          checkpoint_every=f.checkpoint_every, text_batch=f.text_batch, **vars(params.loader))
+    """Every ``finetune`` setting of params.yaml (``epochs`` is applied by the finetune task)."""
+    return config_from_settings(finetune_settings(params.finetune, params.loader), method=method,
+                                lr=params.finetune.lr[method], seed=seed)
 
 
 def evaluate_config(params: PipelineParams, deltas: list[DeltaRun], only: list[str] = ()) -> EvaluateConfig:
@@ -187,7 +187,8 @@ def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, par
         cfg = finetune_config(params, method, seed)
         result = finetune_task(params.model, str(task_dir / "data"), masks.get(mask_kind(method)),
                                str(task_dir / method), cfg, device=params.device, parent_run_id=parent or "",
-                               progress=progress, log=log, prompts=params.finetune.prompts)
+                               progress=progress, log=log, prompts=params.finetune.prompts,
+                               epochs=params.finetune.epochs)
         log(f"{what}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
             f"final loss {result['final_loss']:.3f}")
         runs.append(DeltaRun(method, str(task_dir / method / DELTA_FILE), seed))
@@ -195,14 +196,18 @@ def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, par
 
 
 def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: str | None, gate: str) -> dict:
-    """Register the first seed's delta of ``register.method`` with the suite's metrics over all seeds."""
+    """Register the first seed's delta of ``register.method``, judged on that delta's own metrics."""
+    from saft.io import write_json
     from saft.steps.register import RegisterConfig, register_step
 
     r = params.register
     candidate = min((run for run in runs if run.name == r.method), key=lambda run: run.seed)
+    own = out / "register" / "candidate_metrics.json"
+    write_json(own, candidate_metrics(json.loads((out / "eval" / "metrics.json").read_text()), r.method,
+                                      candidate.seed))
     cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote, ood_tolerance=r.ood_tolerance,
                          id_tolerance=r.id_tolerance, gate=gate, hm_tolerance=r.hm_tolerance, baseline=r.baseline)
-    return register_step(cfg, out / "eval" / "metrics.json", candidate.path, out / "register",
+    return register_step(cfg, own, candidate.path, out / "register",
                          base_model=params.model, data_dir=Path(candidate.path).parent.parent / "data",
                          parent_run_id=parent)
 

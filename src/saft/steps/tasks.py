@@ -7,12 +7,17 @@ paths in, files in the output folders out, and the same steps, record files and
 tracking as ``saft run``. They import no kfp, so they are tested without a cluster.
 
 Embedded default: the ``world`` task renders the world into its artifact; an empty
-``data_root``/``suite`` downstream means "the world artifact's pool/suite".
+``data_root``/``suite`` downstream means "the world artifact's pool/suite". Tracking:
+each task finds its MLflow parent run through :mod:`saft.steps.pipeline_run` (never
+through an input, which would defeat the cache).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 # Light imports only: every task is a fresh process, and most need neither torch nor
@@ -26,45 +31,92 @@ DELTA_FILE = "delta.safetensors"
 HISTORY_FILE = "history.json"
 FINETUNE_FILE = "finetune.json"
 METRICS_FILE = "metrics.json"
-RUN_FILE = "run.json"
 EXTERNAL_FILE = "external.json"
+VERSION_FILE = "data_version.json"
+RESUME_FILE = "resume.json"
+DEPLOY_FILE = "deploy.json"
+CANDIDATE_METRICS_FILE = "candidate_metrics.json"
+FILES_DIR = "files"  # drawn images copied next to the manifests (data read through DVC)
+RUN_FILES = (DELTA_FILE, HISTORY_FILE, FINETUNE_FILE)
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def start_task(params: dict, run_name: str, tracking: bool, run_dir: str) -> str:
-    """Open the pipeline's parent MLflow run; write its id ("" when untracked) to ``run_dir``."""
-    run_id = ""
-    if tracking:
-        from saft.tracking.runs import start_pipeline_run
+# --------------------------------------------------------------------------- the pipeline run
 
-        run_id = start_pipeline_run(run_name, params)
-    write_json(Path(run_dir) / RUN_FILE, {"parent_run_id": run_id})
+
+def start_task(params: dict, run_name: str, tracking: bool) -> str:
+    """Open the pipeline's parent MLflow run (tagged with the pipeline run's id); "" when untracked."""
+    from saft.tracking.config import tracking_enabled
+
+    if not tracking or not tracking_enabled():
+        return ""
+    from saft.steps.pipeline_run import open_parent_run
+
+    run_id = open_parent_run(run_name, params)
+    _log(f"MLflow parent run {run_id}")
     return run_id
 
 
-def parent_run(run_dir: str) -> str:
-    return json.loads((Path(run_dir) / RUN_FILE).read_text())["parent_run_id"]
+def finish_task(tracking: bool, *, results_dir: str | None = None, decision_dir: str | None = None,
+                status: str = "FINISHED") -> None:
+    """Put the results table and the registry decision on the parent run, then close it.
 
+    Done here, in a task that is never cached, so the parent run of every pipeline run
+    holds them even when collect was served from cache (CI reads them from there).
+    """
+    from saft.steps.pipeline_run import parent_run
 
-def finish_task(parent_run_id: str) -> None:
-    if not parent_run_id:
+    parent = parent_run(tracking)
+    if not parent:
         return
+    from saft.tracking.config import make_client, resolve_config, tracking_call
     from saft.tracking.runs import end_pipeline_run
 
-    end_pipeline_run(parent_run_id, "FINISHED")
+    config = resolve_config()
+    client = make_client(config)
+    files = []
+    if results_dir:
+        files += [p for p in (Path(results_dir) / n for n in ("results.md", "results.json", "selection.json",
+                                                               "report.html")) if p.is_file()]
+    if decision_dir and (Path(decision_dir) / "register.json").is_file():
+        files.append(Path(decision_dir) / "register.json")
+        decision = json.loads((Path(decision_dir) / "register.json").read_text())
+        with tracking_call(config, "tagging the parent run with the registry decision"):
+            client.set_tag(parent, "saft.register.verdict", str(decision.get("verdict")))
+            client.set_tag(parent, "saft.register.version", str(decision.get("version") or ""))
+    with tracking_call(config, "logging the results on the parent run"):
+        for f in files:
+            client.log_artifact(parent, str(f), "results")
+    end_pipeline_run(parent, status)
 
 
-def world_task(out_dir: str, data_root: str, pool_per_class: int, test_per_class: int) -> None:
-    """Render the embedded world, or record that the data lives elsewhere (``data_root``)."""
+# --------------------------------------------------------------------------- data
+
+
+def world_task(out_dir: str, data_root: str, pool_per_class: int, test_per_class: int, *,
+               data_version: str = "") -> None:
+    """Render the embedded world, or record that the data lives elsewhere (``data_root``).
+
+    ``data_version`` is recorded in the output, which every data-reading task downstream
+    takes: that puts the version in their cache keys, and prepare checks the data against it.
+    """
     if data_root:
         write_json(Path(out_dir) / EXTERNAL_FILE, {"data_root": data_root})
-        return
-    from saft.steps.world import world_step
+    else:
+        from saft.steps.world import world_step
 
-    world_step(out_dir, WorldParams(pool_per_class, test_per_class), log=_log)
+        world_step(out_dir, WorldParams(pool_per_class, test_per_class), log=_log)
+    if data_version:
+        write_json(Path(out_dir) / VERSION_FILE, {"version": data_version})
+
+
+def recorded_version(world_dir: str) -> str:
+    """The data version the world task recorded ("" when none: ``saft run``)."""
+    path = Path(world_dir) / VERSION_FILE
+    return json.loads(path.read_text())["version"] if path.is_file() else ""
 
 
 def train_root(world_dir: str, data_root: str) -> str:
@@ -73,40 +125,115 @@ def train_root(world_dir: str, data_root: str) -> str:
     return data_root or str(Path(world_dir) / POOL_DIR)
 
 
-def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
-    """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
-    ``subset="base"`` is the base-to-new variant) when the world task rendered one, else a built-in or a file."""
-    from saft.eval.suites import load_suite
-    from saft.steps.world import world_suite
+def data_version_task(data_root: str, *, rev: str = "", repo: str = "", expected: str = "",
+                      pool_per_class: int = 64, test_per_class: int = 100, tracking: bool = False) -> str:
+    """The data's version now (never cached: it is what tells a recurring run that the data changed)."""
+    from saft.steps.data_version import resolve_data_version
 
-    name = world_suite(suite, subset)
-    if name and (Path(world_dir) / name).is_file():
-        return load_suite(str(Path(world_dir) / name), world_dir)
-    if suite:
-        return load_suite(suite, data_root or None)
-    raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
+    version = resolve_data_version(data_root, rev=rev, repo=repo, expected=expected, pool_per_class=pool_per_class,
+                                   test_per_class=test_per_class)
+    _log(f"data version: {version.describe}")
+    from saft.steps.pipeline_run import parent_run
+
+    parent = parent_run(tracking)
+    if parent:
+        from saft.tracking.config import make_client, resolve_config, tracking_call
+
+        config = resolve_config()
+        with tracking_call(config, "recording the data version on the parent run"):
+            _log_lineage(make_client(config), parent, version)
+    return version.version
+
+
+def _lineage_tags(version) -> dict[str, str]:
+    return {"saft.data_version": version.version, "saft.data_kind": version.kind,
+            "saft.data_root": version.root or "embedded world", "saft.data_rev": version.rev or "working tree"}
+
+
+def _log_lineage(client, run_id: str, version) -> None:
+    """Tags and an MLflow dataset input (``mlflow.log_input`` lineage) for ``version``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    for key, value in _lineage_tags(version).items():
+        client.set_tag(run_id, key, value)
+    digest = version.version.split("-", 1)[1][:32]  # MLflow keeps 36 characters
+    source = json.dumps({k: v for k, v in version.to_dict().items() if k in ("root", "rev", "repo", "path") and v},
+                        sort_keys=True)
+    dataset = Dataset(name=(version.root or "embedded-world")[-500:], digest=digest, source_type=version.kind,
+                      source=source)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def prepared_root(data_dir: str) -> str | None:
+    """The root to read a prepared folder's images from when prepare copied them beside it."""
+    files = Path(data_dir) / FILES_DIR
+    return str(files) if files.is_dir() else None
+
+
+def _materialize(storage, out_dir: Path) -> int:
+    """Copy the drawn images of ``out_dir``'s manifests from ``storage`` into ``out_dir/files``."""
+    from saft.data.manifest import read_manifest
+
+    count = 0
+    for name in ("train.jsonl", "val.jsonl"):
+        if not (out_dir / name).is_file():
+            continue
+        for entry in read_manifest(out_dir / name):
+            target = out_dir / FILES_DIR / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(storage.fetch(entry.path, entry.sha256), target)
+            count += 1
+    return count
 
 
 def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
-                 val_shots: int, seed: int, parent_run_id: str = "", subset: str = "all",
+                 val_shots: int, seed: int, parent_run_id: str = "", data_version: str | None = None,
+                 data_rev: str = "", data_repo: str = "", subset: str = "all",
                  train_templates: list[str] = ()) -> str:
     """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream).
 
     ``subset`` ``base`` keeps the first ceil(n/2) classes (base-to-new; see
     :func:`saft.data.fewshot.split_base_new`); ``train_templates`` replaces the dataset's
-    training prompt.
+    training prompt. With a data version (given, or recorded by the world task: the
+    pipelines), the root is read at that version or not at all:
+    it is resolved again here and must match (a root that changed since the data-version
+    task fails rather than training on other data than the run records). Data read
+    through DVC at a revision is copied into ``out_dir/files`` (only the drawn images),
+    so later tasks read it without DVC.
     """
     from saft.data.prepare import prepare_dataset
 
     logged = {"seed": seed, "dataset": dataset, "root": data_root, "split": split, "shots": shots,
               "val_shots": val_shots, "subset": subset}
+    reader, version = train_root(world_dir, data_root), None
+    data_version = recorded_version(world_dir) if data_version is None else data_version
+    if data_version:
+        from saft.steps.data_version import WORLD, DataVersion, reader_for, resolve_data_version
+
+        if data_root:
+            version = resolve_data_version(data_root, rev=data_rev, repo=data_repo, expected=data_version)
+            reader = reader_for(version)
+        else:  # the world artifact is rendered from the parameters its version hashes
+            version = DataVersion(data_version, WORLD, "")
+        logged["data_version"] = data_version
     name = f"prepare seed{seed}" + ("" if subset == "all" else f" {subset}")
     with step_context(name, parent_run_id, logged) as tracker:
-        result = prepare_dataset(train_root(world_dir, data_root), out_dir, dataset=dataset, split=split or None,
-                                 shots=shots, seed=seed, val_shots=val_shots, subset=subset,
-                                 train_templates=list(train_templates) or None)
-        tracker.set_tags({"saft.manifest_hash": result.manifest_hash})
+        result = prepare_dataset(reader, out_dir, dataset=dataset, split=split or None, shots=shots, seed=seed,
+                                 val_shots=val_shots, subset=subset, train_templates=list(train_templates) or None)
+        tags = {"saft.manifest_hash": result.manifest_hash}
+        if data_version:
+            tags["saft.data_version"] = data_version
+        tracker.set_tags(tags)
+        if not isinstance(reader, str):
+            _log(f"prepare: copied {_materialize(reader, Path(out_dir)):,} drawn images from {reader.uri}")
+        if version is not None:
+            write_json(Path(out_dir) / VERSION_FILE, version.to_dict())
+            if vars(tracker).get("client") is not None:  # a real MLflow run (not the untracked stand-in)
+                _log_lineage(tracker.client, tracker.run_id, version)
     return result.manifest_hash
+
+
+# --------------------------------------------------------------------------- training
 
 
 def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
@@ -115,39 +242,205 @@ def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, pro
 
     cfg.device = resolve_device(cfg.device)
     with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        stats = score_step(cfg, data_dir, out_dir, progress=progress, log=log)
+        stats = score_step(cfg, data_dir, out_dir, root=prepared_root(data_dir), progress=progress, log=log)
         tracker.log_mask_stats(stats)
         tracker.log_artifact(str(Path(out_dir) / MASK_FILE))
     return stats
 
 
+STEP_SETTINGS = ("epochs", "prompts")
+"""Settings a finetune task applies itself (not FinetuneConfig fields)."""
+
+
+def finetune_settings(finetune_params, loader_params=None) -> dict:
+    """``params.finetune`` (and ``params.loader``) as the FinetuneConfig-shaped dict a finetune component takes.
+
+    Every key of the sections that names a :class:`FinetuneConfig` field travels (a new
+    setting in both reaches the components with no other change), plus ``epochs`` and
+    ``prompts``; ``methods`` and the per-method ``lr`` are chosen per task.
+    """
+    from dataclasses import asdict, fields
+
+    from saft.sparse import FinetuneConfig
+
+    names = {f.name for f in fields(FinetuneConfig)} - {"method", "lr", "seed"}
+    section = {**asdict(finetune_params), **(asdict(loader_params) if loader_params is not None else {})}
+    return {**{k: v for k, v in section.items() if k in names}, "epochs": section.get("epochs", 0.0),
+            "prompts": section.get("prompts", "train")}
+
+
+def config_from_settings(settings: dict, *, method: str, lr: float, seed: int):
+    """A :class:`FinetuneConfig` from a settings dict (``epochs`` is resolved later, from the data).
+
+    Settings typed into the KFP UI or written by other tools (protobuf Structs) may carry
+    every number as a float: integral values of integer fields are turned back into ints.
+    """
+    from dataclasses import MISSING, fields
+
+    from saft.sparse import FinetuneConfig
+
+    known = {f.name: f for f in fields(FinetuneConfig)}
+    extra = sorted(set(settings) - set(known) - set(STEP_SETTINGS))
+    if extra:
+        raise ValueError(f"finetune settings: unknown key(s) {', '.join(extra)} (known: {', '.join(sorted(known))}, "
+                         "epochs)")
+    kwargs = {}
+    for key, value in settings.items():
+        if key in STEP_SETTINGS:
+            continue
+        default = known[key].default
+        if default is not MISSING and type(default) is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        kwargs[key] = value
+    if kwargs.get("max_grad_norm") == 0:
+        kwargs["max_grad_norm"] = None
+    return FinetuneConfig(**{**kwargs, "method": method, "lr": lr, "seed": seed})
+
+
+def steps_for_epochs(epochs: float, n_train: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``n_train`` images (at least one)."""
+    return max(1, math.ceil(epochs * n_train / (batch_size * grad_accum)))
+
+
+def with_epochs(cfg, epochs: float, data_dir: str, log=_log):
+    """``cfg`` with its steps set from ``epochs`` (> 0) and the training manifest's size."""
+    if not epochs:
+        return cfg
+    from saft.data.manifest import read_manifest
+    from saft.steps.prepared import PreparedData
+
+    n_train = len(read_manifest(PreparedData.open(data_dir).manifest("train")))
+    steps = steps_for_epochs(epochs, n_train, cfg.batch_size, cfg.grad_accum)
+    warmup = min(cfg.warmup_steps, steps)
+    if warmup != cfg.warmup_steps:
+        log(f"finetune: warm-up cut to {warmup} steps ({epochs:g} epochs are {steps} steps)")
+    log(f"finetune: {epochs:g} epochs of {n_train} images at batch {cfg.batch_size} x {cfg.grad_accum} = {steps} steps")
+    return replace(cfg, steps=steps, warmup_steps=warmup)
+
+
+def checkpoint_dir_for(checkpoint_root: str, model: str, cfg, data_dir: str, mask_dir: str | None) -> Path:
+    """Where this exact training run keeps its checkpoint: keyed by everything that shapes it.
+
+    The key covers the model spec, the full training config, the training manifest and
+    the mask, so a retry (a new pod, a fresh output folder) finds its own checkpoint and
+    nothing else's, and a run with other settings never resumes from it.
+    """
+    import hashlib
+
+    from saft.data.storage import sha256_file
+    from saft.steps.prepared import PreparedData
+
+    key = {"model": model, "config": cfg.to_dict(), "train": PreparedData.open(data_dir).manifest_hash("train"),
+           "mask": sha256_file(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(checkpoint_root) / f"finetune-{cfg.method}-{digest}"
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of the checkpoint in ``folder`` (0: none); memory-mapped, so cheap for big ones."""
+    from saft.sparse.trainer import CHECKPOINT_NAME
+
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        return 0
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+
 def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
                   device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log,
-                  prompts: str = "train") -> dict:
+                  epochs: float = 0.0, checkpoint_root: str = "", prompts: str = "train") -> dict:
+    """Train one delta. With ``checkpoint_root``, checkpoints go to a folder keyed by the run
+    (:func:`checkpoint_dir_for`) and a rerun resumes from the last one; the folder is removed
+    once the delta is written."""
     from saft.steps.finetune import finetune_step
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
     device = resolve_device(device)
+    cfg = with_epochs(cfg, epochs, data_dir, log)
+    ckpt, resumed = None, 0
+    if checkpoint_root:
+        ckpt = checkpoint_dir_for(checkpoint_root, model, cfg, data_dir, mask_dir)
+        resumed = checkpoint_step(ckpt)
+        if resumed:
+            log(f"finetune: resuming from the checkpoint at step {resumed} of {cfg.steps} in {ckpt}")
+        elif cfg.checkpoint_every:
+            log(f"finetune: a checkpoint every {cfg.checkpoint_every} steps in {ckpt}")
+        else:
+            log("finetune: no checkpoints (finetune.checkpoint_every is 0): a retry starts from step 0")
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, device=device, progress=progress,
-                                prompts=prompts, log=log)
+        summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
+                                device=device, progress=progress, log=log, resume=ckpt is not None,
+                                checkpoint_dir=ckpt, prompts=prompts)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
-    return summary
+        if ckpt is not None:
+            tracker.set_tags({"saft.resumed_from_step": str(resumed)})
+    if ckpt is not None:
+        write_json(Path(out_dir) / RESUME_FILE, {"checkpoint_dir": str(ckpt), "resumed_from_step": resumed,
+                                                "steps": cfg.steps})
+        shutil.rmtree(ckpt, ignore_errors=True)  # the delta is in the artifact store now
+    return {**summary, "resumed_from_step": resumed}
 
 
-def gather_deltas(delta_dirs: list[str], out_dir: str) -> list[str]:
-    """Copy finetune output folders into ``out_dir/<method>-seed<N>/`` (delta, history, record)."""
-    import shutil
+def baseline_task(model: str, data_dir: str, out_dir: str, *, method: str, lr: float, settings: dict, seed: int,
+                  density: float, device: str = "cpu", parent_run_id: str = "", checkpoint_root: str = "") -> dict:
+    """A comparison run of the retrain pipeline: full fine-tuning, or a random mask of SAFT's density.
 
+    ``out_dir`` becomes a finetune output folder (what gather and evaluate read); a random
+    mask is drawn into a folder beside it and removed once the delta (which holds its
+    indices) is written.
+    """
+    import tempfile
+
+    if method not in ("full", "random"):
+        raise ValueError(f"baseline: method must be full or random, got {method!r}")
+    with tempfile.TemporaryDirectory(prefix="saft-baseline-mask-") as tmp:
+        mask_dir = None
+        if method == "random":
+            from saft.steps.score import ScoreConfig
+
+            mask_dir = str(Path(tmp) / "mask")
+            score_task(data_dir, mask_dir, ScoreConfig(model=model, density=density, kind="random", seed=seed,
+                                                       device=device), parent_run_id)
+        cfg = config_from_settings(settings, method=method, lr=lr, seed=seed)
+        return finetune_task(model, data_dir, mask_dir, out_dir, cfg, device=device, parent_run_id=parent_run_id,
+                             epochs=float(settings.get("epochs", 0.0)), checkpoint_root=checkpoint_root,
+                             prompts=settings.get("prompts", "train"))
+
+
+def select_task(model: str, data_dir: str, candidate_dirs: list[str], out_dir: str, *, batch_size: int = 128,
+                device: str = "cpu", parent_run_id: str = "") -> dict:
+    from saft.steps.select import SELECTION_PLOT, select_step
+
+    with step_context("select", parent_run_id, {"candidates": len(candidate_dirs)}) as tracker:
+        doc = select_step(model, data_dir, candidate_dirs, out_dir, root=prepared_root(data_dir),
+                          batch_size=batch_size, device=resolve_device(device), log=_log)
+        tracker.log_metrics({f"val_top1.lr_{c['lr']:g}": c["val_top1"] for c in doc["candidates"]}
+                            | {"chosen_lr": doc["chosen_lr"], "zeroshot_val_top1": doc["zeroshot_val_top1"]})
+        tracker.log_artifact(str(Path(out_dir) / SELECTION_PLOT))
+    return doc
+
+
+def gather_deltas(delta_dirs: list[str], out_dir: str, data_dirs: list[str] = ()) -> list[str]:
+    """Copy finetune output folders into ``out_dir/<method>-seed<N>/`` (delta, history, record), and
+    the small files of prepared data folders (manifests, classes, templates, records) into
+    ``out_dir/data-seed<N>/``."""
     names = []
     for run, folder in zip(_runs(delta_dirs), delta_dirs):
         name = f"{run.name}-seed{run.seed}"
         target = Path(out_dir) / name
         target.mkdir(parents=True, exist_ok=True)
-        for f in (DELTA_FILE, HISTORY_FILE, FINETUNE_FILE):
+        for f in RUN_FILES:
             shutil.copyfile(Path(folder) / f, target / f)
         names.append(name)
+    for folder in data_dirs:
+        target = Path(out_dir) / f"data-seed{json.loads((Path(folder) / 'prepare.json').read_text())['seed']}"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in Path(folder).iterdir():
+            if f.is_file():
+                shutil.copyfile(f, target / f.name)
     return names
 
 
@@ -167,6 +460,23 @@ def _runs(delta_dirs: list[str]) -> list:
         record = json.loads((Path(folder) / FINETUNE_FILE).read_text())
         runs.append(DeltaRun(record["config"]["method"], str(Path(folder) / DELTA_FILE), record["config"]["seed"]))
     return runs
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
+    """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
+    ``subset="base"`` is the base-to-new variant) when the world task rendered one, else a built-in or a file."""
+    from saft.eval.suites import load_suite
+    from saft.steps.world import world_suite
+
+    name = world_suite(suite, subset)
+    if name and (Path(world_dir) / name).is_file():
+        return load_suite(str(Path(world_dir) / name), world_dir)
+    if suite:
+        return load_suite(suite, data_root or None)
+    raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
 
 
 def suite_datasets(world_dir: str, suite: str, data_root: str) -> list[str]:
@@ -209,8 +519,8 @@ def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[di
 
 def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
                   out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
-                  parent_run_id: str = "", reference: str = "") -> dict:
-    """One suite dataset for the base and every delta (the evaluation fan-out).
+                  parent_run_id: str = "", reference: str = "", zeroshot: bool = True) -> dict:
+    """One suite dataset (``dataset``; "" = all) for the base and every delta (the evaluation fan-out).
 
     ``reference`` is the effective-robustness reference (``evaluate.reference``); every
     part of one suite must use the same, or collect refuses to merge them.
@@ -219,19 +529,35 @@ def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, datase
 
     resolved = resolve_suite(world_dir, suite, data_root)
     cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
-                         device=resolve_device(device), only=[dataset], reference=reference)
-    with step_context(f"evaluate {dataset}", parent_run_id, {"dataset": dataset}) as tracker:
+                         device=resolve_device(device), only=[dataset] if dataset else [], zeroshot=zeroshot,
+                         reference=reference)
+    with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:
         doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
         tracker.log_metrics_document(doc)
     return doc
 
 
-def collect_task(part_dirs: list[str], deltas_dir: str, out_dir: str, *, learning_rates: dict,
-                 parent_run_id: str = "") -> dict:
+def rates_of_deltas(deltas_dirs: list[str]) -> dict[str, float]:
+    """Each method's learning rate, read from the finetune records of the deltas (one rate per method)."""
+    rates: dict[str, set] = {}
+    for folder in deltas_dirs:
+        for record in Path(folder).glob(f"*/{FINETUNE_FILE}"):
+            cfg = json.loads(record.read_text())["config"]
+            rates.setdefault(cfg["method"], set()).add(float(cfg["lr"]))
+    return {m: next(iter(r)) for m, r in rates.items() if len(r) == 1}
+
+
+def collect_task(part_dirs: list[str], deltas_dir: str | list[str], out_dir: str, *,
+                 learning_rates: dict | None = None, parent_run_id: str = "", step: str = "collect") -> dict:
+    """Merge evaluation parts (folders holding metrics.json); rates default to the deltas' own."""
     from saft.steps.collect import collect_step, results_text
 
-    with step_context("collect", parent_run_id) as tracker:
-        summary = collect_step([Path(p) / METRICS_FILE for p in part_dirs], out_dir, deltas=delta_runs(deltas_dir),
+    dirs = [deltas_dir] if isinstance(deltas_dir, str) else list(deltas_dir)
+    runs = [r for d in dirs for r in delta_runs(d)]
+    if learning_rates is None:
+        learning_rates = rates_of_deltas(dirs)
+    with step_context(step, parent_run_id) as tracker:
+        summary = collect_step([Path(p) / METRICS_FILE for p in part_dirs], out_dir, deltas=runs,
                                learning_rates=learning_rates)
         tracker.log_metrics_document(json.loads((Path(out_dir) / METRICS_FILE).read_text()))
         tracker.log_report(out_dir)
@@ -239,19 +565,81 @@ def collect_task(part_dirs: list[str], deltas_dir: str, out_dir: str, *, learnin
     return summary
 
 
+# --------------------------------------------------------------------------- registry
+
+
+def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
+    """The metrics document of one delta: ``method`` at ``seed`` (every alpha) and zero-shot.
+
+    The registered delta is one seed's; its version must carry, and the gate must judge,
+    that delta's own accuracy, not the mean over seeds of a benchmark.
+    """
+    from saft.eval.metrics import ZERO_SHOT, metrics_document, records_from_document
+
+    records = [r for r in records_from_document(doc) if r.model == ZERO_SHOT or (r.model == method and r.seed == seed)]
+    if not any(r.model == method for r in records):
+        raise ValueError(f"register: the metrics hold no records of {method} seed {seed}")
+    return metrics_document(records, {**doc.get("meta", {}), "candidate_seed": seed})
+
+
 def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
                   method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
                   baseline: bool = True, parent_run_id: str = "", gate: str = "auto",
                   hm_tolerance: float = 0.01) -> dict:
-    """Register the first seed's delta of ``method`` with the suite's metrics over all seeds."""
+    """Register the lowest seed's delta of ``method``, judged on that delta's own metrics."""
     from saft.steps.register import RegisterConfig, register_step
 
     runs = [r for r in delta_runs(deltas_dir) if r.name == method]
     if not runs:
         raise ValueError(f"register: no {method} delta among the finetune outputs")
     candidate = min(runs, key=lambda r: r.seed)
-    data_dir = next(d for d in data_dirs if json.loads((Path(d) / "prepare.json").read_text())["seed"] == candidate.seed)
+    data_dirs = list(data_dirs) or [str(p.parent) for p in Path(deltas_dir).glob("data-seed*/prepare.json")]
+    records = {json.loads((Path(d) / "prepare.json").read_text())["seed"]: d for d in data_dirs}
+    if candidate.seed not in records:
+        raise ValueError(f"register: no prepared data of seed {candidate.seed} (the candidate's) among {data_dirs}")
+    data_dir = records[candidate.seed]
+    own = Path(out_dir) / CANDIDATE_METRICS_FILE
+    write_json(own, candidate_metrics(json.loads((Path(results_dir) / METRICS_FILE).read_text()), method,
+                                      candidate.seed))
     cfg = RegisterConfig(model_name=model_name, method=method, promote=promote, ood_tolerance=ood_tolerance,
                          id_tolerance=id_tolerance, gate=gate, hm_tolerance=hm_tolerance, baseline=baseline)
-    return register_step(cfg, Path(results_dir) / METRICS_FILE, candidate.path, out_dir, base_model=model,
-                         data_dir=data_dir, parent_run_id=parent_run_id or None)
+    result = register_step(cfg, own, candidate.path, out_dir, base_model=model, data_dir=data_dir,
+                           parent_run_id=parent_run_id or None)
+    if result.get("version") and (Path(data_dir) / VERSION_FILE).is_file():
+        _tag_version(model_name, result["version"], json.loads((Path(data_dir) / VERSION_FILE).read_text()))
+    return result
+
+
+def _tag_version(model_name: str, version: str, data_version: dict) -> None:
+    """The data lineage on the registered model version (what it was trained on)."""
+    from saft.steps.data_version import DataVersion
+    from saft.tracking.config import make_client, resolve_config, tracking_call
+
+    config = resolve_config()
+    client = make_client(config)
+    with tracking_call(config, f"tagging {model_name} v{version} with its data version"):
+        for key, value in _lineage_tags(DataVersion.from_dict(data_version)).items():
+            client.set_model_version_tag(model_name, version, key, value)
+
+
+def verdict_of(decision_dir: str) -> str:
+    return str(json.loads((Path(decision_dir) / "register.json").read_text()).get("verdict", ""))
+
+
+def deploy_task(decision_dir: str, out_dir: str, *, model_name: str, parent_run_id: str = "") -> dict:
+    """Placeholder for serving the promoted version: records what would be deployed, deploys nothing.
+
+    The serving step (``saft.steps.deploy``) replaces this body with one call; until then
+    the promoted version is in the registry under the ``champion`` alias, and this task
+    says so rather than pretending to have rolled it out.
+    """
+    decision = json.loads((Path(decision_dir) / "register.json").read_text())
+    doc = {"deployed": False, "model_name": model_name, "version": decision.get("version"),
+           "verdict": decision.get("verdict"),
+           "reason": "no serving step in this build yet; the promoted version is models:/"
+                     f"{model_name}@champion in the MLflow registry"}
+    with step_context("deploy", parent_run_id, {"model_name": model_name}) as tracker:
+        tracker.set_tags({"saft.deploy": "not deployed (no serving step yet)"})
+        write_json(Path(out_dir) / DEPLOY_FILE, doc)
+    _log(f"deploy: {model_name} v{doc['version']} not deployed ({doc['reason']})")
+    return doc

@@ -1,0 +1,28 @@
+"""Phase I of SAFT: the gradient-importance mask (or a random mask of the same density)."""
+
+from kfp.dsl import Dataset, Input, Model, Output
+
+
+def score(model: str, data: Input[Dataset], kind: str, density: float, rule: str,
+          batch_size: int, seed: int, device: str, tracking: bool, mask: Output[Model]):
+    """Scores every eligible parameter entry by its downstream-loss gradient and keeps the top density.
+
+    Args:
+        model: Model spec: ARCH@TAG (open_clip hub), ARCH@/path/weights, or tiny.
+        data: The prepare task's output.
+        kind: saft (gradient scores) or random (uniformly random entries).
+        density: Fraction of entries selected, e.g. 0.001.
+        rule: Score rule: abs_mean, mean_abs or mean_sq.
+        batch_size: Images per scoring batch (does not change abs_mean scores).
+        seed: Seed of the random mask.
+        device: auto, cpu, cuda or cuda:N.
+        tracking: Log a nested MLflow run.
+        mask: mask.safetensors, mask_stats.json, score.json.
+    """
+    from saft.steps.pipeline_run import parent_run
+    from saft.steps.score import ScoreConfig
+    from saft.steps.tasks import score_task
+
+    cfg = ScoreConfig(model=model, density=density, rule=rule, kind=kind, batch_size=batch_size, seed=seed,
+                      device=device)
+    score_task(data.path, mask.path, cfg, parent_run(tracking))

@@ -1,0 +1,94 @@
+"""The benchmark pipeline: SAFT vs full fine-tuning vs a random mask over seeds (the comparison made once).
+
+    start-run -> data-version -> world (renders the world or marks data_root; records the version)
+      -> for each seed: prepare -> score (saft, random) -> finetune (saft, random, full)
+      -> gather-deltas -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report, checks)
+      -> if register_enabled: register (the lowest seed's SAFT delta, judged on its own metrics)
+      -> finish-run
+
+Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline benchmark``).
+"""
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from saft.orchestration.arguments import check_default_eligibility, shared_arguments
+from saft.orchestration.cluster import ClusterConfig, configure
+from saft.orchestration.stages import begin, evaluate_suite, register_and_finish
+from saft.steps.params import PipelineParams
+
+NAME = "saft-benchmark"
+DESCRIPTION = ("SAFT vs full fine-tuning vs a random mask over seeds, on an OOD suite, with MLflow tracking and an "
+               "OOD-aware promotion gate.")
+METHODS = ("saft", "random", "full")
+
+
+def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
+    """``params.yaml`` as this pipeline's arguments (it trains saft, random and full)."""
+    if sorted(params.finetune.methods) != sorted(METHODS):
+        raise ValueError("the benchmark pipeline trains saft, random and full: keep finetune.methods at all three "
+                         "(the retrain pipeline trains SAFT alone; `saft run` takes a subset)")
+    if params.register.method != "saft":
+        raise ValueError("the benchmark pipeline registers the saft delta: keep register.method: saft")
+    check_default_eligibility(params)
+    lr = params.finetune.lr
+    return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
+            "seeds": list(params.seeds), "lr_saft": lr["saft"], "lr_full": lr["full"], "lr_random": lr["random"]}
+
+
+def build(cfg: ClusterConfig, c):
+    """The pipeline function for ``cfg`` and the components ``c`` (compile it, run it locally, submit it)."""
+    # params_json is the run's own (a default would restate every default of params.yaml)
+    d = {**arguments(PipelineParams()), "checkpoint_root": cfg.checkpoint_root, "params_json": "{}"}
+
+    @dsl.pipeline(name=NAME, description=DESCRIPTION)
+    def benchmark(
+        model: str = d["model"], seeds: list = d["seeds"], device: str = d["device"],
+        data_root: str = d["data_root"], dataset: str = d["dataset"], split: str = d["split"],
+        shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
+        data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
+        pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
+        density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
+        settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
+        lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
+        suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
+        eval_batch_size: int = d["eval_batch_size"],
+        register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
+        promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
+        id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
+        tracking: bool = d["tracking"], params_json: str = d["params_json"],
+        gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
+    ) -> Dataset:
+        p = SimpleNamespace(**locals())
+
+        def on(task, name, display=None):
+            return configure(task, name, cfg, gpu_type, gpu_count, display=display)
+
+        world = begin(c, on, p, NAME)
+        with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
+            prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
+                                shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
+                                data_repo=data_repo, tracking=tracking), "prepare")
+            data = prep.outputs["data"]
+            masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
+                                      rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
+                                      tracking=tracking), "score", f"score-{kind}")
+                     for kind in ("saft", "random")}
+            tuned = {}
+            for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):
+                mask = {"mask": masks[method].outputs["mask"]} if method in masks else {}
+                tuned[method] = on(c.finetune(model=model, data=data, method=method,
+                                              lr=lr, settings=settings, seed=seed, device=device,
+                                              checkpoint_root=checkpoint_root, tracking=tracking, **mask),
+                                   "finetune", f"finetune-{method}")
+        gathered = on(c.gather_deltas(**{f"{m}_deltas": dsl.Collected(t.outputs["delta"]) for m, t in tuned.items()},
+                                      data=dsl.Collected(prep.outputs["data"])), "gather_deltas")
+        deltas = gathered.outputs["deltas"]
+        collected = evaluate_suite(c, on, p, world, deltas, cfg.parallelism)
+        results = collected.outputs["results"]
+        register_and_finish(c, on, p, results, deltas)  # the data: data-seed<N>/ in the gathered deltas
+        return results
+
+    return benchmark

@@ -1,0 +1,46 @@
+"""``params.yaml`` as pipeline arguments: the part both pipelines share.
+
+Each pipeline's ``arguments(params, tracking)`` starts from :func:`shared_arguments` and
+adds its own keys; the pipeline functions take their parameter defaults from the same
+function applied to the default parameters, so a default lives in one place
+(``saft.steps.params``). Training settings travel as one FinetuneConfig-shaped JSON
+object (``settings``), so a new finetune setting reaches the components without a new
+pipeline parameter (a JSON string rather than a dict parameter: KFP writes a dict's
+default in an unstable key order, which would make the compiled YAML differ run to run).
+"""
+
+from __future__ import annotations
+
+import json
+
+from saft.steps.params import PipelineParams
+
+
+def check_default_eligibility(params: PipelineParams) -> None:
+    if list(params.score.include) != ["*"] or list(params.score.exclude) != ["logit_scale", "logit_bias"]:
+        raise ValueError("the Kubeflow pipelines use the default eligibility: keep score.include/exclude "
+                         "(use `saft run` for other patterns)")
+
+
+def shared_arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
+    from saft.steps.tasks import finetune_settings
+
+    d, e, r = params.data, params.evaluate, params.register
+    return {
+        "model": params.model, "device": params.device,
+        "data_root": d.root, "dataset": d.dataset, "split": d.split, "shots": d.shots, "val_shots": d.val_shots,
+        "data_version": d.version, "data_rev": d.rev, "data_repo": d.repo,
+        "pool_per_class": params.world.pool_per_class, "test_per_class": params.world.test_per_class,
+        "density": params.score.density, "score_rule": params.score.rule, "score_batch_size": params.score.batch_size,
+        "settings": json.dumps(finetune_settings(params.finetune, params.loader), sort_keys=True),
+        "suite": e.suite, "eval_data_root": e.data_root, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
+        "register_enabled": r.enabled, "register_model_name": r.model_name, "promote": r.promote,
+        "ood_tolerance": r.ood_tolerance, "id_tolerance": r.id_tolerance, "register_baseline": r.baseline,
+        "tracking": tracking, "params_json": json.dumps(params.to_dict()),
+        "gpu_type": params.cluster.gpu_type, "gpu_count": params.cluster.gpu_count,
+        # absent: the compiled default (the checkpoint PVC's mount on a cluster)
+        **({"checkpoint_root": checkpoint_root} if checkpoint_root else {}),
+    }
+
+
+__all__ = ["check_default_eligibility", "shared_arguments"]

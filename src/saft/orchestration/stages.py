@@ -1,0 +1,55 @@
+"""The stretches of DAG both pipelines share: how a run begins, evaluates and ends.
+
+Each takes the components ``c``, the pipeline's ``on(task, name, display=None)`` (which
+applies the cluster policy) and ``p``, the pipeline function's parameters as a namespace.
+"""
+
+from __future__ import annotations
+
+from kfp import dsl
+
+
+def begin(c, on, p, run_name: str):
+    """start-run -> data-version (never cached) -> world; returns the world task.
+
+    The world output records the version, and every data-reading task takes it (or
+    prepare's output, made from it), so the version is in every such cache key. It is not
+    a parameter of the tasks inside loops: kfp.local replaces a task output that enters a
+    ParallelFor with the loop item.
+    """
+    start = on(c.start_run(params_json=p.params_json, run_name=run_name, tracking=p.tracking), "start_run")
+    version = on(c.data_version(data_root=p.data_root, data_rev=p.data_rev, data_repo=p.data_repo,
+                                expected=p.data_version, pool_per_class=p.pool_per_class,
+                                test_per_class=p.test_per_class, tracking=p.tracking).after(start), "data_version")
+    return on(c.world(data_root=p.data_root, data_version=version.output, pool_per_class=p.pool_per_class,
+                      test_per_class=p.test_per_class), "world")
+
+
+def evaluate_suite(c, on, p, world, deltas, parallelism: int):
+    """One evaluate task per suite dataset (zero-shot and every delta), then collect; returns collect."""
+    names = on(c.suite_datasets(world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root),
+               "suite_datasets")
+    with dsl.ParallelFor(names.output, parallelism=parallelism) as name:
+        part = on(c.evaluate(model=p.model, world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
+                             dataset=name, alphas=p.alphas, batch_size=p.eval_batch_size, device=p.device,
+                             tracking=p.tracking, deltas=deltas), "evaluate")
+    return on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=p.tracking), "collect")
+
+
+def register_and_finish(c, on, p, results, deltas, *, data=None, deploy: bool = False) -> None:
+    """If register_enabled: register (+ deploy on promotion) then finish-run; else finish-run alone."""
+    with dsl.If(p.register_enabled == True, "register-enabled"):  # noqa: E712 (a pipeline condition)
+        reg = on(c.register(model=p.model, results=results, deltas=deltas, method="saft",
+                            model_name=p.register_model_name, promote=p.promote, ood_tolerance=p.ood_tolerance,
+                            id_tolerance=p.id_tolerance, baseline=p.register_baseline, tracking=p.tracking,
+                            **({"data": data} if data is not None else {})), "register")
+        if deploy:
+            with dsl.If(reg.outputs["verdict"] == "promoted", "promoted"):
+                on(c.deploy(decision=reg.outputs["decision"], model_name=p.register_model_name, tracking=p.tracking),
+                   "deploy")
+        on(c.finish_run(tracking=p.tracking, results=results, decision=reg.outputs["decision"]), "finish_run")
+    with dsl.Else():
+        on(c.finish_run(tracking=p.tracking, results=results), "finish_run")
+
+
+__all__ = ["begin", "evaluate_suite", "register_and_finish"]

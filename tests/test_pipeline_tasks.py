@@ -1,0 +1,84 @@
+"""The task functions behind the retrain pipeline's components, without kfp: the training
+settings dict (epochs, every FinetuneConfig field), learning-rate selection on ID validation,
+the registered candidate's own metrics, and the parameters of the retrain section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saft.eval.metrics import Record, metrics_document
+from saft.steps.params import ParamsError, load_params
+from saft.steps.tasks import (candidate_metrics, config_from_settings, finetune_settings, steps_for_epochs,
+                              with_epochs)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_settings_carry_every_finetune_field_and_take_integral_floats() -> None:
+    params = load_params(REPO / "params.yaml", ["finetune.grad_accum=2", "finetune.precision=fp32",
+                                                "finetune.num_workers=2", "finetune.checkpoint_every=7"])
+    settings = finetune_settings(params.finetune)
+    assert "methods" not in settings and "lr" not in settings and settings["epochs"] == 0.0
+    # a settings object from the KFP UI or another tool may write every number as a float
+    as_kfp = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in settings.items()}
+    cfg = config_from_settings(json.loads(json.dumps(as_kfp)), method="saft", lr=0.01, seed=3)
+    assert (cfg.steps, cfg.grad_accum, cfg.num_workers, cfg.checkpoint_every, cfg.precision) == (100, 2, 2, 7, "fp32")
+    assert isinstance(cfg.steps, int) and cfg.lr == 0.01 and cfg.seed == 3
+    with pytest.raises(ValueError, match="unknown key.*stepz"):
+        config_from_settings({"stepz": 3}, method="saft", lr=0.01, seed=1)
+
+
+def test_epochs_set_the_steps_from_the_training_set(tmp_path: Path) -> None:
+    assert steps_for_epochs(10, 16_000, 128, 4) == 313  # 16-shot ImageNet at 512 images per step
+    assert steps_for_epochs(0.01, 10, 32, 1) == 1
+    (tmp_path / "prepare.json").write_text("{}")
+    for name in ("classes.json", "templates.json"):
+        (tmp_path / name).write_text('["a"]')
+    line = {"path": "a/{}.png", "label": 0, "class_name": "a", "sha256": "0" * 64}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({**line, "path": f"a/{i}.png"}) + "\n"
+                                                  for i in range(40)))
+    cfg = config_from_settings({"steps": 100, "batch_size": 8, "warmup_steps": 10}, method="full", lr=1e-5, seed=1)
+    logged = []
+    tuned = with_epochs(cfg, 1.5, str(tmp_path), logged.append)
+    assert tuned.steps == 8 and tuned.warmup_steps == 8  # 60 images / 8; the warm-up cut to the steps
+    assert "warm-up cut to 8" in logged[0] and with_epochs(cfg, 0, str(tmp_path)) is cfg
+
+
+def test_selection_takes_the_best_validation_top1_and_ties_go_to_the_lower_rate() -> None:
+    from saft.steps.select import choose, selection_table
+
+    candidates = [{"lr": 0.01, "val_top1": 0.7}, {"lr": 0.001, "val_top1": 0.7}, {"lr": 0.003, "val_top1": 0.65}]
+    assert choose(candidates)["lr"] == 0.001
+    assert choose(candidates[2:] + [{"lr": 0.1, "val_top1": 0.71}])["lr"] == 0.1
+    doc = {"val_images": 80, "method": "saft", "seed": 1, "zeroshot_val_top1": 0.5, "chosen_lr": 0.001,
+           "candidates": [{**c, "final_loss": 1.0} for c in candidates]}
+    table = selection_table(doc)
+    assert "| 0.001 (chosen) | 70.0 |" in table and table.count("(chosen)") == 1
+
+
+def test_the_registered_candidate_is_judged_on_its_own_seed() -> None:
+    records = [Record("zeroshot", "id-set", "id", 0.5, 10), Record("zeroshot", "ood-set", "ood", 0.6, 10)]
+    for seed, (id_, ood) in {1: (0.9, 0.4), 2: (0.7, 0.8)}.items():
+        records += [Record("saft", "id-set", "id", id_, 10, seed, 1.0), Record("saft", "ood-set", "ood", ood, 10, seed,
+                                                                                1.0)]
+    doc = metrics_document(records, {"suite": "s"})
+    own = candidate_metrics(doc, "saft", 1)
+    saft = next(a for a in own["aggregates"] if a["model"] == "saft")
+    assert saft["seeds"] == [1] and saft["ood_mean"]["mean"] == 0.4  # not the mean over seeds (0.6)
+    assert own["meta"]["candidate_seed"] == 1 and any(a["model"] == "zeroshot" for a in own["aggregates"])
+    with pytest.raises(ValueError, match="no records of saft seed 5"):
+        candidate_metrics(doc, "saft", 5)
+
+
+def test_the_retrain_section_and_the_real_model_recipe() -> None:
+    recipe = load_params(REPO / "pipelines" / "retrain" / "params-vit-b-16-imagenet.yaml")
+    assert recipe.model == "ViT-B-16@openai" and recipe.finetune.epochs == 10 and recipe.retrain.lr_grid[0] == 1e-5
+    assert recipe.finetune.batch_size * recipe.finetune.grad_accum == 512
+    for override, message in [("retrain.lr_grid=[]", "distinct positive"), ("retrain.lr_grid=[0.1, 0.1]", "distinct"),
+                              ("retrain.baselines=[lora]", "entries of \\[full, random\\]"),
+                              ("finetune.precision=fp8", "finetune.precision"), ("cluster.parallelism=0", "parallelism")]:
+        with pytest.raises(ParamsError, match=message):
+            load_params(REPO / "params.yaml", [override])
