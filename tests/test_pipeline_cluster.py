@@ -194,7 +194,7 @@ def test_compiled_yaml_holds_no_credentials(compiled) -> None:
 def test_params_become_pipeline_arguments() -> None:
     params = load_params(REPO / "params.yaml", ["finetune.steps=7", "finetune.warmup_steps=1", "seeds=[4, 5]",
                                                 "finetune.lr.saft=0.02", "finetune.grad_accum=2",
-                                                "finetune.precision=bf16", "finetune.num_workers=3",
+                                                "finetune.precision=bf16", "loader.num_workers=3",
                                                 "finetune.checkpoint_every=5", "finetune.batch_size=12"])
     args = pipeline_arguments("benchmark", params)
     assert args["seeds"] == [4, 5] and args["lr_saft"] == 0.02

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_settings_carry_every_finetune_field_and_take_integral_floats() -> None:
     params = load_params(REPO / "params.yaml", ["finetune.grad_accum=2", "finetune.precision=fp32",
-                                                "finetune.num_workers=2", "finetune.checkpoint_every=7"])
-    settings = finetune_settings(params.finetune)
+                                                "loader.num_workers=2", "finetune.checkpoint_every=7"])
+    settings = finetune_settings(params.finetune, params.loader)
     assert "methods" not in settings and "lr" not in settings and settings["epochs"] == 0.0
     # a settings object from the KFP UI or another tool may write every number as a float
     as_kfp = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in settings.items()}

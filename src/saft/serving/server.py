@@ -146,10 +146,21 @@ async def _read_body(request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise RequestError(f"request body is more than the {limit / 2**20:g} MiB limit: send fewer images per "
-                               "request", 413)
+            chunks = []  # keep nothing; read on (up to a bound) so the client, still sending, gets the answer
+            if size > _DRAIN_FACTOR * limit:
+                break
+            continue
         chunks.append(chunk)
+    if size > limit:
+        raise RequestError(f"request body is more than the {limit / 2**20:g} MiB limit: send fewer images per "
+                           "request", 413)
     return b"".join(chunks)
+
+
+# An undeclared (chunked) body over the limit is read and discarded up to this many times the
+# limit before the 413 goes out: a client that is still sending would otherwise see its connection
+# reset instead of the answer. Past it the connection is cut.
+_DRAIN_FACTOR = 16
 
 
 def build_app(served: ServedModel):
