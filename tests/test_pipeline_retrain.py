@@ -164,7 +164,7 @@ def _data_pipeline(pipeline_root: Path, a: dict, parent_run_id: str) -> dict:
     from saft.orchestration.tasklog import task_log
 
     names = ("data_root", "data_rev", "data_repo", "data_version", "pool_per_class", "test_per_class", "dataset",
-             "split", "shots", "val_shots", "seed", "tracking")
+             "split", "shots", "val_shots", "seed", "tracking", "train_templates")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=True)
     os.environ["SAFT_PARENT_RUN_ID"] = parent_run_id  # the tasks log under the earlier run's parent
     terminal = io.StringIO()

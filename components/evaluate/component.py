@@ -5,7 +5,7 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, dataset: str,
              alphas: list, batch_size: int, device: str, tracking: bool, deltas: Input[Model],
-             metrics: Output[Artifact], zeroshot: bool = True):
+             metrics: Output[Artifact], zeroshot: bool = True, loader: str = "{}"):
     """Top-1 of zero-shot and of base + alpha * delta for each delta, on one suite dataset.
 
     Args:
@@ -21,9 +21,11 @@ def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, data
         deltas: A folder of <method>-seed<N>/ finetune outputs.
         metrics: metrics.json (saft-metrics/1) and report.
         zeroshot: Score the base model too.
+        loader: JSON of the DataLoader options (num_workers, pin_memory, persistent_workers; params.yaml loader:).
     """
     from saft.steps.pipeline_run import parent_run
     from saft.steps.tasks import evaluate_task
 
     evaluate_task(model, world.path, suite, data_root, dataset, deltas.path, metrics.path, alphas=alphas,
-                  batch_size=batch_size, device=device, parent_run_id=parent_run(tracking), zeroshot=zeroshot)
+                  batch_size=batch_size, device=device, parent_run_id=parent_run(tracking), zeroshot=zeroshot,
+                  loader=loader)

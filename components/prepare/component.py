@@ -4,7 +4,8 @@ from kfp.dsl import Dataset, Input, Output
 
 
 def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, shots: int, val_shots: int, seed: int,
-            data_rev: str, data_repo: str, tracking: bool, data: Output[Dataset]) -> str:
+            data_rev: str, data_repo: str, tracking: bool, data: Output[Dataset], train_templates: list = None,
+            subset: str = "all") -> str:
     """Validates the training split and draws the few-shot train and ID validation manifests.
 
     The root is read at the data version the world output records, or not at all (resolved
@@ -23,6 +24,8 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
         data_repo: Repository of a DVC-tracked data_root.
         tracking: Log a nested MLflow run.
         data: train.jsonl, val.jsonl, classes.json, templates.json, prepare.json, data_version.json.
+        train_templates: Prompts of scoring and training, each with one '{}' for the class name; empty or none = the dataset's own.
+        subset: all, or base (the first half of the classes in label order: the base-to-new protocol).
 
     Returns:
         The training manifest's sha256.
@@ -32,4 +35,4 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
 
     return prepare_task(world.path, data.path, data_root=data_root, dataset=dataset, split=split, shots=shots,
                         val_shots=val_shots, seed=seed, data_rev=data_rev, data_repo=data_repo,
-                        parent_run_id=parent_run(tracking))
+                        parent_run_id=parent_run(tracking), subset=subset, train_templates=list(train_templates or []))

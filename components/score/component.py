@@ -4,7 +4,8 @@ from kfp.dsl import Dataset, Input, Model, Output
 
 
 def score(model: str, data: Input[Dataset], kind: str, density: float, rule: str,
-          batch_size: int, seed: int, device: str, tracking: bool, mask: Output[Model]):
+          batch_size: int, seed: int, device: str, tracking: bool, mask: Output[Model], prompts: str = "train",
+          text_batch: int = 0, loader: str = "{}"):
     """Scores every eligible parameter entry by its downstream-loss gradient and keeps the top density.
 
     Args:
@@ -18,11 +19,14 @@ def score(model: str, data: Input[Dataset], kind: str, density: float, rule: str
         device: auto, cpu, cuda or cuda:N.
         tracking: Log a nested MLflow run.
         mask: mask.safetensors, mask_stats.json, score.json.
+        prompts: Prompt set of the scoring loss: train (the prepared training prompts) or eval (the evaluation ensemble).
+        text_batch: Prompts encoded at once (bounds the text side's memory); 0 = 8 per image of the batch.
+        loader: JSON of the DataLoader options (num_workers, pin_memory, persistent_workers; params.yaml loader:).
     """
     from saft.steps.pipeline_run import parent_run
     from saft.steps.score import ScoreConfig
-    from saft.steps.tasks import score_task
+    from saft.steps.tasks import loader_options, score_task
 
     cfg = ScoreConfig(model=model, density=density, rule=rule, kind=kind, batch_size=batch_size, seed=seed,
-                      device=device)
+                      device=device, prompts=prompts, text_batch=text_batch, **loader_options(loader))
     score_task(data.path, mask.path, cfg, parent_run(tracking))

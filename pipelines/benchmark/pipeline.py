@@ -50,7 +50,9 @@ def build(cfg: ClusterConfig, c):
         shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
+        train_templates: list = d["train_templates"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
+        score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
         lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
@@ -70,11 +72,12 @@ def build(cfg: ClusterConfig, c):
         with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
             prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                                 shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                                data_repo=data_repo, tracking=tracking), "prepare")
+                                data_repo=data_repo, tracking=tracking, train_templates=train_templates), "prepare")
             data = prep.outputs["data"]
             masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
                                       rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
-                                      tracking=tracking), "score", f"score-{kind}")
+                                      tracking=tracking, prompts=score_prompts, text_batch=score_text_batch,
+                                      loader=loader), "score", f"score-{kind}")
                      for kind in ("saft", "random")}
             tuned = {}
             for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):

@@ -53,7 +53,9 @@ def build(cfg: ClusterConfig, c):
         shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
+        train_templates: list = d["train_templates"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
+        score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         settings: str = d["settings"], lr_grid: list = d["lr_grid"], checkpoint_root: str = d["checkpoint_root"],
         with_baselines: bool = d["with_baselines"], baselines: list = d["baselines"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
@@ -72,10 +74,11 @@ def build(cfg: ClusterConfig, c):
         world = begin(c, on, p, NAME)
         prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                             shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                            data_repo=data_repo, tracking=tracking), "prepare")
+                            data_repo=data_repo, tracking=tracking, train_templates=train_templates), "prepare")
         data = prep.outputs["data"]
         mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
-                          batch_size=score_batch_size, seed=seed, device=device, tracking=tracking), "score")
+                          batch_size=score_batch_size, seed=seed, device=device, tracking=tracking,
+                          prompts=score_prompts, text_batch=score_text_batch, loader=loader), "score")
         with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
             tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr, settings=settings, seed=seed,
                                   device=device, checkpoint_root=checkpoint_root, tracking=tracking,
@@ -93,7 +96,8 @@ def build(cfg: ClusterConfig, c):
             gathered = on(c.gather_runs(runs=dsl.Collected(base.outputs["delta"])), "gather_runs")
             scored = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
                                    dataset="", alphas=alphas, batch_size=eval_batch_size, device=device,
-                                   tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False),
+                                   tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False,
+                                   loader=loader),
                         "evaluate", "evaluate-baselines")
             on(c.compare(results=results, candidate=candidate, baseline_metrics=scored.outputs["metrics"],
                          baselines=gathered.outputs["deltas"], tracking=tracking), "compare")

@@ -11,6 +11,7 @@ default in an unstable key order, which would make the compiled YAML differ run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from saft.steps.params import PipelineParams
@@ -30,8 +31,12 @@ def shared_arguments(params: PipelineParams, *, tracking: bool = True, checkpoin
         "model": params.model, "device": params.device,
         "data_root": d.root, "dataset": d.dataset, "split": d.split, "shots": d.shots, "val_shots": d.val_shots,
         "data_version": d.version, "data_rev": d.rev, "data_repo": d.repo,
+        "train_templates": list(d.train_templates),
         "pool_per_class": params.world.pool_per_class, "test_per_class": params.world.test_per_class,
         "density": params.score.density, "score_rule": params.score.rule, "score_batch_size": params.score.batch_size,
+        "score_prompts": params.score.prompts, "score_text_batch": params.score.text_batch,
+        # the loader: section for score and evaluate (finetune and baseline read it inside settings)
+        "loader": json.dumps(dataclasses.asdict(params.loader), sort_keys=True),
         "settings": json.dumps(finetune_settings(params.finetune, params.loader), sort_keys=True),
         "suite": e.suite, "eval_data_root": e.data_root, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
         "register_enabled": r.enabled, "register_model_name": r.model_name, "promote": r.promote,

@@ -32,7 +32,7 @@ def evaluate_suite(c, on, p, world, deltas, parallelism: int):
     with dsl.ParallelFor(names.output, parallelism=parallelism) as name:
         part = on(c.evaluate(model=p.model, world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
                              dataset=name, alphas=p.alphas, batch_size=p.eval_batch_size, device=p.device,
-                             tracking=p.tracking, deltas=deltas), "evaluate")
+                             tracking=p.tracking, deltas=deltas, loader=p.loader), "evaluate")
     return on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=p.tracking), "collect")
 
 

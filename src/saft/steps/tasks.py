@@ -236,6 +236,30 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
 # --------------------------------------------------------------------------- training
 
 
+LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
+
+
+def loader_options(loader: str | dict | None) -> dict:
+    """The ``loader`` input of a component (params.yaml's ``loader:`` as JSON) as config keyword arguments.
+
+    ``""``/``{}``/None: the step's own defaults. Integral floats (protobuf Structs, the KFP
+    UI) are turned back into ints; unknown keys are refused with the known ones.
+    """
+    if loader is None or loader == "":
+        return {}
+    values = json.loads(loader) if isinstance(loader, str) else dict(loader)
+    if not isinstance(values, dict):
+        raise TypeError(f"loader: expected a JSON object with {', '.join(LOADER_KEYS)}, got {loader!r}")
+    extra = sorted(set(values) - set(LOADER_KEYS))
+    if extra:
+        raise ValueError(f"loader: unknown key(s) {', '.join(extra)} (known: {', '.join(LOADER_KEYS)}; params.yaml "
+                         "loader: section)")
+    out = dict(values)
+    if isinstance(out.get("num_workers"), float) and out["num_workers"].is_integer():
+        out["num_workers"] = int(out["num_workers"])
+    return out
+
+
 def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
                log=_log) -> dict:
     from saft.steps.score import score_step
@@ -402,8 +426,10 @@ def baseline_task(model: str, data_dir: str, out_dir: str, *, method: str, lr: f
             from saft.steps.score import ScoreConfig
 
             mask_dir = str(Path(tmp) / "mask")
+            # a random mask reads no images, but its record shows the run's loader settings like every task's
+            loader = {k: settings[k] for k in LOADER_KEYS if k in settings}
             score_task(data_dir, mask_dir, ScoreConfig(model=model, density=density, kind="random", seed=seed,
-                                                       device=device), parent_run_id)
+                                                       device=device, **loader_options(loader)), parent_run_id)
         cfg = config_from_settings(settings, method=method, lr=lr, seed=seed)
         return finetune_task(model, data_dir, mask_dir, out_dir, cfg, device=device, parent_run_id=parent_run_id,
                              epochs=float(settings.get("epochs", 0.0)), checkpoint_root=checkpoint_root,
@@ -519,18 +545,20 @@ def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[di
 
 def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
                   out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
-                  parent_run_id: str = "", reference: str = "", zeroshot: bool = True) -> dict:
+                  parent_run_id: str = "", reference: str = "", zeroshot: bool = True,
+                  loader: str | dict | None = None) -> dict:
     """One suite dataset (``dataset``; "" = all) for the base and every delta (the evaluation fan-out).
 
     ``reference`` is the effective-robustness reference (``evaluate.reference``); every
-    part of one suite must use the same, or collect refuses to merge them.
+    part of one suite must use the same, or collect refuses to merge them. ``loader``:
+    params.yaml's ``loader:`` section (see :func:`loader_options`).
     """
     from saft.steps.evaluate import EvaluateConfig, evaluate_suite
 
     resolved = resolve_suite(world_dir, suite, data_root)
     cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
                          device=resolve_device(device), only=[dataset] if dataset else [], zeroshot=zeroshot,
-                         reference=reference)
+                         reference=reference, **loader_options(loader))
     with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:
         doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
         tracker.log_metrics_document(doc)

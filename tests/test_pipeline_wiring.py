@@ -1,0 +1,111 @@
+"""params.yaml settings reach the step functions through the pipelines and their components.
+
+Each component body is called as the pod would (artifacts as objects with a ``path``), with
+the task function it calls replaced by a recorder, so the test reads exactly what the
+component hands on; the pipeline arguments are built from params.yaml with overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from saft.orchestration.client import pipeline_arguments
+from saft.orchestration.repository import component_functions
+from saft.steps.params import load_params
+from saft.steps.tasks import loader_options
+
+REPO = Path(__file__).resolve().parents[1]
+LOADER = ["loader.num_workers=3", "loader.pin_memory=false", "loader.persistent_workers=false"]
+
+
+def _record(monkeypatch, name: str) -> list:
+    """Replace ``saft.steps.tasks.<name>`` by a recorder of its arguments."""
+    import saft.steps.tasks as tasks
+
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"verdict": "promoted"} if name == "register_task" else "hash"
+
+    monkeypatch.setattr(tasks, name, recorder)
+    return calls
+
+
+def _art(tmp_path: Path, name: str) -> SimpleNamespace:
+    (tmp_path / name).mkdir(exist_ok=True)
+    return SimpleNamespace(path=str(tmp_path / name))
+
+
+def test_loader_options_take_the_section_as_json_and_refuse_unknown_keys() -> None:
+    assert loader_options("") == {} and loader_options("{}") == {} and loader_options(None) == {}
+    assert loader_options('{"num_workers": 2.0, "pin_memory": false}') == {"num_workers": 2, "pin_memory": False}
+    assert isinstance(loader_options({"num_workers": 4.0})["num_workers"], int)  # from a protobuf Struct
+    with pytest.raises(ValueError, match="unknown key.*workers.*known: num_workers"):
+        loader_options('{"workers": 2}')
+    with pytest.raises(TypeError, match="JSON object"):
+        loader_options("[1]")
+
+
+@pytest.mark.parametrize("pipeline", ["benchmark", "retrain"])
+def test_score_evaluate_and_prepare_settings_become_pipeline_arguments(pipeline: str) -> None:
+    params = load_params(REPO / "params.yaml", LOADER + ["score.prompts=eval", "score.text_batch=64",
+                                                         "data.train_templates=['a sketch of a {}.']"])
+    args = pipeline_arguments(pipeline, params)
+    assert json.loads(args["loader"]) == {"num_workers": 3, "pin_memory": False, "persistent_workers": False}
+    assert (args["score_prompts"], args["score_text_batch"]) == ("eval", 64)
+    assert args["train_templates"] == ["a sketch of a {}."]
+    # finetune and baseline read the same loader section inside their settings
+    settings = json.loads(args["settings"])
+    assert (settings["num_workers"], settings["pin_memory"], settings["persistent_workers"]) == (3, False, False)
+
+
+def test_the_score_component_hands_prompts_text_batch_and_loader_to_the_step(tmp_path, monkeypatch) -> None:
+    calls = _record(monkeypatch, "score_task")
+    score = component_functions(REPO)["score"]
+    score(model="tiny", data=_art(tmp_path, "data"), kind="saft", density=0.01, rule="abs_mean", batch_size=8,
+          seed=2, device="cpu", tracking=False, mask=_art(tmp_path, "mask"), prompts="eval", text_batch=16,
+          loader='{"num_workers": 0, "pin_memory": false, "persistent_workers": false}')
+    (data_dir, mask_dir, cfg, _), _ = calls[0]
+    assert (cfg.prompts, cfg.text_batch, cfg.num_workers, cfg.pin_memory, cfg.persistent_workers) == (
+        "eval", 16, 0, False, False)
+    assert (cfg.seed, cfg.batch_size, data_dir) == (2, 8, str(tmp_path / "data"))
+
+
+def test_the_evaluate_component_hands_the_loader_to_the_task(tmp_path, monkeypatch) -> None:
+    calls = _record(monkeypatch, "evaluate_task")
+    evaluate = component_functions(REPO)["evaluate"]
+    evaluate(model="tiny", world=_art(tmp_path, "world"), suite="", data_root="", dataset="sketch", alphas=[1.0],
+             batch_size=4, device="cpu", tracking=False, deltas=_art(tmp_path, "deltas"),
+             metrics=_art(tmp_path, "metrics"), loader='{"num_workers": 1}')
+    _, kwargs = calls[0]
+    assert loader_options(kwargs["loader"]) == {"num_workers": 1}
+
+
+def test_the_evaluate_task_builds_its_config_with_the_loader(tmp_path, monkeypatch) -> None:
+    import saft.steps.evaluate as evaluate
+    import saft.steps.tasks as tasks
+
+    seen = {}
+    monkeypatch.setattr(tasks, "resolve_suite", lambda *a, **k: "suite")
+    monkeypatch.setattr(tasks, "delta_runs", lambda d: [])
+    monkeypatch.setattr(evaluate, "evaluate_suite", lambda cfg, suite, out, **k: seen.setdefault("cfg", cfg) and {})
+    tasks.evaluate_task("tiny", str(tmp_path), "", "", "sketch", str(tmp_path), str(tmp_path / "out"), alphas=[1.0],
+                        batch_size=4, loader='{"num_workers": 0, "persistent_workers": false}', reference="none")
+    cfg = seen["cfg"]
+    assert (cfg.num_workers, cfg.persistent_workers, cfg.pin_memory, cfg.reference, cfg.only) == (
+        0, False, True, "none", ["sketch"])
+
+
+def test_the_prepare_component_hands_train_templates_and_subset_to_the_task(tmp_path, monkeypatch) -> None:
+    calls = _record(monkeypatch, "prepare_task")
+    prepare = component_functions(REPO)["prepare"]
+    common = dict(world=_art(tmp_path, "world"), data_root="", dataset="imagefolder", split="", shots=2, val_shots=1,
+                  seed=1, data_rev="", data_repo="", tracking=False, data=_art(tmp_path, "data"))
+    prepare(**common, train_templates=["a sketch of a {}."], subset="base")
+    prepare(**common)  # a user's own pipeline that names neither: the dataset's prompt, every class
+    assert [(c[1]["train_templates"], c[1]["subset"]) for c in calls] == [(["a sketch of a {}."], "base"), ([], "all")]
