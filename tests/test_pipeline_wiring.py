@@ -24,7 +24,7 @@ LOADER = ["loader.num_workers=3", "loader.pin_memory=false", "loader.persistent_
 
 def _record(monkeypatch, name: str) -> list:
     """Replace ``saft.steps.tasks.<name>`` by a recorder of its arguments."""
-    import saft.steps.tasks as tasks
+    from saft.steps import tasks
 
     calls = []
 
@@ -70,7 +70,7 @@ def test_the_score_component_hands_prompts_text_batch_and_loader_to_the_step(tmp
     score(model="tiny", data=_art(tmp_path, "data"), kind="saft", density=0.01, rule="abs_mean", batch_size=8,
           seed=2, device="cpu", tracking=False, mask=_art(tmp_path, "mask"), prompts="eval", text_batch=16,
           loader='{"num_workers": 0, "pin_memory": false, "persistent_workers": false}')
-    (data_dir, mask_dir, cfg, _), _ = calls[0]
+    (data_dir, _, cfg, _), _ = calls[0]
     assert (cfg.prompts, cfg.text_batch, cfg.num_workers, cfg.pin_memory, cfg.persistent_workers) == (
         "eval", 16, 0, False, False)
     assert (cfg.seed, cfg.batch_size, data_dir) == (2, 8, str(tmp_path / "data"))
@@ -87,8 +87,7 @@ def test_the_evaluate_component_hands_the_loader_to_the_task(tmp_path, monkeypat
 
 
 def test_the_evaluate_task_builds_its_config_with_the_loader(tmp_path, monkeypatch) -> None:
-    import saft.steps.evaluate as evaluate
-    import saft.steps.tasks as tasks
+    from saft.steps import evaluate, tasks
 
     seen = {}
     monkeypatch.setattr(tasks, "resolve_suite", lambda *a, **k: "suite")
@@ -104,8 +103,9 @@ def test_the_evaluate_task_builds_its_config_with_the_loader(tmp_path, monkeypat
 def test_the_prepare_component_hands_train_templates_and_subset_to_the_task(tmp_path, monkeypatch) -> None:
     calls = _record(monkeypatch, "prepare_task")
     prepare = component_functions(REPO)["prepare"]
-    common = dict(world=_art(tmp_path, "world"), data_root="", dataset="imagefolder", split="", shots=2, val_shots=1,
-                  seed=1, data_rev="", data_repo="", tracking=False, data=_art(tmp_path, "data"))
+    common = {"world": _art(tmp_path, "world"), "data_root": "", "dataset": "imagefolder", "split": "", "shots": 2,
+              "val_shots": 1, "seed": 1, "data_rev": "", "data_repo": "", "tracking": False,
+              "data": _art(tmp_path, "data")}
     prepare(**common, train_templates=["a sketch of a {}."], subset="base")
     prepare(**common)  # a user's own pipeline that names neither: the dataset's prompt, every class
     assert [(c[1]["train_templates"], c[1]["subset"]) for c in calls] == [(["a sketch of a {}."], "base"), ([], "all")]
