@@ -190,7 +190,7 @@ def check_wiring(stages: dict[str, dict], args: dict, params: dict) -> None:
         a = args[f"prepare@{s}"]
         assert (a.data_command, a.root, a.out, a.dataset, a.shots, a.val_shots, a.seed) == (
             "prepare", train_root, f"runs/dvc/seeds/seed{s}/data", data["dataset"], data["shots"], data["val_shots"], s)
-        assert a.split == (data["split"] or None)
+        assert a.split == (data["split"] or None) and a.subset == data["subset"]
         for kind in KINDS:
             a = args[f"score@{s}-{kind}-patterns0"]
             assert (a.command, a.kind, a.model, a.device, a.seed, a.root) == (
@@ -216,7 +216,9 @@ def check_wiring(stages: dict[str, dict], args: dict, params: dict) -> None:
     if ev["suite"]:
         assert (a.suite, a.data_root) == (ev["suite"], ev["data_root"])
     else:
-        assert (a.suite, a.data_root) == ("runs/dvc/world/synthshift.yaml", "runs/dvc/world")
+        world_suite = "synthshift-b2n" if data["subset"] == "base" else "synthshift"
+        assert (a.suite, a.data_root) == (f"runs/dvc/world/{world_suite}.yaml", "runs/dvc/world")
+    assert a.reference == ev["reference"]
     a = args["collect@all"]
     assert (a.command, a.metrics, a.out, a.delta) == ("collect", ["runs/dvc/evaluate"], "runs/dvc/eval", deltas)
 
@@ -276,12 +278,37 @@ def test_dvc_yaml_is_valid_and_every_command_parses_with_the_cli(tmp_path: Path,
     other["score"].update(include=["visual.*", "text.transformer.*"], exclude=["logit_scale"], rule="mean_sq")
     other["finetune"].update(steps=7, lr={"saft": 0.5, "full": 0.25, "random": 0.125})
     other["evaluate"].update(suite="imagenet-shifts", data_root="/datasets", alphas=[0.5, 1.0])
-    for variant in (params, other):
+    b2n = repo_params()  # the world's base-to-new variant: its suite, chosen by the shell glue
+    b2n["data"]["subset"] = "base"
+    other["evaluate"]["reference"] = "none"
+    for variant in (params, other, b2n):
         (root / "params.yaml").write_text(yaml.safe_dump(variant, sort_keys=False))
         stages = load_stages(root)
         assert set(stages) == expected_stage_names(variant)
         for shell in sorted(shells):
             check_wiring(stages, parsed_commands(stages, shell, tmp_path, fake_bin), variant)
+
+
+def test_the_summary_stage_reads_every_metrics_shape(tmp_path: Path) -> None:
+    """Metrics schema v2 (effective_robustness a stat, absent without a reference), v1 (a number), and
+    base-to-new aggregates all become flat numbers for `dvc metrics`."""
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["summary"]["cmd"]
+    results = {"checks_passed": False, "aggregates": [
+        {"model": "saft", "alpha": 1.0, "id": {"mean": 0.5}, "ood_mean": {"mean": 0.4}, "id_gain": 0.1,
+         "effective_robustness": {"mean": 0.02, "std": None}, "per_dataset": {"a": {"mean": 0.5}}},
+        {"model": "full", "alpha": 0.5, "id": {"mean": 0.6}, "effective_robustness": 0.03},
+        {"model": "zeroshot", "alpha": None, "id": {"mean": 0.4}},
+        {"model": "random", "alpha": 1.0, "base": {"mean": 0.8}, "new": {"mean": 0.6}, "hm": {"mean": 0.686},
+         "base_to_new": {"dtd": {"base": {"mean": 0.8}, "new": {"mean": 0.6}, "hm": {"mean": 0.686}}}}]}
+    (tmp_path / "runs/dvc/eval").mkdir(parents=True)
+    (tmp_path / "runs/dvc/eval/results.json").write_text(json.dumps(results))
+    subprocess.run(["sh", "-c", cmd], cwd=tmp_path, check=True, timeout=60)
+    summary = json.loads((tmp_path / "runs/dvc/summary.json").read_text())
+    assert summary["saft"] == {"id": 0.5, "ood_mean": 0.4, "id_gain": 0.1, "effective_robustness": 0.02,
+                               "per_dataset": {"a": 0.5}}
+    assert summary["full@0.5"]["effective_robustness"] == 0.03 and "effective_robustness" not in summary["zeroshot"]
+    assert summary["random"]["base_to_new"] == {"dtd": {"base": 0.8, "new": 0.6, "hm": 0.686}}
+    assert summary["random"]["hm"] == 0.686 and summary["checks_passed"] is False
 
 
 def small_params() -> dict:

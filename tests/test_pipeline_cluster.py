@@ -25,7 +25,7 @@ from saft.orchestration.repository import component_functions, find_repository, 
 from saft.steps.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = ("benchmark", "retrain")
+PIPELINES = ("base2new", "benchmark", "retrain")
 # What carries the data version into a data-reading task's cache key: the world task's output
 # (which records it) or prepare's output (made from that).
 DATA_READERS = {"prepare": "world", "evaluate": "world", "score": "data", "finetune": "data", "baseline": "data",
@@ -46,7 +46,7 @@ def compiled(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     return out
 
 
-def test_the_repository_holds_both_pipelines_and_the_components() -> None:
+def test_the_repository_holds_the_pipelines_and_the_components() -> None:
     assert find_repository() == REPO
     assert pipeline_names() == sorted(PIPELINES)
     assert set(component_functions(REPO)) == set(TASK_RESOURCES)  # every component has a resource policy
@@ -160,7 +160,8 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
             assert DATA_READERS[function] in task["inputs"]["artifacts"], task_name
         # no task of a pipeline run takes a per-run input: that would defeat every cache
         assert "run" not in task.get("inputs", {}).get("artifacts", {}), task_name
-    expected = {"benchmark": {"gather_deltas"}, "retrain": {"select", "baseline", "compare", "deploy"}}[name]
+    expected = {"benchmark": {"gather_deltas", "protocol"}, "retrain": {"select", "baseline", "compare", "deploy"},
+                "base2new": {"protocol", "base2new_trainings", "collect_base2new"}}[name]
     assert expected <= seen
 
 

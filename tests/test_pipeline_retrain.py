@@ -81,7 +81,7 @@ def test_retrain_end_to_end_then_from_cache_then_recomputed_on_new_data(mini_wor
     text = capsys.readouterr().out
     ran = _task_lines(text)
     assert sorted(ran["success"]) == sorted(
-        ["start-run", "data-version", "world", "prepare", "score", "finetune", "finetune", "select",
+        ["start-run", "data-version", "world", "protocol", "prepare", "score", "finetune", "finetune", "select",
          "suite-datasets", "evaluate", "evaluate", "collect", "register", "finish-run"]
         + (["deploy"] if "deploy: " in text else []))
     kfp = tmp_path / "out" / "kfp"
@@ -128,7 +128,8 @@ def test_retrain_end_to_end_then_from_cache_then_recomputed_on_new_data(mini_wor
     ran_again = _task_lines(again)
     assert set(ran_again["success"]) <= NEVER_CACHED and {"start-run", "data-version", "register"} <= set(
         ran_again["success"])
-    assert sorted(ran_again["cached"]) == sorted(["world", "prepare", "score", "finetune", "finetune", "select",
+    assert sorted(ran_again["cached"]) == sorted(["world", "protocol", "prepare", "score", "finetune", "finetune",
+                                                  "select",
                                                   "suite-datasets", "evaluate", "evaluate", "collect"])
     assert again.split("\n\n")[1] == text.split("\n\n")[1]  # the same table
     second = json.loads(sorted(kfp.glob("saft-retrain-*/register/decision/register.json"))[-1].read_text())
@@ -164,7 +165,8 @@ def _data_pipeline(pipeline_root: Path, a: dict, parent_run_id: str) -> dict:
     from saft.orchestration.tasklog import task_log
 
     names = ("data_root", "data_rev", "data_repo", "data_version", "pool_per_class", "test_per_class", "dataset",
-             "split", "shots", "val_shots", "seed", "tracking", "train_templates")
+             "split", "shots", "val_shots", "seed", "tracking", "train_templates",
+             "data_subset")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=True)
     os.environ["SAFT_PARENT_RUN_ID"] = parent_run_id  # the tasks log under the earlier run's parent
     terminal = io.StringIO()

@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 LOADER = ["loader.num_workers=3", "loader.pin_memory=false", "loader.persistent_workers=false"]
 
 
-def _record(monkeypatch, name: str) -> list:
-    """Replace ``saft.steps.tasks.<name>`` by a recorder of its arguments."""
-    from saft.steps import tasks
+def _record(monkeypatch, name: str, module: str = "tasks") -> list:
+    """Replace ``saft.steps.<module>.<name>`` by a recorder of its arguments."""
+    import importlib
 
+    tasks = importlib.import_module(f"saft.steps.{module}")
     calls = []
 
     def recorder(*args, **kwargs):
@@ -77,20 +78,23 @@ def test_the_score_component_hands_prompts_text_batch_and_loader_to_the_step(tmp
 
 
 def test_the_evaluate_component_hands_the_loader_to_the_task(tmp_path, monkeypatch) -> None:
-    calls = _record(monkeypatch, "evaluate_task")
+    calls = _record(monkeypatch, "evaluate_task", "eval_tasks")
     evaluate = component_functions(REPO)["evaluate"]
     evaluate(model="tiny", world=_art(tmp_path, "world"), suite="", data_root="", dataset="sketch", alphas=[1.0],
              batch_size=4, device="cpu", tracking=False, deltas=_art(tmp_path, "deltas"),
-             metrics=_art(tmp_path, "metrics"), loader='{"num_workers": 1}')
+             metrics=_art(tmp_path, "metrics"), loader='{"num_workers": 1}', reference="none", subset="base")
     _, kwargs = calls[0]
     assert loader_options(kwargs["loader"]) == {"num_workers": 1}
+    assert (kwargs["reference"], kwargs["subset"]) == ("none", "base")
 
 
 def test_the_evaluate_task_builds_its_config_with_the_loader(tmp_path, monkeypatch) -> None:
-    from saft.steps import evaluate, tasks
+    from saft.steps import eval_tasks as tasks
+    from saft.steps import evaluate
 
     seen = {}
     monkeypatch.setattr(tasks, "resolve_suite", lambda *a, **k: "suite")
+    monkeypatch.setattr(tasks, "entries_of", lambda suite, dataset: [dataset])
     monkeypatch.setattr(tasks, "delta_runs", lambda d: [])
     monkeypatch.setattr(evaluate, "evaluate_suite", lambda cfg, suite, out, **k: seen.setdefault("cfg", cfg) and {})
     tasks.evaluate_task("tiny", str(tmp_path), "", "", "sketch", str(tmp_path), str(tmp_path / "out"), alphas=[1.0],
@@ -109,3 +113,39 @@ def test_the_prepare_component_hands_train_templates_and_subset_to_the_task(tmp_
     prepare(**common, train_templates=["a sketch of a {}."], subset="base")
     prepare(**common)  # a user's own pipeline that names neither: the dataset's prompt, every class
     assert [(c[1]["train_templates"], c[1]["subset"]) for c in calls] == [(["a sketch of a {}."], "base"), ([], "all")]
+
+
+def test_the_register_component_hands_the_gate_and_hm_tolerance_to_the_task(tmp_path, monkeypatch) -> None:
+    calls = _record(monkeypatch, "register_task", "release_tasks")
+    register = component_functions(REPO)["register"]
+    out = register(model="tiny", results=_art(tmp_path, "results"), deltas=_art(tmp_path, "deltas"), method="saft",
+                   model_name="saft-tiny", promote=True, ood_tolerance=0.01, id_tolerance=0.01, baseline=True,
+                   tracking=False, decision=_art(tmp_path, "decision"), gate="hm", hm_tolerance=0.03)
+    _, kwargs = calls[0]
+    assert (kwargs["gate"], kwargs["hm_tolerance"], out.verdict) == ("hm", 0.03, "promoted")
+
+
+@pytest.mark.parametrize("pipeline", ["benchmark", "retrain"])
+def test_the_protocol_settings_become_pipeline_arguments(pipeline: str) -> None:
+    params = load_params(REPO / "params.yaml", ["data.subset=base", "evaluate.reference=none", "register.gate=hm",
+                                                "register.hm_tolerance=0.02"])
+    args = pipeline_arguments(pipeline, params)
+    assert (args["data_subset"], args["eval_reference"], args["register_gate"], args["hm_tolerance"]) == (
+        "base", "none", "hm", 0.02)
+
+
+def test_the_protocol_task_checks_the_pipelines_own_arguments(tmp_path) -> None:
+    from saft.steps.eval_tasks import protocol_check
+    from saft.steps.params import ParamsError, WorldParams
+    from saft.steps.world import world_step
+
+    world_step(tmp_path, WorldParams(4, 2), log=lambda *_: None)
+    common = {"eval_data_root": "", "dataset": "imagefolder", "data_root": "", "gate": "auto"}
+    assert protocol_check(str(tmp_path), suite="", subset="base", register_enabled=True, **common) == "hm"
+    assert protocol_check(str(tmp_path), suite="", subset="all", register_enabled=True, **common) == "id_ood"
+    assert protocol_check(str(tmp_path), suite="", subset="base", register_enabled=False, **common) == ""
+    with pytest.raises(ParamsError, match="data.subset: base"):
+        protocol_check(str(tmp_path), suite="synthshift-b2n", subset="all", register_enabled=True, **common)
+    with pytest.raises(ParamsError, match="register.gate: auto"):
+        protocol_check(str(tmp_path), suite="", subset="all", register_enabled=True,
+                       **{**common, "gate": "hm"})

@@ -5,7 +5,7 @@ from kfp.dsl import Dataset, Input, Output
 
 def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, shots: int, val_shots: int, seed: int,
             data_rev: str, data_repo: str, tracking: bool, data: Output[Dataset], train_templates: list = None,
-            subset: str = "all") -> str:
+            subset: str = "all", version_check: bool = True) -> str:
     """Validates the training split and draws the few-shot train and ID validation manifests.
 
     The root is read at the data version the world output records, or not at all (resolved
@@ -26,6 +26,7 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
         data: train.jsonl, val.jsonl, classes.json, templates.json, prepare.json, data_version.json.
         train_templates: Prompts of scoring and training, each with one '{}' for the class name; empty or none = the dataset's own.
         subset: all, or base (the first half of the classes in label order: the base-to-new protocol).
+        version_check: False: read data_root as it is, without the world's data version (a base-to-new training on one dataset's own suite root, which the run's version does not cover).
 
     Returns:
         The training manifest's sha256.
@@ -35,4 +36,5 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
 
     return prepare_task(world.path, data.path, data_root=data_root, dataset=dataset, split=split, shots=shots,
                         val_shots=val_shots, seed=seed, data_rev=data_rev, data_repo=data_repo,
-                        parent_run_id=parent_run(tracking), subset=subset, train_templates=list(train_templates or []))
+                        parent_run_id=parent_run(tracking), subset=subset, train_templates=list(train_templates or []),
+                        data_version=None if version_check else "")

@@ -7,7 +7,8 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 def register(model: str, results: Input[Dataset], deltas: Input[Model], method: str, model_name: str,
              promote: bool, ood_tolerance: float, id_tolerance: float, baseline: bool, tracking: bool,
-             decision: Output[Artifact], data: Input[Dataset] = None) -> NamedTuple("Outputs", [("verdict", str)]):
+             decision: Output[Artifact], data: Input[Dataset] = None, gate: str = "auto",
+             hm_tolerance: float = 0.01) -> NamedTuple("Outputs", [("verdict", str)]):
     """Registers the delta (with its base reference and data version) and moves champion only past the gate.
 
     With several seeds the lowest seed's delta is registered, and the gate judges that
@@ -29,15 +30,19 @@ def register(model: str, results: Input[Dataset], deltas: Input[Model], method: 
         decision: register.json.
         data: The prepare task's output (class names and templates served with the model); absent: the data-seed<N>/ folders gather_deltas put into deltas.
 
+        gate: Gate metric: auto (hm on a base-to-new suite, else id_ood), id_ood or hm.
+        hm_tolerance: Largest allowed drop of the base-to-new harmonic mean, as a fraction (gate hm).
+
     Returns:
         verdict: promoted, rejected, registered, skipped or not registered.
     """
     from collections import namedtuple
 
     from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import register_task
+    from saft.steps.release_tasks import register_task
 
     result = register_task(model, results.path, deltas.path, [data.path] if data is not None else [], decision.path, method=method,
                            model_name=model_name, promote=promote, ood_tolerance=ood_tolerance,
-                           id_tolerance=id_tolerance, baseline=baseline, parent_run_id=parent_run(tracking))
+                           id_tolerance=id_tolerance, baseline=baseline, parent_run_id=parent_run(tracking),
+                           gate=gate, hm_tolerance=hm_tolerance)
     return namedtuple("Outputs", ["verdict"])(str(result["verdict"]))

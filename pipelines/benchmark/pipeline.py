@@ -16,7 +16,7 @@ from kfp.dsl import Dataset
 
 from saft.orchestration.arguments import check_default_eligibility, shared_arguments
 from saft.orchestration.cluster import ClusterConfig, configure
-from saft.orchestration.stages import begin, evaluate_suite, register_and_finish
+from saft.orchestration.stages import begin, check_protocol, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
 
 NAME = "saft-benchmark"
@@ -50,16 +50,17 @@ def build(cfg: ClusterConfig, c):
         shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
-        train_templates: list = d["train_templates"],
+        train_templates: list = d["train_templates"], data_subset: str = d["data_subset"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
         lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
-        eval_batch_size: int = d["eval_batch_size"],
+        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
+        register_gate: str = d["register_gate"], hm_tolerance: float = d["hm_tolerance"],
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
     ) -> Dataset:
@@ -69,10 +70,12 @@ def build(cfg: ClusterConfig, c):
             return configure(task, name, cfg, gpu_type, gpu_count, display=display)
 
         world = begin(c, on, p, NAME)
+        checked = check_protocol(c, on, p, world)
         with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
             prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                                 shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                                data_repo=data_repo, tracking=tracking, train_templates=train_templates), "prepare")
+                                data_repo=data_repo, tracking=tracking, train_templates=train_templates,
+                                subset=data_subset).after(checked), "prepare")
             data = prep.outputs["data"]
             masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
                                       rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,

@@ -6,7 +6,7 @@
       -> select (the rate with the best top-1 on the prepared ID validation split)
       -> for each suite dataset: evaluate (zero-shot and the chosen delta) -> collect
       -> if baselines: for each baseline: baseline (full / random) -> gather-runs -> evaluate -> compare
-      -> if register_enabled: register + promotion gate -> if promoted: deploy
+      -> if register_enabled: register + promotion gate -> if promoted and deploy_enabled: deploy (KServe canary)
       -> finish-run
 
 The data version is an input of the world task, whose output every data-reading task takes
@@ -15,6 +15,8 @@ there on, while one over unchanged data is served from cache.
 Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline retrain``).
 """
 
+import dataclasses
+import json
 from types import SimpleNamespace
 
 from kfp import dsl
@@ -22,7 +24,7 @@ from kfp.dsl import Dataset
 
 from saft.orchestration.arguments import check_default_eligibility, shared_arguments
 from saft.orchestration.cluster import ClusterConfig, configure
-from saft.orchestration.stages import begin, evaluate_suite, register_and_finish
+from saft.orchestration.stages import begin, check_protocol, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
 
 NAME = "saft-retrain"
@@ -38,7 +40,9 @@ def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root:
     r = params.retrain
     baselines = [{"method": m, "lr": params.finetune.lr[m]} for m in r.baselines]
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
-            "seed": r.seed, "lr_grid": list(r.lr_grid), "with_baselines": bool(baselines), "baselines": baselines}
+            "seed": r.seed, "lr_grid": list(r.lr_grid), "with_baselines": bool(baselines), "baselines": baselines,
+            "deploy_enabled": params.deploy.enabled,
+            "deploy_settings": json.dumps(dataclasses.asdict(params.deploy), sort_keys=True)}
 
 
 def build(cfg: ClusterConfig, c):
@@ -53,16 +57,18 @@ def build(cfg: ClusterConfig, c):
         shots: int = d["shots"], val_shots: int = d["val_shots"], data_version: str = d["data_version"],
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
-        train_templates: list = d["train_templates"],
+        train_templates: list = d["train_templates"], data_subset: str = d["data_subset"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         settings: str = d["settings"], lr_grid: list = d["lr_grid"], checkpoint_root: str = d["checkpoint_root"],
         with_baselines: bool = d["with_baselines"], baselines: list = d["baselines"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
-        eval_batch_size: int = d["eval_batch_size"],
+        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
+        register_gate: str = d["register_gate"], hm_tolerance: float = d["hm_tolerance"],
+        deploy_enabled: bool = d["deploy_enabled"], deploy_settings: str = d["deploy_settings"],
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
     ) -> Dataset:
@@ -72,9 +78,11 @@ def build(cfg: ClusterConfig, c):
             return configure(task, name, cfg, gpu_type, gpu_count, display=display)
 
         world = begin(c, on, p, NAME)
+        checked = check_protocol(c, on, p, world)
         prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                             shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                            data_repo=data_repo, tracking=tracking, train_templates=train_templates), "prepare")
+                            data_repo=data_repo, tracking=tracking, train_templates=train_templates,
+                            subset=data_subset).after(checked), "prepare")
         data = prep.outputs["data"]
         mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
                           batch_size=score_batch_size, seed=seed, device=device, tracking=tracking,
@@ -97,11 +105,11 @@ def build(cfg: ClusterConfig, c):
             scored = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
                                    dataset="", alphas=alphas, batch_size=eval_batch_size, device=device,
                                    tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False,
-                                   loader=loader),
+                                   loader=loader, reference=eval_reference, subset=data_subset),
                         "evaluate", "evaluate-baselines")
             on(c.compare(results=results, candidate=candidate, baseline_metrics=scored.outputs["metrics"],
                          baselines=gathered.outputs["deltas"], tracking=tracking), "compare")
-        register_and_finish(c, on, p, results, candidate, data=data, deploy=True)
+        register_and_finish(c, on, p, results, candidate, data=data, deploy_image=cfg.image)
         return results
 
     return retrain

@@ -11,7 +11,13 @@ from http.server import ThreadingHTTPServer
 import pytest
 from fake_kube import FakeKServe, FakePredictor, serve_fake
 
-from saft.serving.kserve import ManifestError, PredictorSettings, render, service_name, validate
+from saft.serving.kserve import (
+    ManifestError,
+    PredictorSettings,
+    render,
+    service_name,
+    validate,
+)
 from saft.serving.rollout import RolloutConfig
 
 FAST = RolloutConfig(canary_percent=10, ready_timeout_s=5, poll_s=0.01, observe_s=0.05, failure_grace_s=0)
@@ -208,3 +214,44 @@ def test_dry_run_and_unknown_versions(cluster, registry, tmp_path) -> None:
     assert (tmp_path / "dry" / "inferenceservice.json").is_file()
     with pytest.raises(ValueError, match="no alias 'staging'"):
         _deploy(host, tmp_path / "x", version="staging")
+
+
+def _decision(folder, verdict="promoted", version="3"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "register.json").write_text(json.dumps({"verdict": verdict, "version": version}))
+    return str(folder)
+
+
+def test_the_pipelines_deploy_task_rolls_out_the_version_the_gate_promoted(cluster, registry, tmp_path) -> None:
+    """The retrain pipeline's deploy task: params.yaml's deploy section -> deploy_step on the promoted version."""
+    from saft.serving.kube import InferenceServices
+    from saft.steps.release_tasks import deploy_task
+
+    fake, host = cluster
+    registry[1].set_registered_model_alias("saft-shapes", "champion", "3")
+    settings = json.dumps({"enabled": True, "dry_run": False, "namespace": "models", "image": "", "cpu": "4",
+                           "memory": "8Gi", "gpu_count": 1, "canary_percent": 25, "ready_timeout_s": 5, "poll_s": 0.01, "observe_s": 0.05})
+    isvcs = InferenceServices("models", host=host, token="tok-123")
+    doc = deploy_task(_decision(tmp_path / "reg"), str(tmp_path / "out"), model_name="saft-shapes",
+                      settings=settings, image="registry.example/saft:1.2", isvcs=isvcs, smoke=None)
+    assert doc["status"] == "promoted" and doc["version"] == "3", doc
+    manifest = json.loads((tmp_path / "out" / "inferenceservice.json").read_text())
+    container = manifest["spec"]["predictor"]["containers"][0]
+    assert container["image"] == "registry.example/saft:1.2"  # the pipeline's image when the settings name none
+    assert container["resources"]["requests"]["cpu"] == "4"
+    assert json.loads((tmp_path / "out" / "deploy.json").read_text())["config"]["rollout"]["canary_percent"] == 25
+    assert _tags(registry, "3")["saft.deploy.status"] == "promoted"
+
+
+def test_the_deploy_task_refuses_what_it_must_not_deploy(cluster, tmp_path) -> None:
+    from saft.steps.release_tasks import deploy_task
+
+    with pytest.raises(ValueError, match="no promoted version"):
+        deploy_task(_decision(tmp_path / "a", verdict="rejected"), str(tmp_path / "o1"), model_name="saft-shapes")
+    with pytest.raises(ValueError, match="unknown field.*replicas"):
+        deploy_task(_decision(tmp_path / "b"), str(tmp_path / "o2"), model_name="saft-shapes",
+                    settings=json.dumps({"replicas": 3}))
+    # dry run (params.yaml's default): rendered, nothing applied, no cluster needed
+    doc = deploy_task(_decision(tmp_path / "c", version="1"), str(tmp_path / "o3"), model_name="saft-shapes",
+                      settings=json.dumps({"dry_run": True}), image="registry.example/saft:1.2")
+    assert doc["status"] == "rendered" and (tmp_path / "o3" / "inferenceservice.json").exists()

@@ -180,8 +180,9 @@ def _repo_flag(p: argparse.ArgumentParser) -> None:
 
 def _pipeline_flag(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--pipeline", default=default, metavar="NAME",
-                   help=f"pipelines/NAME/pipeline.py: benchmark (SAFT vs baselines over seeds) or retrain "
-                        f"(production: lr grid, selection, gate, deploy) (default: {default})")
+                   help=f"pipelines/NAME/pipeline.py: benchmark (SAFT vs baselines over seeds), retrain "
+                        f"(production: lr grid, selection, gate, deploy) or base2new (one training per dataset, "
+                        f"HM per dataset and averaged; data.subset: base) (default: {default})")
 
 
 def _cluster_flags(p: argparse.ArgumentParser, default_pipeline: str) -> None:

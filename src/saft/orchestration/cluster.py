@@ -45,8 +45,9 @@ _LIGHT = Resources("500m", "1Gi", "2Gi")
 TASK_RESOURCES: dict[str, Resources] = {
     "score": _GPU, "finetune": _GPU, "baseline": _GPU, "select": _GPU, "evaluate": _GPU,
     "world": _DATA, "prepare": _DATA, "register": _DATA, "collect": _DATA, "compare": _DATA,
-    "gather_deltas": _DATA, "gather_runs": _DATA, "data_version": Resources("1", "2Gi", "4Gi"),
-    "start_run": _LIGHT, "finish_run": _LIGHT, "suite_datasets": _LIGHT, "deploy": _LIGHT,
+    "gather_deltas": _DATA, "gather_runs": _DATA, "collect_base2new": _DATA,
+    "data_version": Resources("1", "2Gi", "4Gi"), "start_run": _LIGHT, "finish_run": _LIGHT,
+    "suite_datasets": _LIGHT, "protocol": _LIGHT, "base2new_trainings": _LIGHT, "deploy": _LIGHT,
 }
 UNCACHED = frozenset({"start_run", "finish_run", "data_version", "register", "deploy"})
 NO_RETRY = frozenset({"start_run", "finish_run"})  # a retried start would open a second parent run

@@ -11,7 +11,8 @@ HEADLINE_KEYS = (("id", "id"), ("ood_mean", "ood_mean"), ("hm", "hm"))
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
-    """``<model>_<id|ood_mean|hm>`` at alpha 1 (or zero-shot), as fractions."""
+    """``<model>_<id|ood_mean|hm>`` at alpha 1 (or zero-shot), as fractions; on a base-to-new suite also
+    ``<model>_<dataset>_hm`` per dataset."""
     out = {}
     for agg in summary["aggregates"]:
         if agg["alpha"] not in (None, 1.0):
@@ -19,13 +20,16 @@ def headline_metrics(summary: dict) -> dict[str, float]:
         for key, label in HEADLINE_KEYS:
             if key in agg:
                 out[f"{agg['model']}_{label}"] = round(agg[key]["mean"], 6)
+        for group, halves in sorted(agg.get("base_to_new", {}).items()):
+            if halves.get("hm") is not None:
+                out[f"{agg['model']}_{group}_hm"] = round(halves["hm"]["mean"], 6)
     return out
 
 
 def publish_collect(part_dirs, deltas_dirs, parent_run_id, results, report, table, headline, step="collect"):
     """Merge ``part_dirs`` (evaluate outputs, or earlier results) into ``results``; fill the UI artifacts."""
     from saft.steps.collect import TABLE_FILE
-    from saft.steps.tasks import collect_task
+    from saft.steps.eval_tasks import collect_task
 
     summary = collect_task(part_dirs, deltas_dirs, results.path, parent_run_id=parent_run_id, step=step)
     shutil.copyfile(Path(results.path) / "report.html", report.path)

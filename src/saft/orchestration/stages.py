@@ -25,31 +25,45 @@ def begin(c, on, p, run_name: str):
                       test_per_class=p.test_per_class), "world")
 
 
+def check_protocol(c, on, p, world, *, register_enabled=None):
+    """The protocol task (``saft run``'s check before the first training); train after it."""
+    return on(c.protocol(world=world.outputs["world"], suite=p.suite, eval_data_root=p.eval_data_root,
+                         subset=p.data_subset, dataset=p.dataset, data_root=p.data_root,
+                         register_enabled=p.register_enabled if register_enabled is None else register_enabled,
+                         gate=p.register_gate), "protocol")
+
+
 def evaluate_suite(c, on, p, world, deltas, parallelism: int):
     """One evaluate task per suite dataset (zero-shot and every delta), then collect; returns collect."""
-    names = on(c.suite_datasets(world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root),
-               "suite_datasets")
+    names = on(c.suite_datasets(world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
+                                subset=p.data_subset), "suite_datasets")
     with dsl.ParallelFor(names.output, parallelism=parallelism) as name:
         part = on(c.evaluate(model=p.model, world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
                              dataset=name, alphas=p.alphas, batch_size=p.eval_batch_size, device=p.device,
-                             tracking=p.tracking, deltas=deltas, loader=p.loader), "evaluate")
+                             tracking=p.tracking, deltas=deltas, loader=p.loader, reference=p.eval_reference,
+                             subset=p.data_subset), "evaluate")
     return on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=p.tracking), "collect")
 
 
-def register_and_finish(c, on, p, results, deltas, *, data=None, deploy: bool = False) -> None:
-    """If register_enabled: register (+ deploy on promotion) then finish-run; else finish-run alone."""
+def register_and_finish(c, on, p, results, deltas, *, data=None, deploy_image: str = "") -> None:
+    """If register_enabled: register (+ deploy on promotion, given ``deploy_image``) then finish-run; else finish-run.
+
+    ``deploy_image`` is the compiled pipeline's image: the predictor runs it unless the deploy settings name another.
+    """
     with dsl.If(p.register_enabled == True, "register-enabled"):  # noqa: E712 (a pipeline condition)
         reg = on(c.register(model=p.model, results=results, deltas=deltas, method="saft",
                             model_name=p.register_model_name, promote=p.promote, ood_tolerance=p.ood_tolerance,
                             id_tolerance=p.id_tolerance, baseline=p.register_baseline, tracking=p.tracking,
+                            gate=p.register_gate, hm_tolerance=p.hm_tolerance,
                             **({"data": data} if data is not None else {})), "register")
-        if deploy:
+        if deploy_image:
             with dsl.If(reg.outputs["verdict"] == "promoted", "promoted"):
-                on(c.deploy(decision=reg.outputs["decision"], model_name=p.register_model_name, tracking=p.tracking),
-                   "deploy")
+                with dsl.If(p.deploy_enabled == True, "deploy-enabled"):  # noqa: E712 (a pipeline condition)
+                    on(c.deploy(decision=reg.outputs["decision"], model_name=p.register_model_name,
+                                settings=p.deploy_settings, image=deploy_image, tracking=p.tracking), "deploy")
         on(c.finish_run(tracking=p.tracking, results=results, decision=reg.outputs["decision"]), "finish_run")
     with dsl.Else():
         on(c.finish_run(tracking=p.tracking, results=results), "finish_run")
 
 
-__all__ = ["begin", "evaluate_suite", "register_and_finish"]
+__all__ = ["begin", "check_protocol", "evaluate_suite", "register_and_finish"]

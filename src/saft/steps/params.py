@@ -114,6 +114,23 @@ class RetrainParams:
 
 
 @dataclass
+class DeployParams:
+    """The retrain pipeline's deploy task: the promoted champion onto KServe, by canary (saft.steps.deploy)."""
+
+    enabled: bool = True
+    dry_run: bool = True  # render the InferenceService only; false: apply it to the cluster (in-cluster credentials)
+    namespace: str = "default"
+    image: str = ""  # predictor image; empty: the pipeline's own image
+    cpu: str = "2"
+    memory: str = "8Gi"
+    gpu_count: int = 1  # 0: a CPU predictor
+    canary_percent: int = 10
+    ready_timeout_s: float = 900.0
+    poll_s: float = 5.0
+    observe_s: float = 60.0  # a ready canary is watched this long before it gets all traffic
+
+
+@dataclass
 class EvaluateParams:
     suite: str = ""  # empty: the embedded world's synthshift suite
     data_root: str = ""
@@ -158,6 +175,7 @@ class PipelineParams:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
+    deploy: DeployParams = field(default_factory=DeployParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
 
     @property

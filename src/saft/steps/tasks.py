@@ -471,7 +471,13 @@ def gather_deltas(delta_dirs: list[str], out_dir: str, data_dirs: list[str] = ()
 
 
 def delta_runs(deltas_dir: str) -> list:
-    """Method and seed of every delta gathered into ``deltas_dir``, from each finetune.json."""
+    """Method and seed of every delta gathered into ``deltas_dir``, from each finetune.json.
+
+    ``deltas_dir`` may also be one finetune output itself (the base-to-new fan-out evaluates
+    each training's delta where it was written).
+    """
+    if (Path(deltas_dir) / FINETUNE_FILE).is_file():
+        return _runs([deltas_dir])
     folders = sorted(str(p.parent) for p in Path(deltas_dir).glob(f"*/{FINETUNE_FILE}"))
     if not folders:
         raise ValueError(f"{deltas_dir}: no finetune outputs (expected <method>-seed<N>/{FINETUNE_FILE})")
@@ -488,186 +494,18 @@ def _runs(delta_dirs: list[str]) -> list:
     return runs
 
 
-# --------------------------------------------------------------------------- evaluation
+# Moved to saft.steps.eval_tasks and saft.steps.release_tasks (this module grew past one
+# screenful per concern); the old names still resolve here for existing callers.
+_MOVED = {**dict.fromkeys(("resolve_suite", "suite_datasets", "protocol_check", "protocol_task",
+                           "base_to_new_trainings", "base2new_fanout", "entries_of", "evaluate_task",
+                           "rates_of_deltas", "collect_task"), "saft.steps.eval_tasks"),
+          **dict.fromkeys(("candidate_metrics", "register_task", "verdict_of", "deploy_task"),
+                          "saft.steps.release_tasks")}
 
 
-def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
-    """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
-    ``subset="base"`` is the base-to-new variant) when the world task rendered one, else a built-in or a file."""
-    from saft.eval.suites import load_suite
-    from saft.steps.world import world_suite
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-    name = world_suite(suite, subset)
-    if name and (Path(world_dir) / name).is_file():
-        return load_suite(str(Path(world_dir) / name), world_dir)
-    if suite:
-        return load_suite(suite, data_root or None)
-    raise ValueError("no evaluation suite: set `suite` (a built-in name or YAML file) when data_root is given")
-
-
-def suite_datasets(world_dir: str, suite: str, data_root: str) -> list[str]:
-    return [e.name for e in resolve_suite(world_dir, suite, data_root).entries]
-
-
-def protocol_task(params_json: str, world_dir: str) -> str:
-    """Check the run's protocol and the gate's inputs before anything trains (:mod:`saft.steps.plan`).
-
-    Returns the gate metric (``id_ood`` or ``hm``; ``""`` when registration is off) for the
-    register task; raises ``ParamsError`` with the setting to change otherwise.
-    """
-    from saft.steps.params import params_from_dict
-    from saft.steps.plan import check_protocol, training_plan
-
-    params = params_from_dict(json.loads(params_json), "pipeline parameters")
-    resolved = resolve_suite(world_dir, params.evaluate.suite, params.evaluate.data_root, params.data.subset)
-    return check_protocol(params, resolved, training_plan(params, resolved, params.data.root)) or ""
-
-
-def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[dict]:
-    """The base-to-new protocol's fan-out: one training per dataset of the suite.
-
-    Each item: ``name`` (the dataset group), ``dataset`` (adapter) and ``root`` to prepare
-    from with ``subset="base"`` (its training split), and ``entries``, the two suite
-    entries (base and new half) that only this dataset's deltas evaluate. Empty for a
-    suite of one dataset or none (those train once, on ``data``).
-    """
-    from saft.steps.params import PipelineParams
-    from saft.steps.plan import training_plan
-
-    params = PipelineParams()
-    params.data.subset = "base"
-    plan = training_plan(params, resolve_suite(world_dir, suite, data_root), "")
-    if len(plan) < 2:
-        return []
-    return [{"name": t.name, "folder": t.folder, "dataset": t.dataset, "root": t.root, "entries": list(t.entries)}
-            for t in plan]
-
-
-def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
-                  out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
-                  parent_run_id: str = "", reference: str = "", zeroshot: bool = True,
-                  loader: str | dict | None = None) -> dict:
-    """One suite dataset (``dataset``; "" = all) for the base and every delta (the evaluation fan-out).
-
-    ``reference`` is the effective-robustness reference (``evaluate.reference``); every
-    part of one suite must use the same, or collect refuses to merge them. ``loader``:
-    params.yaml's ``loader:`` section (see :func:`loader_options`).
-    """
-    from saft.steps.evaluate import EvaluateConfig, evaluate_suite
-
-    resolved = resolve_suite(world_dir, suite, data_root)
-    cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
-                         device=resolve_device(device), only=[dataset] if dataset else [], zeroshot=zeroshot,
-                         reference=reference, **loader_options(loader))
-    with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:
-        doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
-        tracker.log_metrics_document(doc)
-    return doc
-
-
-def rates_of_deltas(deltas_dirs: list[str]) -> dict[str, float]:
-    """Each method's learning rate, read from the finetune records of the deltas (one rate per method)."""
-    rates: dict[str, set] = {}
-    for folder in deltas_dirs:
-        for record in Path(folder).glob(f"*/{FINETUNE_FILE}"):
-            cfg = json.loads(record.read_text())["config"]
-            rates.setdefault(cfg["method"], set()).add(float(cfg["lr"]))
-    return {m: next(iter(r)) for m, r in rates.items() if len(r) == 1}
-
-
-def collect_task(part_dirs: list[str], deltas_dir: str | list[str], out_dir: str, *,
-                 learning_rates: dict | None = None, parent_run_id: str = "", step: str = "collect") -> dict:
-    """Merge evaluation parts (folders holding metrics.json); rates default to the deltas' own."""
-    from saft.steps.collect import collect_step, results_text
-
-    dirs = [deltas_dir] if isinstance(deltas_dir, str) else list(deltas_dir)
-    runs = [r for d in dirs for r in delta_runs(d)]
-    if learning_rates is None:
-        learning_rates = rates_of_deltas(dirs)
-    with step_context(step, parent_run_id) as tracker:
-        summary = collect_step([Path(p) / METRICS_FILE for p in part_dirs], out_dir, deltas=runs,
-                               learning_rates=learning_rates)
-        tracker.log_metrics_document(json.loads((Path(out_dir) / METRICS_FILE).read_text()))
-        tracker.log_report(out_dir)
-    _log(results_text(summary))
-    return summary
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
-    """The metrics document of one delta: ``method`` at ``seed`` (every alpha) and zero-shot.
-
-    The registered delta is one seed's; its version must carry, and the gate must judge,
-    that delta's own accuracy, not the mean over seeds of a benchmark.
-    """
-    from saft.eval.metrics import ZERO_SHOT, metrics_document, records_from_document
-
-    records = [r for r in records_from_document(doc) if r.model == ZERO_SHOT or (r.model == method and r.seed == seed)]
-    if not any(r.model == method for r in records):
-        raise ValueError(f"register: the metrics hold no records of {method} seed {seed}")
-    return metrics_document(records, {**doc.get("meta", {}), "candidate_seed": seed})
-
-
-def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
-                  method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
-                  baseline: bool = True, parent_run_id: str = "", gate: str = "auto",
-                  hm_tolerance: float = 0.01) -> dict:
-    """Register the lowest seed's delta of ``method``, judged on that delta's own metrics."""
-    from saft.steps.register import RegisterConfig, register_step
-
-    runs = [r for r in delta_runs(deltas_dir) if r.name == method]
-    if not runs:
-        raise ValueError(f"register: no {method} delta among the finetune outputs")
-    candidate = min(runs, key=lambda r: r.seed)
-    data_dirs = list(data_dirs) or [str(p.parent) for p in Path(deltas_dir).glob("data-seed*/prepare.json")]
-    records = {json.loads((Path(d) / "prepare.json").read_text())["seed"]: d for d in data_dirs}
-    if candidate.seed not in records:
-        raise ValueError(f"register: no prepared data of seed {candidate.seed} (the candidate's) among {data_dirs}")
-    data_dir = records[candidate.seed]
-    own = Path(out_dir) / CANDIDATE_METRICS_FILE
-    write_json(own, candidate_metrics(json.loads((Path(results_dir) / METRICS_FILE).read_text()), method,
-                                      candidate.seed))
-    cfg = RegisterConfig(model_name=model_name, method=method, promote=promote, ood_tolerance=ood_tolerance,
-                         id_tolerance=id_tolerance, gate=gate, hm_tolerance=hm_tolerance, baseline=baseline)
-    result = register_step(cfg, own, candidate.path, out_dir, base_model=model, data_dir=data_dir,
-                           parent_run_id=parent_run_id or None)
-    if result.get("version") and (Path(data_dir) / VERSION_FILE).is_file():
-        _tag_version(model_name, result["version"], json.loads((Path(data_dir) / VERSION_FILE).read_text()))
-    return result
-
-
-def _tag_version(model_name: str, version: str, data_version: dict) -> None:
-    """The data lineage on the registered model version (what it was trained on)."""
-    from saft.steps.data_version import DataVersion
-    from saft.tracking.config import make_client, resolve_config, tracking_call
-
-    config = resolve_config()
-    client = make_client(config)
-    with tracking_call(config, f"tagging {model_name} v{version} with its data version"):
-        for key, value in _lineage_tags(DataVersion.from_dict(data_version)).items():
-            client.set_model_version_tag(model_name, version, key, value)
-
-
-def verdict_of(decision_dir: str) -> str:
-    return str(json.loads((Path(decision_dir) / "register.json").read_text()).get("verdict", ""))
-
-
-def deploy_task(decision_dir: str, out_dir: str, *, model_name: str, parent_run_id: str = "") -> dict:
-    """Placeholder for serving the promoted version: records what would be deployed, deploys nothing.
-
-    The serving step (``saft.steps.deploy``) replaces this body with one call; until then
-    the promoted version is in the registry under the ``champion`` alias, and this task
-    says so rather than pretending to have rolled it out.
-    """
-    decision = json.loads((Path(decision_dir) / "register.json").read_text())
-    doc = {"deployed": False, "model_name": model_name, "version": decision.get("version"),
-           "verdict": decision.get("verdict"),
-           "reason": "no serving step in this build yet; the promoted version is models:/"
-                     f"{model_name}@champion in the MLflow registry"}
-    with step_context("deploy", parent_run_id, {"model_name": model_name}) as tracker:
-        tracker.set_tags({"saft.deploy": "not deployed (no serving step yet)"})
-        write_json(Path(out_dir) / DEPLOY_FILE, doc)
-    _log(f"deploy: {model_name} v{doc['version']} not deployed ({doc['reason']})")
-    return doc
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
