@@ -373,7 +373,10 @@ def test_images_install_what_make_install_installs(dockerfile):
                 where = f"{DOCKERFILES[kind].name}:{ins.line}"
                 if pip.index_url:
                     # Only torch/torchvision may come from another index, at requirements.txt's pins.
-                    assert kind == "cpu" and "/cpu" in pip.index_url, f"{where}: unexpected index {pip.index_url}"
+                    # (cpu: the CPU wheels; gpu: the CUDA 12.x flavour's wheels, TORCH_CUDA != cu130)
+                    wanted = "/whl/cpu" if kind == "cpu" else "/whl/$TORCH_CUDA"
+                    assert pip.index_url.startswith("https://download.pytorch.org") and pip.index_url.endswith(wanted), \
+                        f"{where}: unexpected index {pip.index_url}"
                     assert pip.no_deps, f"{where}: deps from a non-PyPI index bypass the lock"
                     for spec in pip.packages:
                         if "$(" in spec:  # evaluated as the image's shell would, in the context
@@ -769,3 +772,19 @@ def test_ci_workflow_runs_the_ci_entry_point():
     assert ".ci/run" in scripts
     entry = REPO / ".ci" / "run"
     assert os.access(entry, os.X_OK) and "make test" in entry.read_text()
+
+
+def test_gpu_image_cuda12_flavour_is_a_consistent_build_argument():
+    """TORCH_CUDA (the torch wheel's CUDA) defaults to the base image's CUDA, and a 12.x build is one argument pair."""
+    text = DOCKERFILES["gpu"].read_text()
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\S+)", text, re.M)
+    torch_cuda = re.search(r"^ARG TORCH_CUDA=cu(\d+)$", text, re.M)
+    assert base and torch_cuda, "docker/Dockerfile lost its CUDA_IMAGE / TORCH_CUDA build arguments"
+    assert _major_minor(base.group(1)).replace(".", "") == torch_cuda.group(1), (base.group(1), torch_cuda.group(1))
+    # a non-default TORCH_CUDA installs torch from PyTorch's index for it, at the locked version
+    assert 'download.pytorch.org/whl/$TORCH_CUDA' in text
+    assert re.search(r'"torch==\$\(sed -n .s/\^torch==//p. requirements.txt\)"', text)
+    # the documented 12.x pair agrees with itself, and the build refuses a mismatched pair
+    pair = re.search(r"CUDA_IMAGE=nvidia/cuda:(12\.\d+)\.\d+-base\S* --build-arg TORCH_CUDA=cu(\d+)", text)
+    assert pair and pair.group(1).replace(".", "") == pair.group(2)
+    assert "torch.version.cuda" in text and "CUDA_VERSION" in text

@@ -177,3 +177,65 @@ class FakePredictor(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+TRAINJOB_PATH = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs"
+                           r"(?:/(?P<name>[^/?]+))?")
+
+
+class FakeTrainer:
+    """The Kubernetes API for Kubeflow Trainer TrainJobs, with a controller that finishes each job.
+
+    A created job runs for ``run_reads`` reads, then gets ``Complete`` (calling
+    ``on_complete(manifest)`` first, as the job would have written its outputs) or, when
+    ``fail_message`` is set, ``Failed`` with reason ``JobFailed``; ``run_reads=None``
+    keeps it running forever. ``forbidden`` namespaces answer 403 to a create.
+    """
+
+    def __init__(self, run_reads: int | None = 2, fail_message: str = "", on_complete=None):
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.reads: dict[tuple[str, str], int] = {}
+        self.requests: list[dict] = []
+        self.run_reads, self.fail_message, self.on_complete = run_reads, fail_message, on_complete
+        self.forbidden: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _status(self, key, obj) -> dict:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        conds = [{"type": "Created", "status": "True", "reason": "JobsCreated", "message": "jobs created"}]
+        if self.run_reads is not None and self.reads[key] > self.run_reads:
+            if self.fail_message:
+                conds.append({"type": "Failed", "status": "True", "reason": "JobFailed", "message": self.fail_message})
+            else:
+                if self.reads[key] == self.run_reads + 1 and self.on_complete is not None:
+                    self.on_complete(obj)
+                conds.append({"type": "Complete", "status": "True", "reason": "JobsCompleted",
+                              "message": "jobs completed"})
+        return {"conditions": conds}
+
+    def handle(self, method: str, path: str, body: dict | None) -> tuple[int, dict]:
+        match = TRAINJOB_PATH.match(path)
+        if not match:
+            return 404, _status(404, "NotFound", f"the server could not find the requested resource {path}")
+        ns, name = match["ns"], match["name"]
+        with self._lock:
+            if method == "POST" and name is None:
+                if ns in self.forbidden:
+                    return 403, _status(403, "Forbidden", f"trainjobs.trainer.kubeflow.org is forbidden: User "
+                                                          f"\"system:serviceaccount:{ns}:pipeline-runner\" cannot "
+                                                          f"create resource \"trainjobs\" in namespace \"{ns}\"")
+                key = (ns, body["metadata"]["name"])
+                if key in self.objects:
+                    return 409, _status(409, "AlreadyExists", f"trainjobs \"{key[1]}\" already exists")
+                self.objects[key] = copy.deepcopy(body)
+                return 201, copy.deepcopy(body)
+            key = (ns, name)
+            obj = self.objects.get(key)
+            if obj is None:
+                return 404, _status(404, "NotFound", f"trainjobs.trainer.kubeflow.org \"{name}\" not found")
+            if method == "GET":
+                return 200, {**copy.deepcopy(obj), "status": self._status(key, obj)}
+            if method == "DELETE":
+                del self.objects[key]
+                return 200, _status(200, "Success", "deleted")
+        return 405, _status(405, "MethodNotAllowed", method)

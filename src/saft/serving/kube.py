@@ -1,4 +1,4 @@
-"""The Kubernetes API calls for InferenceServices: get, create, replace, delete.
+"""The Kubernetes API calls for custom objects (InferenceServices, TrainJobs): get, create, replace, delete.
 
 Connection settings, first match wins: an explicit ``host`` (with ``token``), the pod's
 service account when running in a cluster (``KUBERNETES_SERVICE_HOST``: a KFP deploy task),
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from saft.serving.kserve import GROUP, PLURAL, VERSION
 
@@ -49,8 +50,10 @@ def _configuration(host: str | None, token: str | None, kubeconfig: str | None, 
     return cfg
 
 
-class InferenceServices:
-    """InferenceServices of one namespace."""
+class CustomObjects:
+    """Namespaced custom objects of one kind (a subclass names its group, version, plural and kind)."""
+
+    group = version = plural = kind = ""
 
     def __init__(self, namespace: str, *, host: str | None = None, token: str | None = None,
                  kubeconfig: str | None = None, context: str | None = None, verify_ssl: bool = True):
@@ -66,21 +69,22 @@ class InferenceServices:
         from urllib3.exceptions import HTTPError
 
         try:
-            return fn(GROUP, VERSION, self.namespace, PLURAL, *args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
+            return fn(self.group, self.version, self.namespace, self.plural, *args,
+                      _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
         except ApiException as exc:
             try:
                 message = json.loads(exc.body or "{}").get("message") or exc.reason
             except (ValueError, AttributeError):
                 message = exc.reason
-            raise KubeError(f"{what} {self.namespace}/{PLURAL} on {self.where}: HTTP {exc.status} {message}",
+            raise KubeError(f"{what} {self.namespace}/{self.plural} on {self.where}: HTTP {exc.status} {message}",
                             exc.status) from None
         except (HTTPError, OSError) as exc:
-            raise KubeError(f"{what} {self.namespace}/{PLURAL}: cannot reach the Kubernetes API at {self.where} "
+            raise KubeError(f"{what} {self.namespace}/{self.plural}: cannot reach the Kubernetes API at {self.where} "
                             f"({type(exc).__name__}: {exc})") from None
 
     def get(self, name: str) -> dict | None:
         try:
-            return self._call(f"reading InferenceService {name} in", self.api.get_namespaced_custom_object, name)
+            return self._call(f"reading {self.kind} {name} in", self.api.get_namespaced_custom_object, name)
         except KubeError as exc:
             if exc.status == 404:
                 return None
@@ -88,11 +92,11 @@ class InferenceServices:
 
     def create(self, manifest: dict) -> dict:
         name = manifest["metadata"]["name"]
-        return self._call(f"creating InferenceService {name} in", self.api.create_namespaced_custom_object, manifest)
+        return self._call(f"creating {self.kind} {name} in", self.api.create_namespaced_custom_object, manifest)
 
     def replace(self, manifest: dict) -> dict:
         name = manifest["metadata"]["name"]
-        return self._call(f"updating InferenceService {name} in", self.api.replace_namespaced_custom_object, name,
+        return self._call(f"updating {self.kind} {name} in", self.api.replace_namespaced_custom_object, name,
                           manifest)
 
     def update(self, name: str, change: Callable[[dict], None], attempts: int = 5) -> dict:
@@ -100,7 +104,7 @@ class InferenceServices:
         for attempt in range(attempts):
             current = self.get(name)
             if current is None:
-                raise KubeError(f"InferenceService {self.namespace}/{name} disappeared during the rollout", 404)
+                raise KubeError(f"{self.kind} {self.namespace}/{name} disappeared during the rollout", 404)
             change(current)
             current.pop("status", None)
             try:
@@ -111,7 +115,13 @@ class InferenceServices:
 
     def delete(self, name: str) -> None:
         try:
-            self._call(f"deleting InferenceService {name} in", self.api.delete_namespaced_custom_object, name)
+            self._call(f"deleting {self.kind} {name} in", self.api.delete_namespaced_custom_object, name)
         except KubeError as exc:
             if exc.status != 404:
                 raise
+
+
+class InferenceServices(CustomObjects):
+    """KServe InferenceServices of one namespace."""
+
+    group, version, plural, kind = GROUP, VERSION, PLURAL, "InferenceService"

@@ -42,7 +42,7 @@ def _finetune(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, text_batch=args.text_batch, **_loader(args))
     summary = finetune_step(args.model, cfg, args.data, args.out, mask_path=args.mask, root=args.root,
                             resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt,
-                            prompts=args.prompts)
+                            prompts=args.prompts, checkpoint_dir=args.checkpoint_dir)
     if not _main_rank():
         return 0
     print(f"{cfg.method}: {summary['trained_values']:,} trained values, final loss {summary['final_loss']:.4f}, "
@@ -170,6 +170,9 @@ def register(sub) -> None:
     ft.add_argument("--checkpoint-every", type=int, default=0,
                     help="write a resumable checkpoint every N steps into OUT/checkpoints (default: 0, never)")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    ft.add_argument("--checkpoint-dir",
+                    help="checkpoint folder instead of OUT/checkpoints (a pipeline task keys it by the run, so a "
+                         "retry in a fresh pod finds it)")
     ft.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of failing")
     ft.set_defaults(func=_finetune)
 

@@ -1,0 +1,155 @@
+"""One step on every GPU of a pod: ``saft score|finetune|evaluate`` directly or under torchrun.
+
+A Kubeflow task with ``gpu_count > 1`` gets N GPUs in one pod; the step uses them by
+running as N processes under ``python -m torch.distributed.run --standalone`` (the
+library's own rendezvous on one node: no home-made launcher). :func:`run_step` does that
+from a step's command line, and the ``*_argv`` helpers build that command line from the
+same config objects the task functions take, so a task can switch between the in-process
+call and the torchrun job without a second way of spelling its settings.
+
+Nothing here imports kfp: the integrator calls it from a task body.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
+
+STEPS = ("score", "finetune", "evaluate")
+# Set by torchrun (elastic agent) in every worker: a step already running as a rank must not start its own job.
+TORCHRUN_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
+
+
+class LaunchError(RuntimeError):
+    """The step cannot be launched as asked (bad argv or process count, or already a torchrun worker)."""
+
+
+def torchrun_command(argv: Sequence[str], processes: int, *, python: str | None = None) -> list[str]:
+    """The command line that runs ``saft ARGV`` as ``processes`` ranks on this node."""
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", "saft.cli", *argv]
+
+
+def _check(argv: Sequence[str], processes: int, env: dict) -> None:
+    if not argv or argv[0] not in STEPS:
+        raise LaunchError(f"run_step: argv must start with one of {', '.join(STEPS)} "
+                          f"(got {list(argv[:1]) or 'nothing'})")
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 0:
+        raise LaunchError(f"run_step: processes must be an integer >= 0 (the GPUs in the pod), got {processes!r}")
+    if processes > 1 and (any(env.get(k) for k in TORCHRUN_MARKERS) or int(env.get("WORLD_SIZE") or 1) > 1):
+        raise LaunchError(f"run_step: this process is already a torchrun worker (WORLD_SIZE="
+                          f"{env.get('WORLD_SIZE', '?')}); run the step directly (processes=1) instead of "
+                          "starting a job inside a job")
+
+
+def run_step(argv: Sequence[str], processes: int, *, log: Callable[[str], None] = print,
+             env: dict | None = None, cwd: str | None = None) -> int:
+    """Run ``saft ARGV``; return its exit code (0: success).
+
+    ``processes`` <= 1 runs it in this process (``saft.cli.main``); more runs it under
+    torchrun with one process per GPU, its output (stdout and stderr merged) passed to
+    ``log`` line by line as it comes, and torchrun's exit code returned (non-zero when
+    any rank failed). ``env`` replaces the environment of the torchrun job (default: this
+    process's).
+    """
+    argv = [str(a) for a in argv]
+    env = dict(os.environ if env is None else env)
+    _check(argv, processes, env)
+    if processes <= 1:
+        from saft.cli import main
+
+        return int(main(argv) or 0)
+    # The job's children must import the same saft as this process (a task may run from a source tree).
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed, not at exit
+    cmd = torchrun_command(argv, processes)
+    log(f"launch: {argv[0]} as {processes} processes: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    try:
+        for line in proc.stdout:
+            log(line.rstrip("\n"))
+    finally:
+        proc.stdout.close()
+        code = proc.wait()
+    if code:
+        log(f"launch: {argv[0]} under torchrun failed with exit code {code}")
+    return code
+
+
+def check_step(argv: Sequence[str], processes: int, **kwargs) -> None:
+    """:func:`run_step`, raising :class:`RuntimeError` naming the step when it fails."""
+    code = run_step(argv, processes, **kwargs)
+    if code:
+        raise RuntimeError(f"saft {argv[0]} failed with exit code {code} on {max(processes, 1)} process(es)")
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def _loader_flags(cfg) -> list[str]:
+    return ["--num-workers", str(cfg.num_workers),
+            "--pin-memory" if cfg.pin_memory else "--no-pin-memory",
+            "--persistent-workers" if cfg.persistent_workers else "--no-persistent-workers"]
+
+
+def _optional(flag: str, value) -> list[str]:
+    return [] if value in (None, "") else [flag, str(value)]
+
+
+def _nargs(flag: str, values: Iterable) -> list[str]:
+    values = [str(v) for v in values]
+    return [flag, *values] if values else []
+
+
+def score_argv(cfg, data_dir: str, out_dir: str, *, root: str | None = None) -> list[str]:
+    """``saft score`` for a :class:`saft.steps.score.ScoreConfig` (what ``score_task`` takes)."""
+    return ["score", "--model", cfg.model, "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root),
+            "--density", repr(float(cfg.density)), "--rule", cfg.rule, "--kind", cfg.kind,
+            *_nargs("--include", cfg.include), *_nargs("--exclude", cfg.exclude),
+            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--device", cfg.device,
+            "--prompts", cfg.prompts, "--text-batch", str(cfg.text_batch), *_loader_flags(cfg)]
+
+
+def finetune_argv(model: str, cfg, data_dir: str, out_dir: str, *, mask_path: str | None = None,
+                  device: str = "auto", prompts: str = "train", root: str | None = None, resume: bool = False,
+                  checkpoint_dir: str | None = None, skip_corrupt: bool = False) -> list[str]:
+    """``saft finetune`` for a :class:`saft.sparse.FinetuneConfig` (what ``finetune_task`` takes, after epochs
+    are resolved into ``cfg.steps``).
+
+    Settings the command has no flag for must keep their defaults; anything else is refused
+    rather than silently dropped.
+    """
+    from saft.sparse import FinetuneConfig
+
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    for name in ("betas", "eligible_include", "eligible_exclude"):
+        if tuple(getattr(cfg, name)) != tuple(defaults[name]):
+            raise LaunchError(f"finetune_argv: {name}={getattr(cfg, name)!r} has no `saft finetune` flag; "
+                              f"only the default {defaults[name]!r} can run as a command")
+    return ["finetune", "--model", model, "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root),
+            "--method", cfg.method, *_optional("--mask", mask_path), "--steps", str(cfg.steps),
+            "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum), *_optional("--lr", cfg.lr),
+            "--weight-decay", repr(float(cfg.weight_decay)), "--warmup-steps", str(cfg.warmup_steps),
+            "--max-grad-norm", repr(float(cfg.max_grad_norm or 0)), "--seed", str(cfg.seed),
+            "--precision", cfg.precision, "--checkpoint-every", str(cfg.checkpoint_every),
+            "--text-batch", str(cfg.text_batch), "--device", device, "--prompts", prompts, *_loader_flags(cfg),
+            *_optional("--checkpoint-dir", checkpoint_dir), *(["--resume"] if resume else []),
+            *(["--skip-corrupt"] if skip_corrupt else [])]
+
+
+def evaluate_argv(cfg, suite: str, out_dir: str, *, data_root: str | None = None) -> list[str]:
+    """``saft evaluate`` for a :class:`saft.steps.evaluate.EvaluateConfig`; ``suite`` is a built-in name or a
+    YAML file and ``data_root`` the folder its roots are relative to (``resolve_suite``'s two inputs)."""
+    deltas = []
+    for run in cfg.deltas:
+        deltas += ["--delta", f"{run.name}{'' if run.seed is None else f':{run.seed}'}={run.path}"]
+    return ["evaluate", "--model", cfg.model, "--suite", str(suite), *_optional("--data-root", data_root),
+            "--out", str(out_dir), *deltas, *_nargs("--alpha", (repr(float(a)) for a in cfg.alphas)),
+            *([] if cfg.zeroshot else ["--no-zeroshot"]), "--templates", cfg.template_set,
+            "--batch-size", str(cfg.batch_size), "--device", cfg.device, *_optional("--reference", cfg.reference),
+            *_nargs("--only", cfg.only), *_loader_flags(cfg)]
