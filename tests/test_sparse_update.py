@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -205,3 +206,19 @@ def test_sparse_kernels_run_in_deterministic_mode(vit, dataset, vit_prompts):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_backend_flags_are_set_explicitly(monkeypatch):
+    from saft.sparse.backends import configure_backends
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("SAFT_DETERMINISTIC", "1")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert configure_backends(torch.device("cpu"), autocast=False) == {"deterministic": True}
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv("SAFT_DETERMINISTIC", "0")
+    assert configure_backends(torch.device("cpu"), autocast=True) == {"deterministic": False}

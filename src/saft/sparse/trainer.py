@@ -29,6 +29,7 @@ from saft.loader import AUTO_WORKERS, LoaderOptions
 from saft.io import atomic_path
 from saft.models.fingerprint import fingerprint_model
 from saft.models.loading import unsafe_pickle_reason
+from saft.sparse.backends import configure_backends
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
@@ -221,6 +222,7 @@ def finetune(
                          f"the prompts cover {prompts.n_classes} class(es); the manifest and the class list "
                          "do not belong together")
     amp_dtype = _autocast_dtype(cfg.precision, device)
+    configure_backends(device, autocast=amp_dtype is not None)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     eligibility = Eligibility(cfg.eligible_include, cfg.eligible_exclude)
