@@ -105,7 +105,7 @@ def test_base2new_end_to_end_on_the_worlds_base_to_new_variant(tmp_path, monkeyp
         args += ["--set", item]
     assert main(args) == 0
     text = capsys.readouterr().out
-    ran = sorted(m.group(1) for m in re.finditer(r"^  task +\d+ (\S+): success", text, re.M))
+    ran = sorted(m.group(1) for m in re.finditer(r"^  task +\d+ (\S+): success", text, re.MULTILINE))
     assert ran == sorted(["start-run", "data-version", "world", "protocol", "base2new-trainings", "prepare", "score",
                           "finetune", "evaluate", "collect-base2new", "finish-run"])
     run_dir = next((tmp_path / "out" / "kfp").glob("saft-base2new-*"))

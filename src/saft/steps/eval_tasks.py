@@ -9,8 +9,15 @@ import json
 from pathlib import Path
 
 from saft.steps.params import resolve_device
-from saft.steps.tasks import FINETUNE_FILE, METRICS_FILE, _log, delta_runs, loader_options
+from saft.steps.tasks import (
+    FINETUNE_FILE,
+    METRICS_FILE,
+    _log,
+    delta_runs,
+    loader_options,
+)
 from saft.steps.tracked import step_context
+
 
 def resolve_suite(world_dir: str, suite: str, data_root: str, subset: str = "all"):
     """The suite a task evaluates: the world's own (``""``, ``synthshift``, ``synthshift-b2n``; ``""`` with
