@@ -233,7 +233,7 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert "OOD mean" in text
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
-    assert text.count("  task ") == 20 and len(text.splitlines()) < 80  # 20 tasks for one seed
+    assert text.count("  task ") == 21 and len(text.splitlines()) < 80  # 21 tasks for one seed (protocol included)
     assert "finetune-full: success" in text
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"

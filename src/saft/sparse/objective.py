@@ -133,14 +133,17 @@ def encode_classes(model: nn.Module, prompts: ClassPrompts, *, text_batch: int =
 def backward_classes(model: nn.Module, prompts: ClassPrompts, grad: torch.Tensor, *,
                      text_batch: int = DEFAULT_TEXT_BATCH,
                      context: Callable[[], ContextManager] = contextlib.nullcontext,
-                     part: tuple[int, int] = (0, 1)) -> None:
+                     part: tuple[int, int] = (0, 1),
+                     after_chunk: Callable[[], None] | None = None) -> None:
     """Back-propagate ``grad`` = dL/dT through the text tower, re-encoding one chunk of classes at a time.
 
     Parameter gradients accumulate into ``.grad`` as one backward over all classes would
     leave them. ``context()`` is entered per chunk (e.g. a sparse update's attachment and
     autocast), so every chunk builds and frees its own graph. ``part=(rank, world)`` takes
     every ``world``-th chunk only: the ranks of a job then share the work, and the sum of
-    their gradients is the whole backward.
+    their gradients is the whole backward. ``after_chunk()`` runs after each chunk's backward
+    (the scorer moves ``.grad`` into its accumulators there, so their sum does not depend on
+    which rank back-propagated which chunk).
     """
     rank, world = part
     for i, (start, stop) in enumerate(_class_chunks(prompts, text_batch)):
@@ -149,6 +152,8 @@ def backward_classes(model: nn.Module, prompts: ClassPrompts, grad: torch.Tensor
         with context():
             emb = _chunk_embeddings(model, prompts, start, stop)
         emb.backward(grad[start:stop].to(emb.dtype))
+        if after_chunk is not None:
+            after_chunk()
 
 
 def clip_logits(model: nn.Module, images: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,10 @@ def importance_scores(
     for name, p in model.named_parameters():
         p.requires_grad_(name in params)
     model.eval()  # scores are taken at the pre-trained function: no dropout, frozen norms
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    # fp64 sums: a job of several processes adds the same batch and chunk terms in another
+    # order; with fp32 sums the last bits, and so near-ties at the density's threshold, would
+    # depend on the process count (4 more bytes per eligible entry, for the pass only).
+    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     text_params = {n: p for n, p in params.items() if is_text_side(n)}
     prompts = prompts.to(device)
     seen = 0
@@ -117,7 +120,7 @@ def importance_scores(
             p = params[name]
             if p.grad is None:  # parameter not on the loss path (e.g. unused head)
                 continue
-            g = p.grad.float()
+            g = p.grad.double()
             if rule == "abs_mean":
                 acc[name].add_(g, alpha=weight)
             elif rule == "mean_abs":
@@ -128,7 +131,7 @@ def importance_scores(
 
     try:
         class_emb = encode_classes(model, prompts, text_batch=text_batch)
-        class_grad = torch.zeros_like(class_emb)  # sum over batches of n * dL/dT
+        class_grad = torch.zeros_like(class_emb, dtype=torch.float64)  # sum over batches of n * dL/dT
         total = len(batches) if hasattr(batches, "__len__") else None
         for images, labels in _batch_iter(batches, progress and dist.is_main, total):
             images, labels = images.to(device), labels.to(device)
@@ -147,8 +150,8 @@ def importance_scores(
         seen = dist.sum_int(seen, device)
         if text_params and rule == "abs_mean" and seen:
             dist.all_reduce(class_grad)
-            backward_classes(model, prompts, class_grad, text_batch=text_batch, part=(dist.rank, dist.world))
-            accumulate(text_params, 1.0)
+            backward_classes(model, prompts, class_grad.float(), text_batch=text_batch, part=(dist.rank, dist.world),
+                             after_chunk=lambda: accumulate(text_params, 1.0))
         for t in acc.values():
             dist.all_reduce(t)
     finally:
@@ -165,4 +168,4 @@ def importance_scores(
     meta = {"base_fingerprint": fingerprint_model(model), **prompts.meta()}
     if getattr(model, "saft_model_spec", None):
         meta["base_model"] = model.saft_model_spec
-    return Scores(acc, rule, seen, meta)
+    return Scores({n: t.float() for n, t in acc.items()}, rule, seen, meta)
