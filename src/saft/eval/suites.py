@@ -171,6 +171,16 @@ def load_suite(name_or_path: str, data_root: str | None = None) -> Suite:
     return Suite(str(doc.get("name") or path.stem), tuple(entries), str(reference)).resolved(data_root)
 
 
+def suite_document(suite: Suite) -> dict:
+    """``suite`` as the mapping of a suite YAML file; :func:`load_suite` reads it back to the same suite.
+
+    Used to hand a resolved suite (absolute roots) to a ``saft evaluate`` command line.
+    """
+    keys = ("name", "dataset", "role", "root", "split", "group")
+    return {"name": suite.name, "reference": suite.reference,
+            "datasets": [{k: getattr(e, k) for k in keys if getattr(e, k) is not None} for e in suite.entries]}
+
+
 def _check_groups(path: Path, entries: list[SuiteEntry]) -> None:
     """Every base-to-new group has one base and one new entry; every id_subset names an OOD entry."""
     halves: dict[str, list[str]] = {}

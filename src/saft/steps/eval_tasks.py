@@ -136,15 +136,37 @@ def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, datase
     :func:`loader_options`). ``subset`` picks the world's suite as :func:`resolve_suite`.
     """
     from saft.steps.evaluate import EvaluateConfig, evaluate_suite
+    from saft.steps.launch import task_processes
 
     resolved = resolve_suite(world_dir, suite, data_root, subset)
     cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
                          device=resolve_device(device), only=entries_of(resolved, dataset), zeroshot=zeroshot,
                          reference=reference, **loader_options(loader))
+    processes = task_processes(cfg.device)
     with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:
-        doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
+        if processes > 1:  # one process per GPU of the pod: each rank a share of every dataset's batches
+            doc = _evaluate_launched(cfg, resolved, out_dir, processes)
+        else:
+            doc = evaluate_suite(cfg, resolved, out_dir, progress=False, log=_log)
         tracker.log_metrics_document(doc)
     return doc
+
+
+def _evaluate_launched(cfg, suite, out_dir: str, processes: int) -> dict:
+    """``saft evaluate`` as ``processes`` ranks over ``suite`` (handed over as a suite file of resolved roots)."""
+    import tempfile
+
+    import yaml
+
+    from saft.eval.suites import suite_document
+    from saft.steps.launch import evaluate_argv
+    from saft.steps.launched import run_launched
+
+    with tempfile.TemporaryDirectory(prefix="saft-suite-") as tmp:
+        suite_file = Path(tmp) / f"{suite.name}.yaml"
+        suite_file.write_text(yaml.safe_dump(suite_document(suite), sort_keys=False))
+        run_launched(evaluate_argv(cfg, str(suite_file), out_dir), processes, out_dir, log=_log)
+    return json.loads((Path(out_dir) / METRICS_FILE).read_text())
 
 
 def rates_of_deltas(deltas_dirs: list[str]) -> dict[str, float]:

@@ -19,12 +19,36 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 
 STEPS = ("score", "finetune", "evaluate")
+PROCESSES_ENV = "SAFT_TASK_PROCESSES"
+"""Overrides the process count of a pipeline task's step (e.g. 2 on a CPU node: gloo ranks)."""
 # Set by torchrun (elastic agent) in every worker: a step already running as a rank must not start its own job.
 TORCHRUN_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")
 
 
 class LaunchError(RuntimeError):
     """The step cannot be launched as asked (bad argv or process count, or already a torchrun worker)."""
+
+
+def task_processes(device: str, env: dict | None = None) -> int:
+    """How many processes a pipeline task runs its step as: one per GPU its pod sees.
+
+    A task with ``gpu_count: N`` gets N GPUs in its pod (the device plugin makes exactly
+    those visible), so on ``cuda``/``auto`` that count is the process count; a device that
+    names one GPU (``cuda:1``) or the CPU is one process. ``SAFT_TASK_PROCESSES`` set to an
+    integer >= 1 overrides it (CPU ranks on gloo, or fewer processes than GPUs).
+    """
+    env = os.environ if env is None else env
+    forced = env.get(PROCESSES_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise LaunchError(f"{PROCESSES_ENV}={forced!r}: expected an integer >= 1 (the processes a task's step "
+                              "runs as), or unset it to use one per visible GPU")
+        return int(forced)
+    if device not in ("auto", "cuda"):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 def torchrun_command(argv: Sequence[str], processes: int, *, python: str | None = None) -> list[str]:

@@ -262,11 +262,19 @@ def loader_options(loader: str | dict | None) -> dict:
 
 def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
                log=_log) -> dict:
+    from saft.steps.launch import score_argv, task_processes
     from saft.steps.score import score_step
 
     cfg.device = resolve_device(cfg.device)
+    processes = task_processes(cfg.device)
     with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        stats = score_step(cfg, data_dir, out_dir, root=prepared_root(data_dir), progress=progress, log=log)
+        if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
+            from saft.steps.launched import run_launched
+
+            stats = run_launched(score_argv(cfg, data_dir, out_dir, root=prepared_root(data_dir)), processes,
+                                 out_dir, log=log)
+        else:
+            stats = score_step(cfg, data_dir, out_dir, root=prepared_root(data_dir), progress=progress, log=log)
         tracker.log_mask_stats(stats)
         tracker.log_artifact(str(Path(out_dir) / MASK_FILE))
     return stats
@@ -377,8 +385,10 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
                   epochs: float = 0.0, checkpoint_root: str = "", prompts: str = "train") -> dict:
     """Train one delta. With ``checkpoint_root``, checkpoints go to a folder keyed by the run
     (:func:`checkpoint_dir_for`) and a rerun resumes from the last one; the folder is removed
-    once the delta is written."""
+    once the delta is written. A pod with several GPUs runs the step as one process per GPU
+    (:mod:`saft.steps.launched`)."""
     from saft.steps.finetune import finetune_step
+    from saft.steps.launch import task_processes
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
     device = resolve_device(device)
@@ -393,10 +403,20 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
             log(f"finetune: a checkpoint every {cfg.checkpoint_every} steps in {ckpt}")
         else:
             log("finetune: no checkpoints (finetune.checkpoint_every is 0): a retry starts from step 0")
+    processes = task_processes(device)
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
-        summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
-                                device=device, progress=progress, log=log, resume=ckpt is not None,
-                                checkpoint_dir=ckpt, prompts=prompts)
+        if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
+            from saft.steps.launch import finetune_argv
+            from saft.steps.launched import run_launched
+
+            argv = finetune_argv(model, cfg, data_dir, out_dir, mask_path=mask, device=device, prompts=prompts,
+                                 root=prepared_root(data_dir), resume=ckpt is not None,
+                                 checkpoint_dir=str(ckpt) if ckpt else None)
+            summary = run_launched(argv, processes, out_dir, log=log)
+        else:
+            summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
+                                    device=device, progress=progress, log=log, resume=ckpt is not None,
+                                    checkpoint_dir=ckpt, prompts=prompts)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
         if ckpt is not None:
