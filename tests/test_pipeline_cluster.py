@@ -29,7 +29,7 @@ PIPELINES = ("base2new", "benchmark", "retrain")
 # What carries the data version into a data-reading task's cache key: the world task's output
 # (which records it) or prepare's output (made from that).
 DATA_READERS = {"prepare": "world", "evaluate": "world", "score": "data", "finetune": "data", "baseline": "data",
-                "select": "data"}
+                "select": "data", "finetune_trainjob": "data"}
 
 
 def _cfg() -> ClusterConfig:
@@ -150,7 +150,7 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
         if res.gpu:
             assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and settings["nodeSelector"], task_name
         assert bool(task["cachingOptions"].get("enableCache")) == (function not in UNCACHED), task_name
-        if function in ("finetune", "baseline"):
+        if function in ("finetune", "baseline", "finetune_trainjob"):
             assert settings["pvcMount"][0]["mountPath"] == "/mnt/saft-checkpoints", task_name
         if function not in ("start_run", "finish_run"):
             assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
@@ -160,7 +160,7 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
             assert DATA_READERS[function] in task["inputs"]["artifacts"], task_name
         # no task of a pipeline run takes a per-run input: that would defeat every cache
         assert "run" not in task.get("inputs", {}).get("artifacts", {}), task_name
-    expected = {"benchmark": {"gather_deltas", "protocol"}, "retrain": {"select", "baseline", "compare", "deploy"},
+    expected = {"benchmark": {"gather_deltas", "protocol"}, "retrain": {"select", "baseline", "compare", "deploy", "finetune_trainjob"},
                 "base2new": {"protocol", "base2new_trainings", "collect_base2new"}}[name]
     assert expected <= seen
 
@@ -183,6 +183,40 @@ def test_the_retrain_dag_trains_a_grid_selects_and_gates(compiled) -> None:
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["lr_grid"]["defaultValue"] == [0.001, 0.003, 0.01]
     assert params["with_baselines"]["defaultValue"] is False
+
+
+def test_the_retrain_dag_trains_across_nodes_when_nodes_is_above_one(compiled) -> None:
+    _, docs = compiled["retrain"]
+    spec = docs["spec"]
+    tasks = _tasks(spec)
+    branch = {t["taskInfo"]["name"]: t for t in tasks.values() if "nodes" in str(t.get("triggerPolicy", {}))}
+    assert branch["multi-node"]["triggerPolicy"]["condition"] == "int(inputs.parameter_values['pipelinechannel--nodes']) > 1"
+    assert branch["one-node"]["triggerPolicy"]["condition"].startswith("!(")  # the else branch
+
+    def functions_under(task: dict) -> set[str]:
+        found, todo = set(), [task]
+        while todo:
+            t = todo.pop()
+            hit = _component_of(spec, t)
+            if hit:
+                found.add(hit[0])
+            todo += spec["components"][t["componentRef"]["name"]].get("dag", {}).get("tasks", {}).values()
+        return found
+
+    assert functions_under(branch["multi-node"]) == {"finetune_trainjob", "select"}
+    assert functions_under(branch["one-node"]) == {"finetune", "select"}
+    launcher = next(t for t in tasks.values() if t["taskInfo"]["name"] == "finetune-trainjob")
+    given = launcher["inputs"]["parameters"]
+    assert given["pvc"]["runtimeValue"]["constant"] == "saft-checkpoints"  # the shared volume, compiled in
+    assert given["nodes"]["componentInputParameter"].endswith("nodes")
+    assert given["gpus_per_node"]["componentInputParameter"].endswith("gpu_count")
+    assert given["shared_root"]["componentInputParameter"].endswith("checkpoint_root")
+    # downstream tasks take whichever branch ran (dsl.OneOf)
+    collect = next(t for t in tasks.values() if t["taskInfo"]["name"] == "collect")
+    assert "oneof" in json.dumps(collect["inputs"]["artifacts"]["deltas"])
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["nodes"]["defaultValue"] == 1
+    assert json.loads(params["trainjob_settings"]["defaultValue"])["runtime"] == "torch-distributed"
 
 
 def test_compiled_yaml_holds_no_credentials(compiled) -> None:

@@ -149,3 +149,33 @@ def test_the_protocol_task_checks_the_pipelines_own_arguments(tmp_path) -> None:
     with pytest.raises(ParamsError, match="register.gate: auto"):
         protocol_check(str(tmp_path), suite="", subset="all", register_enabled=True,
                        **{**common, "gate": "hm"})
+
+
+def test_the_trainjob_component_hands_nodes_volume_and_settings_to_the_launcher(tmp_path, monkeypatch) -> None:
+    calls = _record(monkeypatch, "finetune_trainjob_task", module="launched")
+    args = pipeline_arguments("retrain", load_params(REPO / "params.yaml", ["cluster.nodes=2", "cluster.gpu_count=4",
+                                                                            "finetune.batch_size=16"]))
+    assert args["nodes"] == 2 and args["gpu_count"] == 4
+    fn = component_functions(REPO)["finetune_trainjob"]
+    fn(model="tiny", data=_art(tmp_path, "d"), mask=_art(tmp_path, "m"), lr=0.01, settings=args["settings"], seed=1,
+       nodes=args["nodes"], gpus_per_node=args["gpu_count"], shared_root="/mnt/saft-checkpoints", pvc="saft-checkpoints",
+       trainjob=args["trainjob_settings"], image="img", tracking=False, delta=_art(tmp_path, "out"))
+    (positional, kwargs), = calls
+    cfg = positional[4]
+    assert (cfg.method, cfg.lr, cfg.batch_size) == ("saft", 0.01, 16)
+    assert (kwargs["nodes"], kwargs["gpus_per_node"], kwargs["pvc"]) == (2, 4, "saft-checkpoints")
+    assert json.loads(kwargs["settings"])["runtime"] == "torch-distributed" and kwargs["image"] == "img"
+
+
+def test_nodes_above_one_is_checked_and_refused_by_the_local_runner(tmp_path) -> None:
+    from saft.orchestration.local import run_local
+    from saft.steps.params import ParamsError
+
+    with pytest.raises(ParamsError, match="must divide by cluster.nodes x cluster.gpu_count"):
+        load_params(REPO / "params.yaml", ["cluster.nodes=2", "cluster.gpu_count=3"]).validate()
+    with pytest.raises(ParamsError, match="needs cluster.checkpoint_pvc"):
+        load_params(REPO / "params.yaml", ["cluster.nodes=2", "cluster.checkpoint_pvc="]).validate()
+    params = load_params(REPO / "params.yaml", ["cluster.nodes=2", "cluster.gpu_count=1"])
+    with pytest.raises(ValueError, match="needs Kubeflow Trainer on a cluster"):
+        run_local(params, tmp_path / "out", pipeline="retrain")
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -3,6 +3,7 @@
     start-run -> data-version (never cached) -> world (renders the world or marks data_root; records the version)
       -> prepare (one seed, read at that version) -> score (the SAFT mask)
       -> for each learning rate of lr_grid: finetune (saft)      [at most `parallelism` at a time]
+         (nodes > 1: finetune-trainjob instead, each rate a Kubeflow Trainer TrainJob of nodes x gpu_count)
       -> select (the rate with the best top-1 on the prepared ID validation split)
       -> for each suite dataset: evaluate (zero-shot and the chosen delta) -> collect
       -> if baselines: for each baseline: baseline (full / random) -> gather-runs -> evaluate -> compare
@@ -41,6 +42,8 @@ def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root:
     baselines = [{"method": m, "lr": params.finetune.lr[m]} for m in r.baselines]
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
             "seed": r.seed, "lr_grid": list(r.lr_grid), "with_baselines": bool(baselines), "baselines": baselines,
+            "nodes": params.cluster.nodes,
+            "trainjob_settings": json.dumps(dataclasses.asdict(params.trainjob), sort_keys=True),
             "deploy_enabled": params.deploy.enabled,
             "deploy_settings": json.dumps(dataclasses.asdict(params.deploy), sort_keys=True)}
 
@@ -71,6 +74,7 @@ def build(cfg: ClusterConfig, c):
         deploy_enabled: bool = d["deploy_enabled"], deploy_settings: str = d["deploy_settings"],
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
+        nodes: int = d["nodes"], trainjob_settings: str = d["trainjob_settings"],
     ) -> Dataset:
         p = SimpleNamespace(**locals())
 
@@ -87,13 +91,31 @@ def build(cfg: ClusterConfig, c):
         mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
                           batch_size=score_batch_size, seed=seed, device=device, tracking=tracking,
                           prompts=score_prompts, text_batch=score_text_batch, loader=loader), "score")
-        with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
-            tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr, settings=settings, seed=seed,
-                                  device=device, checkpoint_root=checkpoint_root, tracking=tracking,
-                                  mask=mask.outputs["mask"]), "finetune")
-        chosen = on(c.select(model=model, data=data, candidates=dsl.Collected(tuned.outputs["delta"]),
-                             batch_size=eval_batch_size, device=device, tracking=tracking), "select")
-        candidate = chosen.outputs["chosen"]
+        def select(deltas, display=None):
+            return on(c.select(model=model, data=data, candidates=dsl.Collected(deltas), batch_size=eval_batch_size,
+                               device=device, tracking=tracking), "select", display)
+
+        def in_one_pod():  # each rate in one pod (gpu_count > 1: one process per GPU under torchrun)
+            with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
+                tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr, settings=settings, seed=seed,
+                                      device=device, checkpoint_root=checkpoint_root, tracking=tracking,
+                                      mask=mask.outputs["mask"]), "finetune")
+            return select(tuned.outputs["delta"]).outputs["chosen"]
+
+        if cfg.kubernetes:
+            with dsl.If(nodes > 1, "multi-node"):  # each rate a TrainJob across nodes; the launcher holds no GPU
+                with dsl.ParallelFor(lr_grid, parallelism=cfg.parallelism) as lr:
+                    job = on(c.finetune_trainjob(model=model, data=data, mask=mask.outputs["mask"], lr=lr,
+                                                 settings=settings, seed=seed, nodes=nodes, gpus_per_node=gpu_count,
+                                                 shared_root=checkpoint_root, pvc=cfg.checkpoint_pvc,
+                                                 trainjob=trainjob_settings, image=cfg.image, tracking=tracking),
+                             "finetune_trainjob")
+                across_nodes = select(job.outputs["delta"], "select-multi-node").outputs["chosen"]
+            with dsl.Else("one-node"):
+                one_pod = in_one_pod()
+            candidate = dsl.OneOf(across_nodes, one_pod)
+        else:  # kfp.local has no Kubeflow Trainer (and no artifact dsl.OneOf): the one-pod path only
+            candidate = in_one_pod()
         collected = evaluate_suite(c, on, p, world, candidate, cfg.parallelism)
         results = collected.outputs["results"]
         with dsl.If(with_baselines == True, "baselines"):  # noqa: E712 (a pipeline condition)

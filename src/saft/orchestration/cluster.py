@@ -43,7 +43,7 @@ _GPU = Resources("4", "16Gi", "32Gi", gpu=True)
 _DATA = Resources("4", "8Gi", "16Gi")
 _LIGHT = Resources("500m", "1Gi", "2Gi")
 TASK_RESOURCES: dict[str, Resources] = {
-    "score": _GPU, "finetune": _GPU, "baseline": _GPU, "select": _GPU, "evaluate": _GPU,
+    "score": _GPU, "finetune": _GPU, "finetune_trainjob": _DATA, "baseline": _GPU, "select": _GPU, "evaluate": _GPU,
     "world": _DATA, "prepare": _DATA, "register": _DATA, "collect": _DATA, "compare": _DATA,
     "gather_deltas": _DATA, "gather_runs": _DATA, "collect_base2new": _DATA,
     "data_version": Resources("1", "2Gi", "4Gi"), "start_run": _LIGHT, "finish_run": _LIGHT,
@@ -51,7 +51,7 @@ TASK_RESOURCES: dict[str, Resources] = {
 }
 UNCACHED = frozenset({"start_run", "finish_run", "data_version", "register", "deploy"})
 NO_RETRY = frozenset({"start_run", "finish_run"})  # a retried start would open a second parent run
-CHECKPOINTED = frozenset({"finetune", "baseline"})
+CHECKPOINTED = frozenset({"finetune", "baseline", "finetune_trainjob"})  # the launcher: its job's shared volume
 
 
 @dataclass(frozen=True)

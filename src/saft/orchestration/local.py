@@ -57,6 +57,10 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, pipeline: str = "b
     from saft.steps.params import write_resolved
     from saft.steps.pipeline_run import PIPELINE_RUN_ENV
 
+    if params.cluster.nodes > 1:
+        raise ValueError(f"cluster.nodes is {params.cluster.nodes}: training across nodes needs Kubeflow Trainer on a "
+                         "cluster (saft pipeline submit); kfp.local runs every task on this machine, set "
+                         "cluster.nodes: 1 (or --set cluster.nodes=1)")
     t0 = time.time()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

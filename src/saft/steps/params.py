@@ -160,6 +160,26 @@ class ClusterParams:
     gpu_count: int = 1
     parallelism: int = 2  # loop iterations at a time in every fan-out (compiled into the pipeline)
     checkpoint_pvc: str = "saft-checkpoints"  # PVC where training checkpoints outlive a pod; "": none
+    nodes: int = 1  # retrain: > 1 trains each SAFT delta as a TrainJob of nodes x gpu_count processes
+
+
+@dataclass
+class TrainJobParams:
+    """The retrain pipeline with ``cluster.nodes`` > 1: each finetune as a Kubeflow Trainer TrainJob.
+
+    The job's inputs and outputs go through ``cluster.checkpoint_pvc`` (ReadWriteMany when
+    the nodes differ), mounted at the same path in the launcher task and every node.
+    """
+
+    namespace: str = "default"  # where the TrainJob is created (the pipeline runner's service account needs rights)
+    image: str = ""  # the nodes' image; empty: the pipeline's own image
+    runtime: str = "torch-distributed"  # ClusterTrainingRuntime name
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = ""  # per node; "": the runtime's
+    memory: str = ""
+    timeout_s: float = 6 * 3600.0  # a job past this is deleted (its GPUs freed) and the task fails
+    poll_s: float = 15.0
+    patch_api: str = "podTemplateOverrides"  # Trainer v2.0/v2.1; runtimePatches for later releases
 
 
 @dataclass
@@ -177,6 +197,7 @@ class PipelineParams:
     retrain: RetrainParams = field(default_factory=RetrainParams)
     deploy: DeployParams = field(default_factory=DeployParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
+    trainjob: TrainJobParams = field(default_factory=TrainJobParams)
 
     @property
     def embedded(self) -> bool:
@@ -240,6 +261,20 @@ class PipelineParams:
             raise ParamsError(f"{where}: finetune.lr has no learning rate for the baseline {', '.join(missing)}")
         if self.cluster.parallelism < 1:
             raise ParamsError(f"{where}: cluster.parallelism must be >= 1")
+        c = self.cluster
+        if c.nodes < 1 or c.gpu_count < 0:
+            raise ParamsError(f"{where}: cluster.nodes must be >= 1 and cluster.gpu_count >= 0")
+        if c.nodes > 1:
+            if not c.checkpoint_pvc:
+                raise ParamsError(f"{where}: cluster.nodes {c.nodes} needs cluster.checkpoint_pvc: the TrainJob's "
+                                  "nodes read their inputs and write the delta on that shared volume")
+            if c.gpu_count < 1 or f.batch_size % (c.nodes * c.gpu_count):
+                raise ParamsError(f"{where}: finetune.batch_size {f.batch_size} must divide by cluster.nodes x "
+                                  f"cluster.gpu_count ({c.nodes} x {c.gpu_count}): every process trains an equal "
+                                  "part of each global batch")
+        if self.trainjob.patch_api not in ("podTemplateOverrides", "runtimePatches"):
+            raise ParamsError(f"{where}: trainjob.patch_api must be podTemplateOverrides or runtimePatches, got "
+                              f"{self.trainjob.patch_api!r}")
         return self
 
 
