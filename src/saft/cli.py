@@ -13,6 +13,16 @@ def _bench_step(args: argparse.Namespace) -> int:
     cfg = StepBenchConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
                           num_classes=args.num_classes, density=args.density, warmup=args.warmup,
                           repeats=args.repeats, device=args.device, seed=args.seed)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        from saft.bench.step_dist import (
+            format_dist_step_benchmark,
+            run_dist_step_benchmark,
+        )
+
+        report = run_dist_step_benchmark(cfg, args.nproc, progress=lambda msg: print(msg, file=sys.stderr))
+        return _show_report(report, format_dist_step_benchmark(report), args.out)
     report = run_step_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
     return _show_report(report, format_step_benchmark(report), args.out)
 
@@ -80,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=int, default=5, help="timed steps per method; the median is reported")
     step.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     step.add_argument("--seed", type=int, default=0, help="seed for weights, data and mask (default: 0)")
+    step.add_argument("--nproc", type=int, default=1,
+                      help="N >= 2: the saft step as N torchrun processes (gloo on CPU, NCCL on GPUs) each on "
+                           "batch/N images, vs one process at the same global batch: time, state, bytes "
+                           "all-reduced, equality of the trained values (default: 1, the methods' comparison)")
     step.set_defaults(func=_bench_step)
     ev = bench_sub.add_parser("eval", help="evaluation images/s and peak memory: saft's streaming path vs a plain "
                                          "open_clip loop, on a generated image set")

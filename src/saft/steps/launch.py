@@ -51,10 +51,17 @@ def task_processes(device: str, env: dict | None = None) -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def torchrun_command(argv: Sequence[str], processes: int, *, python: str | None = None) -> list[str]:
-    """The command line that runs ``saft ARGV`` as ``processes`` ranks on this node."""
+def torchrun_command(argv: Sequence[str], processes: int, *, python: str | None = None,
+                     module: str = "saft.cli") -> list[str]:
+    """The command line that runs ``python -m MODULE ARGV`` (default: ``saft ARGV``) as ``processes`` ranks on this node."""
     return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={processes}", "-m", "saft.cli", *argv]
+            f"--nproc_per_node={processes}", "-m", module, *argv]
+
+
+def source_pythonpath(env: dict) -> str:
+    """``PYTHONPATH`` for a job's children: this saft's source folder first, so they import the same saft."""
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
 
 
 def _check(argv: Sequence[str], processes: int, env: dict) -> None:
@@ -87,8 +94,7 @@ def run_step(argv: Sequence[str], processes: int, *, log: Callable[[str], None] 
 
         return int(main(argv) or 0)
     # The job's children must import the same saft as this process (a task may run from a source tree).
-    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = source_pythonpath(env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed, not at exit
     cmd = torchrun_command(argv, processes)
     log(f"launch: {argv[0]} as {processes} processes: {' '.join(cmd)}")
