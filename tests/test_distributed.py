@@ -61,16 +61,22 @@ def _commands(tag: str) -> list[str]:
             json.dumps(EVALUATE + ["--delta", f"saft:1=F{tag}/delta.safetensors", "--out", f"E{tag}"])]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    """The same three steps as one process and as one torchrun job of two."""
-    base = tmp_path_factory.mktemp("dist")
-    _run(SAFT + ["world", "--out", "W", "--pool-per-class", "10", "--test-per-class", "4"], base)
-    _run(SAFT + ["data", "prepare", "W/textile/pool", "--shots", "3", "--out", "D"], base)  # 30 images
+def toy_world(base: Path, *, pool: int, test: int, shots: int) -> Path:
+    """In ``base``: the world ``W``, ``shots`` per class of its textile pool prepared in ``D``, ``toy.yaml``
+    (textile ID, sketch OOD)."""
+    _run(SAFT + ["world", "--out", "W", "--pool-per-class", str(pool), "--test-per-class", str(test)], base)
+    _run(SAFT + ["data", "prepare", "W/textile/pool", "--shots", str(shots), "--out", "D"], base)
     suite = {"name": "toy", "datasets": [
         {"name": "textile", "dataset": "imagefolder", "root": "W/textile/test", "role": "id"},
         {"name": "sketch", "dataset": "imagefolder", "root": "W/sketch/test", "role": "ood"}]}
     (base / "toy.yaml").write_text(yaml.safe_dump(suite))
+    return base
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """The same three steps as one process and as one torchrun job of two."""
+    base = toy_world(tmp_path_factory.mktemp("dist"), pool=10, test=4, shots=3)  # 30 training images
     _run([sys.executable, DRIVER, *_commands("1")], base)
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", DRIVER,
                  *_commands("2")], base, timeout=400)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_distributed import DELTA_TOLERANCE, SAFT, _env, _run
+from test_distributed import DELTA_TOLERANCE, _env, toy_world
 
 from saft.eval.suites import load_suite, suite_document
 from saft.sparse import FinetuneConfig
@@ -48,14 +48,7 @@ def test_a_suite_document_loads_back_to_the_same_suite(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("tasks")
-    _run(SAFT + ["world", "--out", "W", "--pool-per-class", "6", "--test-per-class", "3"], base)
-    _run(SAFT + ["data", "prepare", "W/textile/pool", "--shots", "2", "--out", "D"], base)  # 20 images
-    suite = {"name": "toy", "datasets": [
-        {"name": "textile", "dataset": "imagefolder", "root": "W/textile/test", "role": "id"},
-        {"name": "sketch", "dataset": "imagefolder", "root": "W/sketch/test", "role": "ood"}]}
-    (base / "toy.yaml").write_text(yaml.safe_dump(suite))
-    return base
+    return toy_world(tmp_path_factory.mktemp("tasks"), pool=6, test=3, shots=2)  # 20 training images
 
 
 @pytest.mark.slow
