@@ -21,7 +21,7 @@ from kfp import dsl
 from kfp.dsl import Dataset
 
 from saft.orchestration.arguments import check_default_eligibility, shared_arguments
-from saft.orchestration.cluster import ClusterConfig, configure
+from saft.orchestration.cluster import ClusterConfig, policy
 from saft.orchestration.stages import begin, check_protocol
 from saft.steps.params import PipelineParams
 
@@ -72,9 +72,7 @@ def build(cfg: ClusterConfig, c):
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
     ) -> Dataset:
         p = SimpleNamespace(**locals())
-
-        def on(task, name, display=None):
-            return configure(task, name, cfg, gpu_type, gpu_count, display=display)
+        on = policy(cfg, gpu_type, gpu_count)
 
         world = begin(c, on, p, NAME)
         checked = check_protocol(c, on, p, world, register_enabled=False)

@@ -47,6 +47,18 @@ def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(_tensor_bytes(s.values()) for s in opt.state.values())
 
 
+def environment(device: torch.device, **extra) -> dict:
+    """What a step benchmark ran on: torch, the machine and the device (plus ``extra``)."""
+    return {"torch": torch.__version__, **extra, "machine": platform.machine(), "processor": platform.processor(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def mask_summary(mask) -> dict:
+    """The mask's counts a step benchmark reports (not its per-tensor table)."""
+    stats = mask.stats()
+    return {k: stats[k] for k in ("num_selected", "eligible", "tensors_with_selection", "tensors_eligible")}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,15 +173,10 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
     full_t, full_b = results["full"]["step_time_s"], results["full"]["state_bytes"]
     ratios = {m: {"step_time": results[m]["step_time_s"] / full_t,
                   "state_bytes": results[m]["state_bytes"] / full_b} for m in METHODS}
-    stats = mask.stats()
     return {
         "config": cfg.__dict__,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "machine": platform.machine(), "processor": platform.processor(),
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
-        "mask": {"num_selected": stats["num_selected"], "eligible": stats["eligible"],
-                 "tensors_with_selection": stats["tensors_with_selection"],
-                 "tensors_eligible": stats["tensors_eligible"]},
+        "environment": environment(device, threads=torch.get_num_threads()),
+        "mask": mask_summary(mask),
         "methods": results,
         "ratios_vs_full": ratios,
         "saft_vs_floor": results["saft"]["step_time_s"] / results["floor"]["step_time_s"],

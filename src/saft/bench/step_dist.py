@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saft.bench.step import StepBenchConfig, _optimizer_bytes, _sync, _tensor_bytes
+from saft.bench.step import (
+    StepBenchConfig,
+    _optimizer_bytes,
+    _sync,
+    _tensor_bytes,
+    environment,
+    mask_summary,
+)
 from saft.models import load_model
 from saft.sparse.distributed import Dist, from_env
 from saft.sparse.mask import Mask, select_mask
@@ -202,17 +208,12 @@ def run_dist_step_benchmark(cfg: StepBenchConfig, nproc: int, progress: Callable
     diffs = [max(float((a - b).abs().max()) for a, b in zip(vs, one_values)) for vs in values]
     t1, tn = one["step_time_s"], max(r["step_time_s"] for r in ranks)
     reduced = ranks[0]["all_reduce"]
-    stats = mask.stats()
     backend = "nccl" if device.type == "cuda" else "gloo"
     return {
         "config": {**cfg.__dict__, "nproc": nproc},
-        "environment": {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-                        "cpus": os.cpu_count(), "backend": backend, "threads_1proc": threads,
-                        "threads_per_rank": per_rank,
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
-        "mask": {"num_selected": stats["num_selected"], "eligible": stats["eligible"],
-                 "tensors_with_selection": stats["tensors_with_selection"],
-                 "tensors_eligible": stats["tensors_eligible"]},
+        "environment": environment(device, cpus=os.cpu_count(), backend=backend, threads_1proc=threads,
+                                   threads_per_rank=per_rank),
+        "mask": mask_summary(mask),
         "model_parameter_bytes": model_bytes,
         "values_bytes": values_bytes,
         "one_process": one,

@@ -110,4 +110,12 @@ def configure(task, name: str, cfg: ClusterConfig, gpu_type=None, gpu_count=None
     return task
 
 
-__all__ = ["ClusterConfig", "DEFAULT_IMAGE", "Resources", "TASK_RESOURCES", "UNCACHED", "configure"]
+def policy(cfg: ClusterConfig, gpu_type=None, gpu_count=None):
+    """``on(task, name, display=None)``: :func:`configure` bound to a pipeline's cluster settings (what the
+    shared stages in :mod:`saft.orchestration.stages` take)."""
+    def on(task, name: str, display: str | None = None):
+        return configure(task, name, cfg, gpu_type, gpu_count, display=display)
+    return on
+
+
+__all__ = ["ClusterConfig", "DEFAULT_IMAGE", "Resources", "TASK_RESOURCES", "UNCACHED", "configure", "policy"]
