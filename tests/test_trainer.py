@@ -103,7 +103,7 @@ def test_resume_refuses_other_settings(tmp_path, vit, dataset, vit_prompts):
     cfg = _cfg(steps=3, checkpoint_every=1)
     saft.finetune(vit.model, dataset, vit_prompts, mask=mask, config=cfg, checkpoint_dir=tmp_path, progress=False)
     assert (tmp_path / "checkpoint.pt").is_file()
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.005 -> 1.0\)"):
         saft.finetune(vit.model, dataset, vit_prompts, mask=mask, config=_cfg(steps=3, lr=1.0, checkpoint_every=1),
                       checkpoint_dir=tmp_path, resume=True, progress=False)
 

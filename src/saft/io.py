@@ -42,16 +42,45 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+CONTENT_SHA256 = "content_sha256"
+
+
+class DamagedArtifactError(ValueError):
+    """A file's content does not match the checksum recorded when it was written."""
+
+
+def content_digest(tensors: dict, meta: dict[str, str]) -> str:
+    """sha256 over the metadata (but the digest itself) and every tensor's name, dtype, shape and bytes.
+
+    Recorded in the file at write and recomputed at read: a flipped byte in a value, an
+    index or a metadata field is caught on load, where safetensors alone would load it.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != CONTENT_SHA256}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict[str, str], fmt: str) -> Path:
-    """Write a safetensors artifact atomically, tagged with its format and library version."""
+    """Write a safetensors artifact atomically, tagged with its format, library version and content checksum."""
     from safetensors.torch import save_file
 
     from saft.version import __version__
 
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {**meta, "format": fmt}
     meta.setdefault("library_version", __version__)
+    meta[CONTENT_SHA256] = content_digest(tensors, meta)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         _sort_metadata(tmp)
     return Path(path)
 
@@ -92,8 +121,19 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, di
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
     if meta.get("format") != fmt:
         raise ValueError(f"{path}: not a SAFT {what} (format={meta.get('format')!r}, expected {fmt!r})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    recorded = meta.pop(CONTENT_SHA256, None)
+    # files written before checksums were recorded carry none: they load as before
+    if recorded is not None and content_digest(tensors, meta) != recorded:
+        raise DamagedArtifactError(
+            f"{path}: damaged {what}: its content does not match the checksum recorded when it was written "
+            f"({recorded[:12]}...); restore it from where it came from (the run's output folder or the registry) "
+            "or produce it again")
     meta.pop("format")
-    return load_file(str(path)), meta
+    return tensors, meta
 
 
 def read_text(path: str | os.PathLike, what: str, error: type[Exception]) -> str:

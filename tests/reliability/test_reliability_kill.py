@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saft.sparse.trainer import CHECKPOINT_NAME
+from saft.sparse.checkpoint import CHECKPOINT_NAME, DIGEST_NAME
 from saft.steps.finetune import CHECKPOINT_DIR, DELTA_FILE, HISTORY_FILE
 from saft.steps.record import RECORD_FILE
 
@@ -41,7 +41,7 @@ def _saft(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def _is_atomic_temp(path: Path) -> bool:
     """saft.io.atomic_path's temporaries: hidden ``.<target name>.<random>.tmp`` beside the target."""
-    return path.name.startswith(f".{CHECKPOINT_NAME}.") and path.name.endswith(".tmp")
+    return path.name.startswith((f".{CHECKPOINT_NAME}.", f".{DIGEST_NAME}.")) and path.name.endswith(".tmp")
 
 
 @pytest.mark.slow
@@ -76,7 +76,8 @@ def test_sigkilled_finetune_resumes_to_the_same_delta(tmp_path: Path) -> None:
     # cut off mid-write (possible if the kill landed in a later save) is hidden.
     files = sorted(p.relative_to(f1) for p in f1.rglob("*") if p.is_file())
     visible = [p for p in files if not _is_atomic_temp(p)]
-    assert visible == [Path(CHECKPOINT_DIR) / CHECKPOINT_NAME], f"unexpected files after the kill: {files}"
+    assert visible == [Path(CHECKPOINT_DIR) / n for n in (CHECKPOINT_NAME, DIGEST_NAME)], \
+        f"unexpected files after the kill: {files}"
     assert not (f1 / DELTA_FILE).exists() and not (f1 / RECORD_FILE).exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # complete and readable
     killed_at = state["step"]

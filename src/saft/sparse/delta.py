@@ -104,8 +104,11 @@ def apply_delta(model: nn.Module, delta: Delta, alpha: float = 1.0, *, check_fin
         p = params[name]
         if name in delta.indices:
             idx = delta.indices[name]
-            if idx.numel() and int(idx.max()) >= p.numel():
-                raise ValueError(f"delta indices of {name!r} exceed its {p.numel()} entries")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
+                raise ValueError(f"delta indices of {name!r} fall outside its {p.numel()} entries (the delta does "
+                                 "not belong to this model, or its file is damaged)")
+            if idx.numel() != values.numel():
+                raise ValueError(f"delta {name!r} holds {idx.numel()} indices but {values.numel()} values")
         elif tuple(values.shape) != tuple(p.shape):
             raise ValueError(f"dense delta {name!r} has shape {tuple(values.shape)}, model {tuple(p.shape)}")
     sparse, dense = {}, {}

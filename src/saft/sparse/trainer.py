@@ -26,10 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from saft.progress import progress_bar
 
 from saft.loader import AUTO_WORKERS, LoaderOptions
-from saft.io import atomic_path
 from saft.models.fingerprint import fingerprint_model
-from saft.models.loading import unsafe_pickle_reason
 from saft.sparse.backends import configure_backends
+from saft.sparse.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
@@ -41,7 +40,6 @@ from saft.version import __version__
 
 METHODS = ("saft", "random", "full")
 DEFAULT_LR = {"saft": 1e-4, "random": 1e-4, "full": 1e-5}
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
@@ -434,7 +432,7 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
 
 
 def _save_checkpoint(path, step, params, optimizer, scheduler, scaler, config_json, base_fp, history) -> None:
-    state = {
+    save_checkpoint(path, {
         "step": step,
         "params": [p.detach().cpu() for p in params],
         "optimizer": optimizer.state_dict(),
@@ -445,26 +443,27 @@ def _save_checkpoint(path, step, params, optimizer, scheduler, scaler, config_js
         "config": config_json,
         "base_fingerprint": base_fp,
         "history": history,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    })
+
+
+def config_difference(saved: str, now: str) -> str:
+    """The settings two config JSON documents disagree on, as ``key: saved -> now`` (for a refused resume)."""
+    try:
+        a, b = json.loads(saved), json.loads(now)
+    except ValueError:
+        return "the saved configuration cannot be read"
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys) or "none"
 
 
 def _load_checkpoint(path, params, optimizer, scheduler, scaler, config_json, base_fp):
-    try:  # weights_only: a checkpoint folder may be shared, and pickle runs code on load
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types
-        raise ValueError(
-            f"{path}: checkpoint cannot be read safely ({unsafe_pickle_reason(exc)}); it holds "
-            "something other than tensors and plain values, or is damaged. Delete it to start fresh."
-        ) from exc
-    if not isinstance(state, dict) or not {"config", "base_fingerprint", "params", "step"} <= state.keys():
+    state = read_checkpoint(path)
+    if not {"config", "base_fingerprint", "params"} <= state.keys():
         raise ValueError(f"{path}: not a SAFT training checkpoint; delete it to start fresh")
     if state["config"] != config_json:
         raise ValueError(
-            f"{path}: checkpoint was written with another configuration; resume only with the same "
-            f"settings, or start fresh in an empty checkpoint directory.\n checkpoint: {state['config']}\n"
-            f" now:        {config_json}"
+            f"{path}: the checkpoint was written with other settings ({config_difference(state['config'], config_json)}); "
+            "resume only with the same settings, or start fresh in an empty checkpoint folder"
         )
     if state["base_fingerprint"] != base_fp:
         raise ValueError(f"{path}: checkpoint belongs to another base model (fingerprint mismatch)")

@@ -368,18 +368,6 @@ def checkpoint_dir_for(checkpoint_root: str, model: str, cfg, data_dir: str, mas
     return Path(checkpoint_root) / f"finetune-{cfg.method}-{digest}"
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The step of the checkpoint in ``folder`` (0: none); memory-mapped, so cheap for big ones."""
-    from saft.sparse.trainer import CHECKPOINT_NAME
-
-    path = folder / CHECKPOINT_NAME
-    if not path.is_file():
-        return 0
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-
-
 def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
                   device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log,
                   epochs: float = 0.0, checkpoint_root: str = "", prompts: str = "train") -> dict:
@@ -396,6 +384,8 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
     ckpt, resumed = None, 0
     if checkpoint_root:
         ckpt = checkpoint_dir_for(checkpoint_root, model, cfg, data_dir, mask_dir)
+        from saft.sparse.checkpoint import checkpoint_step
+
         resumed = checkpoint_step(ckpt)
         if resumed:
             log(f"finetune: resuming from the checkpoint at step {resumed} of {cfg.steps} in {ckpt}")
