@@ -21,7 +21,7 @@ def data_pipeline():
     @dsl.pipeline(name="saft-retrain-data")
     def data_only(data_root: str, data_rev: str, data_repo: str, data_version: str, pool_per_class: int,
                   test_per_class: int, dataset: str, split: str, shots: int, val_shots: int, seed: int,
-                  tracking: bool, train_templates: list, data_subset: str):
+                  tracking: bool, train_templates: list, templates: list, skip_corrupt: bool, data_subset: str):
         version = configure(c.data_version(data_root=data_root, data_rev=data_rev, data_repo=data_repo,
                                            expected=data_version, pool_per_class=pool_per_class,
                                            test_per_class=test_per_class, tracking=tracking), "data_version", cfg)
@@ -29,6 +29,7 @@ def data_pipeline():
                                   test_per_class=test_per_class), "world", cfg)
         configure(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                             shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev, data_repo=data_repo,
-                            tracking=tracking, train_templates=train_templates, subset=data_subset), "prepare", cfg)
+                            tracking=tracking, train_templates=train_templates, templates=templates,
+                            skip_corrupt=skip_corrupt, subset=data_subset), "prepare", cfg)
 
     return data_only

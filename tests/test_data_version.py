@@ -68,6 +68,7 @@ def dvc_repo(tmp_path: Path, monkeypatch) -> tuple[Path, str, str]:
 
 def test_a_dvc_folder_is_versioned_and_read_at_a_git_revision(dvc_repo, tmp_path: Path) -> None:
     from saft.data.dvc_storage import DvcStorage
+    from saft.data.prepare import PrepareConfig
     from saft.steps.tasks import prepare_task, prepared_root
 
     repo, rev1, rev2 = dvc_repo
@@ -84,8 +85,8 @@ def test_a_dvc_folder_is_versioned_and_read_at_a_git_revision(dvc_repo, tmp_path
     assert old.read_bytes("ant/img00.png") == (repo / "data" / "ds" / "ant" / "img00.png").read_bytes()
 
     out = tmp_path / "prepared"
-    prepare_task(str(tmp_path / "no-world"), str(out), data_root=root, dataset="imagefolder", split="", shots=2,
-                 val_shots=1, seed=1, data_version=v1.version, data_rev=rev1)
+    draw = PrepareConfig(dataset="imagefolder", shots=2, val_shots=1, seed=1)
+    prepare_task(str(tmp_path / "no-world"), str(out), draw, data_root=root, data_version=v1.version, data_rev=rev1)
     recorded = json.loads((out / "data_version.json").read_text())
     assert recorded["version"] == v1.version and recorded["rev"] == rev1 and recorded["kind"] == "dvc"
     drawn = [json.loads(line)["path"] for name in ("train.jsonl", "val.jsonl")
@@ -96,8 +97,8 @@ def test_a_dvc_folder_is_versioned_and_read_at_a_git_revision(dvc_repo, tmp_path
     for rel in drawn:  # the copies are the revision's bytes
         assert (files / rel).read_bytes() == old.read_bytes(rel)
     with pytest.raises(DataVersionError, match="the data changed since"):
-        prepare_task(str(tmp_path / "no-world"), str(tmp_path / "again"), data_root=root, dataset="imagefolder",
-                     split="", shots=2, val_shots=1, seed=1, data_version=v1.version)  # the working tree is v2
+        prepare_task(str(tmp_path / "no-world"), str(tmp_path / "again"), draw, data_root=root,
+                     data_version=v1.version)  # the working tree is v2
 
 
 def yaml_md5(dvc_file: Path) -> str:

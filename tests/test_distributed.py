@@ -22,7 +22,7 @@ import torch
 import yaml
 
 import saft
-from saft.sparse.trainer import CHECKPOINT_NAME
+from saft.sparse.checkpoint import CHECKPOINT_NAME
 from saft.steps.finetune import CHECKPOINT_DIR
 
 SAFT = [sys.executable, "-m", "saft.cli"]
@@ -65,7 +65,7 @@ def toy_world(base: Path, *, pool: int, test: int, shots: int) -> Path:
     """In ``base``: the world ``W``, ``shots`` per class of its textile pool prepared in ``D``, ``toy.yaml``
     (textile ID, sketch OOD)."""
     _run(SAFT + ["world", "--out", "W", "--pool-per-class", str(pool), "--test-per-class", str(test)], base)
-    _run(SAFT + ["data", "prepare", "W/textile/pool", "--shots", str(shots), "--out", "D"], base)
+    _run(SAFT + ["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", str(shots), "--out", "D"], base)
     suite = {"name": "toy", "datasets": [
         {"name": "textile", "dataset": "imagefolder", "root": "W/textile/test", "role": "id"},
         {"name": "sketch", "dataset": "imagefolder", "root": "W/sketch/test", "role": "ood"}]}

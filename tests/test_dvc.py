@@ -190,7 +190,7 @@ def check_wiring(stages: dict[str, dict], args: dict, params: dict) -> None:
         a = args[f"prepare@{s}"]
         assert (a.data_command, a.root, a.out, a.dataset, a.shots, a.val_shots, a.seed) == (
             "prepare", train_root, f"runs/dvc/seeds/seed{s}/data", data["dataset"], data["shots"], data["val_shots"], s)
-        assert a.split == (data["split"] or None) and a.subset == data["subset"]
+        assert a.split == data["split"] and a.subset == data["subset"]
         for kind in KINDS:
             a = args[f"score@{s}-{kind}-patterns0"]
             assert (a.command, a.kind, a.model, a.device, a.seed, a.root) == (
@@ -212,7 +212,7 @@ def check_wiring(stages: dict[str, dict], args: dict, params: dict) -> None:
     a = args["evaluate@all"]
     assert (a.command, a.model, a.device, a.out, a.batch_size) == (
         "evaluate", params["model"], params["device"], "runs/dvc/evaluate", ev["batch_size"])
-    assert a.alpha == [float(x) for x in ev["alphas"]] and a.delta == deltas
+    assert a.alphas == [float(x) for x in ev["alphas"]] and a.delta == deltas
     if ev["suite"]:
         assert (a.suite, a.data_root) == (ev["suite"], ev["data_root"])
     else:

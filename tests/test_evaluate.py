@@ -9,7 +9,7 @@ from saft.eval.suites import SuiteError, load_suite
 from saft.steps.evaluate import DeltaRun
 from saft.steps.finetune import finetune_step
 from saft.steps.score import ScoreConfig, score_step
-from saft.sparse import FinetuneConfig
+from saft.steps.configs import FinetuneStepConfig
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +17,12 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     write_domain(base / "id", "photo", per_class=6)
     write_domain(base / "shifted", "sketch", per_class=4)
-    assert main(["data", "prepare", str(base / "id"), "--out", str(base / "data"), "--shots", "4"]) == 0
+    assert main(["data", "prepare", "--val-shots", "0", str(base / "id"), "--out", str(base / "data"), "--shots", "4"]) == 0
     score_step(ScoreConfig(model="saft-tiny-vit", density=0.005), base / "data", base / "score", progress=False)
     for seed in (1, 2):
-        cfg = FinetuneConfig(steps=3, batch_size=8, lr=1e-2, seed=seed)
-        finetune_step("saft-tiny-vit", cfg, base / "data", base / f"saft{seed}",
-                      mask_path=base / "score" / "mask.safetensors", progress=False)
+        cfg = FinetuneStepConfig(model="saft-tiny-vit", steps=3, batch_size=8, lr=1e-2, seed=seed)
+        finetune_step(cfg, base / "data", base / f"saft{seed}", mask_path=base / "score" / "mask.safetensors",
+                      progress=False)
     suite = {"name": "toy-shifts", "datasets": [
         {"name": "shapes", "dataset": "imagefolder", "root": "id", "role": "id"},
         {"name": "shapes-shifted", "dataset": "imagefolder", "root": "shifted", "role": "ood"}]}

@@ -20,7 +20,7 @@ from fake_kfp import fake_kfp_server, submitted_run
 
 from saft.cli import main
 from saft.orchestration.client import compile_pipeline, pipeline_arguments
-from saft.orchestration.cluster import DEFAULT_IMAGE, TASK_RESOURCES, UNCACHED, ClusterConfig
+from saft.orchestration.cluster import SNAPSHOT_IMAGE, TASK_RESOURCES, UNCACHED, ClusterConfig
 from saft.orchestration.repository import component_functions, find_repository, pipeline_names
 from saft.steps.params import load_params
 
@@ -56,10 +56,10 @@ def test_the_repository_holds_the_pipelines_and_the_components() -> None:
 def test_compiled_pipeline_matches_the_reviewed_snapshot(compiled, name) -> None:
     path, _ = compiled[name]
     snapshot = REPO / "pipelines" / name / "pipeline.yaml"
-    assert snapshot.is_file(), f"no snapshot: run `saft pipeline compile --pipeline {name}` and review the YAML"
+    assert snapshot.is_file(), f"no snapshot: run `saft pipeline compile --pipeline {name} --snapshot` and review it"
     assert path.read_text() == snapshot.read_text(), (
         f"the compiled {name} pipeline differs from {snapshot.relative_to(REPO)}; review the change and regenerate "
-        "it with `saft pipeline compile --all`")
+        "it with `saft pipeline compile --all --snapshot`")
     text = path.read_text()
     for machine in (str(REPO), "/tmp/", "saft_components", "saft_pipelines"):
         assert machine not in text, f"the compiled YAML depends on this machine ({machine!r})"
@@ -70,21 +70,39 @@ def test_component_library_matches_its_definitions_and_loads_with_kfp(tmp_path) 
 
     from saft.orchestration.library import compile_components
 
-    fresh = compile_components(DEFAULT_IMAGE, tmp_path)
+    fresh = compile_components(SNAPSHOT_IMAGE, tmp_path)
     assert {f.name for f in fresh} == set(component_functions(REPO))
     for folder in fresh:
         checked_in = REPO / "components" / folder.name
         for file in ("component.yaml", "README.md"):
             assert (checked_in / file).is_file(), f"components/{folder.name}/{file} is missing"
             assert (folder / file).read_text() == (checked_in / file).read_text(), (
-                f"components/{folder.name}/{file} differs from its definition; run `saft components compile`")
+                f"components/{folder.name}/{file} differs from its definition; run `saft components compile --snapshot`")
         loaded = components.load_component_from_file(str(checked_in / "component.yaml"))
         assert loaded.name == folder.name.replace("_", "-")
-        assert loaded.component_spec.implementation.container.image == DEFAULT_IMAGE
+        assert loaded.component_spec.implementation.container.image == SNAPSHOT_IMAGE
         inputs = set(loaded.component_spec.inputs or {})
         readme = (checked_in / "README.md").read_text()
         assert all(f"| `{key}` |" in readme for key in inputs), folder.name  # every input documented
         assert "## Resources" in readme
+
+
+def test_compile_writes_where_told_and_needs_an_image_of_ones_own(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("SAFT_IMAGE", raising=False)
+    before = {n: (REPO / "pipelines" / n / "pipeline.yaml").read_bytes() for n in PIPELINES}
+    assert main(["pipeline", "compile", "--all", "--params", str(REPO / "params.yaml")]) == 2
+    assert "no project image: pass --image REGISTRY/saft:TAG" in capsys.readouterr().err
+    assert main(["pipeline", "compile", "--all", "--image", SNAPSHOT_IMAGE]) == 2
+    assert "placeholder" in capsys.readouterr().err
+    assert main(["pipeline", "compile", "--all", "--image", "registry.example/saft:1", "--out-dir",
+                 str(tmp_path / "out"), "--params", str(REPO / "params.yaml")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{n}.yaml" for n in PIPELINES]
+    assert "image: registry.example/saft:1" in (tmp_path / "out" / "retrain.yaml").read_text()
+    monkeypatch.setenv("SAFT_IMAGE", "registry.example/saft:2")  # a configured default
+    assert main(["pipeline", "compile", "--pipeline", "benchmark", "--out", str(tmp_path / "b.yaml")]) == 0
+    assert "image: registry.example/saft:2" in (tmp_path / "b.yaml").read_text()
+    assert {n: (REPO / "pipelines" / n / "pipeline.yaml").read_bytes() for n in PIPELINES} == before
+    assert main(["pipeline", "compile", "--all", "--snapshot", "--image", "x"]) == 2  # snapshots: placeholder only
 
 
 def test_a_loaded_component_builds_into_a_users_own_pipeline(tmp_path) -> None:
@@ -142,7 +160,7 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
         assert resources.get("resourceCpuRequest") == res.cpu, task_name  # on every task, not only GPU ones
         assert resources.get("resourceMemoryRequest") == res.memory, task_name
         assert ("accelerator" in resources) == res.gpu, task_name
-        assert container["image"] == DEFAULT_IMAGE
+        assert container["image"] == SNAPSHOT_IMAGE
         settings = k8s[label]
         assert {s["secretName"] for s in settings["secretAsEnv"]} == {"saft-s3", "saft-mlflow"}, task_name
         assert {e["name"]: e["fieldPath"] for e in settings["fieldPathAsEnv"]} == {
@@ -301,8 +319,8 @@ def test_schedule_creates_a_recurring_retrain_run(fake_kfp, compiled, monkeypatc
 
 def test_bad_cron_and_missing_package_are_clear_errors(fake_kfp, tmp_path, capsys) -> None:
     host, _ = fake_kfp
-    assert main(["pipeline", "schedule", "--host", host, "--cron", "every night", "--params",
-                 str(REPO / "params.yaml")]) == 2
+    assert main(["pipeline", "schedule", "--host", host, "--cron", "every night", "--image", "registry.example/saft:1",
+                 "--params", str(REPO / "params.yaml")]) == 2
     assert "cron expression" in capsys.readouterr().err
     assert main(["pipeline", "submit", "--host", host, "--package", str(tmp_path / "none.yaml"), "--params",
                  str(REPO / "params.yaml")]) == 2

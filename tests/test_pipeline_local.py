@@ -20,17 +20,18 @@ SMALL = ["seeds=[1]", "finetune.steps=6", "finetune.warmup_steps=1", "world.pool
 def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.model == "tiny" and params.seeds == [1, 2, 3] and params.embedded
-    assert params.finetune.lr == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
-    assert params.to_dict() == load_params(None).to_dict()
+    assert params.finetune.lr == load_params(None).learning_rates() == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.to_dict() == {**load_params(None).to_dict(), "finetune": {
+        **load_params(None).to_dict()["finetune"], "lr": params.finetune.lr}}
 
 
 @pytest.mark.parametrize("override, message", [
     ("finetune.stepz=3", "unknown key finetune.stepz"),
     ("finetune.steps=many", "finetune.steps must be int"),
     ("score.density=0", r"score.density must be in \(0, 1\]"),
-    ("finetune.methods=[saft, lora]", "finetune.methods must be a non-empty subset"),
+    ("finetune.methods=[saft, lora]", "finetune.methods must be one of saft, random, full, got 'lora'"),
     ("seeds=[]", "seeds is empty"),
-    ("finetune.steps=5", r"warmup_steps \(10\) must be in \[0, finetune.steps \(5\)\]"),
+    ("finetune.steps=0", r"finetune.steps must be >= 1, got 0"),
     ("nonsense", "expected KEY=VALUE"),
 ])
 def test_bad_params_name_the_key(override: str, message: str) -> None:
@@ -256,3 +257,26 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert client.get_model_version("saft-tiny", "1").tags["saft.baseline"] == "true"
     assert client.get_model_version("saft-tiny", "2").tags["saft.promotion.verdict"] == register["verdict"]
     assert "zero-shot baseline" in text
+
+
+@pytest.mark.slow
+def test_kfp_local_pipeline_without_tracking_registers_nothing_anywhere(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--no-tracking` whatever the environment points at: no run, no registered model, no register task."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # a registry the environment names: it must stay untouched
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["pipeline", "run", "--local", "--no-tracking", "--params", str(REPO / "params.yaml"), "--out",
+            str(tmp_path / "kfp")]
+    for item in SMALL:
+        args += ["--set", item]
+    code = main(args)
+    text = capsys.readouterr().out
+    assert code in (0, 3), text[-3000:]
+    assert "  task " in text and " register:" not in text and "finish-run: success" in text
+    assert not list((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
+    client = mlflow.MlflowClient(tracking_uri=store)
+    assert client.search_registered_models() == []
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

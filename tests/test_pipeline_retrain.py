@@ -165,7 +165,7 @@ def _data_pipeline(pipeline_root: Path, a: dict, parent_run_id: str) -> dict:
     from saft.orchestration.tasklog import task_log
 
     names = ("data_root", "data_rev", "data_repo", "data_version", "pool_per_class", "test_per_class", "dataset",
-             "split", "shots", "val_shots", "seed", "tracking", "train_templates",
+             "split", "shots", "val_shots", "seed", "tracking", "train_templates", "templates", "skip_corrupt",
              "data_subset")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=True)
     os.environ["SAFT_PARENT_RUN_ID"] = parent_run_id  # the tasks log under the earlier run's parent
@@ -189,14 +189,16 @@ def test_baselines_train_into_runs_that_gather_and_compare_read(mini_world, tmp_
     from saft.data.prepare import prepare_dataset
     from saft.eval.metrics import Record, metrics_document
     from saft.io import write_json
-    from saft.steps.tasks import baseline_task, collect_task, delta_runs, gather_deltas
+    from saft.steps.configs import FinetuneStepConfig
+    from saft.steps.eval_tasks import collect_task
+    from saft.steps.tasks import baseline_task, delta_runs, gather_deltas
 
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     data = tmp_path / "data"
     prepare_dataset(mini_world / "textile" / "pool", data, shots=2, seed=1, val_shots=1)
-    settings = {"steps": 3, "batch_size": 8, "warmup_steps": 0}
-    baseline_task("tiny", str(data), str(tmp_path / "random"), method="random", lr=0.01, settings=settings, seed=1,
-                  density=0.01)
+    cfg = FinetuneStepConfig(model="tiny", method="random", lr=0.01, seed=1, steps=3, batch_size=8, warmup_steps=0,
+                             device="cpu")
+    baseline_task(str(data), str(tmp_path / "random"), cfg, density=0.01)
     gather_deltas([str(tmp_path / "random")], str(tmp_path / "baselines"))
     (run,) = delta_runs(str(tmp_path / "baselines"))
     assert (run.name, run.seed) == ("random", 1) and not list(tmp_path.glob("random/mask*"))
@@ -246,7 +248,8 @@ def test_a_training_task_killed_mid_run_resumes_on_its_retry(mini_world, tmp_pat
     from saft.orchestration.repository import load_components
     from saft.sparse import load_delta
     from saft.steps.score import ScoreConfig, score_step
-    from saft.steps.tasks import config_from_settings, finetune_task
+    from saft.steps.configs import FinetuneStepConfig
+    from saft.steps.tasks import finetune_task
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
@@ -257,8 +260,9 @@ def test_a_training_task_killed_mid_run_resumes_on_its_retry(mini_world, tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the task processes run one thread: the same arithmetic
     try:
-        finetune_task("tiny", str(data), str(mask), str(tmp_path / "uninterrupted"),
-                      config_from_settings(settings, method="saft", lr=0.01, seed=1), log=lambda *_: None)
+        finetune_task(str(data), str(mask), str(tmp_path / "uninterrupted"),
+                      FinetuneStepConfig(**settings, model="tiny", method="saft", lr=0.01, seed=1, device="cpu"),
+                      log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
 

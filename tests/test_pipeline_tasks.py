@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from saft.eval.metrics import Record, metrics_document
-from saft.steps.params import ParamsError, load_params
-from saft.steps.tasks import (candidate_metrics, config_from_settings, finetune_settings, steps_for_epochs,
-                              with_epochs)
+from saft.sparse.config import FinetuneConfig
+from saft.steps.configs import FinetuneStepConfig
+from saft.steps.params import ParamsError, finetune_settings, load_params
+from saft.steps.release_tasks import candidate_metrics
+from saft.steps.tasks import settings_config, with_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,31 +22,34 @@ REPO = Path(__file__).resolve().parents[1]
 def test_settings_carry_every_finetune_field_and_take_integral_floats() -> None:
     params = load_params(REPO / "params.yaml", ["finetune.grad_accum=2", "finetune.precision=fp32",
                                                 "loader.num_workers=2", "finetune.checkpoint_every=7"])
-    settings = finetune_settings(params.finetune, params.loader)
+    settings = finetune_settings(params)
     assert "methods" not in settings and "lr" not in settings and settings["epochs"] == 0.0
     # a settings object from the KFP UI or another tool may write every number as a float
     as_kfp = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in settings.items()}
-    cfg = config_from_settings(json.loads(json.dumps(as_kfp)), method="saft", lr=0.01, seed=3)
+    cfg = settings_config(FinetuneStepConfig, json.dumps(as_kfp), model="tiny", method="saft", lr=0.01, seed=3,
+                          device="cpu")
     assert (cfg.steps, cfg.grad_accum, cfg.num_workers, cfg.checkpoint_every, cfg.precision) == (100, 2, 2, 7, "fp32")
     assert isinstance(cfg.steps, int) and cfg.lr == 0.01 and cfg.seed == 3
-    with pytest.raises(ValueError, match="unknown key.*stepz"):
-        config_from_settings({"stepz": 3}, method="saft", lr=0.01, seed=1)
+    with pytest.raises(ValueError, match=r"unknown key stepz \(did you mean steps\?\)"):
+        settings_config(FinetuneStepConfig, {"stepz": 3}, model="tiny", method="saft", lr=0.01, seed=1, device="cpu")
 
 
 def test_epochs_set_the_steps_from_the_training_set(tmp_path: Path) -> None:
-    assert steps_for_epochs(10, 16_000, 128, 4) == 313  # 16-shot ImageNet at 512 images per step
-    assert steps_for_epochs(0.01, 10, 32, 1) == 1
+    assert FinetuneConfig(epochs=10, batch_size=128, grad_accum=4).for_data(16_000).steps == 313  # 16-shot ImageNet
+    assert FinetuneConfig(epochs=0.01, batch_size=32).for_data(10).steps == 1
     (tmp_path / "prepare.json").write_text("{}")
     for name in ("classes.json", "templates.json"):
         (tmp_path / name).write_text('["a"]')
     line = {"path": "a/{}.png", "label": 0, "class_name": "a", "sha256": "0" * 64}
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({**line, "path": f"a/{i}.png"}) + "\n"
                                                   for i in range(40)))
-    cfg = config_from_settings({"steps": 100, "batch_size": 8, "warmup_steps": 10}, method="full", lr=1e-5, seed=1)
+    cfg = FinetuneStepConfig(model="tiny", method="full", steps=100, batch_size=8, warmup_steps=10, epochs=1.5)
     logged = []
-    tuned = with_epochs(cfg, 1.5, str(tmp_path), logged.append)
-    assert tuned.steps == 8 and tuned.warmup_steps == 8  # 60 images / 8; the warm-up cut to the steps
-    assert "warm-up cut to 8" in logged[0] and with_epochs(cfg, 0, str(tmp_path)) is cfg
+    tuned = with_epochs(cfg, str(tmp_path), logged.append)
+    assert tuned.steps == 8 and tuned.epochs == 0  # 60 images / 8 (the warm-up is capped at the steps)
+    assert "1.5 epochs of 40 images at batch 8 x 1 = 8 steps" in logged[0]
+    plain = FinetuneStepConfig(model="tiny")
+    assert with_epochs(plain, str(tmp_path)) is plain
 
 
 def test_selection_takes_the_best_validation_top1_and_ties_go_to_the_lower_rate() -> None:
@@ -78,7 +83,26 @@ def test_the_retrain_section_and_the_real_model_recipe() -> None:
     assert recipe.model == "ViT-B-16@openai" and recipe.finetune.epochs == 10 and recipe.retrain.lr_grid[0] == 1e-5
     assert recipe.finetune.batch_size * recipe.finetune.grad_accum == 512
     for override, message in [("retrain.lr_grid=[]", "distinct positive"), ("retrain.lr_grid=[0.1, 0.1]", "distinct"),
-                              ("retrain.baselines=[lora]", "entries of \\[full, random\\]"),
+                              ("retrain.baselines=[lora]", "retrain.baselines must be one of full, random"),
                               ("finetune.precision=fp8", "finetune.precision"), ("cluster.parallelism=0", "parallelism")]:
         with pytest.raises(ParamsError, match=message):
             load_params(REPO / "params.yaml", [override])
+
+
+def test_an_untracked_register_task_registers_nothing_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    from saft.orchestration.client import pipeline_arguments
+    from saft.steps.release_tasks import register_task
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an untracked task touched the registry")
+
+    monkeypatch.setattr("saft.steps.register.register_step", refuse)
+    result = register_task("tiny", str(tmp_path), str(tmp_path), [], str(tmp_path / "decision"), method="saft",
+                           model_name="saft-tiny", promote=True, ood_tolerance=0.01, id_tolerance=0.01,
+                           tracking=False)
+    assert result["verdict"] == "skipped" and "tracking is off" in result["reason"]
+    assert json.loads((tmp_path / "decision" / "register.json").read_text())["version"] is None
+    params = load_params(REPO / "params.yaml")
+    for pipeline in ("benchmark", "retrain"):  # the register task is not even scheduled
+        assert pipeline_arguments(pipeline, params, tracking=False)["register_enabled"] is False
+        assert pipeline_arguments(pipeline, params, tracking=True)["register_enabled"] is True

@@ -16,7 +16,8 @@ import pytest
 from saft.orchestration.client import pipeline_arguments
 from saft.orchestration.repository import component_functions
 from saft.steps.params import load_params
-from saft.steps.tasks import loader_options
+from saft.loader import LoaderSettings
+from saft.steps.tasks import settings_config
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = ["loader.num_workers=3", "loader.pin_memory=false", "loader.persistent_workers=false"]
@@ -42,14 +43,14 @@ def _art(tmp_path: Path, name: str) -> SimpleNamespace:
     return SimpleNamespace(path=str(tmp_path / name))
 
 
-def test_loader_options_take_the_section_as_json_and_refuse_unknown_keys() -> None:
-    assert loader_options("") == {} and loader_options("{}") == {} and loader_options(None) == {}
-    assert loader_options('{"num_workers": 2.0, "pin_memory": false}') == {"num_workers": 2, "pin_memory": False}
-    assert isinstance(loader_options({"num_workers": 4.0})["num_workers"], int)  # from a protobuf Struct
-    with pytest.raises(ValueError, match="unknown key.*workers.*known: num_workers"):
-        loader_options('{"workers": 2}')
-    with pytest.raises(TypeError, match="JSON object"):
-        loader_options("[1]")
+def test_the_loader_section_as_json_is_checked_and_takes_integral_floats() -> None:
+    assert settings_config(LoaderSettings, "") == LoaderSettings() == settings_config(LoaderSettings, "{}")
+    assert settings_config(LoaderSettings, '{"num_workers": 2.0, "pin_memory": false}') == LoaderSettings(2, False)
+    assert isinstance(settings_config(LoaderSettings, {"num_workers": 4.0}).num_workers, int)  # a protobuf Struct
+    with pytest.raises(ValueError, match=r"unknown key workers \(did you mean num_workers\?\)"):
+        settings_config(LoaderSettings, '{"workers": 2}')
+    with pytest.raises(ValueError, match="must be a mapping"):
+        settings_config(LoaderSettings, "[1]")
 
 
 @pytest.mark.parametrize("pipeline", ["benchmark", "retrain"])
@@ -84,7 +85,7 @@ def test_the_evaluate_component_hands_the_loader_to_the_task(tmp_path, monkeypat
              batch_size=4, device="cpu", tracking=False, deltas=_art(tmp_path, "deltas"),
              metrics=_art(tmp_path, "metrics"), loader='{"num_workers": 1}', reference="none", subset="base")
     _, kwargs = calls[0]
-    assert loader_options(kwargs["loader"]) == {"num_workers": 1}
+    assert settings_config(LoaderSettings, kwargs["loader"]).num_workers == 1
     assert (kwargs["reference"], kwargs["subset"]) == ("none", "base")
 
 
@@ -112,7 +113,7 @@ def test_the_prepare_component_hands_train_templates_and_subset_to_the_task(tmp_
               "data": _art(tmp_path, "data")}
     prepare(**common, train_templates=["a sketch of a {}."], subset="base")
     prepare(**common)  # a user's own pipeline that names neither: the dataset's prompt, every class
-    assert [(c[1]["train_templates"], c[1]["subset"]) for c in calls] == [(["a sketch of a {}."], "base"), ([], "all")]
+    assert [(c[0][2].train_templates, c[0][2].subset) for c in calls] == [(["a sketch of a {}."], "base"), ([], "all")]
 
 
 def test_the_register_component_hands_the_gate_and_hm_tolerance_to_the_task(tmp_path, monkeypatch) -> None:
@@ -161,8 +162,8 @@ def test_the_trainjob_component_hands_nodes_volume_and_settings_to_the_launcher(
        nodes=args["nodes"], gpus_per_node=args["gpu_count"], shared_root="/mnt/saft-checkpoints", pvc="saft-checkpoints",
        trainjob=args["trainjob_settings"], image="img", tracking=False, delta=_art(tmp_path, "out"))
     (positional, kwargs), = calls
-    cfg = positional[4]
-    assert (cfg.method, cfg.lr, cfg.batch_size) == ("saft", 0.01, 16)
+    cfg = positional[3]
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.model, cfg.device) == ("saft", 0.01, 16, "tiny", "cuda")
     assert (kwargs["nodes"], kwargs["gpus_per_node"], kwargs["pvc"]) == (2, 4, "saft-checkpoints")
     assert json.loads(kwargs["settings"])["runtime"] == "torch-distributed" and kwargs["image"] == "img"
 

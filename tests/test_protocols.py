@@ -101,7 +101,7 @@ def test_the_protocol_is_checked_before_anything_trains(tmp_path):
     code = main(_args(tmp_path / "run", TINY_WORLD + ["evaluate.suite=synthshift-b2n"]))
     assert code == 2 and not (tmp_path / "run" / "seed1").exists()
     # the pipeline's first task after the world makes the same check
-    from saft.steps.tasks import protocol_task, suite_datasets
+    from saft.steps.eval_tasks import protocol_task, suite_datasets
 
     world = str(tmp_path / "run" / "world")
     assert protocol_task(json.dumps(load_params(None, ["data.subset=base"]).to_dict()), world) == "hm"
@@ -148,7 +148,7 @@ def test_base2new_trains_one_model_per_dataset(coop_root, tmp_path, monkeypatch)
     base = (groups["dtd"]["base"]["mean"] + groups["eurosat"]["base"]["mean"]) / 2
     new = (groups["dtd"]["new"]["mean"] + groups["eurosat"]["new"]["mean"]) / 2
     assert saft["hm"]["mean"] == pytest.approx(harmonic_mean(base, new))
-    from saft.steps.tasks import base_to_new_trainings
+    from saft.steps.eval_tasks import base_to_new_trainings
 
     fan_out = base_to_new_trainings("", str(tmp_path / "suite.yaml"), str(coop_root))
     assert [(t["name"], t["root"], t["entries"]) for t in fan_out] == [
@@ -160,7 +160,7 @@ def test_cross_dataset_from_imagenet_to_the_ten_coop_datasets(coop_root, tmp_pat
     """Train on ImageNet (all 1000 classes), evaluate the ten others; the gate's OOD mean is over them."""
     from saft.data.adapters.adapter import DatasetAdapter
     from saft.data.prepare import prepare_dataset
-    from saft.sparse import FinetuneConfig
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.collect import collect_step
     from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
     from saft.steps.finetune import finetune_step
@@ -175,12 +175,12 @@ def test_cross_dataset_from_imagenet_to_the_ten_coop_datasets(coop_root, tmp_pat
     model, run = "saft-tiny-vit", tmp_path / "run"
     write_imagenet(coop_root / DEFAULT_FOLDERS["imagenet"], 1, ["n01440764", "n15075141"])
     data = run / "seed1" / "data"
-    prepare_dataset(coop_root / DEFAULT_FOLDERS["imagenet"], data, dataset="imagenet", shots=1, seed=1)
+    prepare_dataset(coop_root / DEFAULT_FOLDERS["imagenet"], data, dataset="imagenet", shots=1, seed=1, val_shots=0)
     assert len(json.loads((data / "classes.json").read_text())) == 1000  # all classes
     # a random mask: this test is about the protocol, not about scoring 1000 images
     score_step(ScoreConfig(model=model, density=0.01, kind="random", seed=1), data, run / "seed1" / "mask",
                log=None, progress=False)
-    finetune_step(model, FinetuneConfig(method="random", steps=1, batch_size=16, lr=1e-2, seed=1), data,
+    finetune_step(FinetuneStepConfig(model=model, method="random", steps=1, batch_size=16, lr=1e-2, seed=1), data,
                   run / "seed1" / "random", mask_path=run / "seed1" / "mask" / "mask.safetensors", progress=False,
                   log=None)
     deltas = [DeltaRun("random", str(run / "seed1" / "random" / "delta.safetensors"), 1)]

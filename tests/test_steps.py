@@ -47,11 +47,15 @@ def test_score_then_finetune_then_resume(prepared, tmp_path, capsys):
 def test_finetune_full_needs_no_mask_and_saft_needs_one(prepared, tmp_path, capsys):
     data = str(prepared / "data")
     rc = main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path), "--steps", "1"])
-    assert rc == 2 and "needs a mask" in capsys.readouterr().err
+    assert rc == 2 and "method saft trains the entries of a mask: pass --mask" in capsys.readouterr().err
     rc = main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path), "--steps", "2",
                "--method", "full", "--batch-size", "8"])
     assert rc == 0
     assert not saft.load_delta(tmp_path / "delta.safetensors").indices
+    capsys.readouterr()
+    rc = main(["finetune", "--model", "saft-tiny-vit", "--data", data, "--out", str(tmp_path / "x"), "--method", "full",
+               "--mask", "whatever.safetensors"])  # a mask given to full fine-tuning is refused, not ignored
+    assert rc == 2 and "method full trains every eligible parameter and takes no mask" in capsys.readouterr().err
 
 
 def test_mask_from_another_base_is_refused(prepared, tmp_path, capsys):
@@ -80,7 +84,7 @@ def test_training_prompts_are_not_evaluation_prompts(tmp_path):
     root = write_domain(tmp_path / "shapes", "photo", per_class=5)
     ensemble = tmp_path / "ensemble.txt"
     ensemble.write_text("a photo of a {}.\na drawing of a {}.\nan image of a {}.\n")
-    assert main(["data", "prepare", str(root), "--out", str(tmp_path / "data"), "--shots", "2",
+    assert main(["data", "prepare", "--val-shots", "0", str(root), "--out", str(tmp_path / "data"), "--shots", "2",
                  "--templates", str(ensemble)]) == 0
     assert json.loads((tmp_path / "data" / "templates.json").read_text()) == ensemble.read_text().split("\n")[:3]
     assert json.loads((tmp_path / "data" / "train_templates.json").read_text()) == ["a photo of a {}."]
@@ -99,7 +103,7 @@ def test_training_prompts_are_not_evaluation_prompts(tmp_path):
 def test_prompt_and_loader_parameters_are_checked():
     from saft.steps.params import ParamsError, load_params
 
-    with pytest.raises(ParamsError, match="finetune.prompts must be train or eval"):
+    with pytest.raises(ParamsError, match="finetune.prompts must be one of train, eval, got 'all'"):
         load_params(None, ["finetune.prompts=all"])
     with pytest.raises(ParamsError, match="loader.num_workers"):
         load_params(None, ["loader.num_workers=-3"])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_distributed import DELTA_TOLERANCE, _env, toy_world
 
 from saft.eval.suites import load_suite, suite_document
-from saft.sparse import FinetuneConfig
+from saft.steps.configs import FinetuneStepConfig
 from saft.steps.eval_tasks import evaluate_task
 from saft.steps.launch import PROCESSES_ENV, LaunchError, task_processes
 from saft.steps.score import ScoreConfig
@@ -63,8 +63,9 @@ def test_score_finetune_and_evaluate_tasks_on_two_processes_match_one(world: Pat
         tag = str(processes)
         stats = score_task("D", f"M{tag}", ScoreConfig(model="tiny", density=0.01, batch_size=4, device="cpu",
                                                        num_workers=0), log=lines.append)
-        cfg = FinetuneConfig(method="saft", steps=4, batch_size=8, lr=3e-3, checkpoint_every=2, num_workers=0)
-        summary = finetune_task("tiny", "D", f"M{tag}", f"F{tag}", cfg, device="cpu", log=lines.append,
+        cfg = FinetuneStepConfig(model="tiny", method="saft", steps=4, batch_size=8, lr=3e-3, checkpoint_every=2,
+                                 num_workers=0, device="cpu")
+        summary = finetune_task("D", f"M{tag}", f"F{tag}", cfg, log=lines.append,
                                 checkpoint_root=str(world / f"C{tag}"))
         doc = evaluate_task("tiny", "W", "toy.yaml", str(world), "", f"F{tag}", f"E{tag}", alphas=[1.0],
                             batch_size=7, device="cpu")

@@ -12,7 +12,7 @@ def baseline(model: str, data: Input[Dataset], method: str, lr: float, settings:
         data: The prepare task's output.
         method: full or random.
         lr: Learning rate of the baseline.
-        settings: JSON of FinetuneConfig fields plus epochs, as for finetune.
+        settings: JSON of the finetune settings, as for finetune.
         seed: Seed of the batch order (and of the random mask).
         density: Mask density of the random baseline (SAFT's).
         device: auto, cpu, cuda or cuda:N.
@@ -20,11 +20,10 @@ def baseline(model: str, data: Input[Dataset], method: str, lr: float, settings:
         tracking: Log nested MLflow runs.
         delta: delta.safetensors, history.json, finetune.json.
     """
-    import json
-
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import baseline_task
+    from saft.steps.tasks import baseline_task, settings_config
 
-    baseline_task(model, data.path, delta.path, method=method, lr=lr, settings=json.loads(settings), seed=seed,
-                  density=density, device=device, parent_run_id=parent_run(tracking),
+    cfg = settings_config(FinetuneStepConfig, settings, model=model, method=method, lr=lr, seed=seed, device=device)
+    baseline_task(data.path, delta.path, cfg, density=density, parent_run_id=parent_run(tracking),
                   checkpoint_root=checkpoint_root)

@@ -16,7 +16,7 @@ def finetune(model: str, data: Input[Dataset], method: str, lr: float, settings:
         data: The prepare task's output.
         method: saft, random or full.
         lr: Learning rate.
-        settings: JSON of FinetuneConfig fields (steps, batch_size, grad_accum, precision, checkpoint_every, num_workers, warmup_steps, weight_decay, ...) plus epochs (> 0 overrides steps).
+        settings: JSON of the finetune settings (params.yaml finetune: and loader: sections, FinetuneStepConfig fields but model, method, lr, seed and device).
         seed: Seed of the batch order.
         device: auto, cpu, cuda or cuda:N.
         checkpoint_root: Folder that outlives the pod (a mounted PVC); "" = no resumable checkpoints.
@@ -24,13 +24,10 @@ def finetune(model: str, data: Input[Dataset], method: str, lr: float, settings:
         delta: delta.safetensors, history.json, finetune.json, resume.json.
         mask: The score task's output (saft, random).
     """
-    import json
-
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import config_from_settings, finetune_task
+    from saft.steps.tasks import finetune_task, settings_config
 
-    values = json.loads(settings)
-    cfg = config_from_settings(values, method=method, lr=lr, seed=seed)
-    finetune_task(model, data.path, mask.path if mask is not None else None, delta.path, cfg, device=device,
-                  parent_run_id=parent_run(tracking), epochs=float(values.get("epochs", 0.0)),
-                  checkpoint_root=checkpoint_root, prompts=values.get("prompts", "train"))
+    cfg = settings_config(FinetuneStepConfig, settings, model=model, method=method, lr=lr, seed=seed, device=device)
+    finetune_task(data.path, mask.path if mask is not None else None, delta.path, cfg,
+                  parent_run_id=parent_run(tracking), checkpoint_root=checkpoint_root)

@@ -18,7 +18,7 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
         data: The prepare task's output.
         mask: The score task's output.
         lr: Learning rate.
-        settings: JSON of FinetuneConfig fields plus epochs (as the finetune component).
+        settings: JSON of the finetune settings (as the finetune component).
         seed: Seed of the batch order.
         nodes: Nodes of the job (cluster.nodes).
         gpus_per_node: GPUs and processes per node (cluster.gpu_count).
@@ -29,15 +29,13 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
         tracking: Log a nested MLflow run (curves, delta).
         delta: delta.safetensors, history.json, finetune.json, trainjob.json.
     """
-    import json
-
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.launched import finetune_trainjob_task
     from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import config_from_settings
+    from saft.steps.tasks import settings_config
 
-    values = json.loads(settings)
-    cfg = config_from_settings(values, method="saft", lr=lr, seed=seed)
-    finetune_trainjob_task(model, data.path, mask.path, delta.path, cfg, shared_root=shared_root, pvc=pvc,
-                           nodes=nodes, gpus_per_node=gpus_per_node, settings=trainjob, image=image,
-                           epochs=float(values.get("epochs", 0.0)), prompts=values.get("prompts", "train"),
+    cfg = settings_config(FinetuneStepConfig, settings, model=model, method="saft", lr=lr, seed=seed,
+                          device="cuda")
+    finetune_trainjob_task(data.path, mask.path, delta.path, cfg, shared_root=shared_root, pvc=pvc, nodes=nodes,
+                           gpus_per_node=gpus_per_node, settings=trainjob, image=image,
                            parent_run_id=parent_run(tracking))

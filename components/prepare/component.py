@@ -4,8 +4,8 @@ from kfp.dsl import Dataset, Input, Output
 
 
 def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, shots: int, val_shots: int, seed: int,
-            data_rev: str, data_repo: str, tracking: bool, data: Output[Dataset], train_templates: list = None,
-            subset: str = "all", version_check: bool = True) -> str:
+            data_rev: str, data_repo: str, tracking: bool, data: Output[Dataset], train_templates: list = [],
+            subset: str = "all", version_check: bool = True, templates: list = [], skip_corrupt: bool = False) -> str:
     """Validates the training split and draws the few-shot train and ID validation manifests.
 
     The root is read at the data version the world output records, or not at all (resolved
@@ -24,17 +24,20 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
         data_repo: Repository of a DVC-tracked data_root.
         tracking: Log a nested MLflow run.
         data: train.jsonl, val.jsonl, classes.json, templates.json, prepare.json, data_version.json.
-        train_templates: Prompts of scoring and training, each with one '{}' for the class name; empty or none = the dataset's own.
+        train_templates: Prompts of scoring and training, each with one '{}' for the class name; empty = the dataset's own.
         subset: all, or base (the first half of the classes in label order: the base-to-new protocol).
+        templates: Evaluation prompt templates, each with one '{}' for the class name; empty = the dataset's own.
+        skip_corrupt: Replace broken drawn images with the next images of their classes instead of failing.
         version_check: False: read data_root as it is, without the world's data version (a base-to-new training on one dataset's own suite root, which the run's version does not cover).
 
     Returns:
         The training manifest's sha256.
     """
+    from saft.data.prepare import PrepareConfig
     from saft.steps.pipeline_run import parent_run
     from saft.steps.tasks import prepare_task
 
-    return prepare_task(world.path, data.path, data_root=data_root, dataset=dataset, split=split, shots=shots,
-                        val_shots=val_shots, seed=seed, data_rev=data_rev, data_repo=data_repo,
-                        parent_run_id=parent_run(tracking), subset=subset, train_templates=list(train_templates or []),
-                        data_version=None if version_check else "")
+    cfg = PrepareConfig(dataset=dataset, split=split, shots=shots, val_shots=val_shots, seed=seed, subset=subset,
+                        templates=list(templates), train_templates=list(train_templates), skip_corrupt=skip_corrupt)
+    return prepare_task(world.path, data.path, cfg, data_root=data_root, data_rev=data_rev, data_repo=data_repo,
+                        parent_run_id=parent_run(tracking), data_version=None if version_check else "")

@@ -44,5 +44,5 @@ def register(model: str, results: Input[Dataset], deltas: Input[Model], method: 
     result = register_task(model, results.path, deltas.path, [data.path] if data is not None else [], decision.path, method=method,
                            model_name=model_name, promote=promote, ood_tolerance=ood_tolerance,
                            id_tolerance=id_tolerance, baseline=baseline, parent_run_id=parent_run(tracking),
-                           gate=gate, hm_tolerance=hm_tolerance)
+                           gate=gate, hm_tolerance=hm_tolerance, tracking=tracking)
     return namedtuple("Outputs", ["verdict"])(str(result["verdict"]))

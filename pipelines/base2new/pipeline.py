@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from saft.orchestration.arguments import check_default_eligibility, shared_arguments
+from saft.orchestration.arguments import shared_arguments
 from saft.orchestration.cluster import ClusterConfig, policy
 from saft.orchestration.stages import begin, check_protocol
 from saft.steps.params import PipelineParams
@@ -35,16 +35,13 @@ UNUSED = frozenset({"split", "register_enabled", "register_model_name", "promote
 
 
 def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
-    """``params.yaml`` as this pipeline's arguments (SAFT at ``finetune.lr.saft``, the first seed, subset base)."""
+    """``params.yaml`` as this pipeline's arguments (SAFT at its learning rate, the first seed, subset base)."""
     if params.data.subset != "base":
         raise ValueError("the base2new pipeline trains on the base half of each dataset's classes: set "
                          "data.subset: base")
-    if "saft" not in params.finetune.lr:
-        raise ValueError("the base2new pipeline trains SAFT: finetune.lr needs a saft rate")
-    check_default_eligibility(params)
     shared = shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root)
     return {**{k: v for k, v in shared.items() if k not in UNUSED}, "seed": params.seeds[0],
-            "lr_saft": params.finetune.lr["saft"]}
+            "lr_saft": params.learning_rates()["saft"]}
 
 
 def build(cfg: ClusterConfig, c):
@@ -62,11 +59,13 @@ def build(cfg: ClusterConfig, c):
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
         train_templates: list = d["train_templates"], data_subset: str = d["data_subset"],
+        templates: list = d["templates"], skip_corrupt: bool = d["skip_corrupt"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
+        score_include: list = d["score_include"], score_exclude: list = d["score_exclude"],
         settings: str = d["settings"], lr_saft: float = d["lr_saft"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
-        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"],
+        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
         register_gate: str = d["register_gate"],
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
@@ -81,19 +80,21 @@ def build(cfg: ClusterConfig, c):
         with dsl.ParallelFor(plan.output, parallelism=cfg.parallelism) as t:
             prep = on(c.prepare(world=world.outputs["world"], data_root=t.root, dataset=t.dataset, split="",
                                 shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev, data_repo=data_repo,
-                                tracking=tracking, train_templates=train_templates, subset=data_subset,
+                                tracking=tracking, train_templates=train_templates, templates=templates, skip_corrupt=skip_corrupt, subset=data_subset,
                                 version_check=t.version_check), "prepare")
             data = prep.outputs["data"]
             mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
                               batch_size=score_batch_size, seed=seed, device=device, tracking=tracking,
-                              prompts=score_prompts, text_batch=score_text_batch, loader=loader), "score")
+                              prompts=score_prompts, text_batch=score_text_batch, loader=loader, include=score_include,
+                          exclude=score_exclude), "score")
             tuned = on(c.finetune(model=model, data=data, method="saft", lr=lr_saft, settings=settings, seed=seed,
                                   device=device, checkpoint_root=checkpoint_root, tracking=tracking,
                                   mask=mask.outputs["mask"]), "finetune")
             part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
                                  dataset=t.group, alphas=alphas, batch_size=eval_batch_size, device=device,
                                  tracking=tracking, deltas=tuned.outputs["delta"], loader=loader,
-                                 reference=eval_reference, subset=data_subset), "evaluate")
+                                 reference=eval_reference, template_set=eval_templates, subset=data_subset),
+                      "evaluate")
         collected = on(c.collect_base2new(parts=dsl.Collected(part.outputs["metrics"]),
                                           deltas=dsl.Collected(tuned.outputs["delta"]), tracking=tracking),
                        "collect_base2new")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from saft.orchestration.arguments import check_default_eligibility, shared_arguments
+from saft.orchestration.arguments import shared_arguments
 from saft.orchestration.cluster import ClusterConfig, policy
 from saft.orchestration.stages import begin, check_protocol, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
@@ -32,8 +32,7 @@ def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root:
                          "(the retrain pipeline trains SAFT alone; `saft run` takes a subset)")
     if params.register.method != "saft":
         raise ValueError("the benchmark pipeline registers the saft delta: keep register.method: saft")
-    check_default_eligibility(params)
-    lr = params.finetune.lr
+    lr = params.learning_rates()
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
             "seeds": list(params.seeds), "lr_saft": lr["saft"], "lr_full": lr["full"], "lr_random": lr["random"]}
 
@@ -51,12 +50,14 @@ def build(cfg: ClusterConfig, c):
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
         train_templates: list = d["train_templates"], data_subset: str = d["data_subset"],
+        templates: list = d["templates"], skip_corrupt: bool = d["skip_corrupt"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
+        score_include: list = d["score_include"], score_exclude: list = d["score_exclude"],
         settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
         lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
-        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"],
+        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
@@ -72,13 +73,14 @@ def build(cfg: ClusterConfig, c):
         with dsl.ParallelFor(seeds, parallelism=cfg.parallelism) as seed:
             prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                                 shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                                data_repo=data_repo, tracking=tracking, train_templates=train_templates,
+                                data_repo=data_repo, tracking=tracking, train_templates=train_templates, templates=templates, skip_corrupt=skip_corrupt,
                                 subset=data_subset).after(checked), "prepare")
             data = prep.outputs["data"]
             masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
                                       rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
                                       tracking=tracking, prompts=score_prompts, text_batch=score_text_batch,
-                                      loader=loader), "score", f"score-{kind}")
+                                      loader=loader, include=score_include, exclude=score_exclude),
+                              "score", f"score-{kind}")
                      for kind in ("saft", "random")}
             tuned = {}
             for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):

@@ -16,14 +16,14 @@ there on, while one over unchanged data is served from cache.
 Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline retrain``).
 """
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from saft.orchestration.arguments import check_default_eligibility, shared_arguments
+from saft.config import to_mapping
+from saft.orchestration.arguments import shared_arguments
 from saft.orchestration.cluster import ClusterConfig, policy
 from saft.orchestration.stages import begin, check_protocol, evaluate_suite, register_and_finish
 from saft.steps.params import PipelineParams
@@ -37,15 +37,14 @@ def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root:
     """``params.yaml`` as this pipeline's arguments (SAFT over ``retrain.lr_grid``; ``retrain.baselines``)."""
     if params.register.method != "saft":
         raise ValueError("the retrain pipeline ships the saft delta: keep register.method: saft")
-    check_default_eligibility(params)
     r = params.retrain
-    baselines = [{"method": m, "lr": params.finetune.lr[m]} for m in r.baselines]
+    baselines = [{"method": m, "lr": params.learning_rates()[m]} for m in r.baselines]
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
             "seed": r.seed, "lr_grid": list(r.lr_grid), "with_baselines": bool(baselines), "baselines": baselines,
             "nodes": params.cluster.nodes,
-            "trainjob_settings": json.dumps(dataclasses.asdict(params.trainjob), sort_keys=True),
+            "trainjob_settings": json.dumps(to_mapping(params.trainjob), sort_keys=True),
             "deploy_enabled": params.deploy.enabled,
-            "deploy_settings": json.dumps(dataclasses.asdict(params.deploy), sort_keys=True)}
+            "deploy_settings": json.dumps(to_mapping(params.deploy), sort_keys=True)}
 
 
 def build(cfg: ClusterConfig, c):
@@ -61,12 +60,14 @@ def build(cfg: ClusterConfig, c):
         data_rev: str = d["data_rev"], data_repo: str = d["data_repo"],
         pool_per_class: int = d["pool_per_class"], test_per_class: int = d["test_per_class"],
         train_templates: list = d["train_templates"], data_subset: str = d["data_subset"],
+        templates: list = d["templates"], skip_corrupt: bool = d["skip_corrupt"],
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
+        score_include: list = d["score_include"], score_exclude: list = d["score_exclude"],
         settings: str = d["settings"], lr_grid: list = d["lr_grid"], checkpoint_root: str = d["checkpoint_root"],
         with_baselines: bool = d["with_baselines"], baselines: list = d["baselines"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
-        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"],
+        eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
@@ -83,12 +84,13 @@ def build(cfg: ClusterConfig, c):
         checked = check_protocol(c, on, p, world)
         prep = on(c.prepare(world=world.outputs["world"], data_root=data_root, dataset=dataset, split=split,
                             shots=shots, val_shots=val_shots, seed=seed, data_rev=data_rev,
-                            data_repo=data_repo, tracking=tracking, train_templates=train_templates,
+                            data_repo=data_repo, tracking=tracking, train_templates=train_templates, templates=templates, skip_corrupt=skip_corrupt,
                             subset=data_subset).after(checked), "prepare")
         data = prep.outputs["data"]
         mask = on(c.score(model=model, data=data, kind="saft", density=density, rule=score_rule,
                           batch_size=score_batch_size, seed=seed, device=device, tracking=tracking,
-                          prompts=score_prompts, text_batch=score_text_batch, loader=loader), "score")
+                          prompts=score_prompts, text_batch=score_text_batch, loader=loader, include=score_include,
+                          exclude=score_exclude), "score")
         def select(deltas, display=None):
             return on(c.select(model=model, data=data, candidates=dsl.Collected(deltas), batch_size=eval_batch_size,
                                device=device, tracking=tracking), "select", display)
@@ -125,7 +127,8 @@ def build(cfg: ClusterConfig, c):
             scored = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
                                    dataset="", alphas=alphas, batch_size=eval_batch_size, device=device,
                                    tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False,
-                                   loader=loader, reference=eval_reference, subset=data_subset),
+                                   loader=loader, reference=eval_reference, template_set=eval_templates,
+                                   subset=data_subset),
                         "evaluate", "evaluate-baselines")
             on(c.compare(results=results, candidate=candidate, baseline_metrics=scored.outputs["metrics"],
                          baselines=gathered.outputs["deltas"], tracking=tracking), "compare")

@@ -8,32 +8,18 @@
     saft.apply_delta(model, delta)
 """
 
-import importlib
-
+from saft.lazy import exports
 from saft.version import __version__
 
 # Loaded on first use, so `import saft.steps...` in a light pipeline task does not pay
 # for torch and open_clip unless the task needs them.
-_EXPORTS = {
+__getattr__, __dir__ = exports(__name__, {
     "saft.models": ("LoadedModel", "ModelSpec", "ModelSpecError", "fingerprint_model", "load_model"),
     "saft.sparse": ("METHODS", "SCORE_RULES", "ClassPrompts", "Delta", "Eligibility", "FinetuneConfig",
                     "FinetuneResult", "FingerprintMismatch", "Mask", "Scores", "SparseUpdate", "apply_delta",
                     "finetune", "importance_scores", "load_delta", "random_mask", "remove_delta", "save_delta",
                     "select_mask"),
-}
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'saft' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_HOME))
+})
 
 
 __all__ = [

@@ -215,8 +215,13 @@ def to_mapping(obj, *, skip: typing.Iterable[str] = ()) -> dict:
 
 
 def _cli_fields(cls, skip) -> list[Field]:
+    """The fields with a flag: required ones first, then in declaration order, those of a base class marked
+    ``FLAGS_LAST`` (a shared group such as the loader settings) at the end."""
     skip = set(skip)
-    return [f for f in dataclasses.fields(cls) if meta(f)["cli"] and f.name not in skip]
+    last = {name for base in cls.__mro__ if vars(base).get("FLAGS_LAST", False)
+            for name in getattr(base, "__dataclass_fields__", {})}
+    chosen = [f for f in dataclasses.fields(cls) if meta(f)["cli"] and f.name not in skip]
+    return sorted(chosen, key=lambda f: (not meta(f)["required"], f.name in last))
 
 
 def _show(value) -> str:
@@ -272,7 +277,14 @@ def from_arguments(cls, args: argparse.Namespace, **fixed):
     for name, value in values.items():
         if typing.get_origin(_optional(types_[name]) or types_[name]) is tuple and value is not None:
             values[name] = tuple(value)
-    return cls(**values, **fixed)
+    try:
+        return cls(**values, **fixed)
+    except ValueError as err:  # a check names the field: on the command line, name its flag
+        text = str(err)
+        for f in _cli_fields(cls, fixed):
+            if text.startswith(f.name + " "):
+                raise type(err)(flag_name(f) + text[len(f.name):]) from None
+        raise
 
 
 def to_argv(obj, *, skip: typing.Iterable[str] = ()) -> list[str]:
@@ -310,3 +322,31 @@ def describe(cls, *, skip: typing.Iterable[str] = ()) -> list[tuple[str, str, ob
     skip = set(skip)
     return [(f.name, type_name(types_[f.name]), default_of(f), meta(f)["help"])
             for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def section(name: str, cls, *, drop: typing.Iterable[str] = (), extra: typing.Sequence[tuple[str, object, Field]] = (),
+            doc: str | None = None) -> type:
+    """A dataclass holding ``cls``'s fields but ``drop``, plus ``extra`` ``(name, type, field)``.
+
+    A ``params.yaml`` section is its step's configuration without what the pipeline sets
+    per task (the model, the seed, the method...): deriving it keeps one default and one
+    help text per setting.
+    """
+    drop = set(drop)
+    unknown = drop - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"section {name}: {cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    types_ = hints(cls)
+    spec = []
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        if f.default_factory is not MISSING:
+            copy = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            copy = dataclasses.field(default=f.default, metadata=f.metadata)
+        spec.append((f.name, types_[f.name], copy))
+    out = dataclasses.make_dataclass(name, [*spec, *extra])
+    out.__doc__ = doc or f"The {cls.__name__} settings a pipeline sets once for every task."
+    out.__module__ = cls.__module__
+    return out

@@ -21,7 +21,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
+from saft.config import setting
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO_WORKERS = -1
 
@@ -53,11 +58,30 @@ def _cgroup_quota() -> int | None:
     return None
 
 
-def auto_workers(device: str | torch.device) -> int:
+def auto_workers(device: "str | torch.device") -> int:
+    import torch
+
     cpus = task_cpus()
     if torch.device(device).type == "cuda":
         return max(0, min(8, cpus - 1))
     return max(0, min(4, cpus // 2 - 1))
+
+
+@dataclass
+class LoaderSettings:
+    """The DataLoader settings of every step that reads images (a ``loader:`` section in params.yaml)."""
+
+    FLAGS_LAST = True  # after each step's own flags in --help (saft.config)
+
+    num_workers: int = setting(AUTO_WORKERS, minimum=AUTO_WORKERS,
+                               help="DataLoader worker processes; -1 chooses from the task's CPUs (GPU: "
+                                    "min(8, cpus-1), CPU: min(4, cpus//2-1))")
+    pin_memory: bool = setting(True, help="pinned host memory for batches (CUDA only)")
+    persistent_workers: bool = setting(True, help="keep loader workers alive between passes")
+
+    @property
+    def loader(self) -> "LoaderOptions":
+        return LoaderOptions(self.num_workers, self.pin_memory, self.persistent_workers)
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,13 @@ class LoaderOptions:
         if self.num_workers < AUTO_WORKERS:
             raise ValueError(f"num_workers must be >= 0, or -1 to choose from the CPUs, got {self.num_workers}")
 
-    def workers(self, device: str | torch.device) -> int:
+    def workers(self, device: "str | torch.device") -> int:
         return auto_workers(device) if self.num_workers == AUTO_WORKERS else self.num_workers
 
-    def kwargs(self, device: str | torch.device, seed: int = 0) -> dict:
+    def kwargs(self, device: "str | torch.device", seed: int = 0) -> dict:
         """Keyword arguments for ``torch.utils.data.DataLoader``."""
+        import torch
+
         workers = self.workers(device)
         out = {"num_workers": workers, "pin_memory": self.pin_memory and torch.device(device).type == "cuda",
                "generator": torch.Generator().manual_seed(seed)}

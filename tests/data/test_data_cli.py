@@ -53,7 +53,7 @@ def test_prepare_subset_and_templates_flags(image_tree: Path, tmp_path: Path, ca
     templates = tmp_path / "prompts.txt"
     templates.write_text("a photo of a {}.\nan origami {}.\n")
     out = tmp_path / "out"
-    code, stdout, _ = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "1",
+    code, stdout, _ = run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", out, "--shots", "1",
                           "--subset", "new", "--templates", templates)
     assert code == 0 and "classes:       2" in stdout
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
@@ -63,12 +63,12 @@ def test_prepare_subset_and_templates_flags(image_tree: Path, tmp_path: Path, ca
 def test_prepare_refuses_corrupt_images_unless_skipped(image_tree: Path, tmp_path: Path, capsys) -> None:
     break_image(image_tree / "cat" / "img01.jpg")
     out = tmp_path / "out"
-    code, stdout, stderr = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2")
+    code, stdout, stderr = run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", out, "--shots", "2")
     assert code == 2 and stdout == ""
     assert stderr.startswith("saft data prepare: error: dataset root")
     assert "cat/img01.jpg" in stderr and "--skip-corrupt" in stderr
     assert not out.exists()
-    code, stdout, _ = run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2", "--skip-corrupt")
+    code, stdout, _ = run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", out, "--shots", "2", "--skip-corrupt")
     assert code == 0 and "skipped:       1 broken file(s)" in stdout
     assert "cat/img01.jpg" not in (out / "train.jsonl").read_text()
 
@@ -76,9 +76,9 @@ def test_prepare_refuses_corrupt_images_unless_skipped(image_tree: Path, tmp_pat
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--shots", "0"], "argument --shots: must be an integer >= 1, got '0'"),
-        (["--shots", "many"], "argument --shots: must be an integer, got 'many'"),
-        (["--val-shots", "-2"], "argument --val-shots: must be an integer >= 0"),
+        (["--shots", "0"], "--shots must be >= 1, got 0"),
+        (["--shots", "many"], "argument --shots: invalid int value: 'many'"),
+        (["--val-shots", "-2"], "--val-shots must be >= 0, got -2"),
         (["--subset", "half"], "argument --subset: invalid choice: 'half'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--dataset", "cifar10"], "dataset 'cifar10' is not supported; supported datasets: caltech101, dtd"),
@@ -88,24 +88,24 @@ def test_prepare_refuses_corrupt_images_unless_skipped(image_tree: Path, tmp_pat
     ],
 )
 def test_prepare_bad_flags_exit_2(image_tree: Path, tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
-    code, stdout, stderr = run(capsys, "data", "prepare", image_tree, "--out", tmp_path / "out", *extra)
+    code, stdout, stderr = run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", tmp_path / "out", *extra)
     assert code == 2 and needle in stderr and stdout == ""
     assert not (tmp_path / "out").exists()
 
 
 def test_prepare_missing_root_and_out(tmp_path: Path, capsys) -> None:
-    code, _, stderr = run(capsys, "data", "prepare", tmp_path / "nowhere", "--out", tmp_path / "out")
+    code, _, stderr = run(capsys, "data", "prepare", "--val-shots", "0", tmp_path / "nowhere", "--out", tmp_path / "out")
     assert code == 2
     missing = tmp_path / "nowhere"
     assert stderr.strip() == f"saft data prepare: error: dataset root {missing} does not exist or is not a directory"
-    code, _, stderr = run(capsys, "data", "prepare", tmp_path)
+    code, _, stderr = run(capsys, "data", "prepare", "--val-shots", "0", tmp_path)
     assert code == 2 and "the following arguments are required: --out" in stderr
 
 
 def test_prepare_bad_templates_file_exit_2(image_tree: Path, tmp_path: Path, capsys) -> None:
     templates = tmp_path / "prompts.txt"
     templates.write_text("a photo of a {}.\na photo\n")
-    code, _, stderr = run(capsys, "data", "prepare", image_tree, "--out", tmp_path / "out",
+    code, _, stderr = run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", tmp_path / "out",
                           "--templates", templates)
     assert code == 2
     assert f"templates file {templates}, line 2: template 'a photo' must contain exactly one" in stderr
@@ -129,7 +129,7 @@ def test_validate_root_exit_codes(image_tree: Path, tmp_path: Path, capsys) -> N
 
 def test_validate_manifest(image_tree: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert run(capsys, "data", "prepare", image_tree, "--out", out, "--shots", "2")[0] == 0
+    assert run(capsys, "data", "prepare", "--val-shots", "0", image_tree, "--out", out, "--shots", "2")[0] == 0
     manifest = out / "train.jsonl"
     code, stdout, _ = run(capsys, "data", "validate", image_tree, "--manifest", manifest)
     assert code == 0 and "8 file(s), 4 class(es): OK" in stdout
@@ -183,7 +183,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.Argumen
 
 def test_every_flag_has_help_and_kebab_case() -> None:
     leaves = _leaf_parsers(build_parser())
-    assert set(leaves) == {"data prepare", "data validate", "data synth"}
+    assert set(leaves) == {"data prepare", "data validate", "data synth", "data adapters"}
     for name, parser in leaves.items():
         for action in parser._actions:
             assert action.help, f"{name}: {action.dest} has no help"
@@ -204,7 +204,7 @@ def test_register_plugs_into_another_parser(image_tree: Path, tmp_path: Path, ca
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("other")
     register(sub)
-    args = parser.parse_args(["data", "prepare", str(image_tree), "--out", str(tmp_path / "out"), "--shots", "1"])
+    args = parser.parse_args(["data", "prepare", "--val-shots", "0", str(image_tree), "--out", str(tmp_path / "out"), "--shots", "1"])
     assert args.func(args) == 0
     assert "train images:  4" in capsys.readouterr().out
     args = parser.parse_args(["data", "validate", str(tmp_path / "nowhere")])
@@ -221,13 +221,13 @@ def pets_root(tmp_path: Path) -> Path:
 
 def test_prepare_a_split_json_dataset_and_split(pets_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = run(capsys, "data", "prepare", pets_root, "--out", out, "--dataset", "oxford_pets",
+    code, stdout, stderr = run(capsys, "data", "prepare", "--val-shots", "0", pets_root, "--out", out, "--dataset", "oxford_pets",
                                "--shots", "2")
     assert code == 0 and stderr == ""
     assert f"prepared {pets_root} (oxford_pets, split train, subset all, 2 shot(s), seed 1)" in stdout
     assert "classes:       3" in stdout and "train images:  6" in stdout
     assert json.loads((out / "templates.json").read_text()) == ["a photo of a {}, a type of pet."]
-    code, stdout, _ = run(capsys, "data", "prepare", pets_root, "--out", out, "--dataset", "oxford_pets",
+    code, stdout, _ = run(capsys, "data", "prepare", "--val-shots", "0", pets_root, "--out", out, "--dataset", "oxford_pets",
                           "--split", "val", "--shots", "1")
     assert code == 0 and "(oxford_pets, split val," in stdout
     record = json.loads((out / "prepare.json").read_text())
@@ -238,7 +238,7 @@ def test_prepare_a_split_json_dataset_and_split(pets_root: Path, tmp_path: Path,
 
 
 def test_prepare_refuses_evaluation_only_datasets(tmp_path: Path, capsys) -> None:
-    code, stdout, stderr = run(capsys, "data", "prepare", tmp_path, "--out", tmp_path / "out",
+    code, stdout, stderr = run(capsys, "data", "prepare", "--val-shots", "0", tmp_path, "--out", tmp_path / "out",
                                "--dataset", "imagenet-r")
     assert code == 2 and stdout == ""
     assert stderr.startswith("saft data prepare: error: dataset 'imagenet-r' (ImageNet-R) is evaluation-only")

@@ -103,16 +103,16 @@ def test_no_val_manifest_without_val_shots_and_stale_one_removed(image_tree: Pat
     out = tmp_path / "out"
     prepare_dataset(image_tree, out, shots=2, val_shots=1)
     assert (out / "val.jsonl").exists()
-    result = prepare_dataset(image_tree, out, shots=2)
+    result = prepare_dataset(image_tree, out, shots=2, val_shots=0)
     assert {p.name for p in out.iterdir()} == OUTPUTS
     assert result.val_hash is None and result.val_count == 0
     assert "val" not in json.loads((out / "prepare.json").read_text())["manifests"]
 
 
 def test_base_and_new_subsets(image_tree: Path, tmp_path: Path) -> None:
-    full = read_manifest(prepare_dataset(image_tree, tmp_path / "all", shots=2).files["train"])
-    base_res = prepare_dataset(image_tree, tmp_path / "base", shots=2, subset="base")
-    new_res = prepare_dataset(image_tree, tmp_path / "new", shots=2, subset="new")
+    full = read_manifest(prepare_dataset(image_tree, tmp_path / "all", shots=2, val_shots=0).files["train"])
+    base_res = prepare_dataset(image_tree, tmp_path / "base", shots=2, subset="base", val_shots=0)
+    new_res = prepare_dataset(image_tree, tmp_path / "new", shots=2, subset="new", val_shots=0)
     assert json.loads((tmp_path / "base" / "classes.json").read_text()) == ["ant", "bee"]
     assert json.loads((tmp_path / "new" / "classes.json").read_text()) == ["cat", "dog"]
     base = read_manifest(base_res.files["train"])
@@ -167,9 +167,9 @@ def test_missing_templates_file_and_bad_template_write_nothing(image_tree: Path,
     with pytest.raises(TemplateError, match="does not exist"):
         load_templates(tmp_path / "nope.txt")
     with pytest.raises(TemplateError, match="template 1: template 'a photo'"):
-        prepare_dataset(image_tree, tmp_path / "out", shots=1, templates=["a photo"])
+        prepare_dataset(image_tree, tmp_path / "out", shots=1, templates=["a photo"], val_shots=0)
     assert not (tmp_path / "out").exists()
-    result = prepare_dataset(image_tree, tmp_path / "ok", shots=1, templates=["art of a {}.", "a {}."])
+    result = prepare_dataset(image_tree, tmp_path / "ok", shots=1, templates=["art of a {}.", "a {}."], val_shots=0)
     assert json.loads((tmp_path / "ok" / "templates.json").read_text()) == ["art of a {}.", "a {}."]
     assert result.templates == ("art of a {}.", "a {}.")
 
@@ -181,14 +181,14 @@ def test_corrupt_image_is_refused_unless_skipped(image_tree: Path, tmp_path: Pat
     break_image(image_tree / "bee" / "img03.jpg")  # bee's 2nd image in seed 1's order: drawn at 2 shots
     out = tmp_path / "out"
     with pytest.raises(DataValidationError, match="--skip-corrupt") as caught:
-        prepare_dataset(image_tree, out, shots=2)
+        prepare_dataset(image_tree, out, shots=2, val_shots=0)
     assert "bee/img03.jpg" in str(caught.value) and "corrupt" in str(caught.value)
     assert "replace each with the next image of its class" in str(caught.value)
     assert caught.value.report.bad_paths() == {"bee/img03.jpg"}
     assert not out.exists()
 
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
-        result = prepare_dataset(image_tree, out, shots=5, skip_corrupt=True)
+        result = prepare_dataset(image_tree, out, shots=5, skip_corrupt=True, val_shots=0)
     assert "replaced 1 broken drawn image(s)" in caplog.text and "bee/img03.jpg" in caplog.text
     assert result.skipped == 1 and result.record["counts"]["skipped_broken"] == 1
     assert result.record["counts"]["read"] == 4 * 5 + 1  # the replacement was read too
@@ -201,7 +201,7 @@ def test_skip_corrupt_does_not_hide_class_problems(image_tree: Path, tmp_path: P
     # The first images of seed 1's order: ant/img03.jpg and bee/img02.png are both drawn.
     shutil.copy(image_tree / "ant" / "img03.jpg", image_tree / "bee" / "img02.png")
     with pytest.raises(DataValidationError, match="conflicting_duplicate") as caught:
-        prepare_dataset(image_tree, tmp_path / "out", shots=1, skip_corrupt=True)
+        prepare_dataset(image_tree, tmp_path / "out", shots=1, skip_corrupt=True, val_shots=0)
     assert "cannot fix these" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
@@ -213,8 +213,8 @@ def test_skip_corrupt_does_not_hide_class_problems(image_tree: Path, tmp_path: P
         ({"dataset": "imagenet-r"}, EvalOnlyError, "'imagenet-r' .* is evaluation-only"),
         ({"split": "train"}, PrepareError, "dataset 'imagefolder' has no split 'train'; its splits: all"),
         ({"dataset": "imagenet", "split": "holdout"}, PrepareError, "no split 'holdout'; its splits: train, val, test"),
-        ({"shots": 0}, PrepareError, "shots must be an integer >= 1, got 0"),
-        ({"val_shots": -1}, PrepareError, "val_shots must be an integer >= 0"),
+        ({"shots": 0}, PrepareError, "shots must be >= 1, got 0"),
+        ({"val_shots": -1}, PrepareError, "val_shots must be >= 0, got -1"),
         ({"seed": "1"}, PrepareError, "seed must be an integer"),
         ({"subset": "half"}, PrepareError, "subset must be one of all, base, new, got 'half'"),
         ({"shots": 6, "val_shots": 1}, FewShotError, "fewer than 7 images"),
@@ -228,15 +228,15 @@ def test_bad_arguments_are_refused_before_writing(image_tree: Path, tmp_path: Pa
 
 def test_bad_roots_and_output_folders(image_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="does not exist"):
-        prepare_dataset(tmp_path / "missing", tmp_path / "out")
+        prepare_dataset(tmp_path / "missing", tmp_path / "out", val_shots=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrepareError, match="holds no class folders"):
-        prepare_dataset(tmp_path / "empty", tmp_path / "out")
+        prepare_dataset(tmp_path / "empty", tmp_path / "out", val_shots=0)
     with pytest.raises(PrepareError, match="inside the dataset root"):
-        prepare_dataset(image_tree, image_tree / "prepared", shots=1)
+        prepare_dataset(image_tree, image_tree / "prepared", shots=1, val_shots=0)
     (tmp_path / "file").write_text("x")
     with pytest.raises(PrepareError, match="exists and is not a folder"):
-        prepare_dataset(image_tree, tmp_path / "file", shots=1)
+        prepare_dataset(image_tree, tmp_path / "file", shots=1, val_shots=0)
     assert not (image_tree / "prepared").exists() and not (tmp_path / "out").exists()
 
 
@@ -257,7 +257,7 @@ def test_failure_while_writing_leaves_earlier_outputs_intact(
 
     monkeypatch.setattr(prepare_mod, "write_json", failing_write_json)
     with pytest.raises(OSError, match="disk full"):
-        prepare_dataset(image_tree, out, shots=3, seed=2)
+        prepare_dataset(image_tree, out, shots=3, seed=2, val_shots=0)
     assert len(calls) == 4  # the failure hit after other outputs had been staged
     assert snapshot(out) == before  # no new file, no leftover temporary, val.jsonl kept
 
@@ -284,9 +284,9 @@ def test_s3_root_with_corrupt_object_is_refused_then_skipped(
     break_image(image_tree / "dog" / "img01.jpg")  # drawn first in seed 1's order
     upload(client, bucket, image_tree, "tree")
     with pytest.raises(DataValidationError, match="dog/img01.jpg"):
-        prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2)
+        prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2, val_shots=0)
     assert not (tmp_path / "out").exists()
-    result = prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2, skip_corrupt=True)
+    result = prepare_dataset(f"s3://{bucket}/tree", tmp_path / "out", shots=2, skip_corrupt=True, val_shots=0)
     assert result.skipped == 1
     assert "dog/img01.jpg" not in (tmp_path / "out" / "train.jsonl").read_text()
 
@@ -406,11 +406,11 @@ def test_every_registered_dataset_is_prepared_or_refused(
     out = tmp_path / "out"
     if adapter.eval_only:
         with pytest.raises(EvalOnlyError, match=rf"'{name}' .*evaluation-only.*must not be trained on"):
-            prepare_dataset(tmp_path, out, dataset=name, shots=1)
+            prepare_dataset(tmp_path, out, dataset=name, shots=1, val_shots=0)
         assert not out.exists()
         return
     root = build_tree(adapter, tmp_path / name, request)
-    result = prepare_dataset(root, out, dataset=name, shots=1, seed=2)
+    result = prepare_dataset(root, out, dataset=name, shots=1, seed=2, val_shots=0)
     assert json.loads((out / "classes.json").read_text()) == adapter.class_names(root)
     assert json.loads((out / "templates.json").read_text()) == adapter.templates
     assert (result.record["dataset"], result.record["split"]) == (name, adapter.default_split)
@@ -443,7 +443,7 @@ def test_split_json_draws_only_from_the_chosen_split(pets_root: Path, tmp_path: 
     assert {e.path for e in train + val} <= train_split and len(train) == 6 and len(val) == 3
     assert {(e.label, e.class_name) for e in train} == set(enumerate(names))
 
-    from_val = prepare_dataset(pets_root, tmp_path / "val", dataset="oxford_pets", split="val", shots=1)
+    from_val = prepare_dataset(pets_root, tmp_path / "val", dataset="oxford_pets", split="val", shots=1, val_shots=0)
     assert from_val.record["split"] == "val"
     assert {e.path for e in read_manifest(tmp_path / "val" / "train.jsonl")} == {
         f"images/{path}" for path, _, _ in split_records("val")
@@ -451,27 +451,27 @@ def test_split_json_draws_only_from_the_chosen_split(pets_root: Path, tmp_path: 
 
 
 def test_split_json_is_deterministic_and_user_templates_win(pets_root: Path, tmp_path: Path) -> None:
-    prepare_dataset(pets_root, tmp_path / "a", dataset="oxford_pets", shots=2, seed=9)
-    prepare_dataset(pets_root, tmp_path / "b", dataset="oxford_pets", shots=2, seed=9)
+    prepare_dataset(pets_root, tmp_path / "a", dataset="oxford_pets", shots=2, seed=9, val_shots=0)
+    prepare_dataset(pets_root, tmp_path / "b", dataset="oxford_pets", shots=2, seed=9, val_shots=0)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
-    custom = prepare_dataset(pets_root, tmp_path / "c", dataset="oxford_pets", shots=2, templates=["a pet: {}."])
+    custom = prepare_dataset(pets_root, tmp_path / "c", dataset="oxford_pets", shots=2, templates=["a pet: {}."], val_shots=0)
     assert json.loads((tmp_path / "c" / "templates.json").read_text()) == ["a pet: {}."]
     assert custom.templates == ("a pet: {}.",)
 
 
 def test_split_json_checks_drawn_images_of_the_split_only(pets_root: Path, tmp_path: Path, caplog) -> None:
     break_image(pets_root / "images" / "yorkshire_terrier" / "yorkshire_terrier_4.jpg")  # a test image
-    clean = prepare_dataset(pets_root, tmp_path / "ok", dataset="oxford_pets", shots=2)
+    clean = prepare_dataset(pets_root, tmp_path / "ok", dataset="oxford_pets", shots=2, val_shots=0)
     assert clean.train_count == 6
     drawn = [e.path for e in read_manifest(tmp_path / "ok" / "train.jsonl") if e.label == 0]
     broken = pets_root / drawn[0]  # a drawn train image
     break_image(broken)
     with pytest.raises(DataValidationError, match=r"\(oxford_pets, split 'train'\): 1 of the 6 drawn") as caught:
-        prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2)
+        prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2, val_shots=0)
     assert caught.value.report.bad_paths() == {drawn[0]}
     assert not (tmp_path / "out").exists()
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
-        result = prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2, skip_corrupt=True)
+        result = prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=2, skip_corrupt=True, val_shots=0)
     assert result.skipped == 1 and "replaced 1 broken drawn image(s)" in caplog.text
     assert drawn[0] not in (tmp_path / "out" / "train.jsonl").read_text()
 
@@ -479,7 +479,7 @@ def test_split_json_checks_drawn_images_of_the_split_only(pets_root: Path, tmp_p
 def test_split_json_missing_images_are_a_layout_error(pets_root: Path, tmp_path: Path) -> None:
     (pets_root / "images" / "american_bulldog" / "american_bulldog_2.jpg").unlink()
     with pytest.raises(LayoutError, match=r"1 image\(s\) named by split_zhou_OxfordPets\.json \(split 'train'\)"):
-        prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=1)
+        prepare_dataset(pets_root, tmp_path / "out", dataset="oxford_pets", shots=1, val_shots=0)
     assert not (tmp_path / "out").exists()
 
 
@@ -487,8 +487,8 @@ def test_split_json_from_s3_matches_the_local_copy(pets_root: Path, tmp_path: Pa
     client, bucket = s3_bucket
     upload(client, bucket, pets_root, "coop/oxford_pets")
     uri = f"s3://{bucket}/coop/oxford_pets"
-    remote = prepare_dataset(uri, tmp_path / "s3", dataset="oxford_pets", shots=2, seed=4)
-    local = prepare_dataset(pets_root, tmp_path / "local", dataset="oxford_pets", shots=2, seed=4)
+    remote = prepare_dataset(uri, tmp_path / "s3", dataset="oxford_pets", shots=2, seed=4, val_shots=0)
+    local = prepare_dataset(pets_root, tmp_path / "local", dataset="oxford_pets", shots=2, seed=4, val_shots=0)
     for name in ("train.jsonl", "classes.json", "templates.json"):
         assert (tmp_path / "s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert remote.record["root"] == uri and remote.record["dataset"] == "oxford_pets"
@@ -499,7 +499,7 @@ def test_split_json_from_s3_matches_the_local_copy(pets_root: Path, tmp_path: Pa
 
 def test_imagenet_keeps_the_1000_class_labels_and_clip_prompts(imagenet_root: Path, tmp_path: Path) -> None:
     adapter = get_adapter("imagenet")
-    result = prepare_dataset(imagenet_root, tmp_path / "out", dataset="imagenet", shots=1, seed=1)
+    result = prepare_dataset(imagenet_root, tmp_path / "out", dataset="imagenet", shots=1, seed=1, val_shots=0)
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert classes == adapter.class_names() and len(classes) == 1000
     assert classes[0] == "tench" and classes[999] == "toilet paper"
@@ -521,7 +521,7 @@ def test_imagenet_keeps_the_1000_class_labels_and_clip_prompts(imagenet_root: Pa
 
 def test_imagenet_new_half_renumbers_labels(imagenet_root: Path, tmp_path: Path) -> None:
     result = prepare_dataset(imagenet_root, tmp_path / "new", dataset="imagenet", shots=1, subset="new",
-                             templates=["a photo of a {}."])
+                             templates=["a photo of a {}."], val_shots=0)
     classes = json.loads((tmp_path / "new" / "classes.json").read_text())
     assert classes == get_adapter("imagenet").class_names()[500:]
     train = read_manifest(tmp_path / "new" / "train.jsonl")
@@ -534,7 +534,7 @@ def test_imagenet_new_half_renumbers_labels(imagenet_root: Path, tmp_path: Path)
 def test_imagenet_with_missing_classes_is_refused(tmp_path: Path) -> None:
     root = write_imagenet_tree(tmp_path / "images", [TENCH, GOLDFISH, TOILET_PAPER])
     with pytest.raises(DataValidationError, match=r"classes are not what the dataset needs") as caught:
-        prepare_dataset(root, tmp_path / "out", dataset="imagenet", shots=1)
+        prepare_dataset(root, tmp_path / "out", dataset="imagenet", shots=1, val_shots=0)
     report = caught.value.report
     assert report.count("missing_class") == 997
     assert "missing_class: 997 expected class(es) not found" in str(caught.value)
@@ -544,9 +544,9 @@ def test_imagenet_with_missing_classes_is_refused(tmp_path: Path) -> None:
 
 def test_drawing_from_the_evaluated_split_warns(imagenet_root: Path, tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
-        prepare_dataset(imagenet_root, tmp_path / "train", dataset="imagenet", shots=1)
+        prepare_dataset(imagenet_root, tmp_path / "train", dataset="imagenet", shots=1, val_shots=0)
     assert "will not be a held-out number" not in caplog.text
     # val holds only 2 of the 1000 classes here, so the draw is refused, but only after the warning.
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"), pytest.raises(DataValidationError):
-        prepare_dataset(imagenet_root, tmp_path / "val", dataset="imagenet", split="val", shots=1)
+        prepare_dataset(imagenet_root, tmp_path / "val", dataset="imagenet", split="val", shots=1, val_shots=0)
     assert "split 'val' of imagenet, which holds the images its evaluation scores" in caplog.text

@@ -141,7 +141,7 @@ def test_broken_drawn_images_are_refused_or_replaced_deterministically(broken_wi
     train, val = previous_path(root, SHOTS, VAL_SHOTS, broken)
     assert (tmp_path / "a" / "train.jsonl").read_bytes() == train and (tmp_path / "a" / "val.jsonl").read_bytes() == val
     # A 2-shot draw holds the 1-shot one: the first two usable images of each class.
-    prepare_dataset(root, tmp_path / "two", shots=2, seed=SEED, skip_corrupt=True)
+    prepare_dataset(root, tmp_path / "two", shots=2, seed=SEED, skip_corrupt=True, val_shots=0)
     assert sorted(drawn_paths(tmp_path / "two")) == sorted(picks)
 
 
@@ -149,16 +149,16 @@ def test_a_class_left_with_too_few_readable_images_is_refused(image_tree: Path, 
     for name in ("img02.png", "img03.jpg"):  # bee's first two in seed 1's order
         break_image(image_tree / "bee" / name)
     with pytest.raises(DataValidationError, match=r"1 class\(es\) have fewer than 5 readable images.*'bee' \(4\)"):
-        prepare_dataset(image_tree, tmp_path / "out", shots=5, skip_corrupt=True)
+        prepare_dataset(image_tree, tmp_path / "out", shots=5, skip_corrupt=True, val_shots=0)
     assert not (tmp_path / "out").exists()
 
 
 def test_unsafe_listed_paths_are_refused_or_left_out(image_tree: Path, tmp_path: Path) -> None:
     storage = CountingStorage(image_tree, extra=("bee//sneaky.png",))
     with pytest.raises(DataValidationError, match="lists paths that leave the dataset root") as caught:
-        prepare_dataset(storage, tmp_path / "out", shots=2)
+        prepare_dataset(storage, tmp_path / "out", shots=2, val_shots=0)
     assert caught.value.report.bad_paths() == {"bee//sneaky.png"} and not storage.reads
-    result = prepare_dataset(storage, tmp_path / "out", shots=2, skip_corrupt=True)
+    result = prepare_dataset(storage, tmp_path / "out", shots=2, skip_corrupt=True, val_shots=0)
     assert result.skipped == 1 and "bee//sneaky.png" not in storage.reads
     assert "sneaky" not in (tmp_path / "out" / "train.jsonl").read_text()
 
@@ -167,7 +167,7 @@ def test_duplicates_among_the_drawn_images(image_tree: Path, tmp_path: Path, cap
     # ant/img03.jpg and ant/img00.png are ant's two picks at 2 shots, seed 1: a repeat within a class warns.
     shutil.copy(image_tree / "ant" / "img03.jpg", image_tree / "ant" / "img00.png")
     with caplog.at_level(logging.WARNING, logger="saft.data.prepare"):
-        prepare_dataset(image_tree, tmp_path / "out", shots=2)
+        prepare_dataset(image_tree, tmp_path / "out", shots=2, val_shots=0)
     assert "duplicate ant/img00.png (same bytes as ant/img03.jpg)" in caplog.text
 
 

@@ -44,7 +44,7 @@ def test_prepare_names_every_broken_file_and_writes_nothing(image_tree: Path, tm
     (image_tree / "cat" / "img02.png").write_bytes(b"")  # zero bytes
     out = tmp_path / "prepared"
     with pytest.raises(DataValidationError) as caught:
-        prepare_dataset(image_tree, out, shots=2)
+        prepare_dataset(image_tree, out, shots=2, val_shots=0)
     text = str(caught.value)
     for culprit in ("ant/img03.jpg", "bee/img03.jpg", "cat/img02.png"):
         assert culprit in text
@@ -55,7 +55,7 @@ def test_prepare_names_every_broken_file_and_writes_nothing(image_tree: Path, tm
 @pytest.mark.parametrize("damage", ["truncated", "zero_byte", "garbage"])
 def test_reading_a_file_damaged_after_prepare_names_it_and_the_manifest(image_tree: Path, tmp_path: Path,
                                                                         damage: str) -> None:
-    prepare_dataset(image_tree, tmp_path / "p", shots=2)
+    prepare_dataset(image_tree, tmp_path / "p", shots=2, val_shots=0)
     manifest = tmp_path / "p" / "train.jsonl"
     dataset = ManifestDataset(manifest, image_tree, _identity, verify_hash=False)
     victim = image_tree / dataset.entries[0].path
@@ -72,12 +72,12 @@ def test_prepare_refuses_an_empty_class(image_tree: Path, tmp_path: Path) -> Non
     (image_tree / "emu").mkdir()
     out = tmp_path / "prepared"
     with pytest.raises(DataValidationError, match=r"(?s)empty_class.*emu"):
-        prepare_dataset(image_tree, out, shots=2)
+        prepare_dataset(image_tree, out, shots=2, val_shots=0)
     assert not out.exists()
 
 
 def test_manifest_classes_must_match_the_class_list(image_tree: Path, tmp_path: Path) -> None:
-    prepare_dataset(image_tree, tmp_path / "p", shots=2)
+    prepare_dataset(image_tree, tmp_path / "p", shots=2, val_shots=0)
     manifest = tmp_path / "p" / "train.jsonl"
     classes = json.loads((tmp_path / "p" / "classes.json").read_text())
     assert len(ManifestDataset(manifest, image_tree, _identity, classes=classes)) == 8
@@ -93,7 +93,7 @@ def test_manifest_classes_must_match_the_class_list(image_tree: Path, tmp_path: 
 
 
 def test_trainer_refuses_labels_beyond_its_prompts(vit, image_tree: Path, tmp_path: Path) -> None:
-    prepare_dataset(image_tree, tmp_path / "p", shots=2)
+    prepare_dataset(image_tree, tmp_path / "p", shots=2, val_shots=0)
     dataset = ManifestDataset(tmp_path / "p" / "train.jsonl", image_tree, vit.preprocess)
     prompts = saft.ClassPrompts.build(vit.tokenizer, ["ant", "bee"])  # 4 classes in the data
     with pytest.raises(ValueError, match=r"label 3 \('dog'\).*2 class\(es\)"):
@@ -106,7 +106,7 @@ def test_trainer_refuses_labels_beyond_its_prompts(vit, image_tree: Path, tmp_pa
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, math.nan, math.inf])
 def test_density_outside_unit_interval_is_refused_before_anything_is_written(image_tree: Path, tmp_path: Path,
                                                                              density: float) -> None:
-    prepare_dataset(image_tree, tmp_path / "p", shots=2)
+    prepare_dataset(image_tree, tmp_path / "p", shots=2, val_shots=0)
     out = tmp_path / "score"
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         score_step(ScoreConfig(model="saft-tiny-vit", kind="random", density=density), tmp_path / "p", out, log=None)

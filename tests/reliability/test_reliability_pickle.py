@@ -13,7 +13,7 @@ from synthetic import CLASS_NAMES, make_dataset
 
 import saft
 from saft.models.loading import ModelSpecError
-from saft.sparse.trainer import CHECKPOINT_NAME
+from saft.sparse.checkpoint import CHECKPOINT_NAME
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on the bare pickles

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 import saft
 from saft.eval.runner import evaluate_head
-from saft.sparse.trainer import CHECKPOINT_NAME, BatchOutOfMemoryError, TrainingDivergedError
+from saft.sparse.checkpoint import CHECKPOINT_NAME
+from saft.sparse.trainer import BatchOutOfMemoryError, TrainingDivergedError
 
 torch.set_num_threads(1)
 

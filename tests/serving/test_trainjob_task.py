@@ -17,9 +17,8 @@ from fake_kube import FakeTrainer, serve_fake
 from safetensors.torch import load_file
 
 from saft.cli import main
-from saft.sparse import FinetuneConfig
 from saft.steps.launched import finetune_trainjob_task, trainjob_options
-from saft.steps.score import ScoreConfig
+from saft.steps.configs import FinetuneStepConfig, ScoreConfig
 from saft.steps.tasks import finetune_task, score_task
 
 
@@ -40,7 +39,7 @@ def prepared(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SAFT_TRACKING", "off")
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     assert main(["world", "--out", "W", "--pool-per-class", "4", "--test-per-class", "1"]) == 0
-    assert main(["data", "prepare", "W/textile/pool", "--shots", "2", "--out", "D"]) == 0
+    assert main(["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "2", "--out", "D"]) == 0
     score_task("D", "M", ScoreConfig(model="tiny", density=0.01, batch_size=4, device="cpu", num_workers=0))
     return tmp_path
 
@@ -50,10 +49,11 @@ def test_the_launcher_stages_submits_waits_and_hands_on_the_jobs_delta(prepared:
     fake = FakeTrainer(run_reads=1, on_complete=_run_manifest(seen))
     server = serve_fake(fake)
     host = f"http://127.0.0.1:{server.server_address[1]}"
-    cfg = FinetuneConfig(method="saft", steps=3, batch_size=4, lr=3e-3, checkpoint_every=1, num_workers=0)
+    cfg = FinetuneStepConfig(model="tiny", method="saft", steps=3, batch_size=4, lr=3e-3, checkpoint_every=1,
+                             num_workers=0, device="cpu")
     lines: list[str] = []
     try:
-        summary = finetune_trainjob_task("tiny", "D", "M", "F", cfg, shared_root=str(prepared / "pvc"),
+        summary = finetune_trainjob_task("D", "M", "F", cfg, shared_root=str(prepared / "pvc"),
                                          pvc="saft-shared", nodes=2, gpus_per_node=2, log=lines.append,
                                          settings={"namespace": "team", "poll_s": 0, "host": host,
                                                    "runtime": "torch-distributed", "image": ""},
@@ -76,15 +76,15 @@ def test_the_launcher_stages_submits_waits_and_hands_on_the_jobs_delta(prepared:
     assert summary["trainjob"] == creates[0]["body"]["metadata"]["name"]
     assert not any((prepared / "pvc" / "trainjobs").iterdir())  # the staged folder goes once the delta is out
     # the same training in one pod gives the same delta (the fake job ran as one process)
-    finetune_task("tiny", "D", "M", "G", cfg, device="cpu")
+    finetune_task("D", "M", "G", cfg)
     one, job_delta = load_file(prepared / "G/delta.safetensors"), load_file(prepared / "F/delta.safetensors")
     assert one.keys() == job_delta.keys() and all((one[k] == job_delta[k]).all() for k in one)
 
 
 def test_the_launcher_refuses_what_the_job_could_not_run(prepared: Path) -> None:
-    cfg = FinetuneConfig(method="saft", steps=2, batch_size=6, lr=3e-3, num_workers=0)
+    cfg = FinetuneStepConfig(model="tiny", method="saft", steps=2, batch_size=6, lr=3e-3, num_workers=0)
     with pytest.raises(ValueError, match="batch_size 6 must divide by the 4 processes"):
-        finetune_trainjob_task("tiny", "D", "M", "F", cfg, shared_root="/mnt/x", pvc="p", nodes=2, gpus_per_node=2)
+        finetune_trainjob_task("D", "M", "F", cfg, shared_root="/mnt/x", pvc="p", nodes=2, gpus_per_node=2)
     with pytest.raises(ValueError, match="unknown field.*numNodes"):
         trainjob_options({"numNodes": 3})
     assert trainjob_options('{"image": "", "poll_s": 5, "cpu": ""}', image="img") == {"image": "img", "poll_s": 5.0}

@@ -39,7 +39,7 @@ def candidate(tmp_path_factory) -> Candidate:
     from saft.data.prepare import prepare_dataset
     from saft.data.synth import write_domain
     from saft.eval.suites import load_suite
-    from saft.sparse import FinetuneConfig
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
     from saft.steps.finetune import finetune_step
     from saft.steps.score import ScoreConfig, score_step
@@ -52,10 +52,10 @@ def candidate(tmp_path_factory) -> Candidate:
         write_domain(world / "textile" / "pool", "textile", FEW_SHOT, seed=WORLD_SEED)
         for domain in ("textile", "sketch", "photo"):
             write_domain(world / domain / "test", domain, TEST_PER_CLASS, seed=WORLD_SEED, start=10_000)
-        prepare_dataset(world / "textile" / "pool", base / "data", shots=FEW_SHOT, seed=1)
+        prepare_dataset(world / "textile" / "pool", base / "data", shots=FEW_SHOT, seed=1, val_shots=0)
         score_step(ScoreConfig(model="tiny", density=0.001, batch_size=16), base / "data", base / "score",
                    progress=False)
-        finetune_step("tiny", FinetuneConfig(method="saft", steps=20, batch_size=16, lr=3e-4, seed=1),
+        finetune_step(FinetuneStepConfig(model="tiny", method="saft", steps=20, batch_size=16, lr=3e-4, seed=1),
                       base / "data", base / "finetune", mask_path=base / "score" / "mask.safetensors",
                       progress=False)
         entries = [{"name": "textile", "dataset": "imagefolder", "root": str(world / "textile" / "test"), "role": "id"}]

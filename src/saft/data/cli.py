@@ -16,13 +16,14 @@ from typing import Any, Callable, Sequence
 
 from saft.data.manifest import read_manifest
 from saft.data.prepare import (
-    SUBSETS,
     SUPPORTED_DATASETS,
+    PrepareConfig,
     PrepareError,
     PrepareResult,
     check_dataset,
     prepare_dataset,
 )
+from saft.config import add_arguments, from_arguments
 from saft.data.storage import StorageError, open_storage
 from saft.data.validate import validate_dataset, validate_root
 
@@ -35,20 +36,6 @@ EXIT_ERROR = 2
 # the adapters' EvalOnlyError / LayoutError / UnknownDatasetError) all derive from ValueError; StorageError covers unreachable
 # roots and OSError unwritable output folders. Anything else keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, StorageError, OSError)
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
 
 
 def _int(text: str) -> int:
@@ -98,19 +85,7 @@ def format_summary(result: PrepareResult) -> str:
 
 def _prepare(args: argparse.Namespace) -> int:
     """Handler of ``saft data prepare``."""
-    result = prepare_dataset(
-        args.root,
-        args.out,
-        dataset=args.dataset,
-        split=args.split,
-        shots=args.shots,
-        seed=args.seed,
-        val_shots=args.val_shots,
-        subset=args.subset,
-        templates=args.templates,
-        skip_corrupt=args.skip_corrupt,
-        train_templates=args.train_templates,
-    )
+    result = prepare_dataset(args.root, args.out, from_arguments(PrepareConfig, args))
     print(format_summary(result))
     return EXIT_OK
 
@@ -139,6 +114,21 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"no class folders found under {storage.uri}; expected the layout ROOT/<class name>/<image>")
         return EXIT_FINDINGS
     return EXIT_OK if check.report.ok else EXIT_FINDINGS
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    """Handler of ``saft data adapters``: every dataset adapter, what it reads and where."""
+    from saft.data.adapters import get_adapter, list_adapters
+
+    for name in list_adapters():
+        adapter = get_adapter(name)
+        spec = adapter.spec
+        use = "evaluation only" if adapter.eval_only else f"trainable (default split: {adapter.default_split})"
+        print(f"{name}: {adapter.title} — {use}; splits: {', '.join(adapter.splits) or 'the whole root'}")
+        if getattr(spec, "layout_hint", None):
+            print(f"    layout: {spec.layout_hint}")
+    print("\nLayouts in detail: docs/datasets.md")
+    return EXIT_OK
 
 
 def _dataset_flags(parser: argparse.ArgumentParser, split_help: str) -> None:
@@ -179,29 +169,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                          help="dataset root: a local folder or s3://bucket/prefix, laid out as --dataset expects "
                               "(imagefolder: ROOT/<class>/<image>)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    _dataset_flags(prepare, "split of the dataset to draw from (default: its training split, e.g. train; "
-                            "imagefolder: all); evaluation-only datasets are refused")
-    prepare.add_argument("--shots", type=_positive_int, default=16, metavar="K",
-                         help="training images per class (default: 16)")
-    prepare.add_argument("--seed", type=_int, default=1, metavar="N",
-                         help="seed of the few-shot draw; same seed, same images on every machine (default: 1)")
-    prepare.add_argument("--val-shots", type=_non_negative_int, default=0, metavar="K",
-                         help="validation images per class, disjoint from training; 0 writes no val.jsonl (default: 0)")
-    prepare.add_argument("--subset", choices=SUBSETS, default="all",
-                         help="classes to keep: all, base (first half in label order) or new (second half, "
-                              "labels renumbered from 0) (default: all)")
-    prepare.add_argument("--templates", metavar="FILE",
-                         help="prompt templates: .json/.yaml list, or text with one template per line; each "
-                              "needs one '{}' for the class name (default: the dataset's own templates, e.g. "
-                              "'a photo of a {}.' for imagefolder, CLIP's 80 prompts for imagenet); "
-                              "evaluation heads use these")
-    prepare.add_argument("--train-templates", metavar="FILE",
-                         help="prompts scoring and training use, in the same formats (default: the dataset's one "
-                              "hand-crafted training prompt, e.g. 'a photo of a {}.' for imagenet)")
-    prepare.add_argument("--skip-corrupt", action="store_true",
-                         help="replace broken drawn images with the next images of their classes in the seeded "
-                              "order (counted in the summary) instead of refusing the root")
+    add_arguments(prepare, PrepareConfig)
     prepare.set_defaults(func=_guarded("prepare", _prepare))
+
+    adapters = data_sub.add_parser("adapters", help="list the dataset adapters, their splits and layouts",
+                                   description="Every dataset --dataset can name: trainable or evaluation-only, its "
+                                               "splits and the files it expects under ROOT.")
+    adapters.set_defaults(func=_guarded("adapters", _adapters))
 
     validate = data_sub.add_parser(
         "validate",

@@ -161,7 +161,7 @@ def sampling_orders(
         listed = ", ".join(f"{name!r} ({count})" for name, count in sorted(short.items())[:10])
         raise FewShotError(
             f"{len(short)} class(es) have fewer than {need} images (shots + val_shots): "
-            f"{listed}; lower shots/val_shots or pass allow_fewer=True to use what they have"
+            f"{listed}; lower --shots or --val-shots (params.yaml: data.shots, data.val_shots)"
         )
     return {name: shot_order(by_class[name], seed) for name in sorted(by_class)}
 

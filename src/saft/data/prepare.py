@@ -78,6 +78,7 @@ from saft.data.manifest import canonical_manifest_bytes
 from saft.data.split_index import index_dataset
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
 from saft.data.templates import DEFAULT_TEMPLATES, TemplateError, check_template, load_templates  # noqa: F401 (re-exported)
+from saft.config import ConfigError, check, setting
 from saft.io import atomic_path, write_json
 from saft.version import __version__
 
@@ -88,6 +89,57 @@ SUPPORTED_DATASETS: tuple[str, ...] = tuple(list_adapters())
 can be validated but not prepared)."""
 
 SUBSETS: tuple[str, ...] = ("all", "base", "new")
+
+
+
+@dataclass
+class PrepareConfig:
+    """What a few-shot draw takes from a dataset root (``saft data prepare``, params.yaml ``data:``)."""
+
+    dataset: str = setting("imagefolder", metavar="NAME",
+                           help="dataset adapter that reads the root, one of: " + ", ".join(list_adapters())
+                                + " (`saft data adapters` shows their layouts)")
+    split: str = setting("", metavar="NAME", help="split to draw from; empty: the dataset's training split")
+    shots: int = setting(16, minimum=1, metavar="K", help="training images per class")
+    val_shots: int = setting(8, minimum=0, metavar="K",
+                             help="ID validation images per class, disjoint from training (learning rates are "
+                                  "chosen on them); 0 writes no val.jsonl")
+    seed: int = setting(1, metavar="N", help="seed of the draw: the same seed draws the same images everywhere")
+    subset: str = setting("all", choices=SUBSETS,
+                          help="classes kept: all, base (the first half in label order: base-to-new) or new "
+                               "(the second half, labels renumbered from 0)")
+    templates: list[str] = setting(factory=list, metavar="TEMPLATE",
+                                   help="evaluation prompt templates, each with one '{}' for the class name, or "
+                                        "one file holding them (.json/.yaml list or one per line); empty: the "
+                                        "dataset's own (imagenet: CLIP's 80)")
+    train_templates: list[str] = setting(factory=list, metavar="TEMPLATE",
+                                         help="prompts scoring and training use, in the same forms; empty: the "
+                                              "dataset's training prompt ('a photo of a {}.')")
+    skip_corrupt: bool = setting(False, help="replace broken drawn images with the next images of their classes in "
+                                             "the seeded order instead of refusing the root")
+
+    def __post_init__(self) -> None:
+        try:
+            check(self)
+        except ConfigError as err:
+            raise PrepareError(str(err)) from None
+
+
+def template_source(items) -> Sequence[str] | str | os.PathLike | None:
+    """A template setting as ``load_templates`` takes it: None (the dataset's), one file, or the templates."""
+    if isinstance(items, (str, os.PathLike)):
+        return items
+    if not items:
+        return None
+    only = items[0] if len(items) == 1 else None
+    if only is not None and "{}" not in only and (Path(only).suffix in TEMPLATE_FILE_SUFFIXES or "/" in only
+                                                  or Path(only).expanduser().is_file()):
+        return only  # one file holding the templates (the command line's --templates FILE)
+    return list(items)
+
+
+TEMPLATE_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt")
+
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
@@ -224,19 +276,12 @@ def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]])
 def prepare_dataset(
     root: str | os.PathLike | Storage,
     out_dir: str | os.PathLike,
+    config: PrepareConfig | None = None,
     *,
-    dataset: str = "imagefolder",
-    split: str | None = None,
-    shots: int = 16,
-    seed: int = 1,
-    val_shots: int = 0,
-    subset: str = "all",
-    templates: Sequence[str] | str | os.PathLike | None = None,
-    skip_corrupt: bool = False,
-    train_templates: Sequence[str] | str | os.PathLike | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> PrepareResult:
-    """Draw ``shots`` images per class of ``split`` of ``root`` for ``seed``, check them, write ``out_dir``.
+    """Draw ``shots`` images per class (``config``, or :class:`PrepareConfig` fields as keywords) of ``split`` of ``root`` for ``seed``, check them, write ``out_dir``.
 
     ``dataset`` names the adapter that reads the root (``saft.data.list_adapters()``);
     ``split`` defaults to the dataset's training split (``imagefolder``: the whole root).
@@ -253,6 +298,10 @@ def prepare_dataset(
     ``progress`` shows a bar of the images read when stderr is a terminal. See the module
     docstring for the files written.
     """
+    cfg = config if config is not None else PrepareConfig(**settings)
+    dataset, split, shots, seed = cfg.dataset, cfg.split or None, cfg.shots, cfg.seed
+    val_shots, subset, skip_corrupt = cfg.val_shots, cfg.subset, cfg.skip_corrupt
+    templates, train_templates = template_source(cfg.templates), template_source(cfg.train_templates)
     adapter = trainable_adapter(dataset)
     split = check_split(adapter, split)
     _check_int("shots", shots, 1)

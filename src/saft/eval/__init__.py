@@ -1,9 +1,13 @@
 """Evaluation: zero-shot heads, streaming accuracy, metrics records and aggregates, reports."""
 
-from saft.eval.accuracy import top1_accuracy
-from saft.eval.head import build_head, cached_head
-from saft.eval.metrics import METRICS_SCHEMA, Record, aggregate, metrics_document
-from saft.eval.runner import Accuracy, SubsetProjection, evaluate_head
+from saft.lazy import exports
+
+__getattr__, __dir__ = exports(__name__, {
+    "saft.eval.accuracy": ("top1_accuracy",),
+    "saft.eval.head": ("build_head", "cached_head"),
+    "saft.eval.metrics": ("METRICS_SCHEMA", "Record", "aggregate", "metrics_document"),
+    "saft.eval.runner": ("Accuracy", "SubsetProjection", "evaluate_head"),
+})
 
 __all__ = [
     "METRICS_SCHEMA", "Accuracy", "Record", "SubsetProjection", "aggregate", "build_head", "cached_head",

@@ -1,7 +1,11 @@
 """Model loading (open_clip spec, local file, in-memory state dict) and fingerprints."""
 
-from saft.models.fingerprint import fingerprint_model, fingerprint_state_dict
-from saft.models.loading import LoadedModel, ModelSpec, ModelSpecError, load_model, read_state_dict
+from saft.lazy import exports
+
+__getattr__, __dir__ = exports(__name__, {
+    "saft.models.fingerprint": ("fingerprint_model", "fingerprint_state_dict"),
+    "saft.models.loading": ("LoadedModel", "ModelSpec", "ModelSpecError", "load_model", "read_state_dict"),
+})
 
 __all__ = [
     "LoadedModel",

@@ -11,36 +11,34 @@ default in an unstable key order, which would make the compiled YAML differ run 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from saft.steps.params import PipelineParams
 
 
-def check_default_eligibility(params: PipelineParams) -> None:
-    if list(params.score.include) != ["*"] or list(params.score.exclude) != ["logit_scale", "logit_bias"]:
-        raise ValueError("the Kubeflow pipelines use the default eligibility: keep score.include/exclude "
-                         "(use `saft run` for other patterns)")
-
-
 def shared_arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
-    from saft.steps.tasks import finetune_settings
+    from saft.config import to_mapping
+    from saft.steps.params import finetune_settings
 
     d, e, r = params.data, params.evaluate, params.register
     return {
         "model": params.model, "device": params.device,
         "data_root": d.root, "dataset": d.dataset, "split": d.split, "shots": d.shots, "val_shots": d.val_shots,
         "data_version": d.version, "data_rev": d.rev, "data_repo": d.repo,
-        "train_templates": list(d.train_templates), "data_subset": d.subset,
+        "train_templates": list(d.train_templates), "templates": list(d.templates), "data_subset": d.subset,
+        "skip_corrupt": d.skip_corrupt,
         "pool_per_class": params.world.pool_per_class, "test_per_class": params.world.test_per_class,
         "density": params.score.density, "score_rule": params.score.rule, "score_batch_size": params.score.batch_size,
         "score_prompts": params.score.prompts, "score_text_batch": params.score.text_batch,
+        "score_include": list(params.score.include), "score_exclude": list(params.score.exclude),
         # the loader: section for score and evaluate (finetune and baseline read it inside settings)
-        "loader": json.dumps(dataclasses.asdict(params.loader), sort_keys=True),
-        "settings": json.dumps(finetune_settings(params.finetune, params.loader), sort_keys=True),
+        "loader": json.dumps(to_mapping(params.loader), sort_keys=True),
+        "settings": json.dumps(finetune_settings(params), sort_keys=True),
         "suite": e.suite, "eval_data_root": e.data_root, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
-        "eval_reference": e.reference,
-        "register_enabled": r.enabled, "register_model_name": r.model_name, "promote": r.promote,
+        "eval_reference": e.reference, "eval_templates": e.template_set,
+        # untracked runs register nothing: the registry lives in MLflow, and an untracked run's task must not move
+        # the champion of whatever registry its environment points at
+        "register_enabled": r.enabled and tracking, "register_model_name": r.model_name, "promote": r.promote,
         "ood_tolerance": r.ood_tolerance, "id_tolerance": r.id_tolerance, "register_baseline": r.baseline,
         "register_gate": r.gate, "hm_tolerance": r.hm_tolerance,
         "tracking": tracking, "params_json": json.dumps(params.to_dict()),
@@ -50,4 +48,4 @@ def shared_arguments(params: PipelineParams, *, tracking: bool = True, checkpoin
     }
 
 
-__all__ = ["check_default_eligibility", "shared_arguments"]
+__all__ = ["shared_arguments"]

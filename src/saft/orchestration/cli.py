@@ -15,14 +15,20 @@ def _params(args):
     return params
 
 
-def _cluster(args, params=None):
-    from saft.orchestration.cluster import ClusterConfig
+OUT_DIR = "build/pipelines"
+
+
+def _cluster(args, params=None, image: str | None = None):
+    """The compile-time settings: cluster.* of the parameters and the project image (``--image``/``$SAFT_IMAGE``)."""
+    from saft.orchestration.cluster import ClusterConfig, resolve_image
 
     if params is None:
         from saft.steps.params import load_cli_params
 
         params, _ = load_cli_params(args.params, args.set)
-    return ClusterConfig.from_params(params, image=args.image)
+    if image is None and getattr(args, "package", None):
+        image = "(from the package)"  # a compiled package carries its image
+    return ClusterConfig.from_params(params, image=image or resolve_image(args.image))
 
 
 def _names(args) -> list[str]:
@@ -33,21 +39,38 @@ def _names(args) -> list[str]:
 
 def _compile(args: argparse.Namespace) -> int:
     from saft.orchestration.client import compile_pipeline
+    from saft.orchestration.cluster import SNAPSHOT_IMAGE
+    from saft.orchestration.repository import package_path
 
-    cfg = _cluster(args)
     names = _names(args)
-    if args.out and len(names) > 1:
-        raise ValueError("--out names one file: compile one --pipeline at a time with it")
-    for name in names:
-        path = compile_pipeline(name, args.out, cfg, args.repo)
+    if args.snapshot:
+        if args.image or args.out or args.out_dir != OUT_DIR:
+            raise ValueError("--snapshot rewrites the reviewed pipelines/<name>/pipeline.yaml for the placeholder image "
+                             "only: drop --image, --out and --out-dir")
+        cfg, targets = _cluster(args, image=SNAPSHOT_IMAGE), {n: package_path(n, args.repo) for n in names}
+    else:
+        cfg = _cluster(args)
+        if args.out and len(names) > 1:
+            raise ValueError("--out names one file: compile one --pipeline with it, or every one with --all --out-dir")
+        targets = {n: Path(args.out) if args.out else Path(args.out_dir) / f"{n}.yaml" for n in names}
+    for name, target in targets.items():
+        path = compile_pipeline(name, target, cfg, args.repo)
         print(f"wrote {path} ({name}, image {cfg.image})")
     return 0
 
 
 def _components(args: argparse.Namespace) -> int:
+    from saft.orchestration.cluster import SNAPSHOT_IMAGE, resolve_image
     from saft.orchestration.library import compile_components
 
-    for folder in compile_components(args.image, args.out, args.repo):
+    if args.snapshot:
+        if args.image or args.out_dir:
+            raise ValueError("--snapshot rewrites the reviewed components/ for the placeholder image only: drop --image "
+                             "and --out-dir")
+        folders = compile_components(SNAPSHOT_IMAGE, None, args.repo)
+    else:
+        folders = compile_components(resolve_image(args.image), args.out_dir or f"{OUT_DIR}/components", args.repo)
+    for folder in folders:
         print(f"wrote {folder}/component.yaml, README.md")
     return 0
 
@@ -185,13 +208,18 @@ def _pipeline_flag(p: argparse.ArgumentParser, default: str) -> None:
                         f"HM per dataset and averaged; data.subset: base) (default: {default})")
 
 
-def _cluster_flags(p: argparse.ArgumentParser, default_pipeline: str) -> None:
-    from saft.orchestration.cluster import DEFAULT_IMAGE
+def _image_flag(p: argparse.ArgumentParser, what: str) -> None:
+    from saft.orchestration.cluster import IMAGE_ENV
 
+    p.add_argument("--image", help=f"project image {what}, e.g. REGISTRY/saft:TAG as docker/Dockerfile builds it "
+                                   f"(default: ${IMAGE_ENV}; nothing is published for you)")
+
+
+def _cluster_flags(p: argparse.ArgumentParser, default_pipeline: str) -> None:
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     _pipeline_flag(p, default_pipeline)
-    p.add_argument("--package", help="compiled pipeline YAML (default: compile now)")
-    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"project image when compiling now (default: {DEFAULT_IMAGE})")
+    p.add_argument("--package", help="compiled pipeline YAML (default: compile now, for --image)")
+    _image_flag(p, "when compiling now")
     p.add_argument("--experiment", default="saft", help="KFP experiment name (default: saft)")
     p.add_argument("--namespace", help="Kubernetes namespace of the KFP profile (multi-user installs)")
     p.add_argument("--token-env", default="KFP_TOKEN",
@@ -201,13 +229,13 @@ def _cluster_flags(p: argparse.ArgumentParser, default_pipeline: str) -> None:
 
 
 def register(sub) -> None:
-    from saft.orchestration.cluster import DEFAULT_IMAGE
-
     pipe = sub.add_parser("pipeline", help="the Kubeflow pipelines: compile, run locally, submit, schedule",
                           description="The pipelines of pipelines/<name>/pipeline.py: benchmark (the comparison "
-                                      "of SAFT, full fine-tuning and a random mask over seeds) and retrain "
+                                      "of SAFT, full fine-tuning and a random mask over seeds), retrain "
                                       "(production retraining on a data version: SAFT over a learning-rate grid, "
-                                      "the rate chosen on ID validation, the promotion gate, deploy).")
+                                      "the rate chosen on ID validation, the promotion gate, deploy) and base2new "
+                                      "(one training per dataset on its base classes, harmonic mean per dataset "
+                                      "and averaged).")
     psub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
 
     co = psub.add_parser("compile", help="write a pipeline's IR YAML",
@@ -215,9 +243,13 @@ def register(sub) -> None:
                                      "/dev/shm, checkpoint PVC, caching, retries, loop parallelism from "
                                      "cluster.* in params.yaml) for one project image.")
     _pipeline_flag(co, "benchmark")
-    co.add_argument("--all", action="store_true", help="every pipeline, each into pipelines/<name>/pipeline.yaml")
-    co.add_argument("--out", help="output YAML (default: the reviewed pipelines/<name>/pipeline.yaml)")
-    co.add_argument("--image", default=DEFAULT_IMAGE, help=f"project image for every step (default: {DEFAULT_IMAGE})")
+    co.add_argument("--all", action="store_true", help="every pipeline, each into OUT_DIR/<name>.yaml")
+    co.add_argument("--out", help="output YAML of one --pipeline (default: OUT_DIR/<name>.yaml)")
+    co.add_argument("--out-dir", default=OUT_DIR, help=f"folder of the compiled pipelines (default: {OUT_DIR})")
+    _image_flag(co, "every step runs")
+    co.add_argument("--snapshot", action="store_true",
+                    help="rewrite the reviewed pipelines/<name>/pipeline.yaml (placeholder image) after a change to "
+                         "a pipeline or component, for review; tests compare the checkout with it")
     _param_flags(co)
     _repo_flag(co)
     co.set_defaults(func=_compile)
@@ -239,7 +271,10 @@ def register(sub) -> None:
     _repo_flag(run)
     run.set_defaults(func=_run)
 
-    sm = psub.add_parser("submit", help="create a run on a Kubeflow Pipelines cluster (and wait for it)")
+    sm = psub.add_parser("submit", help="create a run on a Kubeflow Pipelines cluster (and wait for it)",
+                         description="Compiles the pipeline for --image (or takes --package), turns the parameters "
+                                     "(--params, --set) into its arguments and creates a run in --experiment; with "
+                                     "--wait, waits and exits 0 only when the run succeeded.")
     _cluster_flags(sm, "benchmark")
     sm.add_argument("--run-name", help="run name (default: chosen by KFP)")
     sm.add_argument("--run-id-file", help="write the run id to this file")
@@ -256,7 +291,10 @@ def register(sub) -> None:
                          "repeatable")
     sm.set_defaults(func=_submit)
 
-    sc = psub.add_parser("schedule", help="create a recurring run on a cron schedule (default: the retrain pipeline)")
+    sc = psub.add_parser("schedule", help="create a recurring run on a cron schedule (default: the retrain pipeline)",
+                         description="A KFP recurring run of the pipeline compiled for --image (or --package) with "
+                                     "the parameters of --params/--set: the scheduled retraining; each run reads the "
+                                     "data version current at its start.")
     _cluster_flags(sc, "retrain")
     sc.add_argument("--cron", required=True,
                     help="cron expression; KFP's 6 fields (seconds first) or a classic 5-field one, e.g. '0 3 * * *'")
@@ -279,8 +317,10 @@ def register(sub) -> None:
                          description="Writes components/<name>/component.yaml (loadable with "
                                      "kfp.components.load_component_from_file) and README.md for each "
                                      "components/<name>/component.py.")
-    cc.add_argument("--image", default=DEFAULT_IMAGE, help=f"project image (default: {DEFAULT_IMAGE})")
-    cc.add_argument("--out", help="output root (default: the repository's components/)")
+    _image_flag(cc, "the components run")
+    cc.add_argument("--out-dir", help=f"output root (default: {OUT_DIR}/components)")
+    cc.add_argument("--snapshot", action="store_true",
+                    help="rewrite the reviewed components/<name>/component.yaml and README.md (placeholder image)")
     _repo_flag(cc)
     cc.set_defaults(func=_components)
 

@@ -33,14 +33,11 @@ def pipeline_arguments(name: str, params: PipelineParams, *, tracking: bool = Tr
     return load_pipeline(name, repo).arguments(params, tracking=tracking, checkpoint_root=checkpoint_root)
 
 
-def compile_pipeline(name: str, out: str | Path | None = None, cfg: ClusterConfig = ClusterConfig(),
-                     repo=None) -> Path:
-    """Compile pipeline ``name``; default output: its reviewed ``pipelines/<name>/pipeline.yaml``."""
+def compile_pipeline(name: str, out: str | Path, cfg: ClusterConfig = ClusterConfig(), repo=None) -> Path:
+    """Compile pipeline ``name`` into ``out`` (the reviewed snapshot is ``repository.package_path(name)``)."""
     from kfp import compiler
 
-    from saft.orchestration.repository import package_path
-
-    out = Path(out) if out else package_path(name, repo)
+    out = Path(out)
     with atomic_path(out) as tmp:
         compiler.Compiler().compile(build_pipeline(name, cfg, repo), str(tmp.with_suffix(".yaml")))
         tmp.with_suffix(".yaml").replace(tmp)
@@ -58,7 +55,7 @@ def _package(name: str, package: str | None, cfg: ClusterConfig) -> tuple[str, t
     if package:
         if not Path(package).is_file():
             raise ValueError(f"{package}: no compiled pipeline there; run `saft pipeline compile --pipeline {name} "
-                             f"--out {package}`")
+                             f"--image REGISTRY/saft:TAG --out {package}`")
         return package, None
     tmpdir = tempfile.TemporaryDirectory(prefix="saft-pipeline-")
     path = Path(tmpdir.name) / "pipeline.yaml"

@@ -23,9 +23,26 @@ kfp.local cannot resolve pipeline parameters inside resource and Kubernetes sett
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-DEFAULT_IMAGE = "ghcr.io/saft-pipeline/saft:latest"
+IMAGE_ENV = "SAFT_IMAGE"
+SNAPSHOT_IMAGE = "registry.invalid/saft:snapshot"
+"""The image the reviewed snapshots (pipelines/*/pipeline.yaml, components/*/component.yaml) and local runs name:
+a placeholder no registry serves (the .invalid domain), so a pipeline compiled without an image of one's own fails
+to compile rather than to pull on a cluster."""
+
+
+def resolve_image(image: str | None) -> str:
+    """``--image``, else ``$SAFT_IMAGE``; nothing publishes a default, so neither given is an error."""
+    image = (image or os.environ.get(IMAGE_ENV, "")).strip()
+    if not image:
+        raise ValueError(f"no project image: pass --image REGISTRY/saft:TAG (the image docker/Dockerfile builds and you "
+                         f"push, docs/images.md) or set {IMAGE_ENV}")
+    if image == SNAPSHOT_IMAGE:
+        raise ValueError(f"--image {SNAPSHOT_IMAGE} is the snapshots' placeholder, which no registry serves; pass the "
+                         "image you pushed")
+    return image
 PIPELINE_RUN_LABEL = "metadata.labels['pipeline/runid']"
 
 
@@ -56,7 +73,7 @@ CHECKPOINTED = frozenset({"finetune", "baseline", "finetune_trainjob"})  # the l
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    image: str = DEFAULT_IMAGE
+    image: str = SNAPSHOT_IMAGE
     kubernetes: bool = True
     parallelism: int = 2  # loop iterations at a time in every fan-out
     retries: int = 2
@@ -118,4 +135,4 @@ def policy(cfg: ClusterConfig, gpu_type=None, gpu_count=None):
     return on
 
 
-__all__ = ["ClusterConfig", "DEFAULT_IMAGE", "Resources", "TASK_RESOURCES", "UNCACHED", "configure", "policy"]
+__all__ = ["ClusterConfig", "IMAGE_ENV", "SNAPSHOT_IMAGE", "resolve_image", "Resources", "TASK_RESOURCES", "UNCACHED", "configure", "policy"]

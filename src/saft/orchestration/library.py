@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 from saft.io import atomic_path
-from saft.orchestration.cluster import (CHECKPOINTED, NO_RETRY, TASK_RESOURCES, UNCACHED, ClusterConfig,
-                                        DEFAULT_IMAGE)
+from saft.orchestration.cluster import (CHECKPOINTED, NO_RETRY, SNAPSHOT_IMAGE, TASK_RESOURCES, UNCACHED,
+                                        ClusterConfig)
 
 YAML_FILE = "component.yaml"
 README_FILE = "README.md"
@@ -111,8 +111,10 @@ def component_readme(name: str, fn, component, repo: Path, image: str, cfg: Clus
     return "\n".join(lines)
 
 
-def compile_components(image: str = DEFAULT_IMAGE, out_root: str | Path | None = None, repo=None) -> list[Path]:
-    """Write ``<out_root>/<name>/component.yaml`` and ``README.md`` for every component; returns the folders."""
+def compile_components(image: str = SNAPSHOT_IMAGE, out_root: str | Path | None = None, repo=None) -> list[Path]:
+    """Write ``<out_root>/<name>/component.yaml`` and ``README.md`` for every component; returns the folders.
+
+    Default: the reviewed ``components/`` of the checkout, for the snapshot image."""
     from kfp import compiler
 
     from saft.orchestration.repository import component_functions, find_repository, load_components

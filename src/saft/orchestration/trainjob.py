@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from saft.orchestration.cluster import DEFAULT_IMAGE
+from saft.orchestration.cluster import resolve_image
 from saft.serving.kube import CustomObjects, KubeError
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
@@ -61,7 +61,7 @@ class TrainJobSpec:
     num_nodes: int = 2
     gpus_per_node: int = 1
     mount_path: str = "/mnt/saft"
-    image: str = DEFAULT_IMAGE
+    image: str = ""  # required: the project image the nodes run (saft.orchestration.cluster.resolve_image)
     runtime: str = DEFAULT_RUNTIME
     gpu_resource: str = "nvidia.com/gpu"
     cpu: str = ""
@@ -158,7 +158,7 @@ def finished(job: dict) -> dict | None:
 
 
 def launch_trainjob(argv: list[str], *, namespace: str, pvc: str, num_nodes: int, gpus_per_node: int,
-                    name: str = "", mount_path: str = "/mnt/saft", image: str = DEFAULT_IMAGE,
+                    name: str = "", mount_path: str = "/mnt/saft", image: str = "",
                     runtime: str = DEFAULT_RUNTIME, gpu_resource: str = "nvidia.com/gpu", cpu: str = "",
                     memory: str = "", env: dict[str, str] | None = None, patch_api: str = "podTemplateOverrides",
                     timeout_s: float = 6 * 3600, poll_s: float = 15.0, host: str | None = None,
@@ -175,7 +175,7 @@ def launch_trainjob(argv: list[str], *, namespace: str, pvc: str, num_nodes: int
     when the API refuses it (with the server's message).
     """
     spec = TrainJobSpec(name=name or job_name(argv), argv=[str(a) for a in argv], pvc=pvc, num_nodes=num_nodes,
-                        gpus_per_node=gpus_per_node, mount_path=mount_path, image=image, runtime=runtime,
+                        gpus_per_node=gpus_per_node, mount_path=mount_path, image=resolve_image(image), runtime=runtime,
                         gpu_resource=gpu_resource, cpu=cpu, memory=memory, env=dict(env or {}),
                         patch_api=patch_api)
     manifest = render_trainjob(spec)

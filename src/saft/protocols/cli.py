@@ -46,9 +46,8 @@ def _synthshift(args: argparse.Namespace) -> int:
 def fewshot_config(args: argparse.Namespace) -> "FewShotConfig":
     """The few-shot grid's configuration from parsed arguments; ValueError on a bad option."""
     from saft.protocols.fewshot import FewShotConfig
-    from saft.steps.params import DEFAULT_LR
 
-    lrs = dict(DEFAULT_LR)
+    lrs = {}
     for text in args.lr or []:
         method, sep, value = text.partition("=")
         try:

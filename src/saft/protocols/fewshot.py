@@ -27,11 +27,11 @@ from saft.eval.plots import colour
 from saft.eval.report import fmt
 from saft.eval.suites import load_suite
 from saft.io import atomic_path, write_json
-from saft.sparse import FinetuneConfig
-from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
+from saft.sparse.config import METHODS, default_lr
+from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.steps.evaluate import evaluate_suite
 from saft.steps.finetune import DELTA_FILE, finetune_step
-from saft.steps.params import DEFAULT_LR, METHODS
-from saft.steps.score import MASK_FILE, ScoreConfig, score_step
+from saft.steps.score import MASK_FILE, score_step
 from saft.world.task import ID_DOMAIN, build_world
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
@@ -46,7 +46,7 @@ class FewShotConfig:
     shots: tuple[int, ...] = DEFAULT_SHOTS
     seeds: tuple[int, ...] = (1, 2, 3)
     methods: tuple[str, ...] = ("saft", "full")
-    lrs: dict = field(default_factory=lambda: dict(DEFAULT_LR))
+    lrs: dict = field(default_factory=dict)  # method -> rate; a method not named: the model's recipe
     steps: int = 100
     batch_size: int = 32
     density: float = 0.001
@@ -65,9 +65,7 @@ class FewShotConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(self.methods)}")
-        missing = [m for m in self.methods if m not in self.lrs]
-        if missing:
-            raise ValueError(f"no learning rate for {', '.join(missing)}")
+        self.lrs = {m: float(self.lrs.get(m, default_lr(m, self.model))) for m in self.methods}
         if self.steps < 1 or not 0.0 < self.density <= 1.0:
             raise ValueError("steps must be >= 1 and density in (0, 1]")
 
@@ -77,7 +75,7 @@ def _train(cfg: FewShotConfig, seed_dir: Path, shots: int, seed: int, log) -> li
 
     world = Path(cfg.world_dir or cfg.out_dir / "world")
     data = seed_dir / "data"
-    prepare_dataset(world / ID_DOMAIN / "pool", data, shots=shots, seed=seed)
+    prepare_dataset(world / ID_DOMAIN / "pool", data, shots=shots, seed=seed, val_shots=0)  # rates are fixed: no lr choice
     runs = []
     for method in cfg.methods:
         mask = None
@@ -86,9 +84,9 @@ def _train(cfg: FewShotConfig, seed_dir: Path, shots: int, seed: int, log) -> li
             score_step(ScoreConfig(model=cfg.model, density=cfg.density, kind=kind, seed=seed), data,
                        seed_dir / f"mask-{kind}", progress=False, log=None)
             mask = seed_dir / f"mask-{kind}" / MASK_FILE
-        fcfg = FinetuneConfig(method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lrs[method],
-                              warmup_steps=cfg.steps // 10, seed=seed)
-        summary = finetune_step(cfg.model, fcfg, data, seed_dir / method, mask_path=mask, progress=False, log=None)
+        fcfg = FinetuneStepConfig(model=cfg.model, method=method, steps=cfg.steps, batch_size=cfg.batch_size,
+                                  lr=cfg.lrs[method], warmup_steps=cfg.steps // 10, seed=seed)
+        summary = finetune_step(fcfg, data, seed_dir / method, mask_path=mask, progress=False, log=None)
         log(f"{shots:>2} shots seed {seed} {method:<6} lr {cfg.lrs[method]:g}: final loss {summary['final_loss']:.3f}")
         runs.append(DeltaRun(method, str(seed_dir / method / DELTA_FILE), seed))
     return runs

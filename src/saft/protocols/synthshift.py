@@ -43,7 +43,6 @@ from saft.world.task import ID_DOMAIN, build_world
 
 DEFAULT_GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4], "saft": [3e-4, 1e-3, 3e-3, 1e-2],
                  "random": [3e-4, 1e-3, 3e-3, 1e-2]}
-CHOSEN_LR_FILE = Path(__file__).with_name("chosen_lr.json")  # what the protocol chose (params.py's defaults)
 METHODS = ("full", "saft", "random")
 SELECTIONS = ("global", "layerwise")
 
@@ -149,7 +148,7 @@ def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, 
     """Train every method on the base half of the classes at the rate chosen for this seed."""
     model = loaded.model
     prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "b2n" / "data", shots=cfg.shots, seed=seed,
-                    subset="base")
+                    subset="base", val_shots=0)
     data = PreparedData.open(seed_dir / "b2n" / "data")
     train = data.dataset(loaded.preprocess)
     prompts = ClassPrompts.build(loaded.tokenizer, data.classes, data.templates)

@@ -107,6 +107,13 @@ class Dist:
 SINGLE = Dist()
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when a GPU is visible (cluster nodes), else the CPU (laptops, CI)."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def from_env(device: str = "cpu") -> tuple[Dist, str]:
     """Join the job torchrun started (if any) and return it with this rank's device.
 
@@ -114,6 +121,7 @@ def from_env(device: str = "cpu") -> tuple[Dist, str]:
     Under torchrun, ``cuda`` becomes ``cuda:LOCAL_RANK`` and the NCCL backend is used;
     the CPU uses gloo. Calling it again returns the same job.
     """
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE, device

@@ -33,25 +33,11 @@ import torch.nn.functional as F
 
 from saft.models.text import encode_text
 from saft.progress import progress_bar
+from saft.sparse.config import AUTO_TEXT_BATCH, auto_text_batch  # noqa: F401 (part of this module's API)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_TEXT_BATCH = 256
 """Prompts encoded at once when the text side is chunked and no image batch size is known."""
-AUTO_TEXT_BATCH = 0
-
-
-def auto_text_batch(text_batch: int, batch_size: int) -> int:
-    """``text_batch``, or for ``0`` (auto) 8 prompts per image of the batch, within [32, 2048].
-
-    A chunk of the text side is re-encoded with its graph after the image side's graph is
-    freed, so it should hold no more activations than an image batch: a 224 px ViT image
-    is ~197 tokens at width 768, a prompt ~20 tokens at width 512, so 8 prompts per image
-    keep a chunk at about half the image batch's activations and training's peak memory
-    close to its peak with a handful of classes.
-    """
-    if text_batch < 0:
-        raise ValueError(f"text_batch must be >= 1, or 0 for auto, got {text_batch}")
-    return text_batch or min(2048, max(32, 8 * batch_size))
 
 _IMAGE_PREFIXES = ("visual.",)
 _HEAD_PARAMS = ("logit_scale", "logit_bias")

@@ -28,11 +28,11 @@ import torch
 from saft.progress import progress_bar
 
 from saft.models.fingerprint import fingerprint_model
+from saft.sparse.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SCORE_RULES
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.objective import (DEFAULT_TEXT_BATCH, ClassPrompts, backward_classes, clip_logits, encode_classes,
                                    is_text_side)
 
-SCORE_RULES = ("abs_mean", "mean_abs", "mean_sq")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class Eligibility:
     patch embedding, LayerNorms, biases, projections) except the temperature.
     """
 
-    include: Sequence[str] = ("*",)
-    exclude: Sequence[str] = ("logit_scale", "logit_bias")
+    include: Sequence[str] = DEFAULT_INCLUDE
+    exclude: Sequence[str] = DEFAULT_EXCLUDE
 
     def allows(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(

@@ -18,86 +18,25 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from saft.progress import progress_bar
 
-from saft.loader import AUTO_WORKERS, LoaderOptions
+from saft.sparse.config import FinetuneConfig
 from saft.models.fingerprint import fingerprint_model
 from saft.sparse.backends import configure_backends
 from saft.sparse.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
-from saft.sparse.objective import AUTO_TEXT_BATCH, ClassPrompts, auto_text_batch, clip_logits, is_text_side
+from saft.sparse.objective import ClassPrompts, auto_text_batch, clip_logits, is_text_side
 from saft.sparse.scores import Eligibility
 from saft.sparse.text_side import StepTextSide
 from saft.sparse.update import SparseUpdate
 from saft.version import __version__
-
-METHODS = ("saft", "random", "full")
-DEFAULT_LR = {"saft": 1e-4, "random": 1e-4, "full": 1e-5}
-
-
-@dataclass
-class FinetuneConfig:
-    """Hyper-parameters of one fine-tuning run (``lr=None`` takes the method's default)."""
-
-    method: str = "saft"
-    steps: int = 100
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.1
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    checkpoint_every: int = 0
-    num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs (saft.data.loader)
-    pin_memory: bool = True  # CUDA only
-    persistent_workers: bool = True
-    text_batch: int = AUTO_TEXT_BATCH  # prompts encoded at once; 0: 8 per image of the batch (auto_text_batch)
-    eligible_include: Sequence[str] = ("*",)
-    eligible_exclude: Sequence[str] = ("logit_scale", "logit_bias")
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        LoaderOptions(self.num_workers)  # validates num_workers
-        auto_text_batch(self.text_batch, self.batch_size)  # validates text_batch
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
-        self.betas = tuple(self.betas)
-        self.eligible_include = tuple(self.eligible_include)
-        self.eligible_exclude = tuple(self.eligible_exclude)
-
-    @property
-    def text_prompts(self) -> int:
-        """Prompts per text chunk of one process (``text_batch``, or the automatic size for the batch)."""
-        return auto_text_batch(self.text_batch, self.batch_size)
-
-    @property
-    def learning_rate(self) -> float:
-        return DEFAULT_LR[self.method] if self.lr is None else self.lr
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["lr"] = self.learning_rate
-        d["betas"] = list(self.betas)
-        d["eligible_include"] = list(self.eligible_include)
-        d["eligible_exclude"] = list(self.eligible_exclude)
-        return d
-
 
 @dataclass
 class FinetuneResult:
@@ -196,7 +135,7 @@ def finetune(
     process would train with the same global batch (up to fp32 rounding); only rank 0
     writes checkpoints, calls ``callback`` and shows progress.
     """
-    cfg = config or FinetuneConfig()
+    cfg = (config or FinetuneConfig()).for_data(len(dataset))
     if dist.active and cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide by the {dist.world} processes: each trains on an "
                          f"equal part of every global batch (e.g. --batch-size {cfg.batch_size // dist.world * dist.world or dist.world})")
@@ -223,7 +162,7 @@ def finetune(
     configure_backends(device, autocast=amp_dtype is not None)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
-    eligibility = Eligibility(cfg.eligible_include, cfg.eligible_exclude)
+    eligibility = Eligibility(cfg.include, cfg.exclude)
 
     update: SparseUpdate | None = None
     backup: dict[str, torch.Tensor] = {}
@@ -243,7 +182,7 @@ def finetune(
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_steps)
+        optimizer, lambda s: cosine_with_warmup(s, cfg.steps, min(cfg.warmup_steps, cfg.steps))
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     history: list[dict] = []
@@ -265,7 +204,7 @@ def finetune(
             dataset,
             batch_sampler=RankPart(StreamBatches(len(dataset), cfg.batch_size, cfg.seed,
                                                  start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum), dist),
-            **LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers).kwargs(device, cfg.seed),
+            **cfg.loader.kwargs(device, cfg.seed),
         )
         prompts = prompts.to(device)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from saft.steps.params import resolve_device
+from saft.config import add_arguments, from_arguments
+from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
 
 
 def _main_rank() -> bool:
@@ -15,13 +16,10 @@ def _main_rank() -> bool:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from saft.steps.score import ScoreConfig, score_step
+    from saft.steps.configs import ScoreConfig
+    from saft.steps.score import score_step
 
-    cfg = ScoreConfig(model=args.model, density=args.density, rule=args.rule, kind=args.kind,
-                      include=args.include, exclude=args.exclude, batch_size=args.batch_size, seed=args.seed,
-                      device=resolve_device(args.device), prompts=args.prompts, text_batch=args.text_batch,
-                      **_loader(args))
-    stats = score_step(cfg, args.data, args.out, root=args.root)
+    stats = score_step(from_arguments(ScoreConfig, args), args.data, args.out, root=args.root)
     if not _main_rank():
         return 0
     top = sorted(stats["per_tensor"].items(), key=lambda kv: -kv[1]["selected"])[:5]
@@ -33,35 +31,28 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from saft.sparse import FinetuneConfig
+    from saft.steps.configs import FinetuneStepConfig
     from saft.steps.finetune import finetune_step
 
-    cfg = FinetuneConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                         max_grad_norm=args.max_grad_norm or None, seed=args.seed, precision=args.precision,
-                         checkpoint_every=args.checkpoint_every, text_batch=args.text_batch, **_loader(args))
-    summary = finetune_step(args.model, cfg, args.data, args.out, mask_path=args.mask, root=args.root,
-                            resume=args.resume, device=resolve_device(args.device), skip_corrupt=args.skip_corrupt,
-                            prompts=args.prompts, checkpoint_dir=args.checkpoint_dir)
+    cfg = from_arguments(FinetuneStepConfig, args)
+    summary = finetune_step(cfg, args.data, args.out, mask_path=args.mask, root=args.root, resume=args.resume,
+                            checkpoint_dir=args.checkpoint_dir)
     if not _main_rank():
         return 0
-    print(f"{cfg.method}: {summary['trained_values']:,} trained values, final loss {summary['final_loss']:.4f}, "
-          f"{summary['seconds']:.1f} s")
+    print(f"{cfg.method}: {summary['trained_values']:,} trained values at lr {summary['config']['lr']:g}, final loss "
+          f"{summary['final_loss']:.4f}, {summary['seconds']:.1f} s")
     print(f"wrote {args.out}/delta.safetensors, history.json, finetune.json")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from saft.eval.suites import load_suite
-    from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
-
     from saft.eval.report import fmt
+    from saft.eval.suites import load_suite
+    from saft.steps.configs import DeltaRun, EvaluateConfig
+    from saft.steps.evaluate import evaluate_suite
 
-    cfg = EvaluateConfig(model=args.model, deltas=[DeltaRun.parse(d) for d in args.delta], alphas=args.alpha,
-                         zeroshot=not args.no_zeroshot, batch_size=args.batch_size, device=resolve_device(args.device),
-                         template_set=args.templates, only=args.only, reference=args.reference, **_loader(args))
-    suite = load_suite(args.suite, args.data_root)
-    doc = evaluate_suite(cfg, suite, args.out)
+    cfg = from_arguments(EvaluateConfig, args, deltas=[DeltaRun.parse(d) for d in args.delta])
+    doc = evaluate_suite(cfg, load_suite(cfg.suite, cfg.data_root or None), args.out)
     if not _main_rank():
         return 0
     print()
@@ -105,101 +96,51 @@ def _run(args: argparse.Namespace) -> int:
     return 3 if summary.get("checks_passed") is False else 0
 
 
-def _loader(args: argparse.Namespace) -> dict:
-    return {"num_workers": args.num_workers, "pin_memory": args.pin_memory,
-            "persistent_workers": args.persistent_workers}
+def _params_show(args: argparse.Namespace) -> int:
+    from saft.steps.params import PipelineParams, load_cli_params, render
+
+    if args.defaults:
+        print(render(PipelineParams()), end="")
+        return 0
+    params, source = load_cli_params(args.params, args.set)
+    print(render(params, header=f"# Resolved parameters: {source}\n"), end="")
+    return 0
 
 
-def _loader_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-workers", type=int, default=-1,
-                   help="DataLoader worker processes; -1 chooses from the task's CPUs (GPU: min(8, cpus-1), "
-                        "CPU: min(4, cpus//2-1)) (default: -1)")
-    p.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="pinned host memory for batches (CUDA only; default: on)")
-    p.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep loader workers alive between passes (default: on)")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model spec: ARCH@TAG, ARCH@/path/weights or ARCH@random")
+def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data folder (from `saft data prepare`)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--root", help="dataset root, overriding the one recorded in the data folder")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    _loader_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible; default)")
-    p.add_argument("--prompts", default="train", choices=["train", "eval"],
-                   help="prompt set of the loss: train (the data's training prompt, default) or eval (the "
-                        "evaluation ensemble, e.g. CLIP's 80 ImageNet prompts)")
-    p.add_argument("--text-batch", type=int, default=0,
-                   help="prompts encoded at once; bounds the text side's memory at any class count "
-                        "(default: 0 = 8 per image of the batch, within 32-2048)")
 
 
 def register(sub) -> None:
     score = sub.add_parser("score", help="score parameter entries and write the SAFT mask",
                            description="Phase I of SAFT: gradients of the downstream loss at the pre-trained "
                                        "weights over the training manifest; keep the top entries.")
-    _common(score)
-    score.add_argument("--density", type=float, default=0.001, help="fraction of eligible entries (default: 0.001)")
-    score.add_argument("--rule", default="abs_mean", choices=["abs_mean", "mean_abs", "mean_sq"],
-                       help="score rule: |mean g| (default), mean |g| or mean g^2 over batches")
-    score.add_argument("--kind", default="saft", choices=["saft", "random"],
-                       help="saft: gradient scores (default); random: a random mask of the same density")
-    score.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN",
-                       help="eligible parameter name patterns (fnmatch; default: *)")
-    score.add_argument("--exclude", nargs="+", default=["logit_scale", "logit_bias"], metavar="PATTERN",
-                       help="excluded parameter name patterns (default: logit_scale logit_bias)")
+    _io(score)
+    add_arguments(score, ScoreConfig)
     score.set_defaults(func=_score)
 
     ft = sub.add_parser("finetune", help="fine-tune (saft, random or full) and write the delta",
                         description="Phase II of SAFT, or the baselines: trains the mask's entries (saft, random) "
                                     "or every eligible parameter (full) and writes base-relative deltas.")
-    _common(ft)
-    ft.add_argument("--method", default="saft", choices=["saft", "random", "full"], help="method (default: saft)")
-    ft.add_argument("--mask", help="mask file from `saft score` (required for saft and random)")
-    ft.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
-    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    ft.add_argument("--lr", type=float, help="learning rate (default: 1e-4 for saft/random, 1e-5 for full)")
-    ft.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    ft.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
-    ft.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables (default: 1)")
-    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
-    ft.add_argument("--checkpoint-every", type=int, default=0,
-                    help="write a resumable checkpoint every N steps into OUT/checkpoints (default: 0, never)")
-    ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    _io(ft)
+    ft.add_argument("--mask", help="mask file from `saft score` (saft and random; full takes none)")
+    ft.add_argument("--resume", action="store_true", help="continue from the checkpoint folder after an interruption")
     ft.add_argument("--checkpoint-dir",
-                    help="checkpoint folder instead of OUT/checkpoints (a pipeline task keys it by the run, so a "
+                    help="checkpoint folder (default: OUT/checkpoints; a pipeline task keys it by the run, so a "
                          "retry in a fresh pod finds it)")
-    ft.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of failing")
+    add_arguments(ft, FinetuneStepConfig)
     ft.set_defaults(func=_finetune)
 
     ev = sub.add_parser("evaluate", help="top-1 on an evaluation suite for the base and base + alpha * delta",
                         description="Zero-shot heads from each dataset's class names and templates; writes "
                                     "metrics.json (one record per model x dataset x seed x alpha, plus "
                                     "aggregates) and a Markdown/HTML report with plots.")
-    ev.add_argument("--model", required=True, help="base model spec: ARCH@TAG, ARCH@/path/weights or ARCH@random")
-    ev.add_argument("--suite", required=True,
-                    help="imagenet-shifts, base2new, cross-dataset, or the path of a suite YAML file")
-    ev.add_argument("--data-root", help="folder (or s3:// prefix) holding the datasets in their default folders")
+    ev.add_argument("--out", required=True, help="output folder (created if missing)")
     ev.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED]=PATH",
                     help="a delta to evaluate, repeatable (e.g. saft:1=runs/s1/saft/delta.safetensors)")
-    ev.add_argument("--alpha", type=float, nargs="+", default=[1.0],
-                    help="evaluate base + alpha * delta for each value (default: 1.0)")
-    ev.add_argument("--no-zeroshot", action="store_true", help="skip the base model itself")
-    ev.add_argument("--templates", default="default",
-                    help="prompt set where a dataset offers several, e.g. simple for ImageNet (default: default)")
-    ev.add_argument("--out", required=True, help="output folder (created if missing)")
-    ev.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
-    _loader_flags(ev)
-    ev.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N or auto (cuda when visible; default)")
-    ev.add_argument("--reference", default="",
-                    help="effective-robustness reference fit: a shipped name (taori2020-testbed), 'none', or a "
-                         "reference YAML file (default: the suite's own; imagenet-shifts uses taori2020-testbed)")
-    ev.add_argument("--only", nargs="+", default=[], metavar="NAME",
-                    help="evaluate only these suite datasets (a fan-out part; merge parts with `saft collect`)")
+    add_arguments(ev, EvaluateConfig)
     ev.set_defaults(func=_evaluate)
 
     co = sub.add_parser("collect", help="merge evaluation parts into one metrics.json, report and results table",
@@ -235,3 +176,14 @@ def register(sub) -> None:
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (and do not register)")
     run.add_argument("--progress", action="store_true", help="progress bars for scoring, training and evaluation")
     run.set_defaults(func=_run)
+
+    pa = sub.add_parser("params", help="show the run parameters: every key, its value and its help",
+                        description="params.yaml is generated from the parameters' definitions: `saft params show "
+                                    "--defaults > params.yaml` writes every default with its help.")
+    pa_sub = pa.add_subparsers(dest="params_command", required=True, metavar="PARAMS_COMMAND")
+    show = pa_sub.add_parser("show", help="the resolved parameters (file + --set + defaults) as commented YAML")
+    show.add_argument("--params", help="parameters file (default: ./params.yaml if present, else built-in defaults)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one parameter, repeatable (e.g. --set finetune.steps=50)")
+    show.add_argument("--defaults", action="store_true", help="the built-in defaults, ignoring any params.yaml")
+    show.set_defaults(func=_params_show)

@@ -6,16 +6,10 @@ Kfp-free like :mod:`saft.steps.tasks` (whose helpers they use): one function per
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from saft.steps.params import resolve_device
-from saft.steps.tasks import (
-    FINETUNE_FILE,
-    METRICS_FILE,
-    _log,
-    delta_runs,
-    loader_options,
-)
+from saft.steps.tasks import FINETUNE_FILE, METRICS_FILE, _log, delta_runs, settings_config
 from saft.steps.tracked import step_context
 
 
@@ -126,22 +120,26 @@ def entries_of(suite, dataset: str) -> list[str]:
 def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
                   out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
                   parent_run_id: str = "", reference: str = "", zeroshot: bool = True,
-                  loader: str | dict | None = None, subset: str = "all") -> dict:
+                  loader: str | dict | None = None, subset: str = "all", template_set: str = "default") -> dict:
     """One suite dataset (``dataset``; "" = all) for the base and every delta (the evaluation fan-out).
 
     ``dataset`` may name a base-to-new group: its base and new halves (one dataset's deltas
     score its own classes only). ``reference`` is the effective-robustness reference
     (``evaluate.reference``); every part of one suite must use the same, or collect
-    refuses to merge them. ``loader``: params.yaml's ``loader:`` section (see
-    :func:`loader_options`). ``subset`` picks the world's suite as :func:`resolve_suite`.
+    refuses to merge them. ``loader``: params.yaml's ``loader:`` section as JSON. ``subset``
+    picks the world's suite as :func:`resolve_suite`.
     """
-    from saft.steps.evaluate import EvaluateConfig, evaluate_suite
+    from saft.config import to_mapping
+    from saft.loader import LoaderSettings
+    from saft.steps.configs import EvaluateConfig
+    from saft.steps.evaluate import evaluate_suite
     from saft.steps.launch import task_processes
 
     resolved = resolve_suite(world_dir, suite, data_root, subset)
-    cfg = EvaluateConfig(model=model, deltas=delta_runs(deltas_dir), alphas=list(alphas), batch_size=batch_size,
-                         device=resolve_device(device), only=entries_of(resolved, dataset), zeroshot=zeroshot,
-                         reference=reference, **loader_options(loader))
+    cfg = EvaluateConfig(model=model, suite=suite, data_root=data_root, deltas=delta_runs(deltas_dir),
+                         alphas=list(alphas), batch_size=batch_size, device=device, only=entries_of(resolved, dataset),
+                         zeroshot=zeroshot, reference=reference, template_set=template_set,
+                         **to_mapping(settings_config(LoaderSettings, loader)))
     processes = task_processes(cfg.device)
     with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:
         if processes > 1:  # one process per GPU of the pod: each rank a share of every dataset's batches
@@ -165,7 +163,8 @@ def _evaluate_launched(cfg, suite, out_dir: str, processes: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="saft-suite-") as tmp:
         suite_file = Path(tmp) / f"{suite.name}.yaml"
         suite_file.write_text(yaml.safe_dump(suite_document(suite), sort_keys=False))
-        run_launched(evaluate_argv(cfg, str(suite_file), out_dir), processes, out_dir, log=_log)
+        run_launched(evaluate_argv(replace(cfg, suite=str(suite_file), data_root=""), out_dir), processes, out_dir,
+                     log=_log)
     return json.loads((Path(out_dir) / METRICS_FILE).read_text())
 
 

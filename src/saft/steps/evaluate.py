@@ -39,51 +39,13 @@ from saft.eval.runner import Variant, evaluate_variants
 from saft.eval.suites import Suite, SuiteEntry
 from saft.io import write_json
 from saft.models import load_model
-from saft.loader import AUTO_WORKERS, LoaderOptions
+from saft.config import to_mapping
 from saft.sparse import FingerprintMismatch, apply_delta, load_delta, remove_delta
 from saft.sparse.distributed import SINGLE, Dist, from_env
+from saft.steps.configs import DeltaRun, EvaluateConfig
 from saft.steps.record import run_once
 
 METRICS_FILE = "metrics.json"
-
-
-@dataclass(frozen=True)
-class DeltaRun:
-    """A trained delta to evaluate: method name, seed and file."""
-
-    name: str
-    path: str
-    seed: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "DeltaRun":
-        """``NAME[:SEED]=PATH``, e.g. ``saft:1=runs/seed1/saft/delta.safetensors``."""
-        label, sep, path = text.partition("=")
-        if not sep or not label or not path:
-            raise ValueError(f"--delta {text!r}: expected NAME[:SEED]=PATH, e.g. saft:1=runs/saft/delta.safetensors")
-        name, _, seed = label.partition(":")
-        if name == ZERO_SHOT:
-            raise ValueError(f"--delta {text!r}: the name {ZERO_SHOT!r} is reserved for the base model")
-        try:
-            return cls(name, path, int(seed) if seed else None)
-        except ValueError:
-            raise ValueError(f"--delta {text!r}: the seed must be an integer") from None
-
-
-@dataclass
-class EvaluateConfig:
-    model: str
-    deltas: list[DeltaRun] = field(default_factory=list)
-    alphas: list[float] = field(default_factory=lambda: [1.0])
-    zeroshot: bool = True
-    batch_size: int = 128
-    num_workers: int = AUTO_WORKERS  # -1: from the task's CPUs
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    device: str = "cpu"
-    template_set: str = "default"
-    only: list[str] = field(default_factory=list)  # suite entry names; empty: all (fan-out runs one each)
-    reference: str = ""  # effective-robustness reference: "" the suite's default, "none", a name or a YAML file
 
 
 class EntryImages(Dataset):
@@ -175,7 +137,7 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     the same configuration, suite and delta files (see :mod:`saft.steps.record`).
     """
     reference = resolve_reference(cfg, suite)  # a bad reference file fails before any model is loaded
-    params = {"config": asdict(cfg), "suite": asdict(suite),
+    params = {"config": to_mapping(cfg, skip=("suite", "data_root")), "suite": asdict(suite),
               "reference": None if reference is None else reference.to_dict()}
     outputs = [METRICS_FILE] + ([] if cfg.only else ["report.md", "report.html"])
 
@@ -232,7 +194,7 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
     deltas = {run.path: _checked_delta(run, loaded, device) for run in cfg.deltas}
-    loader = LoaderOptions(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
+    loader = cfg.loader
     records = []
     for task in tasks:
         scored = []

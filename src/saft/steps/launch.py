@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
 
 STEPS = ("score", "finetune", "evaluate")
 PROCESSES_ENV = "SAFT_TASK_PROCESSES"
@@ -119,67 +118,37 @@ def check_step(argv: Sequence[str], processes: int, **kwargs) -> None:
 
 
 # --------------------------------------------------------------------------- command lines
-
-
-def _loader_flags(cfg) -> list[str]:
-    return ["--num-workers", str(cfg.num_workers),
-            "--pin-memory" if cfg.pin_memory else "--no-pin-memory",
-            "--persistent-workers" if cfg.persistent_workers else "--no-persistent-workers"]
+# Derived from the step configurations (saft.config.to_argv), so every setting travels and
+# the command parses back into the same configuration (tests/test_config_agreement.py).
 
 
 def _optional(flag: str, value) -> list[str]:
     return [] if value in (None, "") else [flag, str(value)]
 
 
-def _nargs(flag: str, values: Iterable) -> list[str]:
-    values = [str(v) for v in values]
-    return [flag, *values] if values else []
-
-
 def score_argv(cfg, data_dir: str, out_dir: str, *, root: str | None = None) -> list[str]:
-    """``saft score`` for a :class:`saft.steps.score.ScoreConfig` (what ``score_task`` takes)."""
-    return ["score", "--model", cfg.model, "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root),
-            "--density", repr(float(cfg.density)), "--rule", cfg.rule, "--kind", cfg.kind,
-            *_nargs("--include", cfg.include), *_nargs("--exclude", cfg.exclude),
-            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--device", cfg.device,
-            "--prompts", cfg.prompts, "--text-batch", str(cfg.text_batch), *_loader_flags(cfg)]
+    """``saft score`` for a :class:`saft.steps.configs.ScoreConfig`."""
+    from saft.config import to_argv
+
+    return ["score", "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root), *to_argv(cfg)]
 
 
-def finetune_argv(model: str, cfg, data_dir: str, out_dir: str, *, mask_path: str | None = None,
-                  device: str = "auto", prompts: str = "train", root: str | None = None, resume: bool = False,
-                  checkpoint_dir: str | None = None, skip_corrupt: bool = False) -> list[str]:
-    """``saft finetune`` for a :class:`saft.sparse.FinetuneConfig` (what ``finetune_task`` takes, after epochs
-    are resolved into ``cfg.steps``).
+def finetune_argv(cfg, data_dir: str, out_dir: str, *, mask_path: str | None = None, root: str | None = None,
+                  resume: bool = False, checkpoint_dir: str | None = None) -> list[str]:
+    """``saft finetune`` for a :class:`saft.steps.configs.FinetuneStepConfig`."""
+    from saft.config import to_argv
 
-    Settings the command has no flag for must keep their defaults; anything else is refused
-    rather than silently dropped.
-    """
-    from saft.sparse import FinetuneConfig
-
-    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
-    for name in ("betas", "eligible_include", "eligible_exclude"):
-        if tuple(getattr(cfg, name)) != tuple(defaults[name]):
-            raise LaunchError(f"finetune_argv: {name}={getattr(cfg, name)!r} has no `saft finetune` flag; "
-                              f"only the default {defaults[name]!r} can run as a command")
-    return ["finetune", "--model", model, "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root),
-            "--method", cfg.method, *_optional("--mask", mask_path), "--steps", str(cfg.steps),
-            "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum), *_optional("--lr", cfg.lr),
-            "--weight-decay", repr(float(cfg.weight_decay)), "--warmup-steps", str(cfg.warmup_steps),
-            "--max-grad-norm", repr(float(cfg.max_grad_norm or 0)), "--seed", str(cfg.seed),
-            "--precision", cfg.precision, "--checkpoint-every", str(cfg.checkpoint_every),
-            "--text-batch", str(cfg.text_batch), "--device", device, "--prompts", prompts, *_loader_flags(cfg),
-            *_optional("--checkpoint-dir", checkpoint_dir), *(["--resume"] if resume else []),
-            *(["--skip-corrupt"] if skip_corrupt else [])]
+    return ["finetune", "--data", str(data_dir), "--out", str(out_dir), *_optional("--root", root),
+            *_optional("--mask", mask_path), *_optional("--checkpoint-dir", checkpoint_dir),
+            *(["--resume"] if resume else []), *to_argv(cfg)]
 
 
-def evaluate_argv(cfg, suite: str, out_dir: str, *, data_root: str | None = None) -> list[str]:
-    """``saft evaluate`` for a :class:`saft.steps.evaluate.EvaluateConfig`; ``suite`` is a built-in name or a
-    YAML file and ``data_root`` the folder its roots are relative to (``resolve_suite``'s two inputs)."""
+def evaluate_argv(cfg, out_dir: str) -> list[str]:
+    """``saft evaluate`` for a :class:`saft.steps.configs.EvaluateConfig` (its suite a built-in name or a YAML
+    file, its data_root the folder the suite's roots are relative to)."""
+    from saft.config import to_argv
+
     deltas = []
     for run in cfg.deltas:
         deltas += ["--delta", f"{run.name}{'' if run.seed is None else f':{run.seed}'}={run.path}"]
-    return ["evaluate", "--model", cfg.model, "--suite", str(suite), *_optional("--data-root", data_root),
-            "--out", str(out_dir), *deltas, *_nargs("--alpha", (repr(float(a)) for a in cfg.alphas)),
-            *([] if cfg.zeroshot else ["--no-zeroshot"]), "--templates", cfg.template_set,
-            "--batch-size", str(cfg.batch_size), "--device", cfg.device, *_optional("--reference", cfg.reference),
-            *_nargs("--only", cfg.only), *_loader_flags(cfg)]
+    return ["evaluate", "--out", str(out_dir), *deltas, *to_argv(cfg)]

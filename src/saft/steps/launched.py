@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+from saft.config import to_mapping
 from saft.io import write_json
 from saft.steps.launch import check_step, finetune_argv
 from saft.steps.record import RECORD_FILE
@@ -85,10 +87,9 @@ def _stage(data_dir: str, mask_dir: str | None, stage: Path, log) -> tuple[Path,
     return data, mask
 
 
-def finetune_trainjob_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
-                           shared_root: str, pvc: str, nodes: int, gpus_per_node: int, settings: str | dict = "{}",
-                           image: str = "", epochs: float = 0.0, prompts: str = "train", parent_run_id: str = "",
-                           log=_log, **launch_overrides) -> dict:
+def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, shared_root: str, pvc: str,
+                           nodes: int, gpus_per_node: int, settings: str | dict = "{}", image: str = "",
+                           parent_run_id: str = "", log=_log, **launch_overrides) -> dict:
     """Train one delta as a TrainJob of ``nodes`` x ``gpus_per_node`` processes; the delta lands in ``out_dir``.
 
     ``shared_root`` is where this pod mounts ``pvc`` (every node mounts it at the same path);
@@ -104,16 +105,15 @@ def finetune_trainjob_task(model: str, data_dir: str, mask_dir: str | None, out_
     if cfg.batch_size % (nodes * gpus_per_node):
         raise ValueError(f"trainjob: finetune.batch_size {cfg.batch_size} must divide by the {nodes * gpus_per_node} "
                          "processes (nodes x gpu_count): each trains an equal part of every global batch")
-    cfg = with_epochs(cfg, epochs, data_dir, log)
-    stage = Path(shared_root) / "trainjobs" / checkpoint_dir_for(shared_root, model, cfg, data_dir, mask_dir).name
+    cfg = replace(with_epochs(cfg, data_dir, log), device="cuda")
+    stage = Path(shared_root) / "trainjobs" / checkpoint_dir_for(shared_root, cfg.model, cfg, data_dir, mask_dir).name
     data, mask = _stage(data_dir, mask_dir if cfg.method != "full" else None, stage, log)
-    argv = finetune_argv(model, cfg, str(data), str(stage / "out"), mask_path=str(mask) if mask else None,
-                         device="cuda", prompts=prompts, root=prepared_root(str(data)), resume=True,
-                         checkpoint_dir=str(stage / "checkpoints"))
+    argv = finetune_argv(cfg, str(data), str(stage / "out"), mask_path=str(mask) if mask else None,
+                         root=prepared_root(str(data)), resume=True, checkpoint_dir=str(stage / "checkpoints"))
     options = {**trainjob_options(settings, image=image), **launch_overrides}
     options.setdefault("namespace", "default")
     with step_context(f"finetune {cfg.method} seed{cfg.seed} (trainjob)", parent_run_id,
-                      {**cfg.__dict__, "nodes": nodes, "gpus_per_node": gpus_per_node}) as tracker:
+                      {**to_mapping(cfg), "nodes": nodes, "gpus_per_node": gpus_per_node}) as tracker:
         result = launch_trainjob(argv, pvc=pvc, num_nodes=nodes, gpus_per_node=gpus_per_node,
                                  mount_path=shared_root, log=log, **options)
         missing = [f for f in RUN_FILES if f not in result["outputs"]]

@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from saft.config import ConfigError, check, describe, did_you_mean, from_mapping, section, setting, to_mapping
+from saft.data.prepare import PrepareConfig
 from saft.io import atomic_path
+from saft.loader import LoaderSettings
+from saft.sparse.config import METHODS, default_lr
+from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 RESOLVED_FILE = "params.resolved.yaml"
-# Chosen on the world's ID validation split by `saft benchmark synthshift` (protocols/chosen_lr.json).
-DEFAULT_LR = {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
-METHODS = ("saft", "full", "random")
 SUBSETS = ("all", "base")  # base: the first half of the classes (base-to-new); "new" is never trained on
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when a GPU is visible (cluster nodes), else the CPU (laptops, CI)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+LOADER = tuple(f.name for f in dataclasses.fields(LoaderSettings))
+PER_TASK = ("model", "seed", "device")
+"""Set once for the whole run (top-level keys) or per task, never in a step's section."""
 
 
 class ParamsError(ValueError):
@@ -48,59 +43,34 @@ class WorldParams:
     test_per_class: int = 100
 
 
-@dataclass
-class DataParams:
-    dataset: str = "imagefolder"
-    root: str = ""  # empty: the embedded world's ID pool
-    split: str = ""  # empty: the dataset's training split
-    shots: int = 16
-    val_shots: int = 8
-    # The data version (steps/data_version.py): resolved at run time from the root; these pin it.
-    version: str = ""  # non-empty: the run fails unless the data is exactly this version
-    rev: str = ""  # git revision of the DVC-tracked data.root ("" = the working tree); CI passes its commit
-    repo: str = ""  # repository holding data.root's .dvc file (path or git URL; "" = the one data.root is in)
-    subset: str = "all"  # all | base (the first ceil(n/2) classes in label order: base-to-new)
-    train_templates: list[str] = field(default_factory=list)  # empty: the dataset's training prompt
+DataParams = section("DataParams", PrepareConfig, drop=("seed",), doc="The training data and its few-shot draw.",
+                     extra=[
+    ("root", str, setting("", help="folder or s3://bucket/prefix of the training data; empty: the embedded world")),
+    ("version", str, setting("", help="pin a data version (saft.steps.data_version): the run fails unless the "
+                                      "root holds exactly this version; empty: whatever the root holds now")),
+    ("rev", str, setting("", help="git revision to read a DVC-tracked root at (CI passes its commit); empty: "
+                                  "the working tree")),
+    ("repo", str, setting("", help="repository holding the root's .dvc file (path or git URL); empty: the one "
+                                   "the root is in")),
+])
+LoaderParams = LoaderSettings
+ScoreParams = section("ScoreParams", ScoreConfig, drop=PER_TASK + ("kind",) + LOADER,
+                      doc="Phase I: the SAFT mask (and the random mask of the same density).")
+FinetuneParams = section("FinetuneParams", FinetuneStepConfig, drop=PER_TASK + ("method", "lr") + LOADER,
+                         doc="Phase II and the baselines: every method trains with these settings.", extra=[
+    ("methods", list[str], setting(factory=lambda: list(METHODS), choices=METHODS, help="methods to train")),
+    ("lr", dict[str, float], setting(factory=dict, cli=False,
+                                     help="learning rate per method (e.g. {saft: 0.003}); a method not named "
+                                          "trains at the model's recipe (tiny: the rates its world's protocol chose "
+                                          "on ID validation; others: 1e-4 for saft/random, 1e-5 for full)")),
+])
+EvaluateParams = section("EvaluateParams", EvaluateConfig,
+                         drop=("model", "device", "deltas", "zeroshot", "only") + LOADER,
+                         doc="Evaluation of zero-shot and every delta on the suite.")
 
 
-@dataclass
-class LoaderParams:
-    """DataLoader settings of scoring, training and evaluation (see saft.loader)."""
-
-    num_workers: int = -1  # -1: from the task's CPUs (GPU: min(8, cpus-1); CPU: min(4, cpus//2-1))
-    pin_memory: bool = True  # CUDA only
-    persistent_workers: bool = True
-
-
-@dataclass
-class ScoreParams:
-    density: float = 0.001
-    rule: str = "abs_mean"
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=lambda: ["logit_scale", "logit_bias"])
-    batch_size: int = 32
-    prompts: str = "train"  # train: the prepared training prompt; eval: the evaluation ensemble
-    text_batch: int = 0  # prompts encoded at once, bounding the text side's memory; 0: 8 per image of the batch
-
-
-@dataclass
-class FinetuneParams:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    steps: int = 100
-    batch_size: int = 32
-    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    checkpoint_every: int = 0
-    prompts: str = "train"
-    text_batch: int = 0
-    epochs: float = 0.0  # > 0: train this many passes over the training set (overrides steps)
-    grad_accum: int = 1
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-
-
-# The embedded world's grid around the rate `saft benchmark synthshift` chose (3e-3); real-model
-# grids are in docs/pipelines.md.
+# The embedded world's grid around the rate `saft benchmark synthshift` chose; real-model grids are in
+# docs/pipelines.md.
 DEFAULT_LR_GRID = [1e-3, 3e-3, 1e-2]
 
 
@@ -108,216 +78,206 @@ DEFAULT_LR_GRID = [1e-3, 3e-3, 1e-2]
 class RetrainParams:
     """The retrain pipeline: SAFT over a learning-rate grid, the rate chosen on ID validation."""
 
-    lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))
-    seed: int = 1
-    baselines: list[str] = field(default_factory=list)  # full, random: trained at finetune.lr, compared, never shipped
-
-
-@dataclass
-class DeployParams:
-    """The retrain pipeline's deploy task: the promoted champion onto KServe, by canary (saft.steps.deploy)."""
-
-    enabled: bool = True
-    dry_run: bool = True  # render the InferenceService only; false: apply it to the cluster (in-cluster credentials)
-    namespace: str = "default"
-    image: str = ""  # predictor image; empty: the pipeline's own image
-    cpu: str = "2"
-    memory: str = "8Gi"
-    gpu_count: int = 1  # 0: a CPU predictor
-    canary_percent: int = 10
-    ready_timeout_s: float = 900.0
-    poll_s: float = 5.0
-    observe_s: float = 60.0  # a ready canary is watched this long before it gets all traffic
-
-
-@dataclass
-class EvaluateParams:
-    suite: str = ""  # empty: the embedded world's synthshift suite
-    data_root: str = ""
-    alphas: list[float] = field(default_factory=lambda: [1.0])
-    batch_size: int = 128
-    reference: str = ""  # effective-robustness reference fit: "" the suite's default, none, a name or a YAML file
+    lr_grid: list[float] = setting(factory=lambda: list(DEFAULT_LR_GRID),
+                                   help="SAFT rates trained in parallel; the best on ID validation ships")
+    seed: int = setting(1, help="seed of the data draw and the training")
+    baselines: list[str] = setting(factory=list, choices=("full", "random"),
+                                   help="comparisons trained at finetune.lr and evaluated, never registered")
 
 
 @dataclass
 class RegisterParams:
-    enabled: bool = True
-    model_name: str = "saft-tiny"
-    method: str = "saft"
-    promote: bool = True
-    ood_tolerance: float = 0.01
-    id_tolerance: float = 0.01
-    gate: str = "auto"  # auto | id_ood | hm (auto: hm on a base-to-new suite, else id_ood)
-    hm_tolerance: float = 0.01
-    baseline: bool = True  # with no champion yet, the zero-shot base is registered and promoted first
+    """The registry and the promotion gate (saft register)."""
+
+    enabled: bool = setting(True, help="register the candidate (false: nothing is registered)")
+    model_name: str = setting("saft-tiny", help="registered model name")
+    method: str = setting("saft", choices=METHODS, help="the method whose delta is the candidate")
+    promote: bool = setting(True, help="apply the promotion gate (false: register only)")
+    ood_tolerance: float = setting(0.01, minimum=0.0, help="largest OOD-mean drop vs champion and vs zero-shot")
+    id_tolerance: float = setting(0.01, minimum=0.0, help="largest ID drop vs champion")
+    gate: str = setting("auto", choices=("auto", "id_ood", "hm"),
+                        help="gate metric: auto (hm, the base-to-new harmonic mean, on a base/new suite; else "
+                             "id_ood), id_ood or hm")
+    hm_tolerance: float = setting(0.01, minimum=0.0, help="largest HM drop vs champion and vs zero-shot (gate hm)")
+    baseline: bool = setting(True, help="no champion yet: register the zero-shot base first and promote it")
+
+
+@dataclass
+class DeployParams:
+    """The retrain pipeline, on promotion: the champion onto KServe by canary (docs/serving.md)."""
+
+    enabled: bool = setting(True, help="deploy a promoted champion")
+    dry_run: bool = setting(True, help="render the InferenceService into the task's output only; false: apply it "
+                                       "(in-cluster credentials)")
+    namespace: str = setting("default", help="namespace of the InferenceService")
+    image: str = setting("", help="predictor image; empty: the pipeline's image")
+    cpu: str = setting("2", help="predictor CPU request")
+    memory: str = setting("8Gi", help="predictor memory request")
+    gpu_count: int = setting(1, minimum=0, help="GPUs per predictor; 0: a CPU predictor")
+    canary_percent: int = setting(10, minimum=1, maximum=99, help="traffic share of the canary")
+    ready_timeout_s: float = setting(900.0, minimum=0.0, help="seconds a new revision may take to become ready")
+    poll_s: float = setting(5.0, minimum=0.0, help="seconds between status polls")
+    observe_s: float = setting(60.0, minimum=0.0,
+                               help="seconds a ready canary is watched before it gets all traffic")
 
 
 @dataclass
 class ClusterParams:
     """Kubeflow only: the accelerator every scoring, training and evaluation task requests."""
 
-    gpu_type: str = "nvidia.com/gpu"
-    gpu_count: int = 1
-    parallelism: int = 2  # loop iterations at a time in every fan-out (compiled into the pipeline)
-    checkpoint_pvc: str = "saft-checkpoints"  # PVC where training checkpoints outlive a pod; "": none
-    nodes: int = 1  # retrain: > 1 trains each SAFT delta as a TrainJob of nodes x gpu_count processes
+    gpu_type: str = setting("nvidia.com/gpu", help="accelerator resource of scoring, training and evaluation tasks")
+    gpu_count: int = setting(1, minimum=0, help="accelerators per task; several: the step runs under torchrun")
+    parallelism: int = setting(2, minimum=1, help="loop iterations at a time in every fan-out (compiled into "
+                                                  "the pipeline)")
+    checkpoint_pvc: str = setting("saft-checkpoints", help="PVC where training checkpoints outlive a pod (retries "
+                                                           "resume); empty: none")
+    nodes: int = setting(1, minimum=1, help="retrain: > 1 trains each SAFT delta as a Kubeflow Trainer TrainJob of "
+                                            "nodes x gpu_count processes (trainjob: below)")
 
 
 @dataclass
 class TrainJobParams:
-    """The retrain pipeline with ``cluster.nodes`` > 1: each finetune as a Kubeflow Trainer TrainJob.
+    """``cluster.nodes`` > 1: each finetune as a Kubeflow Trainer TrainJob, inputs and outputs on
+    ``cluster.checkpoint_pvc`` (ReadWriteMany across nodes), mounted at the same path everywhere."""
 
-    The job's inputs and outputs go through ``cluster.checkpoint_pvc`` (ReadWriteMany when
-    the nodes differ), mounted at the same path in the launcher task and every node.
-    """
-
-    namespace: str = "default"  # where the TrainJob is created (the pipeline runner's service account needs rights)
-    image: str = ""  # the nodes' image; empty: the pipeline's own image
-    runtime: str = "torch-distributed"  # ClusterTrainingRuntime name
-    gpu_resource: str = "nvidia.com/gpu"
-    cpu: str = ""  # per node; "": the runtime's
-    memory: str = ""
-    timeout_s: float = 6 * 3600.0  # a job past this is deleted (its GPUs freed) and the task fails
-    poll_s: float = 15.0
-    patch_api: str = "podTemplateOverrides"  # Trainer v2.0/v2.1; runtimePatches for later releases
+    namespace: str = setting("default", help="namespace of the TrainJob (the pipeline runner's service account "
+                                             "needs rights there)")
+    image: str = setting("", help="the nodes' image; empty: the pipeline's image")
+    runtime: str = setting("torch-distributed", help="ClusterTrainingRuntime name")
+    gpu_resource: str = setting("nvidia.com/gpu", help="accelerator resource of each node")
+    cpu: str = setting("", help="CPU request per node; empty: the runtime's")
+    memory: str = setting("", help="memory request per node; empty: the runtime's")
+    timeout_s: float = setting(6 * 3600.0, minimum=0.0,
+                               help="a job past this is deleted (its GPUs freed) and the task fails")
+    poll_s: float = setting(15.0, minimum=0.0, help="seconds between status polls")
+    patch_api: str = setting("podTemplateOverrides", choices=("podTemplateOverrides", "runtimePatches"),
+                             help="how the job patches its runtime: podTemplateOverrides (Trainer v2.0/v2.1) or "
+                                  "runtimePatches (later releases)")
 
 
 @dataclass
 class PipelineParams:
-    model: str = "tiny"
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    world: WorldParams = field(default_factory=WorldParams)
-    data: DataParams = field(default_factory=DataParams)
-    loader: LoaderParams = field(default_factory=LoaderParams)
-    score: ScoreParams = field(default_factory=ScoreParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    register: RegisterParams = field(default_factory=RegisterParams)
-    retrain: RetrainParams = field(default_factory=RetrainParams)
-    deploy: DeployParams = field(default_factory=DeployParams)
-    cluster: ClusterParams = field(default_factory=ClusterParams)
-    trainjob: TrainJobParams = field(default_factory=TrainJobParams)
+    """Every parameter of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run/submit`."""
+
+    model: str = setting("tiny", help="ARCH@TAG (hub), ARCH@/path/weights, ARCH@random, or tiny (shipped)")
+    seeds: list[int] = setting(factory=lambda: [1, 2, 3], help="seeds: each draws its own data and trains anew")
+    device: str = setting("auto", help="auto: cuda when a GPU is visible, else cpu; or cpu, cuda, cuda:N")
+    world: WorldParams = setting(factory=WorldParams, help="the embedded world, rendered when data.root is empty")
+    data: DataParams = setting(factory=DataParams, help="the training data and its few-shot draw")
+    loader: LoaderParams = setting(factory=LoaderParams,
+                                   help="DataLoader of scoring, training and evaluation")
+    score: ScoreParams = setting(factory=ScoreParams, help="phase I: the SAFT mask")
+    finetune: FinetuneParams = setting(factory=FinetuneParams, help="phase II and the baselines")
+    evaluate: EvaluateParams = setting(factory=EvaluateParams, help="zero-shot and every delta on the suite")
+    register: RegisterParams = setting(factory=RegisterParams, help="the registry and the promotion gate")
+    retrain: RetrainParams = setting(factory=RetrainParams,
+                                     help="the retrain pipeline (saft pipeline ... --pipeline retrain)")
+    deploy: DeployParams = setting(factory=DeployParams, help="the retrain pipeline, on promotion: KServe by canary")
+    cluster: ClusterParams = setting(factory=ClusterParams, help="Kubeflow only (saft pipeline submit/schedule)")
+    trainjob: TrainJobParams = setting(factory=TrainJobParams, help="cluster.nodes > 1 only")
 
     @property
     def embedded(self) -> bool:
         return not self.data.root
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
-    def validate(self) -> "PipelineParams":
-        where = "params"
+    def learning_rates(self) -> dict[str, float]:
+        """Every method's rate: finetune.lr where it names one, else the model's recipe."""
+        return {m: self.finetune.lr.get(m, default_lr(m, self.model)) for m in METHODS}
+
+    # ----------------------------------------------------------------- step configurations
+
+    def score_config(self, kind: str, seed: int) -> ScoreConfig:
+        return ScoreConfig(**to_mapping(self.score), **to_mapping(self.loader), model=self.model, kind=kind,
+                           seed=seed, device=self.device)
+
+    def finetune_config(self, method: str, seed: int) -> FinetuneStepConfig:
+        return FinetuneStepConfig(**finetune_settings(self), model=self.model, method=method,
+                                  lr=self.learning_rates()[method], seed=seed, device=self.device)
+
+    def prepare_config(self, seed: int, dataset: str | None = None, split: str | None = None) -> PrepareConfig:
+        """The few-shot draw of ``seed`` (``dataset``/``split`` of one task of a base-to-new suite)."""
+        values = to_mapping(self.data, skip=("root", "version", "rev", "repo"))
+        values.update({k: v for k, v in (("dataset", dataset), ("split", split)) if v is not None})
+        return PrepareConfig(**values, seed=seed)
+
+    def evaluate_config(self, deltas=(), only=()) -> EvaluateConfig:
+        return EvaluateConfig(**to_mapping(self.evaluate), **to_mapping(self.loader), model=self.model,
+                              deltas=list(deltas), only=list(only), device=self.device)
+
+    def validate(self, source: str = "params") -> "PipelineParams":
+        def fail(msg: str) -> None:
+            raise ParamsError(f"{source}: {msg}")
+
+        for part in (self.loader, self.data, self.score, self.finetune, self.evaluate, self.register, self.retrain,
+                     self.deploy, self.cluster, self.trainjob):
+            try:  # allowed values and bounds, from each field's definition
+                check(part)
+            except ConfigError as err:
+                fail(f"{_section_of(self, part)}.{err}")
+        for name, build in (("score", lambda: self.score_config("saft", 0)),
+                            ("finetune", lambda: self.finetune_config(self.finetune.methods[0] if self.finetune.methods
+                                                                      else "saft", 0)),
+                            ("evaluate", self.evaluate_config), ("data", lambda: self.prepare_config(0))):
+            try:  # every check of the steps themselves (across fields too), with the section named
+                build()
+            except (ConfigError, ValueError) as err:
+                fields = {f.name for f in dataclasses.fields(getattr(self, name))}
+                fail(f"{name}.{err}" if str(err).split(" ", 1)[0] in fields else f"{name}: {err}")
         if not self.seeds:
-            raise ParamsError(f"{where}: seeds is empty; give at least one seed, e.g. seeds: [1]")
+            fail("seeds is empty; give at least one seed, e.g. seeds: [1]")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ParamsError(f"{where}: seeds {self.seeds} repeat a seed")
-        if not 0.0 < self.score.density <= 1.0:
-            raise ParamsError(f"{where}: score.density must be in (0, 1], got {self.score.density}")
-        unknown = [m for m in self.finetune.methods if m not in METHODS]
-        if unknown or not self.finetune.methods:
-            raise ParamsError(f"{where}: finetune.methods must be a non-empty subset of {list(METHODS)}, "
-                              f"got {self.finetune.methods}")
-        missing = [m for m in self.finetune.methods if m not in self.finetune.lr]
-        if missing:
-            raise ParamsError(f"{where}: finetune.lr has no learning rate for {', '.join(missing)}")
-        if self.register.enabled and self.register.method not in self.finetune.methods:
-            raise ParamsError(f"{where}: register.method {self.register.method!r} is not among finetune.methods")
-        for name in ("steps", "batch_size"):
-            if getattr(self.finetune, name) < 1:
-                raise ParamsError(f"{where}: finetune.{name} must be >= 1")
-        if not 0 <= self.finetune.warmup_steps <= self.finetune.steps:
-            raise ParamsError(f"{where}: finetune.warmup_steps ({self.finetune.warmup_steps}) must be in "
-                              f"[0, finetune.steps ({self.finetune.steps})]")
-        if self.data.shots < 1:
-            raise ParamsError(f"{where}: data.shots must be >= 1")
-        for section in ("score", "finetune"):
-            part = getattr(self, section)
-            if part.prompts not in ("train", "eval"):
-                raise ParamsError(f"{where}: {section}.prompts must be train or eval, got {part.prompts!r}")
-            if part.text_batch < 0:
-                raise ParamsError(f"{where}: {section}.text_batch must be >= 1, or 0 for 8 prompts per image")
-        if self.loader.num_workers < -1:
-            raise ParamsError(f"{where}: loader.num_workers must be >= 0, or -1 to choose from the CPUs")
-        if self.data.subset not in SUBSETS:
-            raise ParamsError(f"{where}: data.subset must be one of {', '.join(SUBSETS)} (base: train on the first "
-                              f"half of the classes for base-to-new), got {self.data.subset!r}")
-        if self.register.gate not in ("auto", "id_ood", "hm"):
-            raise ParamsError(f"{where}: register.gate must be auto, id_ood or hm, got {self.register.gate!r}")
-        f = self.finetune
-        if f.epochs < 0 or f.grad_accum < 1 or f.checkpoint_every < 0:
-            raise ParamsError(f"{where}: finetune.epochs must be >= 0, finetune.grad_accum >= 1 and "
-                              f"finetune.checkpoint_every >= 0")
-        if f.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ParamsError(f"{where}: finetune.precision must be auto, fp32, bf16 or fp16, got {f.precision!r}")
-        r = self.retrain
-        if not r.lr_grid or any(not lr > 0 for lr in r.lr_grid) or len(set(r.lr_grid)) != len(r.lr_grid):
-            raise ParamsError(f"{where}: retrain.lr_grid must be distinct positive learning rates, got {r.lr_grid}")
-        bad = [m for m in r.baselines if m not in ("full", "random")] + [m for m in r.baselines if r.baselines.count(m) > 1]
+            fail(f"seeds {self.seeds} repeat a seed")
+        f, r, c = self.finetune, self.retrain, self.cluster
+        if not f.methods or len(set(f.methods)) != len(f.methods):
+            fail(f"finetune.methods must be distinct methods of {', '.join(METHODS)}, got {f.methods}")
+        unknown = sorted(set(f.lr) - set(METHODS))
+        if unknown:
+            fail(f"finetune.lr names no method {', '.join(unknown)}{did_you_mean(unknown[0], METHODS)} "
+                 f"(methods: {', '.join(METHODS)})")
+        bad = [f"{m}: {v}" for m, v in f.lr.items() if not v > 0]
         if bad:
-            raise ParamsError(f"{where}: retrain.baselines must be distinct entries of [full, random], got {r.baselines}")
-        missing = [m for m in r.baselines if m not in f.lr]
-        if missing:
-            raise ParamsError(f"{where}: finetune.lr has no learning rate for the baseline {', '.join(missing)}")
-        if self.cluster.parallelism < 1:
-            raise ParamsError(f"{where}: cluster.parallelism must be >= 1")
-        c = self.cluster
-        if c.nodes < 1 or c.gpu_count < 0:
-            raise ParamsError(f"{where}: cluster.nodes must be >= 1 and cluster.gpu_count >= 0")
+            fail(f"finetune.lr must be positive rates, got {', '.join(bad)}")
+        if self.register.enabled and self.register.method not in f.methods:
+            fail(f"register.method {self.register.method} is not among finetune.methods {f.methods}")
+        if self.data.subset not in SUBSETS:
+            fail(f"data.subset must be one of {', '.join(SUBSETS)} for training (base: the first half of the "
+                 f"classes for base-to-new; new is never trained on), got {self.data.subset!r}")
+        if not r.lr_grid or any(not lr > 0 for lr in r.lr_grid) or len(set(r.lr_grid)) != len(r.lr_grid):
+            fail(f"retrain.lr_grid must be distinct positive learning rates, got {r.lr_grid}")
+        if len(set(r.baselines)) != len(r.baselines):
+            fail(f"retrain.baselines must be distinct entries of [full, random], got {r.baselines}")
         if c.nodes > 1:
             if not c.checkpoint_pvc:
-                raise ParamsError(f"{where}: cluster.nodes {c.nodes} needs cluster.checkpoint_pvc: the TrainJob's "
-                                  "nodes read their inputs and write the delta on that shared volume")
+                fail(f"cluster.nodes {c.nodes} needs cluster.checkpoint_pvc: the TrainJob's nodes read their inputs "
+                     "and write the delta on that shared volume")
             if c.gpu_count < 1 or f.batch_size % (c.nodes * c.gpu_count):
-                raise ParamsError(f"{where}: finetune.batch_size {f.batch_size} must divide by cluster.nodes x "
-                                  f"cluster.gpu_count ({c.nodes} x {c.gpu_count}): every process trains an equal "
-                                  "part of each global batch")
-        if self.trainjob.patch_api not in ("podTemplateOverrides", "runtimePatches"):
-            raise ParamsError(f"{where}: trainjob.patch_api must be podTemplateOverrides or runtimePatches, got "
-                              f"{self.trainjob.patch_api!r}")
+                fail(f"finetune.batch_size {f.batch_size} must divide by cluster.nodes x cluster.gpu_count "
+                     f"({c.nodes} x {c.gpu_count}): every process trains an equal part of each global batch")
+        elif c.gpu_count > 1 and f.batch_size % c.gpu_count:
+            fail(f"finetune.batch_size {f.batch_size} must divide by cluster.gpu_count {c.gpu_count}: each GPU's "
+                 "process trains an equal part of each global batch")
         return self
 
 
-def _coerce(value, tp, key: str, source: str):
-    """``value`` checked (and widened int -> float) against the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ParamsError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, key, source)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ParamsError(f"{source}: {key} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ParamsError(f"{source}: {key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
-    if tp is str and value is None:
-        return ""
-    if tp in (int, bool, str) and type(value) is tp:
-        return value
-    raise ParamsError(f"{source}: {key} must be {tp.__name__}, got {value!r}")
+def _section_of(params: PipelineParams, part) -> str:
+    return next(f.name for f in dataclasses.fields(params) if getattr(params, f.name) is part)
 
 
-def _build(cls, data: dict, prefix: str, source: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        dotted = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
-        raise ParamsError(f"{source}: unknown key {dotted} (known here: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
-    return cls(**kwargs)
+def finetune_settings(params: PipelineParams) -> dict:
+    """``finetune:`` (but ``methods`` and ``lr``, chosen per task) and ``loader:`` as one settings mapping: what a
+    finetune component takes as its ``settings`` JSON (:class:`FinetuneStepConfig` fields)."""
+    return {**to_mapping(params.finetune, skip=("methods", "lr")), **to_mapping(params.loader)}
+
+
+def score_settings(params: PipelineParams) -> dict:
+    """``score:`` and ``loader:`` as the ``settings`` JSON of a score component (:class:`ScoreConfig` fields)."""
+    return {**to_mapping(params.score), **to_mapping(params.loader)}
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -344,6 +304,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def params_from_dict(data: dict, source: str = "params") -> PipelineParams:
+    try:
+        params = from_mapping(PipelineParams, data, source=source)
+    except ConfigError as err:
+        raise ParamsError(str(err)) from None
+    return params.validate(source)
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineParams:
     """Defaults, then the file (if given), then ``KEY=VALUE`` overrides; validated."""
     data: dict = {}
@@ -352,7 +320,8 @@ def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ParamsError(f"{path}: no such parameters file (write one like the repository's params.yaml)")
+            raise ParamsError(f"{path}: no such parameters file (`saft params show --defaults > {path}` writes one "
+                              "with every default)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -362,7 +331,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
     if overrides:
         data = apply_overrides(data, list(overrides))
         source += " + --set"
-    return _build(PipelineParams, data, "", source).validate()
+    return params_from_dict(data, source)
 
 
 def load_cli_params(path: str | None, overrides: list[str] = ()) -> tuple[PipelineParams, str]:
@@ -373,13 +342,57 @@ def load_cli_params(path: str | None, overrides: list[str] = ()) -> tuple[Pipeli
     return load_params(path, overrides), source
 
 
-def params_from_dict(data: dict, source: str = "params") -> PipelineParams:
-    return _build(PipelineParams, data, "", source).validate()
+# --------------------------------------------------------------------------- writing
+
+
+HEADER = """\
+# Parameters of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run/submit`
+# (Kubeflow). Override any key on the command line with `--set section.key=value`.
+# Written by `saft params show --defaults` from the parameters' own definitions (saft.steps.params):
+# every value here is the default, every comment the setting's help.
+"""
+
+
+def _yaml_value(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
+def render(params: PipelineParams, *, header: str = HEADER) -> str:
+    """``params`` as commented YAML: one line per setting, its help as the comment.
+
+    ``finetune.lr`` is written out for every method (the model's recipe where it names none), so the file
+    says at which rate each method trains, and ``dvc.yaml`` can read each rate.
+    """
+    params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune,
+                                                                      lr=params.learning_rates()))
+    lines = [header.rstrip("\n")] if header else []
+
+    def emit(obj, indent: str) -> None:
+        for name, _, _, help_ in describe(type(obj)):
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(value):
+                lines.append("")
+                lines.append(f"{indent}{name}:".ljust(28) + f"  # {help_}")
+                emit(value, indent + "  ")
+                continue
+            item = f"{indent}{name}: {_yaml_value(to_mapping_value(value))}"
+            lines.append(item.ljust(28) + f"  # {help_}" if len(item) < 28 else f"{item}  # {help_}")
+
+    emit(params, "")
+    return "\n".join(lines) + "\n"
+
+
+def to_mapping_value(value):
+    if isinstance(value, tuple):
+        return [to_mapping_value(v) for v in value]
+    if isinstance(value, list):
+        return [to_mapping_value(v) for v in value]
+    return value
 
 
 def write_resolved(params: PipelineParams, out_dir: str | Path) -> Path:
     path = Path(out_dir) / RESOLVED_FILE
     with atomic_path(path) as tmp:
-        tmp.write_text("# Resolved parameters of this run (file + overrides + defaults).\n"
-                       + yaml.safe_dump(params.to_dict(), sort_keys=False))
+        tmp.write_text(render(params, header="# Resolved parameters of this run (file + overrides + defaults).\n"))
     return path

@@ -37,9 +37,21 @@ def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
 def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
                   method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
                   baseline: bool = True, parent_run_id: str = "", gate: str = "auto",
-                  hm_tolerance: float = 0.01) -> dict:
-    """Register the lowest seed's delta of ``method``, judged on that delta's own metrics."""
-    from saft.steps.register import RegisterConfig, register_step
+                  hm_tolerance: float = 0.01, tracking: bool = True) -> dict:
+    """Register the lowest seed's delta of ``method``, judged on that delta's own metrics.
+
+    ``tracking`` False (``--no-tracking``, ``tracking: false``): nothing is registered in any
+    registry, whatever the environment points at; the decision says so.
+    """
+    from saft.steps.register import REGISTER_FILE, SKIPPED, RegisterConfig, register_step
+
+    if not tracking:
+        result = {"model_name": model_name, "version": None, "verdict": SKIPPED,
+                  "reason": "tracking is off for this run (--no-tracking): nothing registered",
+                  "summary": f"{model_name}: nothing registered (tracking is off for this run)"}
+        write_json(Path(out_dir) / REGISTER_FILE, result)
+        _log(result["summary"])
+        return result
 
     runs = [r for r in delta_runs(deltas_dir) if r.name == method]
     if not runs:

@@ -34,36 +34,18 @@ from pathlib import Path
 from typing import Callable
 
 from saft.eval.suites import load_suite
-from saft.sparse import FinetuneConfig
 from saft.steps.collect import collect_step, results_text
-from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
+from saft.steps.configs import DeltaRun
+from saft.steps.evaluate import evaluate_suite
 from saft.steps.finetune import DELTA_FILE
-from saft.steps.params import PipelineParams, resolve_device, write_resolved
+from saft.sparse.distributed import resolve_device
+from saft.steps.params import PipelineParams, write_resolved
 from saft.steps.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
-from saft.steps.tasks import (candidate_metrics, config_from_settings, finetune_settings, finetune_task, prepare_task,
-                              score_task)
+from saft.steps.release_tasks import candidate_metrics
+from saft.steps.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
 from saft.steps.world import world_step, world_suite
-
-
-def score_config(params: PipelineParams, kind: str, seed: int) -> ScoreConfig:
-    s = params.score
-    return ScoreConfig(model=params.model, density=s.density, rule=s.rule, kind=kind, include=list(s.include),
-                       exclude=list(s.exclude), batch_size=s.batch_size, seed=seed, device=params.device,
-                       prompts=s.prompts, text_batch=s.text_batch, **vars(params.loader))
-
-
-def finetune_config(params: PipelineParams, method: str, seed: int) -> FinetuneConfig:
-    """Every ``finetune`` setting of params.yaml (``epochs`` is applied by the finetune task)."""
-    return config_from_settings(finetune_settings(params.finetune, params.loader), method=method,
-                                lr=params.finetune.lr[method], seed=seed)
-
-
-def evaluate_config(params: PipelineParams, deltas: list[DeltaRun], only: list[str] = ()) -> EvaluateConfig:
-    e = params.evaluate
-    return EvaluateConfig(model=params.model, deltas=deltas, alphas=list(e.alphas), batch_size=e.batch_size,
-                          device=params.device, only=list(only), reference=e.reference, **vars(params.loader))
 
 
 def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
@@ -144,18 +126,18 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         log(f"evaluating the {suite.name} suite ({len(suite.entries)} datasets, {len(params.finetune.methods)} "
             f"methods + zero-shot)")
         if len(plan) == 1:  # every entry named: a part without a report, written once below by collect
-            evaluate_suite(evaluate_config(params, all_runs, [e.name for e in suite.entries]), suite, out / "eval",
+            evaluate_suite(params.evaluate_config(all_runs, [e.name for e in suite.entries]), suite, out / "eval",
                            progress=progress, log=lambda *_: None)
             parts = [out / "eval" / "metrics.json"]
         else:  # each dataset's deltas score that dataset's halves only
             parts = []
             for task in plan:
                 part = out / "eval" / "parts" / task.folder
-                evaluate_suite(evaluate_config(params, runs[task.name], task.entries), suite, part,
+                evaluate_suite(params.evaluate_config(runs[task.name], task.entries), suite, part,
                                progress=progress, log=lambda *_: None)
                 parts.append(part / "metrics.json")
         summary = collect_step(parts, out / "eval", deltas=all_runs,
-                               learning_rates={m: params.finetune.lr[m] for m in params.finetune.methods},
+                               learning_rates={m: params.learning_rates()[m] for m in params.finetune.methods},
                                settings=report_settings(params, plan))
         tracker.log_metrics_document(json.loads((out / "eval" / "metrics.json").read_text()))
         tracker.log_report(str(out / "eval"))
@@ -169,26 +151,22 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
 def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, parent: str | None,
            progress: bool, log) -> list[DeltaRun]:
     """prepare -> score -> finetune of one task and seed; the deltas it wrote."""
-    d = params.data
     task_dir = out / f"seed{seed}" / task.folder
     what = f"seed {seed}" + (f" {task.name}" if task.name else "")
-    prepare_task(str(out / "world"), str(task_dir / "data"), data_root=task.root, dataset=task.dataset,
-                 split=task.split, shots=d.shots, val_shots=d.val_shots, seed=seed, subset=d.subset,
-                 parent_run_id=parent or "", train_templates=list(d.train_templates))
+    prepare_task(str(out / "world"), str(task_dir / "data"), params.prepare_config(seed, task.dataset, task.split),
+                 data_root=task.root, parent_run_id=parent or "")
     log(f"{what}: prepared {task_dir / 'data'}")
     masks = {}
     for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
-        stats = score_task(str(task_dir / "data"), str(task_dir / f"mask-{kind}"), score_config(params, kind, seed),
+        stats = score_task(str(task_dir / "data"), str(task_dir / f"mask-{kind}"), params.score_config(kind, seed),
                            parent or "", progress=progress, log=log)
         masks[kind] = task_dir / f"mask-{kind}"
         log(f"{what}: {kind} mask, {stats['num_selected']:,} entries")
     runs = []
     for method in params.finetune.methods:
-        cfg = finetune_config(params, method, seed)
-        result = finetune_task(params.model, str(task_dir / "data"), masks.get(mask_kind(method)),
-                               str(task_dir / method), cfg, device=params.device, parent_run_id=parent or "",
-                               progress=progress, log=log, prompts=params.finetune.prompts,
-                               epochs=params.finetune.epochs)
+        cfg = params.finetune_config(method, seed)
+        result = finetune_task(str(task_dir / "data"), masks.get(mask_kind(method)), str(task_dir / method), cfg,
+                               parent_run_id=parent or "", progress=progress, log=log)
         log(f"{what}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
             f"final loss {result['final_loss']:.3f}")
         runs.append(DeltaRun(method, str(task_dir / method / DELTA_FILE), seed))
@@ -212,4 +190,4 @@ def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: s
                          parent_run_id=parent)
 
 
-__all__ = ["run_pipeline", "score_config", "finetune_config", "evaluate_config"]
+__all__ = ["run_pipeline"]

@@ -15,7 +15,6 @@ through an input, which would defeat the cache).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 # Light imports only: every task is a fresh process, and most need neither torch nor
 # matplotlib until they do real work, so the heavy modules are imported where used.
 from saft.io import write_json
-from saft.steps.params import WorldParams, resolve_device
+from saft.steps.params import WorldParams
 from saft.steps.tracked import step_context
 
 MASK_FILE = "mask.safetensors"
@@ -186,25 +185,21 @@ def _materialize(storage, out_dir: Path) -> int:
     return count
 
 
-def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, split: str, shots: int,
-                 val_shots: int, seed: int, parent_run_id: str = "", data_version: str | None = None,
-                 data_rev: str = "", data_repo: str = "", subset: str = "all",
-                 train_templates: list[str] = ()) -> str:
-    """Few-shot manifests for ``seed``; returns the training manifest hash (a cache key downstream).
+def prepare_task(world_dir: str, out_dir: str, cfg, *, data_root: str, parent_run_id: str = "",
+                 data_version: str | None = None, data_rev: str = "", data_repo: str = "") -> str:
+    """Few-shot manifests for ``cfg`` (a :class:`saft.data.prepare.PrepareConfig`); returns the training manifest
+    hash (a cache key downstream).
 
-    ``subset`` ``base`` keeps the first ceil(n/2) classes (base-to-new; see
-    :func:`saft.data.fewshot.split_base_new`); ``train_templates`` replaces the dataset's
-    training prompt. With a data version (given, or recorded by the world task: the
-    pipelines), the root is read at that version or not at all:
-    it is resolved again here and must match (a root that changed since the data-version
-    task fails rather than training on other data than the run records). Data read
-    through DVC at a revision is copied into ``out_dir/files`` (only the drawn images),
-    so later tasks read it without DVC.
+    With a data version (given, or recorded by the world task: the pipelines), the root is
+    read at that version or not at all: it is resolved again here and must match (a root
+    that changed since the data-version task fails rather than training on other data than
+    the run records). Data read through DVC at a revision is copied into ``out_dir/files``
+    (only the drawn images), so later tasks read it without DVC.
     """
+    from saft.config import to_mapping
     from saft.data.prepare import prepare_dataset
 
-    logged = {"seed": seed, "dataset": dataset, "root": data_root, "split": split, "shots": shots,
-              "val_shots": val_shots, "subset": subset}
+    logged = {**to_mapping(cfg), "root": data_root}
     reader, version = train_root(world_dir, data_root), None
     data_version = recorded_version(world_dir) if data_version is None else data_version
     if data_version:
@@ -216,10 +211,9 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
         else:  # the world artifact is rendered from the parameters its version hashes
             version = DataVersion(data_version, WORLD, "")
         logged["data_version"] = data_version
-    name = f"prepare seed{seed}" + ("" if subset == "all" else f" {subset}")
+    name = f"prepare seed{cfg.seed}" + ("" if cfg.subset == "all" else f" {cfg.subset}")
     with step_context(name, parent_run_id, logged) as tracker:
-        result = prepare_dataset(reader, out_dir, dataset=dataset, split=split or None, shots=shots, seed=seed,
-                                 val_shots=val_shots, subset=subset, train_templates=list(train_templates) or None)
+        result = prepare_dataset(reader, out_dir, cfg)
         tags = {"saft.manifest_hash": result.manifest_hash}
         if data_version:
             tags["saft.data_version"] = data_version
@@ -236,38 +230,23 @@ def prepare_task(world_dir: str, out_dir: str, *, data_root: str, dataset: str, 
 # --------------------------------------------------------------------------- training
 
 
-LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
+def settings_config(cls, settings: str | dict, **fixed):
+    """A step configuration from a component's ``settings`` JSON (its fields, see saft.steps.params) and the
+    values the pipeline sets per task (``fixed``): unknown keys refused with the closest known one."""
+    from saft.config import from_mapping
 
-
-def loader_options(loader: str | dict | None) -> dict:
-    """The ``loader`` input of a component (params.yaml's ``loader:`` as JSON) as config keyword arguments.
-
-    ``""``/``{}``/None: the step's own defaults. Integral floats (protobuf Structs, the KFP
-    UI) are turned back into ints; unknown keys are refused with the known ones.
-    """
-    if loader is None or loader == "":
-        return {}
-    values = json.loads(loader) if isinstance(loader, str) else dict(loader)
-    if not isinstance(values, dict):
-        raise TypeError(f"loader: expected a JSON object with {', '.join(LOADER_KEYS)}, got {loader!r}")
-    extra = sorted(set(values) - set(LOADER_KEYS))
-    if extra:
-        raise ValueError(f"loader: unknown key(s) {', '.join(extra)} (known: {', '.join(LOADER_KEYS)}; params.yaml "
-                         "loader: section)")
-    out = dict(values)
-    if isinstance(out.get("num_workers"), float) and out["num_workers"].is_integer():
-        out["num_workers"] = int(out["num_workers"])
-    return out
+    values = (json.loads(settings) if settings.strip() else {}) if isinstance(settings, str) else dict(settings or {})
+    return from_mapping(cls, values, source=f"{cls.__name__} settings", **fixed)
 
 
 def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
                log=_log) -> dict:
+    from saft.config import to_mapping
     from saft.steps.launch import score_argv, task_processes
     from saft.steps.score import score_step
 
-    cfg.device = resolve_device(cfg.device)
     processes = task_processes(cfg.device)
-    with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
+    with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
         if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
             from saft.steps.launched import run_launched
 
@@ -280,74 +259,18 @@ def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, pro
     return stats
 
 
-STEP_SETTINGS = ("epochs", "prompts")
-"""Settings a finetune task applies itself (not FinetuneConfig fields)."""
-
-
-def finetune_settings(finetune_params, loader_params=None) -> dict:
-    """``params.finetune`` (and ``params.loader``) as the FinetuneConfig-shaped dict a finetune component takes.
-
-    Every key of the sections that names a :class:`FinetuneConfig` field travels (a new
-    setting in both reaches the components with no other change), plus ``epochs`` and
-    ``prompts``; ``methods`` and the per-method ``lr`` are chosen per task.
-    """
-    from dataclasses import asdict, fields
-
-    from saft.sparse import FinetuneConfig
-
-    names = {f.name for f in fields(FinetuneConfig)} - {"method", "lr", "seed"}
-    section = {**asdict(finetune_params), **(asdict(loader_params) if loader_params is not None else {})}
-    return {**{k: v for k, v in section.items() if k in names}, "epochs": section.get("epochs", 0.0),
-            "prompts": section.get("prompts", "train")}
-
-
-def config_from_settings(settings: dict, *, method: str, lr: float, seed: int):
-    """A :class:`FinetuneConfig` from a settings dict (``epochs`` is resolved later, from the data).
-
-    Settings typed into the KFP UI or written by other tools (protobuf Structs) may carry
-    every number as a float: integral values of integer fields are turned back into ints.
-    """
-    from dataclasses import MISSING, fields
-
-    from saft.sparse import FinetuneConfig
-
-    known = {f.name: f for f in fields(FinetuneConfig)}
-    extra = sorted(set(settings) - set(known) - set(STEP_SETTINGS))
-    if extra:
-        raise ValueError(f"finetune settings: unknown key(s) {', '.join(extra)} (known: {', '.join(sorted(known))}, "
-                         "epochs)")
-    kwargs = {}
-    for key, value in settings.items():
-        if key in STEP_SETTINGS:
-            continue
-        default = known[key].default
-        if default is not MISSING and type(default) is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        kwargs[key] = value
-    if kwargs.get("max_grad_norm") == 0:
-        kwargs["max_grad_norm"] = None
-    return FinetuneConfig(**{**kwargs, "method": method, "lr": lr, "seed": seed})
-
-
-def steps_for_epochs(epochs: float, n_train: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps for ``epochs`` passes over ``n_train`` images (at least one)."""
-    return max(1, math.ceil(epochs * n_train / (batch_size * grad_accum)))
-
-
-def with_epochs(cfg, epochs: float, data_dir: str, log=_log):
-    """``cfg`` with its steps set from ``epochs`` (> 0) and the training manifest's size."""
-    if not epochs:
+def with_epochs(cfg, data_dir: str, log=_log):
+    """``cfg`` with ``epochs`` (> 0) turned into steps over the training manifest (what a checkpoint is keyed by)."""
+    if not cfg.epochs:
         return cfg
     from saft.data.manifest import read_manifest
     from saft.steps.prepared import PreparedData
 
     n_train = len(read_manifest(PreparedData.open(data_dir).manifest("train")))
-    steps = steps_for_epochs(epochs, n_train, cfg.batch_size, cfg.grad_accum)
-    warmup = min(cfg.warmup_steps, steps)
-    if warmup != cfg.warmup_steps:
-        log(f"finetune: warm-up cut to {warmup} steps ({epochs:g} epochs are {steps} steps)")
-    log(f"finetune: {epochs:g} epochs of {n_train} images at batch {cfg.batch_size} x {cfg.grad_accum} = {steps} steps")
-    return replace(cfg, steps=steps, warmup_steps=warmup)
+    resolved = replace(cfg, steps=cfg.for_data(n_train).steps, epochs=0.0)
+    log(f"finetune: {cfg.epochs:g} epochs of {n_train} images at batch {cfg.batch_size} x {cfg.grad_accum} = "
+        f"{resolved.steps} steps")
+    return resolved
 
 
 def checkpoint_dir_for(checkpoint_root: str, model: str, cfg, data_dir: str, mask_dir: str | None) -> Path:
@@ -362,30 +285,30 @@ def checkpoint_dir_for(checkpoint_root: str, model: str, cfg, data_dir: str, mas
     from saft.data.storage import sha256_file
     from saft.steps.prepared import PreparedData
 
-    key = {"model": model, "config": cfg.to_dict(), "train": PreparedData.open(data_dir).manifest_hash("train"),
+    key = {"model": model, "config": cfg.training().to_dict(),
+           "train": PreparedData.open(data_dir).manifest_hash("train"),
            "mask": sha256_file(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(checkpoint_root) / f"finetune-{cfg.method}-{digest}"
 
 
-def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str, cfg, *,
-                  device: str = "cpu", parent_run_id: str = "", progress: bool = False, log=_log,
-                  epochs: float = 0.0, checkpoint_root: str = "", prompts: str = "train") -> dict:
-    """Train one delta. With ``checkpoint_root``, checkpoints go to a folder keyed by the run
-    (:func:`checkpoint_dir_for`) and a rerun resumes from the last one; the folder is removed
-    once the delta is written. A pod with several GPUs runs the step as one process per GPU
-    (:mod:`saft.steps.launched`)."""
+def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, parent_run_id: str = "",
+                  progress: bool = False, log=_log, checkpoint_root: str = "") -> dict:
+    """Train one delta (``cfg``: a :class:`saft.steps.configs.FinetuneStepConfig`). With ``checkpoint_root``,
+    checkpoints go to a folder keyed by the run (:func:`checkpoint_dir_for`) and a rerun resumes from the last
+    one; the folder is removed once the delta is written. A pod with several GPUs runs the step as one process
+    per GPU (:mod:`saft.steps.launched`)."""
+    from saft.config import to_mapping
     from saft.steps.finetune import finetune_step
     from saft.steps.launch import task_processes
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
-    device = resolve_device(device)
-    cfg = with_epochs(cfg, epochs, data_dir, log)
+    cfg = with_epochs(cfg, data_dir, log)
     ckpt, resumed = None, 0
     if checkpoint_root:
-        ckpt = checkpoint_dir_for(checkpoint_root, model, cfg, data_dir, mask_dir)
         from saft.sparse.checkpoint import checkpoint_step
 
+        ckpt = checkpoint_dir_for(checkpoint_root, cfg.model, cfg, data_dir, mask_dir)
         resumed = checkpoint_step(ckpt)
         if resumed:
             log(f"finetune: resuming from the checkpoint at step {resumed} of {cfg.steps} in {ckpt}")
@@ -393,20 +316,18 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
             log(f"finetune: a checkpoint every {cfg.checkpoint_every} steps in {ckpt}")
         else:
             log("finetune: no checkpoints (finetune.checkpoint_every is 0): a retry starts from step 0")
-    processes = task_processes(device)
-    with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, cfg.__dict__) as tracker:
+    processes = task_processes(cfg.device)
+    with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
         if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
             from saft.steps.launch import finetune_argv
             from saft.steps.launched import run_launched
 
-            argv = finetune_argv(model, cfg, data_dir, out_dir, mask_path=mask, device=device, prompts=prompts,
-                                 root=prepared_root(data_dir), resume=ckpt is not None,
-                                 checkpoint_dir=str(ckpt) if ckpt else None)
+            argv = finetune_argv(cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
+                                 resume=ckpt is not None, checkpoint_dir=str(ckpt) if ckpt else None)
             summary = run_launched(argv, processes, out_dir, log=log)
         else:
-            summary = finetune_step(model, cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
-                                    device=device, progress=progress, log=log, resume=ckpt is not None,
-                                    checkpoint_dir=ckpt, prompts=prompts)
+            summary = finetune_step(cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
+                                    progress=progress, log=log, resume=ckpt is not None, checkpoint_dir=ckpt)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
         if ckpt is not None:
@@ -418,8 +339,8 @@ def finetune_task(model: str, data_dir: str, mask_dir: str | None, out_dir: str,
     return {**summary, "resumed_from_step": resumed}
 
 
-def baseline_task(model: str, data_dir: str, out_dir: str, *, method: str, lr: float, settings: dict, seed: int,
-                  density: float, device: str = "cpu", parent_run_id: str = "", checkpoint_root: str = "") -> dict:
+def baseline_task(data_dir: str, out_dir: str, cfg, *, density: float, parent_run_id: str = "",
+                  checkpoint_root: str = "") -> dict:
     """A comparison run of the retrain pipeline: full fine-tuning, or a random mask of SAFT's density.
 
     ``out_dir`` becomes a finetune output folder (what gather and evaluate read); a random
@@ -428,26 +349,27 @@ def baseline_task(model: str, data_dir: str, out_dir: str, *, method: str, lr: f
     """
     import tempfile
 
-    if method not in ("full", "random"):
-        raise ValueError(f"baseline: method must be full or random, got {method!r}")
+    if cfg.method not in ("full", "random"):
+        raise ValueError(f"baseline: method must be full or random, got {cfg.method!r}")
     with tempfile.TemporaryDirectory(prefix="saft-baseline-mask-") as tmp:
         mask_dir = None
-        if method == "random":
-            from saft.steps.score import ScoreConfig
+        if cfg.method == "random":
+            from saft.config import to_mapping
+            from saft.loader import LoaderSettings
+            from saft.steps.configs import ScoreConfig
 
             mask_dir = str(Path(tmp) / "mask")
             # a random mask reads no images, but its record shows the run's loader settings like every task's
-            loader = {k: settings[k] for k in LOADER_KEYS if k in settings}
-            score_task(data_dir, mask_dir, ScoreConfig(model=model, density=density, kind="random", seed=seed,
-                                                       device=device, **loader_options(loader)), parent_run_id)
-        cfg = config_from_settings(settings, method=method, lr=lr, seed=seed)
-        return finetune_task(model, data_dir, mask_dir, out_dir, cfg, device=device, parent_run_id=parent_run_id,
-                             epochs=float(settings.get("epochs", 0.0)), checkpoint_root=checkpoint_root,
-                             prompts=settings.get("prompts", "train"))
+            loader = to_mapping(LoaderSettings(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers))
+            score_task(data_dir, mask_dir, ScoreConfig(model=cfg.model, density=density, kind="random",
+                                                       seed=cfg.seed, device=cfg.device, **loader), parent_run_id)
+        return finetune_task(data_dir, mask_dir, out_dir, cfg, parent_run_id=parent_run_id,
+                             checkpoint_root=checkpoint_root)
 
 
 def select_task(model: str, data_dir: str, candidate_dirs: list[str], out_dir: str, *, batch_size: int = 128,
                 device: str = "cpu", parent_run_id: str = "") -> dict:
+    from saft.sparse.distributed import resolve_device
     from saft.steps.select import SELECTION_PLOT, select_step
 
     with step_context("select", parent_run_id, {"candidates": len(candidate_dirs)}) as tracker:
@@ -495,27 +417,10 @@ def delta_runs(deltas_dir: str) -> list:
 
 
 def _runs(delta_dirs: list[str]) -> list:
-    from saft.steps.evaluate import DeltaRun
+    from saft.steps.configs import DeltaRun
 
     runs = []
     for folder in delta_dirs:
         record = json.loads((Path(folder) / FINETUNE_FILE).read_text())
         runs.append(DeltaRun(record["config"]["method"], str(Path(folder) / DELTA_FILE), record["config"]["seed"]))
     return runs
-
-
-# Moved to saft.steps.eval_tasks and saft.steps.release_tasks (this module grew past one
-# screenful per concern); the old names still resolve here for existing callers.
-_MOVED = {**dict.fromkeys(("resolve_suite", "suite_datasets", "protocol_check", "protocol_task",
-                           "base_to_new_trainings", "base2new_fanout", "entries_of", "evaluate_task",
-                           "rates_of_deltas", "collect_task"), "saft.steps.eval_tasks"),
-          **dict.fromkeys(("candidate_metrics", "register_task", "verdict_of", "deploy_task"),
-                          "saft.steps.release_tasks")}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,6 +58,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from saft.config import did_you_mean
 from saft.data.adapters.errors import SpecError, UnknownDatasetError
 from saft.data.paths import UnsafePathError, check_relpath
 from saft.data.templates import check_template as _check_template
@@ -464,7 +465,8 @@ def load_packaged_spec(name: str) -> DatasetSpec:
         return _PACKAGED[name]
     known = packaged_spec_names()
     if name not in known:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(known)}")
+        raise UnknownDatasetError(f"unknown dataset {name!r}{did_you_mean(name, known)}; known datasets: "
+                                  f"{', '.join(known)} (`saft data adapters` shows their layouts)")
     source = f"saft/data/specs/{name}.yaml"
     if name in _LOADING:  # a class_space chain that leads back to itself
         raise SpecError(
