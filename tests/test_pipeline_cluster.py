@@ -325,3 +325,14 @@ def test_bad_cron_and_missing_package_are_clear_errors(fake_kfp, tmp_path, capsy
     assert main(["pipeline", "submit", "--host", host, "--package", str(tmp_path / "none.yaml"), "--params",
                  str(REPO / "params.yaml")]) == 2
     assert "saft pipeline compile --pipeline benchmark" in capsys.readouterr().err
+
+
+def test_an_unreachable_kfp_host_is_one_line(tmp_path, capsys) -> None:
+    from services import free_port
+
+    host = f"http://127.0.0.1:{free_port()}/pipeline"  # nothing listens there
+    code = main(["pipeline", "submit", "--host", host, "--image", "registry.example/saft:1", "--params",
+                 str(REPO / "params.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"saft: error: submitting the benchmark pipeline at {host} failed") and "--host" in err[0]

@@ -199,6 +199,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # a log file or a pipeline task's output: no redrawn progress bars in it
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         return _run_command(args)

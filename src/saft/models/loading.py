@@ -79,8 +79,11 @@ class ModelSpec:
                 if name.endswith(suffix) and name[: -len(suffix)] in known:
                     arch, activation = name[: -len(suffix)], kind
         if arch not in known:
-            close = [m for m in known if name.lower() in m.lower()][:8]
-            hint = f" Close matches: {', '.join(close)}." if close else ""
+            import difflib
+
+            close = difflib.get_close_matches(name, ["tiny", *known], n=3, cutoff=0.6)
+            close += [m for m in known if name.lower() in m.lower() and m not in close][:8 - len(close)]
+            hint = f" Did you mean {', '.join(close)}?" if close else " `open_clip.list_models()` lists them."
             raise ModelSpecError(f"unknown architecture {name!r} in model spec {text!r}.{hint}")
         if activation == GELU and _config_quick_gelu(arch):
             raise ModelSpecError(f"model spec {text!r}: {arch} is a QuickGELU architecture by definition; "
@@ -102,6 +105,54 @@ class ModelSpec:
 
     def __str__(self) -> str:
         return f"{self.name}@{self.source}"
+
+
+def _unreachable_weights(spec: ModelSpec, cache_dir, quick_gelu: bool, why: str) -> ModelSpecError:
+    as_file = spec.arch if _config_quick_gelu(spec.arch) else f"{spec.arch}-{QUICKGELU if quick_gelu else GELU}"
+    where = f" ({cache_dir})" if cache_dir else ""
+    return ModelSpecError(
+        f"model spec {spec}: the pretrained weights are not in the local hub cache{where} and cannot be downloaded "
+        f"({why}). On a machine without a model hub, copy the hub cache (HF_HOME) from a machine that has the "
+        f"weights and set HF_HUB_OFFLINE=1, or save the weights as a file and use "
+        f"{as_file}@/path/to/weights.safetensors.")
+
+
+def _hub_host() -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _check_weights_reachable(spec: ModelSpec, cache_dir, quick_gelu: bool) -> None:
+    """Fail in seconds, not after a minute of retries, when the weights are neither cached nor downloadable.
+
+    Only the Hugging Face hub path is checked (open_clip prefers it); weights in the local
+    cache, or a hub that answers a TCP connection within 3 s, go on to the real download.
+    """
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.source) or {}
+    hub = cfg.get("hf_hub", "")
+    if not hub or cfg.get("file"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # no hub client: open_clip downloads from the URL itself
+        return
+    repo_id, filename = os.path.split(hub)
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in names:
+        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(found, str):
+            return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise _unreachable_weights(spec, cache_dir, quick_gelu, "HF_HUB_OFFLINE is set")
+    import socket
+
+    host, port = _hub_host()
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        raise _unreachable_weights(spec, cache_dir, quick_gelu, f"{host}:{port} is unreachable: {exc}") from None
 
 
 def _config_quick_gelu(arch: str) -> bool:
@@ -257,6 +308,7 @@ def load_model(
         elif spec.is_file:
             _load_into(model, read_state_dict(spec.source), spec.source)
     else:
+        _check_weights_reachable(spec, cache_dir, quick_gelu)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.arch, pretrained=spec.source, cache_dir=cache_dir, weights_only=True, **build
@@ -264,14 +316,7 @@ def load_model(
         except RuntimeError as exc:
             if "download" not in str(exc).lower():
                 raise
-            as_file = spec.arch if _config_quick_gelu(spec.arch) else f"{spec.arch}-{QUICKGELU if quick_gelu else GELU}"
-            raise ModelSpecError(
-                f"model spec {spec}: the pretrained weights are not in the local hub cache"
-                f"{f' ({cache_dir})' if cache_dir else ''} and could not be downloaded ({str(exc)[:200]}). "
-                "On a machine without a model hub, copy the hub cache (HF_HOME) from a machine that has the "
-                "weights and set HF_HUB_OFFLINE=1 (no network retries), or save the weights as a file and use "
-                f"{as_file}@/path/to/weights.safetensors."
-            ) from exc
+            raise _unreachable_weights(spec, cache_dir, quick_gelu, str(exc)) from exc
     model = model.to(device).eval()
     model.saft_model_spec = str(spec)  # masks and deltas record which base they belong to
     setattr(model, CONFIG_ATTR, model_config(spec.arch, quick_gelu, getattr(model.visual, "preprocess_cfg", None)))

@@ -7,6 +7,7 @@ in-cluster service account or kube config). The token value is never printed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,30 @@ from saft.orchestration.cluster import ClusterConfig
 from saft.steps.params import PipelineParams
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED")
+
+
+class KfpError(RuntimeError):
+    """The KFP API could not be reached or refused a call (one line: what, where, and what to check)."""
+
+
+@contextlib.contextmanager
+def kfp_call(host: str, what: str):
+    """Turn the kfp client's transport and API errors (urllib3 retries, ApiException bodies) into one line."""
+    try:
+        yield
+    except (KfpError, ValueError, TimeoutError):
+        raise
+    except Exception as exc:  # urllib3.MaxRetryError, kfp_server_api ApiException, ...: types of several packages
+        status = getattr(exc, "status", None)
+        reason = getattr(exc, "reason", None) or exc
+        text = " ".join(str(reason).split())[:300]
+        if status in (401, 403):
+            hint = "the token (--token-env) or the namespace (--namespace) is not accepted"
+        elif status:
+            hint = f"the API answered {status}"
+        else:
+            hint = "check --host (the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline) and the network"
+        raise KfpError(f"{what} at {host} failed: {type(exc).__name__}: {text}; {hint}") from None
 
 
 def build_pipeline(name: str, cfg: ClusterConfig = ClusterConfig(), repo=None):
@@ -47,8 +72,12 @@ def compile_pipeline(name: str, out: str | Path, cfg: ClusterConfig = ClusterCon
 def make_client(host: str, token_env: str = "KFP_TOKEN", namespace: str | None = None):
     import kfp
 
+    import warnings
+
     token = os.environ.get(token_env) or None
-    return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+    with warnings.catch_warnings():  # its version notice on every call says nothing about this call
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
+        return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
 
 
 def _package(name: str, package: str | None, cfg: ClusterConfig) -> tuple[str, tempfile.TemporaryDirectory | None]:
@@ -69,10 +98,11 @@ def submit_run(host: str, name: str, params: PipelineParams, *, package: str | N
     """Create one run of pipeline ``name``; returns its run id."""
     path, tmpdir = _package(name, package, cfg)
     try:
-        client = make_client(host, token_env, namespace)
-        result = client.create_run_from_pipeline_package(
-            path, arguments=pipeline_arguments(name, params), run_name=run_name, experiment_name=experiment,
-            namespace=namespace)
+        with kfp_call(host, f"submitting the {name} pipeline"):
+            client = make_client(host, token_env, namespace)
+            result = client.create_run_from_pipeline_package(
+                path, arguments=pipeline_arguments(name, params), run_name=run_name, experiment_name=experiment,
+                namespace=namespace)
         return result.run_id
     finally:
         if tmpdir is not None:
@@ -82,9 +112,10 @@ def submit_run(host: str, name: str, params: PipelineParams, *, package: str | N
 def wait_for_run(host: str, run_id: str, timeout_s: float, *, token_env: str = "KFP_TOKEN",
                  namespace: str | None = None, poll_s: float = 30.0) -> str:
     """Wait (at most ``timeout_s``) for the run to finish; returns its final state (e.g. SUCCEEDED)."""
-    client = make_client(host, token_env, namespace)
     try:
-        run = client.wait_for_run_completion(run_id, timeout=timeout_s, sleep_duration=poll_s)
+        with kfp_call(host, f"waiting for run {run_id}"):
+            client = make_client(host, token_env, namespace)
+            run = client.wait_for_run_completion(run_id, timeout=timeout_s, sleep_duration=poll_s)
     except TimeoutError:
         raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s; it keeps running on the cluster "
                            f"(follow it in the KFP UI)") from None
@@ -103,11 +134,13 @@ def schedule_run(host: str, name: str, params: PipelineParams, cron: str, *, job
         cron = "0 " + cron  # a classic 5-field cron: run at second 0
     path, tmpdir = _package(name, package, cfg)
     try:
-        client = make_client(host, token_env, namespace)
-        exp = client.create_experiment(experiment, namespace=namespace)
-        job = client.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=max_concurrency,
-            pipeline_package_path=path, params=pipeline_arguments(name, params), enabled=True)
+        with kfp_call(host, f"scheduling the {name} pipeline"):
+            client = make_client(host, token_env, namespace)
+            exp = client.create_experiment(experiment, namespace=namespace)
+            job = client.create_recurring_run(
+                experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
+                max_concurrency=max_concurrency, pipeline_package_path=path, params=pipeline_arguments(name, params),
+                enabled=True)
         return job.recurring_run_id
     finally:
         if tmpdir is not None:

@@ -1,7 +1,7 @@
 """Pipeline parameters: ``params.yaml`` as typed dataclasses, with ``KEY=VALUE`` overrides.
 
 The same document drives ``saft run``, ``dvc repro`` (its stages read their sections) and
-the Kubeflow pipeline (``saft pipeline run/submit`` turn it into pipeline arguments).
+the Kubeflow pipeline (``saft pipeline run` or `saft pipeline submit`` turn it into pipeline arguments).
 Unknown keys and values of the wrong type are refused with the dotted key and the file
 named, so a typo never silently falls back to a default. The resolved parameters (file
 + overrides + defaults) are written next to a run's outputs.
@@ -157,7 +157,7 @@ class TrainJobParams:
 
 @dataclass
 class PipelineParams:
-    """Every parameter of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run/submit`."""
+    """Every parameter of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run` or `saft pipeline submit`."""
 
     model: str = setting("tiny", help="ARCH@TAG (hub), ARCH@/path/weights, ARCH@random, or tiny (shipped)")
     seeds: list[int] = setting(factory=lambda: [1, 2, 3], help="seeds: each draws its own data and trains anew")
@@ -346,7 +346,7 @@ def load_cli_params(path: str | None, overrides: list[str] = ()) -> tuple[Pipeli
 
 
 HEADER = """\
-# Parameters of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run/submit`
+# Parameters of a run: read by `saft run`, `dvc repro` (dvc.yaml) and `saft pipeline run` or `saft pipeline submit`
 # (Kubeflow). Override any key on the command line with `--set section.key=value`.
 # Written by `saft params show --defaults` from the parameters' own definitions (saft.steps.params):
 # every value here is the default, every comment the setting's help.
