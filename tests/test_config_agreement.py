@@ -18,7 +18,7 @@ from saft.orchestration.arguments import shared_arguments
 from saft.orchestration.repository import component_functions, find_repository
 from saft.steps import params as P
 from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
-from saft.steps.launch import evaluate_argv, finetune_argv, score_argv
+from saft.orchestration.torchrun import evaluate_argv, finetune_argv, score_argv
 
 REPO = find_repository()
 # step -> (config, the CLI command, the arguments the command needs beside the config's flags)
@@ -170,7 +170,7 @@ def test_components_take_every_setting_with_the_config_types_and_defaults(compon
 
 
 def test_settings_json_carries_every_setting_and_refuses_unknown_keys() -> None:
-    from saft.steps.tasks import settings_config
+    from saft.orchestration.tasks import settings_config
 
     p = P.PipelineParams()
     p.finetune.epochs, p.finetune.max_grad_norm, p.loader.num_workers = 2.0, 0.5, 3

@@ -69,7 +69,7 @@ def dvc_repo(tmp_path: Path, monkeypatch) -> tuple[Path, str, str]:
 def test_a_dvc_folder_is_versioned_and_read_at_a_git_revision(dvc_repo, tmp_path: Path) -> None:
     from saft.data.dvc_storage import DvcStorage
     from saft.data.prepare import PrepareConfig
-    from saft.steps.tasks import prepare_task, prepared_root
+    from saft.orchestration.tasks import prepare_task, prepared_root
 
     repo, rev1, rev2 = dvc_repo
     root = str(repo / "data" / "ds")

@@ -687,8 +687,8 @@ def test_retrain_workflow_submits_the_triggering_revision_and_reports_the_run(tm
     from fake_kfp import fake_kfp_server, submitted_run
 
     from saft.cli import main
-    from saft.steps.pipeline_run import PIPELINE_RUN_ENV
-    from saft.steps.tasks import finish_task, start_task
+    from saft.orchestration.parent_run import PIPELINE_RUN_ENV
+    from saft.orchestration.tasks import finish_task, start_task
 
     data = load_workflow("retrain.yml")
     job = data["jobs"]["retrain"]

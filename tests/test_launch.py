@@ -1,4 +1,4 @@
-"""saft.steps.launch: a step's command line built from its config, run directly or under torchrun."""
+"""saft.orchestration.torchrun: a step's command line built from its config, run directly or under torchrun."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from test_distributed import SAFT, _env, _run
 
 from saft.steps.configs import ScoreConfig
-from saft.steps.launch import LaunchError, run_step, score_argv, torchrun_command
+from saft.orchestration.torchrun import LaunchError, run_step, score_argv, torchrun_command
 
 
 def test_run_step_refuses_bad_argv_and_a_job_inside_a_job() -> None:

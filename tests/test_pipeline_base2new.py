@@ -40,7 +40,7 @@ def b2n_world(tmp_path_factory) -> Path:
 
 def test_the_fan_out_trains_once_per_dataset(b2n_world, tmp_path) -> None:
     from saft.eval.suites import load_suite
-    from saft.steps.eval_tasks import base2new_fanout, entries_of
+    from saft.orchestration.eval_tasks import base2new_fanout, entries_of
 
     entries = [{"name": f"{ds}/{half}", "dataset": "imagefolder", "root": f"{ds}/test", "role": half}
                for ds in ("dtd", "eurosat") for half in ("base", "new")]

@@ -121,7 +121,7 @@ def test_a_loaded_component_builds_into_a_users_own_pipeline(tmp_path) -> None:
         world(data_root=root, data_version=v.output, pool_per_class=4, test_per_class=4)
 
     compiler.Compiler().compile(theirs, str(tmp_path / "theirs.yaml"))
-    assert "saft.steps.tasks" in (tmp_path / "theirs.yaml").read_text()
+    assert "saft.orchestration.tasks" in (tmp_path / "theirs.yaml").read_text()
 
 
 def _tasks(spec: dict) -> dict[str, dict]:

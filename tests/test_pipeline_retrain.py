@@ -190,8 +190,8 @@ def test_baselines_train_into_runs_that_gather_and_compare_read(mini_world, tmp_
     from saft.eval.metrics import Record, metrics_document
     from saft.io import write_json
     from saft.steps.configs import FinetuneStepConfig
-    from saft.steps.eval_tasks import collect_task
-    from saft.steps.tasks import baseline_task, delta_runs, gather_deltas
+    from saft.orchestration.eval_tasks import collect_task
+    from saft.orchestration.tasks import baseline_task, delta_runs, gather_deltas
 
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     data = tmp_path / "data"
@@ -249,7 +249,7 @@ def test_a_training_task_killed_mid_run_resumes_on_its_retry(mini_world, tmp_pat
     from saft.sparse import load_delta
     from saft.steps.score import ScoreConfig, score_step
     from saft.steps.configs import FinetuneStepConfig
-    from saft.steps.tasks import finetune_task
+    from saft.orchestration.tasks import finetune_task
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)

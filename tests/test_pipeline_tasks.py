@@ -13,8 +13,8 @@ from saft.eval.metrics import Record, metrics_document
 from saft.sparse.config import FinetuneConfig
 from saft.steps.configs import FinetuneStepConfig
 from saft.steps.params import ParamsError, finetune_settings, load_params
-from saft.steps.release_tasks import candidate_metrics
-from saft.steps.tasks import settings_config, with_epochs
+from saft.orchestration.release_tasks import candidate_metrics
+from saft.orchestration.tasks import settings_config, with_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_the_retrain_section_and_the_real_model_recipe() -> None:
 
 def test_an_untracked_register_task_registers_nothing_and_says_so(tmp_path: Path, monkeypatch) -> None:
     from saft.orchestration.client import pipeline_arguments
-    from saft.steps.release_tasks import register_task
+    from saft.orchestration.release_tasks import register_task
 
     def refuse(*args, **kwargs):
         raise AssertionError("an untracked task touched the registry")

@@ -17,17 +17,17 @@ from saft.orchestration.client import pipeline_arguments
 from saft.orchestration.repository import component_functions
 from saft.steps.params import load_params
 from saft.loader import LoaderSettings
-from saft.steps.tasks import settings_config
+from saft.orchestration.tasks import settings_config
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = ["loader.num_workers=3", "loader.pin_memory=false", "loader.persistent_workers=false"]
 
 
 def _record(monkeypatch, name: str, module: str = "tasks") -> list:
-    """Replace ``saft.steps.<module>.<name>`` by a recorder of its arguments."""
+    """Replace ``saft.orchestration.<module>.<name>`` by a recorder of its arguments."""
     import importlib
 
-    tasks = importlib.import_module(f"saft.steps.{module}")
+    tasks = importlib.import_module(f"saft.orchestration.{module}")
     calls = []
 
     def recorder(*args, **kwargs):
@@ -90,7 +90,7 @@ def test_the_evaluate_component_hands_the_loader_to_the_task(tmp_path, monkeypat
 
 
 def test_the_evaluate_task_builds_its_config_with_the_loader(tmp_path, monkeypatch) -> None:
-    from saft.steps import eval_tasks as tasks
+    from saft.orchestration import eval_tasks as tasks
     from saft.steps import evaluate
 
     seen = {}
@@ -136,7 +136,7 @@ def test_the_protocol_settings_become_pipeline_arguments(pipeline: str) -> None:
 
 
 def test_the_protocol_task_checks_the_pipelines_own_arguments(tmp_path) -> None:
-    from saft.steps.eval_tasks import protocol_check
+    from saft.orchestration.eval_tasks import protocol_check
     from saft.steps.params import ParamsError, WorldParams
     from saft.steps.world import world_step
 

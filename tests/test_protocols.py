@@ -17,7 +17,7 @@ from saft.cli import main
 from saft.eval.metrics import harmonic_mean
 from saft.eval.suites import COOP_DATASETS, DEFAULT_FOLDERS, Suite, SuiteEntry, load_suite
 from saft.steps.params import ParamsError, load_params
-from saft.steps.plan import check_protocol, training_plan
+from saft.orchestration.plan import check_protocol, training_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_WORLD = ["seeds=[1]", "world.pool_per_class=8", "world.test_per_class=4", "data.shots=2", "data.val_shots=1",
@@ -101,7 +101,7 @@ def test_the_protocol_is_checked_before_anything_trains(tmp_path):
     code = main(_args(tmp_path / "run", TINY_WORLD + ["evaluate.suite=synthshift-b2n"]))
     assert code == 2 and not (tmp_path / "run" / "seed1").exists()
     # the pipeline's first task after the world makes the same check
-    from saft.steps.eval_tasks import protocol_task, suite_datasets
+    from saft.orchestration.eval_tasks import protocol_task, suite_datasets
 
     world = str(tmp_path / "run" / "world")
     assert protocol_task(json.dumps(load_params(None, ["data.subset=base"]).to_dict()), world) == "hm"
@@ -148,7 +148,7 @@ def test_base2new_trains_one_model_per_dataset(coop_root, tmp_path, monkeypatch)
     base = (groups["dtd"]["base"]["mean"] + groups["eurosat"]["base"]["mean"]) / 2
     new = (groups["dtd"]["new"]["mean"] + groups["eurosat"]["new"]["mean"]) / 2
     assert saft["hm"]["mean"] == pytest.approx(harmonic_mean(base, new))
-    from saft.steps.eval_tasks import base_to_new_trainings
+    from saft.orchestration.eval_tasks import base_to_new_trainings
 
     fan_out = base_to_new_trainings("", str(tmp_path / "suite.yaml"), str(coop_root))
     assert [(t["name"], t["root"], t["entries"]) for t in fan_out] == [

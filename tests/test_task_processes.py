@@ -19,10 +19,10 @@ from test_distributed import DELTA_TOLERANCE, _env, toy_world
 
 from saft.eval.suites import load_suite, suite_document
 from saft.steps.configs import FinetuneStepConfig
-from saft.steps.eval_tasks import evaluate_task
-from saft.steps.launch import PROCESSES_ENV, LaunchError, task_processes
+from saft.orchestration.eval_tasks import evaluate_task
+from saft.orchestration.torchrun import PROCESSES_ENV, LaunchError, task_processes
 from saft.steps.score import ScoreConfig
-from saft.steps.tasks import finetune_task, score_task
+from saft.orchestration.tasks import finetune_task, score_task
 
 
 def test_task_processes_is_one_per_visible_gpu_or_the_override() -> None:

@@ -76,7 +76,7 @@ def test_world_config_validates_its_options():
 
 def test_cli_builds_the_config():
     from saft.cli import build_parser
-    from saft.protocols.cli import world_config
+    from saft.cli.protocols import world_config
 
     parse = build_parser().parse_args
     default = world_config(parse(["benchmark", "synthshift"]))

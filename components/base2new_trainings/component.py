@@ -16,6 +16,6 @@ def base2new_trainings(world: Input[Dataset], suite: str, eval_data_root: str, d
     Returns:
         Items with group (the dataset, which evaluate scores on both halves), dataset and root to prepare from, version_check.
     """
-    from saft.steps.eval_tasks import base2new_fanout
+    from saft.orchestration.eval_tasks import base2new_fanout
 
     return base2new_fanout(world.path, suite, eval_data_root, dataset=dataset, data_root=data_root)

@@ -21,8 +21,8 @@ def baseline(model: str, data: Input[Dataset], method: str, lr: float, settings:
         delta: delta.safetensors, history.json, finetune.json.
     """
     from saft.steps.configs import FinetuneStepConfig
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import baseline_task, settings_config
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.tasks import baseline_task, settings_config
 
     cfg = settings_config(FinetuneStepConfig, settings, model=model, method=method, lr=lr, seed=seed, device=device)
     baseline_task(data.path, delta.path, cfg, density=density, parent_run_id=parent_run(tracking),

@@ -25,7 +25,7 @@ def collect(parts: Input[List[Artifact]], deltas: Input[Model], tracking: bool, 
         checks_passed: true, false, or n/a off the embedded world.
     """
     from saft.orchestration.publish import publish_collect
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
 
     return publish_collect([p.path for p in parts], [deltas.path], parent_run(tracking), results, report, table,
                            headline)

@@ -26,7 +26,7 @@ def collect_base2new(parts: Input[List[Artifact]], deltas: Input[List[Model]], t
         checks_passed: n/a (the world's validity checks need its ID/OOD suite).
     """
     from saft.orchestration.publish import publish_collect
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
 
     return publish_collect([p.path for p in parts], [d.path for d in deltas], parent_run(tracking), results, report,
                            table, headline)

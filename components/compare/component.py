@@ -22,7 +22,7 @@ def compare(results: Input[Dataset], candidate: Input[Model], baseline_metrics: 
         headline: ID / OOD mean per model, as KFP metrics.
     """
     from saft.orchestration.publish import publish_collect
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
 
     publish_collect([results.path, baseline_metrics.path], [candidate.path, baselines.path], parent_run(tracking),
                     comparison, report, table, headline, step="compare")

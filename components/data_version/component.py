@@ -22,7 +22,7 @@ def data_version(data_root: str, data_rev: str, data_repo: str, expected: str, p
     Returns:
         The version, e.g. dvc-3c8dc2c4..., s3-9f1e...
     """
-    from saft.steps.tasks import data_version_task
+    from saft.orchestration.tasks import data_version_task
 
     return data_version_task(data_root, rev=data_rev, repo=data_repo, expected=expected,
                              pool_per_class=pool_per_class, test_per_class=test_per_class, tracking=tracking)

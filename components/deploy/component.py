@@ -19,8 +19,8 @@ def deploy(decision: Input[Artifact], model_name: str, settings: str, image: str
         tracking: Log a nested MLflow run.
         deployment: deploy.json and inferenceservice.json.
     """
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.release_tasks import deploy_task
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.release_tasks import deploy_task
 
     deploy_task(decision.path, deployment.path, model_name=model_name, settings=settings, image=image,
                 parent_run_id=parent_run(tracking))

@@ -27,8 +27,8 @@ def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, data
         subset: The training subset (base: an empty suite is the world's synthshift-b2n).
         template_set: Prompt set where a dataset offers several, e.g. simple for ImageNet.
     """
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.eval_tasks import evaluate_task
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.eval_tasks import evaluate_task
 
     evaluate_task(model, world.path, suite, data_root, dataset, deltas.path, metrics.path, alphas=alphas,
                   batch_size=batch_size, device=device, parent_run_id=parent_run(tracking), zeroshot=zeroshot,

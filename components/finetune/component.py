@@ -25,8 +25,8 @@ def finetune(model: str, data: Input[Dataset], method: str, lr: float, settings:
         mask: The score task's output (saft, random).
     """
     from saft.steps.configs import FinetuneStepConfig
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import finetune_task, settings_config
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.tasks import finetune_task, settings_config
 
     cfg = settings_config(FinetuneStepConfig, settings, model=model, method=method, lr=lr, seed=seed, device=device)
     finetune_task(data.path, mask.path if mask is not None else None, delta.path, cfg,

@@ -30,9 +30,9 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
         delta: delta.safetensors, history.json, finetune.json, trainjob.json.
     """
     from saft.steps.configs import FinetuneStepConfig
-    from saft.steps.launched import finetune_trainjob_task
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import settings_config
+    from saft.orchestration.launched import finetune_trainjob_task
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.tasks import settings_config
 
     cfg = settings_config(FinetuneStepConfig, settings, model=model, method="saft", lr=lr, seed=seed,
                           device="cuda")

@@ -14,6 +14,6 @@ def finish_run(tracking: bool, results: Input[Dataset], decision: Input[Artifact
         results: The collect task's results folder.
         decision: The register task's decision folder (absent when registration is off).
     """
-    from saft.steps.tasks import finish_task
+    from saft.orchestration.tasks import finish_task
 
     finish_task(tracking, results_dir=results.path, decision_dir=decision.path if decision is not None else None)

@@ -20,7 +20,7 @@ def gather_deltas(saft_deltas: Input[List[Model]], full_deltas: Input[List[Model
         data: The prepare outputs, one per seed.
         deltas: <method>-seed<N>/ for each delta, data-seed<N>/ for each seed's prepared files.
     """
-    from saft.steps.tasks import gather_deltas as gather
+    from saft.orchestration.tasks import gather_deltas as gather
 
     gather([d.path for d in list(saft_deltas) + list(full_deltas) + list(random_deltas)], deltas.path,
            data_dirs=[d.path for d in data])

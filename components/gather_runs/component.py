@@ -12,6 +12,6 @@ def gather_runs(runs: Input[List[Model]], deltas: Output[Model]):
         runs: Finetune outputs.
         deltas: <method>-seed<N>/ for each input.
     """
-    from saft.steps.tasks import gather_deltas
+    from saft.orchestration.tasks import gather_deltas
 
     gather_deltas([r.path for r in runs], deltas.path)

@@ -34,8 +34,8 @@ def prepare(world: Input[Dataset], data_root: str, dataset: str, split: str, sho
         The training manifest's sha256.
     """
     from saft.data.prepare import PrepareConfig
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import prepare_task
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.tasks import prepare_task
 
     cfg = PrepareConfig(dataset=dataset, split=split, shots=shots, val_shots=val_shots, seed=seed, subset=subset,
                         templates=list(templates), train_templates=list(train_templates), skip_corrupt=skip_corrupt)

@@ -7,7 +7,7 @@ def protocol(world: Input[Dataset], suite: str, eval_data_root: str, subset: str
              register_enabled: bool, gate: str) -> str:
     """Fails the run, naming the setting to change, when the training cannot follow the suite's protocol.
 
-    The rules of `saft run` (saft.steps.plan): a base/new suite needs subset base and the
+    The rules of `saft run` (saft.orchestration.plan): a base/new suite needs subset base and the
     reverse; the ImageNet protocols train on ImageNet; with registration on, the gate must
     be able to judge the suite.
 
@@ -24,7 +24,7 @@ def protocol(world: Input[Dataset], suite: str, eval_data_root: str, subset: str
     Returns:
         The gate metric (id_ood or hm; "" when registration is off).
     """
-    from saft.steps.eval_tasks import protocol_check
+    from saft.orchestration.eval_tasks import protocol_check
 
     return protocol_check(world.path, suite=suite, eval_data_root=eval_data_root, subset=subset, dataset=dataset,
                           data_root=data_root, register_enabled=register_enabled, gate=gate)

@@ -38,8 +38,8 @@ def register(model: str, results: Input[Dataset], deltas: Input[Model], method: 
     """
     from collections import namedtuple
 
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.release_tasks import register_task
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.release_tasks import register_task
 
     result = register_task(model, results.path, deltas.path, [data.path] if data is not None else [], decision.path, method=method,
                            model_name=model_name, promote=promote, ood_tolerance=ood_tolerance,

@@ -29,8 +29,8 @@ def score(model: str, data: Input[Dataset], kind: str, density: float, rule: str
     from saft.config import to_mapping
     from saft.loader import LoaderSettings
     from saft.steps.configs import ScoreConfig
-    from saft.steps.pipeline_run import parent_run
-    from saft.steps.tasks import score_task, settings_config
+    from saft.orchestration.parent_run import parent_run
+    from saft.orchestration.tasks import score_task, settings_config
 
     cfg = ScoreConfig(model=model, density=density, rule=rule, kind=kind, batch_size=batch_size, seed=seed,
                       device=device, prompts=prompts, text_batch=text_batch, include=list(include),

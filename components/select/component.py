@@ -28,9 +28,9 @@ def select(model: str, data: Input[Dataset], candidates: Input[List[Model]], bat
     """
     from collections import namedtuple
 
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
     from saft.steps.select import selection_table
-    from saft.steps.tasks import select_task
+    from saft.orchestration.tasks import select_task
 
     doc = select_task(model, data.path, [c.path for c in candidates], chosen.path, batch_size=batch_size,
                       device=device, parent_run_id=parent_run(tracking))

@@ -18,6 +18,6 @@ def start_run(params_json: str, run_name: str, tracking: bool) -> str:
     """
     import json
 
-    from saft.steps.tasks import start_task
+    from saft.orchestration.tasks import start_task
 
     return start_task(json.loads(params_json), run_name, tracking)

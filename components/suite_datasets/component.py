@@ -15,6 +15,6 @@ def suite_datasets(world: Input[Dataset], suite: str, data_root: str, subset: st
     Returns:
         The dataset names.
     """
-    from saft.steps.eval_tasks import suite_datasets as names
+    from saft.orchestration.eval_tasks import suite_datasets as names
 
     return names(world.path, suite, data_root, subset)

@@ -16,6 +16,6 @@ def world(data_root: str, data_version: str, pool_per_class: int, test_per_class
         test_per_class: Test images per class and domain.
         world: The rendered world (pool, test sets, suite file) or the marker; data_version.json.
     """
-    from saft.steps.tasks import world_task
+    from saft.orchestration.tasks import world_task
 
     world_task(world.path, data_root, pool_per_class, test_per_class, data_version=data_version)

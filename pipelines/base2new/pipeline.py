@@ -8,7 +8,7 @@
       -> finish-run
 
 The CoOp/CoCoOp protocol (the built-in ``base2new`` suite of 11 datasets), as ``saft run``
-runs it with ``data.subset: base`` (saft.steps.plan); on the embedded world (``evaluate.suite``
+runs it with ``data.subset: base`` (saft.orchestration.plan); on the embedded world (``evaluate.suite``
 empty) the suite is ``synthshift-b2n``, one dataset, trained on the world's pool. Nothing is
 registered: there is a model per dataset and no single candidate. One seed (the first of
 ``seeds``). Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline

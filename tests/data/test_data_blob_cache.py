@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from saft.data.blob_cache import LOW_WATER, MAX_GB_ENV, BlobCache, cache_max_bytes
-from saft.data.cli import main as data_main
+from saft.cli.data import main as data_main
 from saft.data.storage import S3Storage, StorageError
 from saft.data.validate import validate_dataset
 

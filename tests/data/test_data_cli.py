@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from saft.data.adapters import get_adapter
-from saft.data.cli import build_parser, main, register
+from saft.cli.data import build_parser, main, register
 from test_data_prepare import (
     GOLDFISH,
     TENCH,

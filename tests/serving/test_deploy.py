@@ -225,7 +225,7 @@ def _decision(folder, verdict="promoted", version="3"):
 def test_the_pipelines_deploy_task_rolls_out_the_version_the_gate_promoted(cluster, registry, tmp_path) -> None:
     """The retrain pipeline's deploy task: params.yaml's deploy section -> deploy_step on the promoted version."""
     from saft.serving.kube import InferenceServices
-    from saft.steps.release_tasks import deploy_task
+    from saft.orchestration.release_tasks import deploy_task
 
     fake, host = cluster
     registry[1].set_registered_model_alias("saft-shapes", "champion", "3")
@@ -244,7 +244,7 @@ def test_the_pipelines_deploy_task_rolls_out_the_version_the_gate_promoted(clust
 
 
 def test_the_deploy_task_refuses_what_it_must_not_deploy(cluster, tmp_path) -> None:
-    from saft.steps.release_tasks import deploy_task
+    from saft.orchestration.release_tasks import deploy_task
 
     with pytest.raises(ValueError, match="no promoted version"):
         deploy_task(_decision(tmp_path / "a", verdict="rejected"), str(tmp_path / "o1"), model_name="saft-shapes")

@@ -17,9 +17,9 @@ from fake_kube import FakeTrainer, serve_fake
 from safetensors.torch import load_file
 
 from saft.cli import main
-from saft.steps.launched import finetune_trainjob_task, trainjob_options
+from saft.orchestration.launched import finetune_trainjob_task, trainjob_options
 from saft.steps.configs import FinetuneStepConfig, ScoreConfig
-from saft.steps.tasks import finetune_task, score_task
+from saft.orchestration.tasks import finetune_task, score_task
 
 
 def _run_manifest(seen: list):

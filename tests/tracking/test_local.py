@@ -146,7 +146,7 @@ def test_end_pipeline_run_checks_the_status():
 
 
 def test_mlflow_is_imported_only_by_tracking_functions():
-    code = ("import sys, saft, saft.sparse, saft.models, saft.tracking, saft.steps.register_cli, saft.steps.register, "
+    code = ("import sys, saft, saft.sparse, saft.models, saft.tracking, saft.cli.register, saft.steps.register, "
             "saft.tracking.registry, saft.tracking.promotion; print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

@@ -317,7 +317,7 @@ def test_full_fine_tuning_baseline_is_logged_not_registered(tracking_env, candid
 
 
 def test_register_cli(tracking_env, candidate, model_name, tmp_path, capsys):
-    from saft.steps.register_cli import register
+    from saft.cli.register import register
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()

@@ -53,7 +53,7 @@ from saft.sparse.scores import importance_scores
 from saft.sparse.text_side import StepTextSide
 from saft.sparse.trainer import _freeze_norm_statistics
 from saft.sparse.update import SparseUpdate
-from saft.steps.launch import TORCHRUN_MARKERS, source_pythonpath, torchrun_command
+from saft.orchestration.torchrun import TORCHRUN_MARKERS, source_pythonpath, torchrun_command
 
 WORKER = "saft.bench.step_dist_worker"
 TOLERANCE = 1e-4  # N-process values vs one process: max|diff| <= TOLERANCE * max|value|

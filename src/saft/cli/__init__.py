@@ -144,32 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-baseline", action="store_true", help="measure saft serve only")
     sv.set_defaults(func=_bench_serve)
 
-    from saft.data.cli import register as register_data
+    from saft.cli.data import register as register_data
 
     register_data(sub)
 
-    from saft.steps.cli import register as register_steps
+    from saft.cli.steps import register as register_steps
 
     register_steps(sub)
 
 
-    from saft.world.cli import register as register_world
+    from saft.cli.world import register as register_world
 
     register_world(sub)
 
-    from saft.protocols.cli import register as register_protocols
+    from saft.cli.protocols import register as register_protocols
 
     register_protocols(sub)
 
-    from saft.steps.register_cli import register as register_registry
+    from saft.cli.register import register as register_registry
 
     register_registry(sub)
 
-    from saft.serving.cli import register as register_serving
+    from saft.cli.serving import register as register_serving
 
     register_serving(sub)
 
-    from saft.orchestration.cli import register as register_pipeline
+    from saft.cli.pipeline import register as register_pipeline
 
     register_pipeline(sub)
     return parser
@@ -210,7 +210,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         print(f"saft: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -88,7 +88,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from saft.steps.params import load_cli_params
-    from saft.steps.run import run_pipeline
+    from saft.orchestration.run import run_pipeline
 
     params, source = load_cli_params(args.params, args.set)
     print(f"parameters: {source}")

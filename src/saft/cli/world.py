@@ -1,4 +1,4 @@
-"""``saft pretrain``: the embedded world's tiny CLIP (the benchmarks are in :mod:`saft.protocols.cli`)."""
+"""``saft pretrain``: the embedded world's tiny CLIP (the benchmarks are in :mod:`saft.cli.protocols`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ applies it to a task by its component's name:
 - credentials: S3 and MLflow secrets as environment variables (optional secrets, so a
   cluster without one still runs); the pipeline run's id (the pod's ``pipeline/runid``
   label) as ``SAFT_PIPELINE_RUN``, through which tasks find their MLflow parent run
-  without an input that would defeat caching (:mod:`saft.steps.pipeline_run`);
+  without an input that would defeat caching (:mod:`saft.orchestration.parent_run`);
 - caching on every deterministic task (its key covers its inputs: the data version is
   one of them wherever data is read) and never on tasks with side effects or whose
   answer changes over time (MLflow runs, the data version, the registry, deploy);

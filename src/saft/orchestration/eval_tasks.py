@@ -1,6 +1,6 @@
 """Pipeline tasks of evaluation: the suite, the protocol check, the base-to-new fan-out, evaluate, collect.
 
-Kfp-free like :mod:`saft.steps.tasks` (whose helpers they use): one function per component.
+Kfp-free like :mod:`saft.orchestration.tasks` (whose helpers they use): one function per component.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from saft.steps.tasks import FINETUNE_FILE, METRICS_FILE, _log, delta_runs, settings_config
+from saft.orchestration.tasks import FINETUNE_FILE, METRICS_FILE, _log, delta_runs, settings_config
 from saft.steps.tracked import step_context
 
 
@@ -47,13 +47,13 @@ def protocol_check(world_dir: str, *, suite: str, eval_data_root: str, subset: s
 
 
 def protocol_task(params_json: str, world_dir: str) -> str:
-    """Check the run's protocol and the gate's inputs before anything trains (:mod:`saft.steps.plan`).
+    """Check the run's protocol and the gate's inputs before anything trains (:mod:`saft.orchestration.plan`).
 
     Returns the gate metric (``id_ood`` or ``hm``; ``""`` when registration is off) for the
     register task; raises ``ParamsError`` with the setting to change otherwise.
     """
     from saft.steps.params import params_from_dict
-    from saft.steps.plan import check_protocol, training_plan
+    from saft.orchestration.plan import check_protocol, training_plan
 
     params = params_from_dict(json.loads(params_json), "pipeline parameters")
     resolved = resolve_suite(world_dir, params.evaluate.suite, params.evaluate.data_root, params.data.subset)
@@ -69,7 +69,7 @@ def base_to_new_trainings(world_dir: str, suite: str, data_root: str) -> list[di
     suite of one dataset or none (those train once, on ``data``).
     """
     from saft.steps.params import PipelineParams
-    from saft.steps.plan import training_plan
+    from saft.orchestration.plan import training_plan
 
     params = PipelineParams()
     params.data.subset = "base"
@@ -133,7 +133,7 @@ def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, datase
     from saft.loader import LoaderSettings
     from saft.steps.configs import EvaluateConfig
     from saft.steps.evaluate import evaluate_suite
-    from saft.steps.launch import task_processes
+    from saft.orchestration.torchrun import task_processes
 
     resolved = resolve_suite(world_dir, suite, data_root, subset)
     cfg = EvaluateConfig(model=model, suite=suite, data_root=data_root, deltas=delta_runs(deltas_dir),
@@ -157,8 +157,7 @@ def _evaluate_launched(cfg, suite, out_dir: str, processes: int) -> dict:
     import yaml
 
     from saft.eval.suites import suite_document
-    from saft.steps.launch import evaluate_argv
-    from saft.steps.launched import run_launched
+    from saft.orchestration.torchrun import evaluate_argv, run_launched
 
     with tempfile.TemporaryDirectory(prefix="saft-suite-") as tmp:
         suite_file = Path(tmp) / f"{suite.name}.yaml"

@@ -2,7 +2,7 @@
 
 *One pod, N GPUs* (``gpu_count: N``): the score, finetune and evaluate tasks run their
 step as ``saft score|finetune|evaluate`` under torchrun with one process per GPU
-(:func:`saft.steps.launch.task_processes`, :func:`run_launched`). The job runs
+(:func:`saft.orchestration.torchrun.task_processes`, :func:`run_launched`). The job runs
 untracked; the task's own nested MLflow run logs what the job wrote, exactly as after the
 in-process call, and the task returns the summary the step's record holds.
 
@@ -16,33 +16,20 @@ output, so select and evaluate downstream see what a one-pod finetune task leave
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from saft.config import to_mapping
 from saft.io import write_json
-from saft.steps.launch import check_step, finetune_argv
-from saft.steps.record import RECORD_FILE
-from saft.steps.tracked import PARENT_ENV, step_context
+from saft.orchestration.torchrun import finetune_argv
+from saft.steps.tracked import step_context
 
 TRAINJOB_FILE = "trainjob.json"
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def run_launched(argv: list[str], processes: int, out_dir: str, *, log=_log) -> dict:
-    """Run ``saft ARGV`` as ``processes`` ranks in this pod; return the summary its record holds."""
-    env = {k: v for k, v in os.environ.items() if k != PARENT_ENV}  # the task logs, not every rank
-    check_step(argv, processes, log=log, env=env)
-    record = Path(out_dir) / RECORD_FILE
-    if not record.is_file():
-        raise RuntimeError(f"saft {argv[0]} on {processes} processes exited cleanly but left no {RECORD_FILE} in "
-                           f"{out_dir}")
-    return json.loads(record.read_text()).get("summary", {})
 
 
 TRAINJOB_KEYS = ("namespace", "image", "runtime", "gpu_resource", "cpu", "memory", "timeout_s", "poll_s",
@@ -68,7 +55,7 @@ def trainjob_options(settings: str | dict, *, image: str = "") -> dict:
 def _stage(data_dir: str, mask_dir: str | None, stage: Path, log) -> tuple[Path, Path | None]:
     """The prepared folder (with its drawn images) and the mask, copied onto the shared volume."""
     from saft.steps.prepared import PreparedData
-    from saft.steps.tasks import FILES_DIR, MASK_FILE, _materialize
+    from saft.orchestration.tasks import FILES_DIR, MASK_FILE, _materialize
 
     data = stage / "data"
     if data.exists():
@@ -98,7 +85,7 @@ def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cf
     from its checkpoints. The folder is removed once the delta is copied out.
     """
     from saft.orchestration.trainjob import launch_trainjob
-    from saft.steps.tasks import DELTA_FILE, HISTORY_FILE, RUN_FILES, checkpoint_dir_for, prepared_root, with_epochs
+    from saft.orchestration.tasks import DELTA_FILE, HISTORY_FILE, RUN_FILES, checkpoint_dir_for, prepared_root, with_epochs
 
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"trainjob: nodes ({nodes}) and gpus_per_node ({gpus_per_node}) must be >= 1")

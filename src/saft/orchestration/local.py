@@ -55,7 +55,7 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, pipeline: str = "b
     from saft.orchestration.tasklog import display_names, strip_ansi, task_log
     from saft.steps.collect import RESULTS_FILE, TABLE_FILE
     from saft.steps.params import write_resolved
-    from saft.steps.pipeline_run import PIPELINE_RUN_ENV
+    from saft.orchestration.parent_run import PIPELINE_RUN_ENV
 
     if params.cluster.nodes > 1:
         raise ValueError(f"cluster.nodes is {params.cluster.nodes}: training across nodes needs Kubeflow Trainer on a "

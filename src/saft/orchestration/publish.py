@@ -29,7 +29,7 @@ def headline_metrics(summary: dict) -> dict[str, float]:
 def publish_collect(part_dirs, deltas_dirs, parent_run_id, results, report, table, headline, step="collect"):
     """Merge ``part_dirs`` (evaluate outputs, or earlier results) into ``results``; fill the UI artifacts."""
     from saft.steps.collect import TABLE_FILE
-    from saft.steps.eval_tasks import collect_task
+    from saft.orchestration.eval_tasks import collect_task
 
     summary = collect_task(part_dirs, deltas_dirs, results.path, parent_run_id=parent_run_id, step=step)
     shutil.copyfile(Path(results.path) / "report.html", report.path)

@@ -1,6 +1,6 @@
 """Pipeline tasks of release: register the candidate behind the promotion gate, deploy the champion.
 
-Kfp-free like :mod:`saft.steps.tasks` (whose helpers they use): one function per component.
+Kfp-free like :mod:`saft.orchestration.tasks` (whose helpers they use): one function per component.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from saft.io import write_json
-from saft.steps.tasks import (
+from saft.orchestration.tasks import (
     CANDIDATE_METRICS_FILE,
     METRICS_FILE,
     VERSION_FILE,

@@ -44,9 +44,7 @@ def find_repository(repo: str | os.PathLike | None = None) -> Path:
             raise ValueError(f"{path} holds no components/ and pipelines/ folders (from --repo or ${REPO_ENV}); "
                              "point it at a saft-pipeline checkout")
         return path
-    import saft
-
-    checkout = Path(saft.__file__).resolve().parents[2]  # src/saft/__init__.py -> the checkout
+    checkout = Path(__file__).resolve().parents[3]  # src/saft/orchestration/repository.py -> the checkout
     if _is_repo(checkout):
         return checkout
     for folder in [Path.cwd(), *Path.cwd().parents]:

@@ -6,7 +6,7 @@ report, validity checks) -> register (MLflow model version + promotion gate).
 
 Base-to-new (``data.subset: base``): on the embedded world the ``synthshift-b2n`` suite;
 with a suite of several datasets (``base2new``) one training per dataset and seed, each
-evaluated on its own halves (:mod:`saft.steps.plan`), merged by collect. The protocol and
+evaluated on its own halves (:mod:`saft.orchestration.plan`), merged by collect. The protocol and
 the gate's inputs are checked before the first step that trains.
 
 The same step functions run under Kubeflow (one component each, ``saft.orchestration``)
@@ -40,10 +40,10 @@ from saft.steps.evaluate import evaluate_suite
 from saft.steps.finetune import DELTA_FILE
 from saft.sparse.distributed import resolve_device
 from saft.steps.params import PipelineParams, write_resolved
-from saft.steps.plan import TrainingTask, check_protocol, training_plan
+from saft.orchestration.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
-from saft.steps.release_tasks import candidate_metrics
-from saft.steps.tasks import finetune_task, prepare_task, score_task
+from saft.orchestration.release_tasks import candidate_metrics
+from saft.orchestration.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
 from saft.steps.world import world_step, world_suite
 

@@ -30,7 +30,7 @@ def run_summary(kfp_run_id: str, state: str, *, pipeline: str, revision: str = "
     if revision:
         lines += [f"Data revision: `{revision}`", ""]
     try:
-        from saft.steps.pipeline_run import find_parent_run
+        from saft.orchestration.parent_run import find_parent_run
         from saft.tracking.config import make_client, resolve_config
 
         parent = find_parent_run(kfp_run_id)

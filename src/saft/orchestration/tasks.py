@@ -8,7 +8,7 @@ tracking as ``saft run``. They import no kfp, so they are tested without a clust
 
 Embedded default: the ``world`` task renders the world into its artifact; an empty
 ``data_root``/``suite`` downstream means "the world artifact's pool/suite". Tracking:
-each task finds its MLflow parent run through :mod:`saft.steps.pipeline_run` (never
+each task finds its MLflow parent run through :mod:`saft.orchestration.parent_run` (never
 through an input, which would defeat the cache).
 """
 
@@ -52,7 +52,7 @@ def start_task(params: dict, run_name: str, tracking: bool) -> str:
 
     if not tracking or not tracking_enabled():
         return ""
-    from saft.steps.pipeline_run import open_parent_run
+    from saft.orchestration.parent_run import open_parent_run
 
     run_id = open_parent_run(run_name, params)
     _log(f"MLflow parent run {run_id}")
@@ -66,7 +66,7 @@ def finish_task(tracking: bool, *, results_dir: str | None = None, decision_dir:
     Done here, in a task that is never cached, so the parent run of every pipeline run
     holds them even when collect was served from cache (CI reads them from there).
     """
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
 
     parent = parent_run(tracking)
     if not parent:
@@ -132,7 +132,7 @@ def data_version_task(data_root: str, *, rev: str = "", repo: str = "", expected
     version = resolve_data_version(data_root, rev=rev, repo=repo, expected=expected, pool_per_class=pool_per_class,
                                    test_per_class=test_per_class)
     _log(f"data version: {version.describe}")
-    from saft.steps.pipeline_run import parent_run
+    from saft.orchestration.parent_run import parent_run
 
     parent = parent_run(tracking)
     if parent:
@@ -242,13 +242,13 @@ def settings_config(cls, settings: str | dict, **fixed):
 def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, progress: bool = False,
                log=_log) -> dict:
     from saft.config import to_mapping
-    from saft.steps.launch import score_argv, task_processes
+    from saft.orchestration.torchrun import score_argv, task_processes
     from saft.steps.score import score_step
 
     processes = task_processes(cfg.device)
     with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
-        if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
-            from saft.steps.launched import run_launched
+        if processes > 1:  # one process per GPU of the pod (saft.orchestration.launched)
+            from saft.orchestration.torchrun import run_launched
 
             stats = run_launched(score_argv(cfg, data_dir, out_dir, root=prepared_root(data_dir)), processes,
                                  out_dir, log=log)
@@ -297,10 +297,10 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
     """Train one delta (``cfg``: a :class:`saft.steps.configs.FinetuneStepConfig`). With ``checkpoint_root``,
     checkpoints go to a folder keyed by the run (:func:`checkpoint_dir_for`) and a rerun resumes from the last
     one; the folder is removed once the delta is written. A pod with several GPUs runs the step as one process
-    per GPU (:mod:`saft.steps.launched`)."""
+    per GPU (:mod:`saft.orchestration.launched`)."""
     from saft.config import to_mapping
     from saft.steps.finetune import finetune_step
-    from saft.steps.launch import task_processes
+    from saft.orchestration.torchrun import task_processes
 
     mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
     cfg = with_epochs(cfg, data_dir, log)
@@ -318,9 +318,8 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
             log("finetune: no checkpoints (finetune.checkpoint_every is 0): a retry starts from step 0")
     processes = task_processes(cfg.device)
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
-        if processes > 1:  # one process per GPU of the pod (saft.steps.launched)
-            from saft.steps.launch import finetune_argv
-            from saft.steps.launched import run_launched
+        if processes > 1:  # one process per GPU of the pod (saft.orchestration.launched)
+            from saft.orchestration.torchrun import finetune_argv, run_launched
 
             argv = finetune_argv(cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
                                  resume=ckpt is not None, checkpoint_dir=str(ckpt) if ckpt else None)

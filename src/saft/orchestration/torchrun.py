@@ -12,10 +12,15 @@ Nothing here imports kfp: the integrator calls it from a task body.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
+
+from saft.steps.record import RECORD_FILE
+from saft.steps.tracked import PARENT_ENV
 
 STEPS = ("score", "finetune", "evaluate")
 PROCESSES_ENV = "SAFT_TASK_PROCESSES"
@@ -79,24 +84,25 @@ def run_step(argv: Sequence[str], processes: int, *, log: Callable[[str], None] 
              env: dict | None = None, cwd: str | None = None) -> int:
     """Run ``saft ARGV``; return its exit code (0: success).
 
-    ``processes`` <= 1 runs it in this process (``saft.cli.main``); more runs it under
-    torchrun with one process per GPU, its output (stdout and stderr merged) passed to
-    ``log`` line by line as it comes, and torchrun's exit code returned (non-zero when
-    any rank failed). ``env`` replaces the environment of the torchrun job (default: this
-    process's).
+    ``processes`` <= 1 runs it as one child process (``python -m saft.cli``); more runs it
+    under torchrun with one process per GPU. Either way its output (stdout and stderr
+    merged) is passed to ``log`` line by line as it comes, and the exit code returned
+    (non-zero when any rank failed). ``env`` replaces the environment of the job (default:
+    this process's). The step runs in a child, never by importing the command line, which
+    sits above this layer.
     """
     argv = [str(a) for a in argv]
     env = dict(os.environ if env is None else env)
     _check(argv, processes, env)
-    if processes <= 1:
-        from saft.cli import main
-
-        return int(main(argv) or 0)
     # The job's children must import the same saft as this process (a task may run from a source tree).
     env["PYTHONPATH"] = source_pythonpath(env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed, not at exit
-    cmd = torchrun_command(argv, processes)
-    log(f"launch: {argv[0]} as {processes} processes: {' '.join(cmd)}")
+    if processes <= 1:
+        cmd = [sys.executable, "-m", "saft.cli", *argv]
+        log(f"launch: {argv[0]} as one process: {' '.join(cmd)}")
+    else:
+        cmd = torchrun_command(argv, processes)
+        log(f"launch: {argv[0]} as {processes} processes: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     try:
@@ -106,7 +112,7 @@ def run_step(argv: Sequence[str], processes: int, *, log: Callable[[str], None] 
         proc.stdout.close()
         code = proc.wait()
     if code:
-        log(f"launch: {argv[0]} under torchrun failed with exit code {code}")
+        log(f"launch: {argv[0]} failed with exit code {code} on {max(processes, 1)} process(es)")
     return code
 
 
@@ -115,6 +121,17 @@ def check_step(argv: Sequence[str], processes: int, **kwargs) -> None:
     code = run_step(argv, processes, **kwargs)
     if code:
         raise RuntimeError(f"saft {argv[0]} failed with exit code {code} on {max(processes, 1)} process(es)")
+
+
+def run_launched(argv: list[str], processes: int, out_dir: str, *, log: Callable[[str], None] = print) -> dict:
+    """Run ``saft ARGV`` as ``processes`` ranks in this pod; return the summary its record holds."""
+    env = {k: v for k, v in os.environ.items() if k != PARENT_ENV}  # the task logs, not every rank
+    check_step(argv, processes, log=log, env=env)
+    record = Path(out_dir) / RECORD_FILE
+    if not record.is_file():
+        raise RuntimeError(f"saft {argv[0]} on {processes} processes exited cleanly but left no {RECORD_FILE} in "
+                           f"{out_dir}")
+    return json.loads(record.read_text()).get("summary", {})
 
 
 # --------------------------------------------------------------------------- command lines

@@ -49,11 +49,9 @@ def wheel_name(version: str) -> str:
 
 def build_project_wheel(out_dir: str | Path) -> Path:
     """Write the wheel of the importable ``saft`` package into ``out_dir``; returns its path."""
-    import saft
-
     dist = metadata.distribution(PROJECT)
     version = dist.version
-    package = Path(saft.__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # src/saft/serving/wheel.py -> the saft package
     info = f"{PROJECT}-{version}.dist-info"
     entries: list[tuple[str, bytes]] = []
     for path in _package_files(package):
