@@ -41,7 +41,9 @@ def test_two_processes_score_the_same_mask_bytes_as_one(tmp_path: Path, monkeypa
     assert any("missing" in line for line in failed), failed[-5:]
 
 
-def test_run_step_runs_one_process_in_this_process(tmp_path: Path, capsys) -> None:
+def test_run_step_runs_one_process_as_a_child(tmp_path: Path) -> None:
+    lines: list[str] = []
     code = run_step(["score", "--model", "tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
-                     "--device", "cpu"], 1)
-    assert code == 2 and "nope" in capsys.readouterr().err  # capsys sees only this process's sys.stderr
+                     "--device", "cpu"], 1, log=lines.append)
+    assert code == 2 and lines[0].startswith("launch: score as one process:")
+    assert any("nope" in line and "not a prepared data folder" in line for line in lines)  # the child's error

@@ -75,7 +75,8 @@ def test_no_credentials_in_outputs_logs_mlflow_or_compiled_pipeline(tmp_path: Pa
     assert store.is_dir()
 
     # 3. The compiled pipeline (secrets are referenced by Kubernetes secret name only).
-    _saft(["pipeline", "compile", "--out", "compiled/pipeline.yaml"], tmp_path, _env(secrets), secrets)
+    _saft(["pipeline", "compile", "--image", "registry.example/saft:1", "--out", "compiled/pipeline.yaml"], tmp_path,
+          _env(secrets), secrets)
     assert (tmp_path / "compiled" / "pipeline.yaml").is_file()
 
     # Every file written: outputs, records, reports, the MLflow database and artifacts, the YAML.

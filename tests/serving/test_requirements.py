@@ -57,7 +57,7 @@ def test_the_model_environment_installs_offline(served_folder, tmp_path) -> None
     out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(site / "saft" / "cli.py"), "True", "saft", "0.1.0"]
+    assert out.stdout.split() == [str(site / "saft" / "cli" / "__init__.py"), "True", "saft", "0.1.0"]
 
     report = tmp_path / "report.json"
     resolved = _pip("install", "--dry-run", "--no-index", "--find-links", "wheels", "-r", "requirements.txt",

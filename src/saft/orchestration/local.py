@@ -113,6 +113,8 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, pipeline: str = "b
         log("\n" + selection_table(summary["selection"]))
     if "register" in summary:
         log(f"\nregistry: {summary['register'].get('summary', summary['register'].get('verdict'))}")
+    elif not tracking:
+        log("\nregistry: nothing registered (tracking is off: --no-tracking)")
     elif not params.register.enabled:
         log("\nregistry: nothing registered (register.enabled is false)")
     if "deploy" in summary:
