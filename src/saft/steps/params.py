@@ -118,8 +118,9 @@ class DeployParams:
     """The retrain pipeline's deploy task: the promoted champion onto KServe, by canary (saft.steps.deploy)."""
 
     enabled: bool = True
-    dry_run: bool = True  # render the InferenceService only; false: apply it to the cluster (in-cluster credentials)
+    dry_run: bool = True  # apply nothing (server-side dry run where allowed); false: apply it (in-cluster credentials)
     namespace: str = "default"
+    deployment_mode: str = "Knative"  # KServe >= 0.16: Knative (canary) or Standard (no canary: canary_percent 0)
     image: str = ""  # predictor image; empty: the pipeline's own image
     cpu: str = "2"
     memory: str = "8Gi"
@@ -177,9 +178,11 @@ class TrainJobParams:
     gpu_resource: str = "nvidia.com/gpu"
     cpu: str = ""  # per node; "": the runtime's
     memory: str = ""
-    timeout_s: float = 6 * 3600.0  # a job past this is deleted (its GPUs freed) and the task fails
+    timeout_s: float = 6 * 3600.0  # running time; the job's activeDeadlineSeconds (v2.2+); past it the job is stopped
+    queue_timeout_s: float = 24 * 3600.0  # time suspended waiting for admission (Kueue); past it the job is deleted
+    queue: str = ""  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name); "": not queued by Kueue
     poll_s: float = 15.0
-    patch_api: str = "podTemplateOverrides"  # Trainer v2.0/v2.1; runtimePatches for later releases
+    patch_api: str = "runtimePatches"  # Trainer v2.2+; podTemplateOverrides for v2.0/v2.1 (no activeDeadlineSeconds)
 
 
 @dataclass
@@ -272,6 +275,15 @@ class PipelineParams:
                 raise ParamsError(f"{where}: finetune.batch_size {f.batch_size} must divide by cluster.nodes x "
                                   f"cluster.gpu_count ({c.nodes} x {c.gpu_count}): every process trains an equal "
                                   "part of each global batch")
+        if self.deploy.deployment_mode not in ("Knative", "Standard"):
+            raise ParamsError(f"{where}: deploy.deployment_mode must be Knative or Standard (KServe's names since "
+                              f"0.16), got {self.deploy.deployment_mode!r}")
+        if self.deploy.deployment_mode == "Standard" and self.deploy.canary_percent:
+            raise ParamsError(f"{where}: deploy.canary_percent {self.deploy.canary_percent} needs "
+                              "deploy.deployment_mode Knative: KServe's Standard mode has no canary; set "
+                              "deploy.canary_percent: 0 to replace the predictor in place")
+        if self.trainjob.timeout_s <= 0 or self.trainjob.queue_timeout_s <= 0:
+            raise ParamsError(f"{where}: trainjob.timeout_s and trainjob.queue_timeout_s must be > 0 (seconds)")
         if self.trainjob.patch_api not in ("podTemplateOverrides", "runtimePatches"):
             raise ParamsError(f"{where}: trainjob.patch_api must be podTemplateOverrides or runtimePatches, got "
                               f"{self.trainjob.patch_api!r}")
