@@ -77,7 +77,11 @@ def _configuration(host: str | None, token: str | None, kubeconfig: str | None, 
         return cfg
     cfg = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=cfg)
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException as exc:
+            raise KubeError(f"in a pod, but without a service-account token to call the Kubernetes API ({exc}); "
+                            "mount one (automountServiceAccountToken) or give --kubeconfig") from None
     else:
         try:
             config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
