@@ -10,8 +10,10 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
 
     The launcher holds no GPU: it stages the prepared data (with its drawn images) and the mask
     on the shared volume, creates the TrainJob (torch-distributed runtime, the project image),
-    waits for Complete or Failed, and copies the delta into its output. A retried launcher finds
-    the job it submitted and the job resumes from its checkpoints on the volume.
+    waits for Complete or Failed, and copies the delta into its output. The job carries
+    activeDeadlineSeconds (Trainer v2.2+), time waiting for Kueue admission is not running time, and
+    a cancelled launcher deletes its job. A retried launcher finds the job it submitted and the job
+    resumes from its checkpoints on the volume.
 
     Args:
         model: Model spec the mask was scored on.
@@ -24,7 +26,7 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
         gpus_per_node: GPUs and processes per node (cluster.gpu_count).
         shared_root: Where this pod mounts the shared PVC; every node mounts it at the same path.
         pvc: The shared volume claim (cluster.checkpoint_pvc; ReadWriteMany across nodes).
-        trainjob: JSON of params.yaml's trainjob section (namespace, image, runtime, gpu_resource, cpu, memory, timeout_s, poll_s, patch_api).
+        trainjob: JSON of params.yaml's trainjob section (namespace, image, runtime, gpu_resource, cpu, memory, timeout_s, queue_timeout_s, queue, poll_s, patch_api).
         image: The pipeline's image, the nodes' when trainjob names none.
         tracking: Log a nested MLflow run (curves, delta).
         delta: delta.safetensors, history.json, finetune.json, trainjob.json.

@@ -72,7 +72,10 @@ def test_the_launcher_stages_submits_waits_and_hands_on_the_jobs_delta(prepared:
     assert len(job["staged_images"]) == 20  # the drawn images travel to the volume, not the whole root
     for name in ("delta.safetensors", "history.json", "finetune.json", "trainjob.json"):
         assert (prepared / "F" / name).is_file(), name
-    assert json.loads((prepared / "F/trainjob.json").read_text())["nodes"] == 2
+    record = json.loads((prepared / "F/trainjob.json").read_text())
+    assert record["nodes"] == 2 and record["condition"]["reason"] == "AllJobsCompleted"
+    assert record["queued_s"] == 0 and record["running_s"] >= 0
+    assert creates[0]["body"]["spec"]["activeDeadlineSeconds"] == 6 * 3600  # the default running-time limit
     assert summary["trainjob"] == creates[0]["body"]["metadata"]["name"]
     assert not any((prepared / "pvc" / "trainjobs").iterdir())  # the staged folder goes once the delta is out
     # the same training in one pod gives the same delta (the fake job ran as one process)
@@ -88,3 +91,5 @@ def test_the_launcher_refuses_what_the_job_could_not_run(prepared: Path) -> None
     with pytest.raises(ValueError, match="unknown field.*numNodes"):
         trainjob_options({"numNodes": 3})
     assert trainjob_options('{"image": "", "poll_s": 5, "cpu": ""}', image="img") == {"image": "img", "poll_s": 5.0}
+    assert trainjob_options({"queue": "team-gpus", "queue_timeout_s": 600}) == {"queue": "team-gpus",
+                                                                                "queue_timeout_s": 600.0}

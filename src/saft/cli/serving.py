@@ -37,7 +37,8 @@ def _deploy(args: argparse.Namespace) -> int:
     from saft.serving.rollout import FAILED, ROLLED_BACK, RolloutConfig
     from saft.steps.deploy import DEPLOY_FILE, DeployConfig, deploy_step
 
-    predictor = PredictorSettings(image=args.image, namespace=args.namespace, cpu=args.cpu, memory=args.memory,
+    predictor = PredictorSettings(image=args.image, namespace=args.namespace, deployment_mode=args.deployment_mode,
+                                  cpu=args.cpu, memory=args.memory,
                                   memory_limit=args.memory_limit, gpu_count=args.gpu_count,
                                   gpu_resource=args.gpu_resource, min_replicas=args.min_replicas,
                                   max_replicas=args.max_replicas,
@@ -57,7 +58,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from saft.serving.kserve import PredictorSettings
+    from saft.serving.kserve import MODES, PredictorSettings
     from saft.serving.protocol import Limits
 
     limits, predictor = Limits(), PredictorSettings()
@@ -98,15 +99,21 @@ def register(sub) -> None:
 
     dp = sub.add_parser("deploy", help="deploy a registered version to KServe with a canary, promote or roll back",
                         description="Renders the InferenceService of MODEL_NAME at --version (default: the champion "
-                                    "alias), applies it with --canary-percent of traffic when another version is "
-                                    "serving, promotes it to 100%% once ready and answering, else rolls back; "
-                                    "records the outcome in the version's saft.deploy.* tags and OUT/deploy.json. "
-                                    "Exit status 3 when rolled back or failed.")
+                                    "alias), served under the service's name, applies it with --canary-percent of "
+                                    "traffic when another version is serving (KServe's Knative mode), promotes it "
+                                    "to 100%% once ready and answering, else rolls back; records the outcome in the "
+                                    "version's saft.deploy.* tags and OUT/deploy.json. Every write uses the API "
+                                    "server's strict field validation. Exit status 3 when rolled back or failed. "
+                                    "Needs KServe >= 0.16 (its mode names). See docs/serving.md.")
     dp.add_argument("--model-name", default="saft-tiny", help="registered model (default: saft-tiny)")
     dp.add_argument("--version", default="champion", help="version number or alias (default: champion)")
     dp.add_argument("--out", required=True, help="output folder for deploy.json and inferenceservice.json")
     dp.add_argument("--service", default="", help="InferenceService name (default: from the model name)")
     dp.add_argument("--namespace", default=predictor.namespace, help=f"namespace (default: {predictor.namespace})")
+    dp.add_argument("--deployment-mode", default=predictor.deployment_mode, choices=list(MODES),
+                    help="KServe deployment mode: Knative (Knative Serving: revisions, canary rollouts) or Standard "
+                         "(a Deployment, KServe's default: no canary, give --canary-percent 0) "
+                         f"(default: {predictor.deployment_mode}); fixed once the service exists")
     dp.add_argument("--image", default=predictor.image, help=f"project image (default: {predictor.image})")
     dp.add_argument("--cpu", default=predictor.cpu, help=f"CPU request (default: {predictor.cpu})")
     dp.add_argument("--memory", default=predictor.memory, help=f"memory request (default: {predictor.memory})")
@@ -122,7 +129,9 @@ def register(sub) -> None:
     dp.add_argument("--service-account", default="", help="service account of the predictor pods")
     dp.add_argument("--max-batch", type=int, default=predictor.max_batch, help="images per forward pass")
     dp.add_argument("--precision", default=predictor.precision, choices=["auto", "fp32", "bf16"])
-    dp.add_argument("--canary-percent", type=int, default=10, help="traffic to the new version first (default: 10)")
+    dp.add_argument("--canary-percent", type=int, default=10,
+                    help="traffic to the new version first, 1-99 (Knative mode); 0 replaces the predictor in place "
+                         "without a canary (default: 10)")
     dp.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the canary to become ready")
     dp.add_argument("--observe", type=float, default=60.0,
                     help="seconds the ready canary is watched before promotion (default: 60)")
@@ -134,5 +143,8 @@ def register(sub) -> None:
                                                    "token from KUBE_TOKEN")
     dp.add_argument("--kubeconfig", default="", help="kube-config file (default: KUBECONFIG or ~/.kube/config)")
     dp.add_argument("--kube-context", default="", help="kube-config context")
-    dp.add_argument("--dry-run", action="store_true", help="render and validate the manifest only")
+    dp.add_argument("--dry-run", action="store_true",
+                    help="apply nothing: the first write is sent as a server-side dry run (dryRun=All: schema and "
+                         "KServe's admission webhook) when a cluster is reachable, else the manifest is only "
+                         "rendered; deploy.json says which (validated: api-server | none)")
     dp.set_defaults(func=_deploy)

@@ -32,8 +32,8 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-TRAINJOB_KEYS = ("namespace", "image", "runtime", "gpu_resource", "cpu", "memory", "timeout_s", "poll_s",
-                 "patch_api", "host")
+TRAINJOB_KEYS = ("namespace", "image", "runtime", "gpu_resource", "cpu", "memory", "timeout_s", "queue_timeout_s",
+                 "queue", "poll_s", "patch_api", "host")
 
 
 def trainjob_options(settings: str | dict, *, image: str = "") -> dict:
@@ -46,7 +46,7 @@ def trainjob_options(settings: str | dict, *, image: str = "") -> dict:
     out = {k: v for k, v in values.items() if v not in ("", None)}
     if not out.get("image") and image:
         out["image"] = image
-    for key in ("timeout_s", "poll_s"):
+    for key in ("timeout_s", "queue_timeout_s", "poll_s"):
         if key in out:
             out[key] = float(out[key])
     return out
@@ -112,9 +112,11 @@ def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cf
             shutil.copyfile(Path(result["out_dir"]) / f, Path(out_dir) / f)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
         tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
-        tracker.set_tags({"saft.trainjob": result["name"]})
+        tracker.set_tags({"saft.trainjob": result["name"], "saft.trainjob.queued_s": str(result["queued_s"]),
+                          "saft.trainjob.running_s": str(result["running_s"])})
     write_json(Path(out_dir) / TRAINJOB_FILE, {"name": result["name"], "namespace": result["namespace"],
                                                "nodes": nodes, "gpus_per_node": gpus_per_node,
-                                               "condition": result["condition"]})
+                                               "condition": result["condition"], "queued_s": result["queued_s"],
+                                               "running_s": result["running_s"]})
     shutil.rmtree(stage, ignore_errors=True)  # the delta is in the artifact store now
     return {**(result["summary"] or {}), "trainjob": result["name"]}

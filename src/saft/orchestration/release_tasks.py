@@ -97,12 +97,13 @@ def deploy_config(settings: str | dict, *, model_name: str, version: str, image:
     from saft.steps.deploy import DeployConfig
 
     values = json.loads(settings) if isinstance(settings, str) else dict(settings)
-    known = {"enabled", "dry_run", "namespace", "image", "cpu", "memory", "gpu_count", "canary_percent",
-             "ready_timeout_s", "poll_s", "observe_s"}
+    known = {"enabled", "dry_run", "namespace", "deployment_mode", "image", "cpu", "memory", "gpu_count",
+             "canary_percent", "ready_timeout_s", "poll_s", "observe_s"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"deploy settings: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    predictor = PredictorSettings(**{k: values[k] for k in ("namespace", "cpu", "memory", "gpu_count") if k in values},
+    fields = ("namespace", "deployment_mode", "cpu", "memory", "gpu_count")
+    predictor = PredictorSettings(**{k: values[k] for k in fields if k in values},
                                   **({"image": values.get("image") or image} if values.get("image") or image else {}))
     rollout = RolloutConfig(**{k: values[k] for k in ("canary_percent", "ready_timeout_s", "poll_s", "observe_s")
                                if k in values})

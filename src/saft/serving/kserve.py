@@ -1,20 +1,29 @@
 """The KServe InferenceService of a registered model: the project image serving the pyfunc.
 
 :func:`render` builds a ``serving.kserve.io/v1beta1`` InferenceService whose predictor is a
-custom container (``kserve-container``) running ``saft serve models:/NAME/VERSION`` on
-port 8080, with the MLflow and S3 secrets as environment, CPU/memory/GPU requests and
-limits, GPU node placement, and readiness (``/v2/health/ready``) and liveness
-(``/v2/health/live``) probes. The deployment mode is ``Serverless``: KServe's canary
-rollout (``canaryTrafficPercent``) exists only there; tag routing is on so the canary
-revision gets its own URL for a smoke test.
+custom container (``kserve-container``) running ``saft serve models:/NAME/VERSION --name
+SERVICE`` on port 8080, with the MLflow and S3 secrets as environment, CPU/memory/GPU
+requests and limits, GPU node placement, and readiness (``/v2/health/ready``) and liveness
+(``/v2/health/live``) probes. The model is served under the InferenceService's own name, so
+``/v1/models/SERVICE:predict`` and ``/v2/models/SERVICE/infer`` are the URLs a KServe user
+calls.
 
-:func:`validate` checks a manifest against :data:`SCHEMA`, a JSON Schema written from
-KServe's v1beta1 API (``InferenceServiceSpec``, ``PredictorSpec`` = the Kubernetes
-``PodSpec`` inline plus ``ComponentExtensionSpec``) and the core/v1 types it embeds
-(Container, Probe, ResourceRequirements, Toleration), for the fields this module
-renders. It is strict (``additionalProperties: false``) because the API server prunes
-fields its structural schema does not know: a misspelt field would vanish silently
-instead of failing.
+Deployment modes (annotation ``serving.kserve.io/deploymentMode``; KServe >= 0.16 names,
+kserve/kserve#4608, which also made ``Standard`` the default):
+
+* ``Knative`` (formerly ``Serverless``): Knative revisions. KServe's canary rollout
+  (``canaryTrafficPercent`` between the last rolled-out revision and the latest one) exists
+  only here; tag routing gives the new revision its own URL for a smoke prediction.
+* ``Standard`` (formerly ``RawDeployment``): a Kubernetes Deployment, updated in place by a
+  rolling update. ``canaryTrafficPercent`` does nothing there, and the ``spec.canary``
+  entries KServe 0.20 added for this mode need a predictor with a storage URI or model
+  format, which a custom container has not: this mode deploys without a canary.
+
+A service's mode cannot change after it was created (KServe's webhook refuses the update).
+
+Nothing here checks the manifest against a copy of KServe's schema: the API server does
+that (``fieldValidation=Strict``, ``dryRun=All`` with KServe's admission webhook; see
+:mod:`saft.serving.kube`). :func:`render` only refuses what it is given wrongly.
 """
 
 from __future__ import annotations
@@ -29,11 +38,15 @@ PORT = 8080
 MODEL_LABEL = "saft.io/registered-model"
 VERSION_LABEL = "saft.io/model-version"
 MODEL_URI_ANNOTATION = "saft.io/model-uri"
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
+KNATIVE, STANDARD = "Knative", "Standard"
+MODES = (KNATIVE, STANDARD)
+LEGACY_MODES = {"Serverless": KNATIVE, "RawDeployment": STANDARD}  # KServe < 0.16; still read by later releases
 # KServe's InferenceService name format (pkg/apis/serving/v1beta1/inference_service_validation.go)
-NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Knative names the predictor's revisions NAME-predictor-00001; a Kubernetes name has at most 63 characters
 MAX_NAME = 63 - len("-predictor-00001")
-_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
 @dataclass
@@ -42,6 +55,7 @@ class PredictorSettings:
 
     image: str = "ghcr.io/saft-pipeline/saft:latest"  # the project image (saft.orchestration's default)
     namespace: str = "default"
+    deployment_mode: str = KNATIVE  # Knative: canary rollouts; Standard: in-place rolling updates
     cpu: str = "2"
     memory: str = "8Gi"
     memory_limit: str = "16Gi"
@@ -58,6 +72,26 @@ class PredictorSettings:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+def normalize_mode(mode: str) -> str:
+    """``Knative`` or ``Standard`` for a current or legacy mode name; "" for none; ValueError otherwise."""
+    mode = LEGACY_MODES.get(mode, mode)
+    if mode and mode not in MODES:
+        raise ValueError(f"deployment mode {mode!r}: KServe's modes are {' and '.join(MODES)} (Serverless and "
+                         "RawDeployment are their names before KServe 0.16)")
+    return mode
+
+
+def mode_of(isvc: dict) -> str:
+    """The mode an existing InferenceService runs in: what KServe recorded in its status, else its
+    annotation; "" when neither says (the cluster's default, ``Standard`` from KServe 0.16)."""
+    recorded = (isvc.get("status") or {}).get("deploymentMode") or ""
+    annotated = ((isvc.get("metadata") or {}).get("annotations") or {}).get(MODE_ANNOTATION) or ""
+    for value in (recorded, annotated):
+        if LEGACY_MODES.get(value, value) in MODES:
+            return LEGACY_MODES.get(value, value)
+    return ""
+
+
 def service_name(model_name: str) -> str:
     """A valid InferenceService name for a registered model name (``saft_ViT.B`` -> ``saft-vit-b``)."""
     name = re.sub(r"[^a-z0-9-]+", "-", model_name.lower()).strip("-")
@@ -66,7 +100,7 @@ def service_name(model_name: str) -> str:
     return name[:MAX_NAME].rstrip("-")
 
 
-def predictor(model_uri: str, model_name: str, settings: PredictorSettings) -> dict:
+def predictor(model_uri: str, served_name: str, settings: PredictorSettings) -> dict:
     """The ``spec.predictor`` of the InferenceService (without canaryTrafficPercent)."""
     resources = {"requests": {"cpu": settings.cpu, "memory": settings.memory},
                  "limits": {"memory": settings.memory_limit}}
@@ -81,7 +115,7 @@ def predictor(model_uri: str, model_name: str, settings: PredictorSettings) -> d
         "name": CONTAINER,
         "image": settings.image,
         "command": ["saft", "serve"],
-        "args": [model_uri, "--host", "0.0.0.0", "--port", str(PORT), "--name", model_name,
+        "args": [model_uri, "--host", "0.0.0.0", "--port", str(PORT), "--name", served_name,
                  "--max-batch", str(settings.max_batch), "--precision", settings.precision],
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
         "env": env,
@@ -105,122 +139,24 @@ def predictor(model_uri: str, model_name: str, settings: PredictorSettings) -> d
 
 
 def render(name: str, model_name: str, version: str, settings: PredictorSettings) -> dict:
-    """The InferenceService serving ``models:/model_name/version`` (validated)."""
+    """The InferenceService ``name`` serving ``models:/model_name/version`` under the name ``name``."""
+    if not NAME_PATTERN.match(name) or len(name) > MAX_NAME:
+        raise ValueError(f"InferenceService name {name!r}: KServe needs lower-case letters, digits and '-', "
+                         f"starting with a letter, at most {MAX_NAME} characters (so Knative's "
+                         f"{name[:8]}...-predictor-00001 fits 63); give --service NAME")
+    mode = normalize_mode(settings.deployment_mode) or KNATIVE
     model_uri = f"models:/{model_name}/{version}"
-    manifest = {
+    annotations = {MODE_ANNOTATION: mode, MODEL_URI_ANNOTATION: model_uri}
+    if mode == KNATIVE:
+        annotations[TAG_ROUTING_ANNOTATION] = "true"  # the canary revision gets its own URL
+    return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {
             "name": name,
             "namespace": settings.namespace,
             "labels": {MODEL_LABEL: service_name(model_name), VERSION_LABEL: str(version)},
-            "annotations": {"serving.kserve.io/deploymentMode": "Serverless",
-                            "serving.kserve.io/enable-tag-routing": "true",
-                            MODEL_URI_ANNOTATION: model_uri},
+            "annotations": annotations,
         },
-        "spec": {"predictor": predictor(model_uri, model_name, settings)},
+        "spec": {"predictor": predictor(model_uri, name, settings)},
     }
-    validate(manifest)
-    return manifest
-
-
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_QUANTITY_MAP = {"type": "object", "additionalProperties": {"anyOf": [
-    {"type": "integer", "minimum": 0}, {"type": "string", "pattern": _QUANTITY}]}}
-_POSITIVE = {"type": "integer", "minimum": 1}
-_NON_NEGATIVE = {"type": "integer", "minimum": 0}
-_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
-_PROBE = {
-    "type": "object", "additionalProperties": False,
-    "properties": {
-        "httpGet": {"type": "object", "additionalProperties": False, "required": ["port"],
-                    "properties": {"path": {"type": "string", "pattern": "^/"}, "port": {"anyOf": [_PORT, {
-                        "type": "string", "pattern": "^[a-z0-9-]{1,15}$"}]},
-                        "scheme": {"enum": ["HTTP", "HTTPS"]}}},
-        "initialDelaySeconds": _NON_NEGATIVE, "periodSeconds": _POSITIVE, "timeoutSeconds": _POSITIVE,
-        "successThreshold": _POSITIVE, "failureThreshold": _POSITIVE,
-    },
-    "required": ["httpGet"],
-}
-_CONTAINER = {
-    "type": "object", "additionalProperties": False, "required": ["name", "image"],
-    "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "image": {"type": "string", "minLength": 1},
-        "command": {"type": "array", "items": {"type": "string"}},
-        "args": {"type": "array", "items": {"type": "string"}},
-        "ports": {"type": "array", "items": {"type": "object", "additionalProperties": False,
-                                             "required": ["containerPort"],
-                                             "properties": {"containerPort": _PORT, "name": {"type": "string"},
-                                                            "protocol": {"enum": ["TCP", "UDP", "SCTP"]}}}},
-        "env": {"type": "array", "items": {"type": "object", "additionalProperties": False, "required": ["name"],
-                                           "properties": {"name": {"type": "string", "minLength": 1},
-                                                          "value": {"type": "string"}}}},
-        "envFrom": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
-            "secretRef": {"type": "object", "additionalProperties": False, "required": ["name"],
-                          "properties": {"name": {"type": "string"}, "optional": {"type": "boolean"}}},
-            "configMapRef": {"type": "object", "additionalProperties": False, "required": ["name"],
-                             "properties": {"name": {"type": "string"}, "optional": {"type": "boolean"}}}}}},
-        "resources": {"type": "object", "additionalProperties": False,
-                      "properties": {"requests": _QUANTITY_MAP, "limits": _QUANTITY_MAP}},
-        "readinessProbe": _PROBE,
-        "livenessProbe": _PROBE,
-    },
-}
-_PREDICTOR = {
-    "type": "object", "additionalProperties": False, "required": ["containers"],
-    "properties": {
-        # ComponentExtensionSpec
-        "minReplicas": _NON_NEGATIVE, "maxReplicas": _NON_NEGATIVE, "scaleTarget": _POSITIVE,
-        "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
-        "containerConcurrency": _NON_NEGATIVE, "timeout": _POSITIVE,
-        "canaryTrafficPercent": {"type": "integer", "minimum": 0, "maximum": 100},
-        "labels": _STRING_MAP, "annotations": _STRING_MAP,
-        # PodSpec (inline)
-        "containers": {"type": "array", "minItems": 1, "items": _CONTAINER},
-        "nodeSelector": _STRING_MAP,
-        "tolerations": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
-            "key": {"type": "string"}, "operator": {"enum": ["Exists", "Equal"]}, "value": {"type": "string"},
-            "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-            "tolerationSeconds": {"type": "integer"}}}},
-        "serviceAccountName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
-    },
-}
-SCHEMA = {
-    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": API_VERSION},
-        "kind": {"const": KIND},
-        "metadata": {"type": "object", "additionalProperties": False, "required": ["name", "namespace"], "properties": {
-            "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": MAX_NAME},
-            "namespace": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-            "labels": {"type": "object", "additionalProperties": {
-                "type": "string", "maxLength": 63, "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}},
-            "annotations": _STRING_MAP,
-            "resourceVersion": {"type": "string"},
-        }},
-        "spec": {"type": "object", "additionalProperties": False, "required": ["predictor"],
-                 "properties": {"predictor": _PREDICTOR}},
-    },
-}
-
-
-class ManifestError(ValueError):
-    """A rendered InferenceService that the cluster would reject or silently prune."""
-
-
-def validate(manifest: dict) -> dict:
-    """Check ``manifest`` against :data:`SCHEMA` and KServe's own rules; returns it unchanged."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(SCHEMA)
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"{'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in errors[:10]]
-        raise ManifestError("InferenceService manifest is invalid:\n  " + "\n  ".join(lines))
-    spec = manifest["spec"]["predictor"]
-    if spec.get("maxReplicas") and spec.get("minReplicas", 1) > spec["maxReplicas"]:
-        raise ManifestError("spec.predictor: 'MinReplicas' cannot be greater than MaxReplicas")
-    if not any(c["name"] == CONTAINER for c in spec["containers"]):
-        raise ManifestError(f"spec.predictor.containers: a custom predictor needs a container named {CONTAINER!r}")
-    return manifest

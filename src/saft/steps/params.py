@@ -107,14 +107,18 @@ class DeployParams:
     """The retrain pipeline, on promotion: the champion onto KServe by canary (docs/serving.md)."""
 
     enabled: bool = setting(True, help="deploy a promoted champion")
-    dry_run: bool = setting(True, help="render the InferenceService into the task's output only; false: apply it "
-                                       "(in-cluster credentials)")
+    dry_run: bool = setting(True, help="apply nothing (a server-side dry run where the cluster allows it, else a local "
+                                       "render into the task's output); false: apply it (in-cluster credentials)")
     namespace: str = setting("default", help="namespace of the InferenceService")
+    deployment_mode: str = setting("Knative", choices=("Knative", "Standard"),
+                                   help="KServe's deployment mode (names since KServe 0.16): Knative has the canary; "
+                                        "Standard has none (set canary_percent 0: the predictor is replaced in place)")
     image: str = setting("", help="predictor image; empty: the pipeline's image")
     cpu: str = setting("2", help="predictor CPU request")
     memory: str = setting("8Gi", help="predictor memory request")
     gpu_count: int = setting(1, minimum=0, help="GPUs per predictor; 0: a CPU predictor")
-    canary_percent: int = setting(10, minimum=1, maximum=99, help="traffic share of the canary")
+    canary_percent: int = setting(10, minimum=0, maximum=99,
+                                  help="traffic share of the canary; 0: replace the predictor in place, no canary")
     ready_timeout_s: float = setting(900.0, minimum=0.0, help="seconds a new revision may take to become ready")
     poll_s: float = setting(5.0, minimum=0.0, help="seconds between status polls")
     observe_s: float = setting(60.0, minimum=0.0,
@@ -147,12 +151,16 @@ class TrainJobParams:
     gpu_resource: str = setting("nvidia.com/gpu", help="accelerator resource of each node")
     cpu: str = setting("", help="CPU request per node; empty: the runtime's")
     memory: str = setting("", help="memory request per node; empty: the runtime's")
-    timeout_s: float = setting(6 * 3600.0, minimum=0.0,
-                               help="a job past this is deleted (its GPUs freed) and the task fails")
+    timeout_s: float = setting(6 * 3600.0, minimum=1.0,
+                               help="running time: the job's activeDeadlineSeconds (Trainer v2.2+); past it the job is "
+                                    "stopped (its GPUs freed) and the task fails")
+    queue_timeout_s: float = setting(24 * 3600.0, minimum=1.0,
+                                     help="time suspended waiting for admission (Kueue); past it the job is deleted")
+    queue: str = setting("", help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name); empty: not queued by Kueue")
     poll_s: float = setting(15.0, minimum=0.0, help="seconds between status polls")
-    patch_api: str = setting("podTemplateOverrides", choices=("podTemplateOverrides", "runtimePatches"),
-                             help="how the job patches its runtime: podTemplateOverrides (Trainer v2.0/v2.1) or "
-                                  "runtimePatches (later releases)")
+    patch_api: str = setting("runtimePatches", choices=("runtimePatches", "podTemplateOverrides"),
+                             help="how the job patches its runtime: runtimePatches (Trainer v2.2+) or "
+                                  "podTemplateOverrides (v2.0/v2.1, which have no activeDeadlineSeconds)")
 
 
 @dataclass
@@ -256,7 +264,10 @@ class PipelineParams:
             if c.gpu_count < 1 or f.batch_size % (c.nodes * c.gpu_count):
                 fail(f"finetune.batch_size {f.batch_size} must divide by cluster.nodes x cluster.gpu_count "
                      f"({c.nodes} x {c.gpu_count}): every process trains an equal part of each global batch")
-        elif c.gpu_count > 1 and f.batch_size % c.gpu_count:
+        if self.deploy.deployment_mode == "Standard" and self.deploy.canary_percent:
+            fail(f"deploy.canary_percent {self.deploy.canary_percent} needs deploy.deployment_mode Knative: KServe's "
+                 "Standard mode has no canary; set deploy.canary_percent: 0 to replace the predictor in place")
+        if c.nodes <= 1 and c.gpu_count > 1 and f.batch_size % c.gpu_count:
             fail(f"finetune.batch_size {f.batch_size} must divide by cluster.gpu_count {c.gpu_count}: each GPU's "
                  "process trains an equal part of each global batch")
         return self
