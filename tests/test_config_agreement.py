@@ -16,9 +16,11 @@ from saft.config import ConfigError, default_of, defaults, from_arguments, from_
 from saft.data.prepare import PrepareConfig
 from saft.orchestration.arguments import shared_arguments
 from saft.orchestration.repository import component_functions, find_repository
+from saft.orchestration.torchrun import evaluate_argv, finetune_argv, score_argv
+from saft.serving.kserve import PredictorSettings
+from saft.serving.rollout import RolloutConfig
 from saft.steps import params as P
 from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
-from saft.orchestration.torchrun import evaluate_argv, finetune_argv, score_argv
 
 REPO = find_repository()
 # step -> (config, the CLI command, the arguments the command needs beside the config's flags)
@@ -27,14 +29,19 @@ STEPS = {
     "finetune": (FinetuneStepConfig, ["finetune"], ["--data", "D", "--out", "O"]),
     "evaluate": (EvaluateConfig, ["evaluate"], ["--out", "O"]),
     "prepare": (PrepareConfig, ["data", "prepare"], ["ROOT", "--out", "O"]),
+    "deploy-predictor": (PredictorSettings, ["deploy"], ["--out", "O"]),
+    "deploy-rollout": (RolloutConfig, ["deploy"], ["--out", "O"]),
 }
 # params.yaml section of each step, and the fields a pipeline sets per task or run instead of in the section
-SECTIONS = {"score": "score", "finetune": "finetune", "evaluate": "evaluate", "prepare": "data"}
+SECTIONS = {"score": "score", "finetune": "finetune", "evaluate": "evaluate", "prepare": "data",
+            "deploy-predictor": "deploy", "deploy-rollout": "deploy"}
 PER_TASK = {
     "score": {"model", "kind", "seed", "device"},
     "finetune": {"model", "method", "lr", "seed", "device"},
     "evaluate": {"model", "device", "deltas", "zeroshot", "only"},
     "prepare": {"seed"},
+    "deploy-predictor": {"extra_env"},
+    "deploy-rollout": set(),
 }
 LOADER = {f.name for f in dataclasses.fields(P.LoaderSettings)}
 
@@ -57,7 +64,7 @@ def _other_value(f: dataclasses.Field, tp):
     if inner is str:
         return f"x-{f.name}"
     if origin is tuple and typing.get_args(inner)[-1] is not Ellipsis:
-        return (0.8, 0.95)
+        return tuple(0.8 + i / 10 if a is float else f"v{i}" for i, a in enumerate(typing.get_args(inner)))
     if origin in (list, tuple):
         item = typing.get_args(inner)[0]
         values = [0.25, 0.75] if item is float else [m["choices"][-1]] if m["choices"] else ["p1", "p2"]

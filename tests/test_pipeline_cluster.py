@@ -20,7 +20,8 @@ from fake_kfp import fake_kfp_server, submitted_run
 
 from saft.cli import main
 from saft.orchestration.client import compile_pipeline, pipeline_arguments
-from saft.orchestration.cluster import SNAPSHOT_IMAGE, TASK_RESOURCES, UNCACHED, ClusterConfig
+from saft.images import SNAPSHOT_IMAGE
+from saft.orchestration.cluster import TASK_RESOURCES, UNCACHED, ClusterConfig
 from saft.orchestration.repository import component_functions, find_repository, pipeline_names
 from saft.steps.params import load_params
 

@@ -324,21 +324,21 @@ def describe(cls, *, skip: typing.Iterable[str] = ()) -> list[tuple[str, str, ob
             for f in dataclasses.fields(cls) if f.name not in skip]
 
 
-def section(name: str, cls, *, drop: typing.Iterable[str] = (), extra: typing.Sequence[tuple[str, object, Field]] = (),
-            doc: str | None = None) -> type:
-    """A dataclass holding ``cls``'s fields but ``drop``, plus ``extra`` ``(name, type, field)``.
+def section(name: str, *classes, drop: typing.Iterable[str] = (),
+            extra: typing.Sequence[tuple[str, object, Field]] = (), doc: str | None = None) -> type:
+    """A dataclass holding the fields of ``classes`` but ``drop``, plus ``extra`` ``(name, type, field)``.
 
     A ``params.yaml`` section is its step's configuration without what the pipeline sets
     per task (the model, the seed, the method...): deriving it keeps one default and one
     help text per setting.
     """
     drop = set(drop)
-    unknown = drop - {f.name for f in dataclasses.fields(cls)}
+    unknown = drop - {f.name for cls in classes for f in dataclasses.fields(cls)}
     if unknown:
-        raise TypeError(f"section {name}: {cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
-    types_ = hints(cls)
+        raise TypeError(f"section {name}: no field(s) {', '.join(sorted(unknown))} to drop")
     spec = []
-    for f in dataclasses.fields(cls):
+    for cls, f in ((cls, f) for cls in classes for f in dataclasses.fields(cls)):
+        types_ = hints(cls)
         if f.name in drop:
             continue
         if f.default_factory is not MISSING:
@@ -347,6 +347,6 @@ def section(name: str, cls, *, drop: typing.Iterable[str] = (), extra: typing.Se
             copy = dataclasses.field(default=f.default, metadata=f.metadata)
         spec.append((f.name, types_[f.name], copy))
     out = dataclasses.make_dataclass(name, [*spec, *extra])
-    out.__doc__ = doc or f"The {cls.__name__} settings a pipeline sets once for every task."
-    out.__module__ = cls.__module__
+    out.__doc__ = doc or f"The {classes[0].__name__} settings a pipeline sets once for every task."
+    out.__module__ = classes[0].__module__
     return out

@@ -21,6 +21,12 @@ FAST = RolloutConfig(canary_percent=10, ready_timeout_s=5, poll_s=0.01, observe_
 ISVC = "/apis/serving.kserve.io/v1beta1/namespaces/models/inferenceservices"
 
 
+
+@pytest.fixture(autouse=True)
+def _image(monkeypatch):
+    """The project image a user configures once ($SAFT_IMAGE); nothing is published as a default."""
+    monkeypatch.setenv("SAFT_IMAGE", "registry.example/saft:test")
+
 def test_the_manifest_serves_the_version_under_the_service_name_with_probes_resources_and_gpu() -> None:
     manifest = render("saft-tiny", "saft_Tiny", "7", PredictorSettings(image="reg.example/saft:1.2", gpu_count=2))
     assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
@@ -281,9 +287,15 @@ def test_a_canary_that_fails_is_rolled_back_and_the_reason_recorded(cluster, reg
     fake.broken.add("3")
     client.set_registered_model_alias("saft-shapes", "champion", "3")
     fake.requests.clear()
-    code = main(["deploy", "--model-name", "saft-shapes", "--service", "shapes", "--namespace", "models",
-                 "--kube-host", host, "--out", str(tmp_path / "d3"), "--ready-timeout", "5", "--poll", "0.01",
-                 "--observe", "0", "--failure-grace", "0"])
+    args = ["deploy", "--model-name", "saft-shapes", "--service", "shapes", "--namespace", "models",
+            "--kube-host", host, "--out", str(tmp_path / "d3"), "--ready-timeout", "5", "--poll", "0.01",
+            "--observe", "0", "--failure-grace", "0"]
+    with pytest.MonkeyPatch.context() as unset:  # no image given, none configured: refused before any write
+        unset.delenv("SAFT_IMAGE")
+        writes = len(fake.writes())
+        assert main(args) == 2 and "no project image: pass --image" in capsys.readouterr().err
+        assert len(fake.writes()) == writes
+    code = main(args)
     assert code == 3
     assert "rolled back" in capsys.readouterr().out
     last = fake.writes()[-1]["body"]
@@ -447,7 +459,7 @@ def test_the_deploy_task_refuses_what_it_must_not_deploy(cluster, tmp_path, monk
 
     with pytest.raises(ValueError, match="no promoted version"):
         deploy_task(_decision(tmp_path / "a", verdict="rejected"), str(tmp_path / "o1"), model_name="saft-shapes")
-    with pytest.raises(ValueError, match="unknown field.*replicas"):
+    with pytest.raises(ValueError, match=r"unknown key replicas \(did you mean min_replicas\?\)"):
         deploy_task(_decision(tmp_path / "b"), str(tmp_path / "o2"), model_name="saft-shapes",
                     settings=json.dumps({"replicas": 3}))
     # dry run (params.yaml's default) with no cluster configured: rendered, nothing applied, and said so

@@ -20,7 +20,8 @@ OUT_DIR = "build/pipelines"
 
 def _cluster(args, params=None, image: str | None = None):
     """The compile-time settings: cluster.* of the parameters and the project image (``--image``/``$SAFT_IMAGE``)."""
-    from saft.orchestration.cluster import ClusterConfig, resolve_image
+    from saft.images import resolve_image
+    from saft.orchestration.cluster import ClusterConfig
 
     if params is None:
         from saft.steps.params import load_cli_params
@@ -39,7 +40,7 @@ def _names(args) -> list[str]:
 
 def _compile(args: argparse.Namespace) -> int:
     from saft.orchestration.client import compile_pipeline
-    from saft.orchestration.cluster import SNAPSHOT_IMAGE
+    from saft.images import SNAPSHOT_IMAGE
     from saft.orchestration.repository import package_path
 
     names = _names(args)
@@ -60,7 +61,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _components(args: argparse.Namespace) -> int:
-    from saft.orchestration.cluster import SNAPSHOT_IMAGE, resolve_image
+    from saft.images import SNAPSHOT_IMAGE, resolve_image
     from saft.orchestration.library import compile_components
 
     if args.snapshot:
@@ -209,7 +210,7 @@ def _pipeline_flag(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _image_flag(p: argparse.ArgumentParser, what: str) -> None:
-    from saft.orchestration.cluster import IMAGE_ENV
+    from saft.images import IMAGE_ENV
 
     p.add_argument("--image", help=f"project image {what}, e.g. REGISTRY/saft:TAG as docker/Dockerfile builds it "
                                    f"(default: ${IMAGE_ENV}; nothing is published for you)")

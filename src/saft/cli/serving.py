@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from saft.config import add_arguments, from_arguments
+
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
@@ -37,20 +39,10 @@ def _deploy(args: argparse.Namespace) -> int:
     from saft.serving.rollout import FAILED, ROLLED_BACK, RolloutConfig
     from saft.steps.deploy import DEPLOY_FILE, DeployConfig, deploy_step
 
-    predictor = PredictorSettings(image=args.image, namespace=args.namespace, deployment_mode=args.deployment_mode,
-                                  cpu=args.cpu, memory=args.memory,
-                                  memory_limit=args.memory_limit, gpu_count=args.gpu_count,
-                                  gpu_resource=args.gpu_resource, min_replicas=args.min_replicas,
-                                  max_replicas=args.max_replicas,
-                                  secrets=tuple(args.secret) if args.secret else PredictorSettings().secrets,
-                                  service_account=args.service_account, max_batch=args.max_batch,
-                                  precision=args.precision)
-    rollout = RolloutConfig(canary_percent=args.canary_percent, ready_timeout_s=args.ready_timeout,
-                            observe_s=args.observe, poll_s=args.poll, failure_grace_s=args.failure_grace,
-                            smoke_test=not args.no_smoke_test)
-    cfg = DeployConfig(model_name=args.model_name, version=args.version, service=args.service, predictor=predictor,
-                       rollout=rollout, kube_host=args.kube_host, kubeconfig=args.kubeconfig,
-                       kube_context=args.kube_context, dry_run=args.dry_run)
+    cfg = DeployConfig(model_name=args.model_name, version=args.version, service=args.service,
+                       predictor=from_arguments(PredictorSettings, args), rollout=from_arguments(RolloutConfig, args),
+                       kube_host=args.kube_host, kubeconfig=args.kubeconfig, kube_context=args.kube_context,
+                       dry_run=args.dry_run)
     doc = deploy_step(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr))
     print(f"{doc['model_name']} v{doc['version']} -> {doc['service']}: {doc['status']} ({doc['reason']})")
     print(f"wrote {args.out}/{DEPLOY_FILE}")
@@ -58,10 +50,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from saft.serving.kserve import MODES, PredictorSettings
+    from saft.serving.kserve import PredictorSettings
     from saft.serving.protocol import Limits
+    from saft.serving.rollout import RolloutConfig
 
-    limits, predictor = Limits(), PredictorSettings()
+    limits = Limits()
     sv = sub.add_parser("serve", help="serve a registered model over HTTP (the KServe predictor's command)",
                         description="Loads MODEL_URI (models:/NAME@champion, models:/NAME/3, or a model folder) "
                                     "with its stored base and head, and answers POST /v1/models/NAME:predict "
@@ -101,7 +94,7 @@ def register(sub) -> None:
                         description="Renders the InferenceService of MODEL_NAME at --version (default: the champion "
                                     "alias), served under the service's name, applies it with --canary-percent of "
                                     "traffic when another version is serving (KServe's Knative mode), promotes it "
-                                    "to 100%% once ready and answering, else rolls back; records the outcome in the "
+                                    "to 100% once ready and answering, else rolls back; records the outcome in the "
                                     "version's saft.deploy.* tags and OUT/deploy.json. Every write uses the API "
                                     "server's strict field validation. Exit status 3 when rolled back or failed. "
                                     "Needs KServe >= 0.16 (its mode names). See docs/serving.md.")
@@ -109,36 +102,8 @@ def register(sub) -> None:
     dp.add_argument("--version", default="champion", help="version number or alias (default: champion)")
     dp.add_argument("--out", required=True, help="output folder for deploy.json and inferenceservice.json")
     dp.add_argument("--service", default="", help="InferenceService name (default: from the model name)")
-    dp.add_argument("--namespace", default=predictor.namespace, help=f"namespace (default: {predictor.namespace})")
-    dp.add_argument("--deployment-mode", default=predictor.deployment_mode, choices=list(MODES),
-                    help="KServe deployment mode: Knative (Knative Serving: revisions, canary rollouts) or Standard "
-                         "(a Deployment, KServe's default: no canary, give --canary-percent 0) "
-                         f"(default: {predictor.deployment_mode}); fixed once the service exists")
-    dp.add_argument("--image", default=predictor.image, help=f"project image (default: {predictor.image})")
-    dp.add_argument("--cpu", default=predictor.cpu, help=f"CPU request (default: {predictor.cpu})")
-    dp.add_argument("--memory", default=predictor.memory, help=f"memory request (default: {predictor.memory})")
-    dp.add_argument("--memory-limit", default=predictor.memory_limit,
-                    help=f"memory limit (default: {predictor.memory_limit})")
-    dp.add_argument("--gpu-count", type=int, default=predictor.gpu_count, help="GPUs per replica; 0 serves on CPU")
-    dp.add_argument("--gpu-resource", default=predictor.gpu_resource,
-                    help=f"GPU resource name (default: {predictor.gpu_resource})")
-    dp.add_argument("--min-replicas", type=int, default=predictor.min_replicas, help="minimum replicas (default: 1)")
-    dp.add_argument("--max-replicas", type=int, default=predictor.max_replicas, help="maximum replicas (default: 1)")
-    dp.add_argument("--secret", action="append", default=[], metavar="NAME",
-                    help=f"secret passed as environment, repeatable (default: {', '.join(predictor.secrets)})")
-    dp.add_argument("--service-account", default="", help="service account of the predictor pods")
-    dp.add_argument("--max-batch", type=int, default=predictor.max_batch, help="images per forward pass")
-    dp.add_argument("--precision", default=predictor.precision, choices=["auto", "fp32", "bf16"])
-    dp.add_argument("--canary-percent", type=int, default=10,
-                    help="traffic to the new version first, 1-99 (Knative mode); 0 replaces the predictor in place "
-                         "without a canary (default: 10)")
-    dp.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the canary to become ready")
-    dp.add_argument("--observe", type=float, default=60.0,
-                    help="seconds the ready canary is watched before promotion (default: 60)")
-    dp.add_argument("--poll", type=float, default=5.0, help="seconds between status reads (default: 5)")
-    dp.add_argument("--failure-grace", type=float, default=60.0,
-                    help="seconds a False readiness condition may last before the canary counts as failed (default: 60)")
-    dp.add_argument("--no-smoke-test", action="store_true", help="skip the prediction sent to the canary's URL")
+    add_arguments(dp, PredictorSettings)
+    add_arguments(dp, RolloutConfig)
     dp.add_argument("--kube-host", default="", help="Kubernetes API URL (default: in-cluster or kube-config); "
                                                    "token from KUBE_TOKEN")
     dp.add_argument("--kubeconfig", default="", help="kube-config file (default: KUBECONFIG or ~/.kube/config)")

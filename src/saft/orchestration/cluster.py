@@ -23,26 +23,9 @@ kfp.local cannot resolve pipeline parameters inside resource and Kubernetes sett
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-IMAGE_ENV = "SAFT_IMAGE"
-SNAPSHOT_IMAGE = "registry.invalid/saft:snapshot"
-"""The image the reviewed snapshots (pipelines/*/pipeline.yaml, components/*/component.yaml) and local runs name:
-a placeholder no registry serves (the .invalid domain), so a pipeline compiled without an image of one's own fails
-to compile rather than to pull on a cluster."""
-
-
-def resolve_image(image: str | None) -> str:
-    """``--image``, else ``$SAFT_IMAGE``; nothing publishes a default, so neither given is an error."""
-    image = (image or os.environ.get(IMAGE_ENV, "")).strip()
-    if not image:
-        raise ValueError(f"no project image: pass --image REGISTRY/saft:TAG (the image docker/Dockerfile builds and you "
-                         f"push, docs/images.md) or set {IMAGE_ENV}")
-    if image == SNAPSHOT_IMAGE:
-        raise ValueError(f"--image {SNAPSHOT_IMAGE} is the snapshots' placeholder, which no registry serves; pass the "
-                         "image you pushed")
-    return image
+from saft.images import SNAPSHOT_IMAGE
 PIPELINE_RUN_LABEL = "metadata.labels['pipeline/runid']"
 
 
@@ -135,4 +118,4 @@ def policy(cfg: ClusterConfig, gpu_type=None, gpu_count=None):
     return on
 
 
-__all__ = ["ClusterConfig", "IMAGE_ENV", "SNAPSHOT_IMAGE", "resolve_image", "Resources", "TASK_RESOURCES", "UNCACHED", "configure", "policy"]
+__all__ = ["ClusterConfig", "Resources", "TASK_RESOURCES", "UNCACHED", "configure", "policy"]

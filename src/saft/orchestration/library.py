@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 from saft.io import atomic_path
-from saft.orchestration.cluster import (CHECKPOINTED, NO_RETRY, SNAPSHOT_IMAGE, TASK_RESOURCES, UNCACHED,
-                                        ClusterConfig)
+from saft.images import SNAPSHOT_IMAGE
+from saft.orchestration.cluster import CHECKPOINTED, NO_RETRY, TASK_RESOURCES, UNCACHED, ClusterConfig
 
 YAML_FILE = "component.yaml"
 README_FILE = "README.md"

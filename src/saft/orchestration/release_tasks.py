@@ -91,24 +91,26 @@ def verdict_of(decision_dir: str) -> str:
 
 
 def deploy_config(settings: str | dict, *, model_name: str, version: str, image: str = ""):
-    """params.yaml's ``deploy:`` section (as the pipeline's JSON) as a DeployConfig for ``version``."""
+    """params.yaml's ``deploy:`` section (as the pipeline's JSON) as a DeployConfig for ``version``; the predictor
+    runs ``image`` (the pipeline's) unless the section names another."""
+    from dataclasses import fields
+
+    from saft.config import from_mapping
     from saft.serving.kserve import PredictorSettings
     from saft.serving.rollout import RolloutConfig
     from saft.steps.deploy import DeployConfig
+    from saft.steps.params import DeployParams
 
-    values = json.loads(settings) if isinstance(settings, str) else dict(settings)
-    known = {"enabled", "dry_run", "namespace", "deployment_mode", "image", "cpu", "memory", "gpu_count",
-             "canary_percent", "ready_timeout_s", "poll_s", "observe_s"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"deploy settings: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    fields = ("namespace", "deployment_mode", "cpu", "memory", "gpu_count")
-    predictor = PredictorSettings(**{k: values[k] for k in fields if k in values},
-                                  **({"image": values.get("image") or image} if values.get("image") or image else {}))
-    rollout = RolloutConfig(**{k: values[k] for k in ("canary_percent", "ready_timeout_s", "poll_s", "observe_s")
-                               if k in values})
+    section = from_mapping(DeployParams, json.loads(settings) if isinstance(settings, str) else dict(settings),
+                           source="deploy settings")
+    part = {f.name: getattr(section, f.name) for f in fields(section)}
+    predictor = PredictorSettings(**{f.name: part[f.name] for f in fields(PredictorSettings) if f.name in part})
+    if not predictor.image and image:
+        predictor = PredictorSettings(**{**{f.name: getattr(predictor, f.name) for f in fields(predictor)},
+                                         "image": image})
+    rollout = RolloutConfig(**{f.name: part[f.name] for f in fields(RolloutConfig)})
     return DeployConfig(model_name=model_name, version=str(version), predictor=predictor, rollout=rollout,
-                        dry_run=bool(values.get("dry_run", True)))
+                        dry_run=section.dry_run)
 
 
 def deploy_task(decision_dir: str, out_dir: str, *, model_name: str, settings: str | dict = "{}", image: str = "",

@@ -29,7 +29,9 @@ that (``fieldValidation=Strict``, ``dryRun=All`` with KServe's admission webhook
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from saft.config import check, setting
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -53,23 +55,35 @@ MAX_NAME = 63 - len("-predictor-00001")
 class PredictorSettings:
     """What the cluster needs to run the predictor; every field is a deploy-step parameter."""
 
-    image: str = "ghcr.io/saft-pipeline/saft:latest"  # the project image (saft.orchestration's default)
-    namespace: str = "default"
-    deployment_mode: str = KNATIVE  # Knative: canary rollouts; Standard: in-place rolling updates
-    cpu: str = "2"
-    memory: str = "8Gi"
-    memory_limit: str = "16Gi"
-    gpu_count: int = 1
-    gpu_resource: str = "nvidia.com/gpu"
-    gpu_node_label: tuple[str, str] = ("nvidia.com/gpu.present", "true")
-    min_replicas: int = 1
-    max_replicas: int = 1
-    secrets: tuple[str, ...] = ("saft-mlflow", "saft-s3")  # envFrom: MLFLOW_TRACKING_URI, AWS_* keys
-    service_account: str = ""
-    max_batch: int = 32
-    precision: str = "auto"
-    timeout_s: int = 60  # per request, at the KServe router
-    extra_env: dict[str, str] = field(default_factory=dict)
+    image: str = setting("", help="predictor image (the project image you pushed); empty: $SAFT_IMAGE, or the "
+                                  "pipeline's own image in the deploy task")
+    namespace: str = setting("default", help="namespace of the InferenceService")
+    deployment_mode: str = setting(KNATIVE, choices=MODES,
+                                   help="KServe's deployment mode (names since KServe 0.16): Knative has the canary; "
+                                        "Standard has none (set canary_percent 0: the predictor is replaced in "
+                                        "place); fixed once the service exists")
+    cpu: str = setting("2", help="predictor CPU request")
+    memory: str = setting("8Gi", help="predictor memory request")
+    memory_limit: str = setting("16Gi", help="predictor memory limit")
+    gpu_count: int = setting(1, minimum=0, help="GPUs per predictor replica; 0 serves on the CPU")
+    gpu_resource: str = setting("nvidia.com/gpu", help="GPU resource name")
+    gpu_node_label: tuple[str, str] = setting(("nvidia.com/gpu.present", "true"), metavar="LABEL",
+                                              help="node selector (key value) of GPU predictors")
+    min_replicas: int = setting(1, minimum=0, help="minimum replicas")
+    max_replicas: int = setting(1, minimum=1, help="maximum replicas")
+    secrets: tuple[str, ...] = setting(("saft-mlflow", "saft-s3"), flag="--secret", metavar="NAME",
+                                       help="secrets passed to the predictor as environment (MLFLOW_TRACKING_URI, "
+                                            "AWS_* keys)")
+    service_account: str = setting("", help="service account of the predictor pods")
+    max_batch: int = setting(32, minimum=1, help="images per forward pass")
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16"),
+                             help="image tower precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    timeout_s: int = setting(60, minimum=1, help="seconds per request at KServe's router")
+    extra_env: dict[str, str] = setting(factory=dict, cli=False, help="more environment of the predictor")
+
+    def __post_init__(self) -> None:
+        check(self)
+        self.gpu_node_label, self.secrets = tuple(self.gpu_node_label), tuple(self.secrets)
 
 
 def normalize_mode(mode: str) -> str:

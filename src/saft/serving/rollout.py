@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+from saft.config import check, setting
 from saft.serving.kserve import CONTAINER, KNATIVE, MODE_ANNOTATION, STANDARD, VERSION_LABEL, mode_of
 from saft.serving.kube import terminating
 
@@ -57,16 +58,23 @@ ROLLED_BACK_ANNOTATION = "saft.io/rolled-back"
 
 @dataclass
 class RolloutConfig:
-    canary_percent: int = 10  # 0: no canary, the predictor is replaced in place
-    ready_timeout_s: float = 900.0
-    poll_s: float = 5.0
-    observe_s: float = 60.0
-    failure_grace_s: float = 60.0
-    smoke_test: bool = True
+    """How a new version goes live."""
+
+    canary_percent: int = setting(10, minimum=0, maximum=99,
+                                  help="traffic to the new version first, 1-99 (Knative mode); 0 replaces the "
+                                       "predictor in place without a canary")
+    ready_timeout_s: float = setting(900.0, minimum=0.0, flag="--ready-timeout",
+                                     help="seconds the new version may take to become ready")
+    poll_s: float = setting(5.0, minimum=0.0, flag="--poll", help="seconds between status reads")
+    observe_s: float = setting(60.0, minimum=0.0, flag="--observe",
+                               help="seconds a ready canary is watched before it gets all traffic")
+    failure_grace_s: float = setting(60.0, minimum=0.0, flag="--failure-grace",
+                                     help="seconds a False readiness condition may last before the canary counts as "
+                                          "failed")
+    smoke_test: bool = setting(True, help="send one request to the new version before promoting it")
 
     def __post_init__(self):
-        if not 0 <= self.canary_percent <= 99:
-            raise ValueError(f"canary_percent must be from 1 to 99 (or 0: no canary), got {self.canary_percent}")
+        check(self)
 
 
 def check_mode(mode: str, canary_percent: int) -> None:

@@ -24,10 +24,11 @@ the champion is already deployed and nothing changes.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from saft.images import resolve_image
 from saft.io import write_json
 from saft.serving.kserve import PredictorSettings
 from saft.serving.kube import KubeError
@@ -109,6 +110,7 @@ def deploy_step(cfg: DeployConfig, out_dir: str | Path, *, isvcs=None, smoke="de
 
     check_model_name(cfg.model_name)
     check_mode(normalize_mode(cfg.predictor.deployment_mode), cfg.rollout.canary_percent)
+    cfg = replace(cfg, predictor=replace(cfg.predictor, image=resolve_image(cfg.predictor.image)))
     if not tracking_enabled():
         raise ValueError("deploy needs the MLflow registry, but tracking is off (SAFT_TRACKING=off)")
     config = resolve_config()

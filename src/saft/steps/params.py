@@ -20,6 +20,8 @@ from saft.config import ConfigError, check, describe, did_you_mean, from_mapping
 from saft.data.prepare import PrepareConfig
 from saft.io import atomic_path
 from saft.loader import LoaderSettings
+from saft.serving.kserve import PredictorSettings
+from saft.serving.rollout import RolloutConfig
 from saft.sparse.config import METHODS, default_lr
 from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
 
@@ -102,27 +104,13 @@ class RegisterParams:
     baseline: bool = setting(True, help="no champion yet: register the zero-shot base first and promote it")
 
 
-@dataclass
-class DeployParams:
-    """The retrain pipeline, on promotion: the champion onto KServe by canary (docs/serving.md)."""
-
-    enabled: bool = setting(True, help="deploy a promoted champion")
-    dry_run: bool = setting(True, help="apply nothing (a server-side dry run where the cluster allows it, else a local "
-                                       "render into the task's output); false: apply it (in-cluster credentials)")
-    namespace: str = setting("default", help="namespace of the InferenceService")
-    deployment_mode: str = setting("Knative", choices=("Knative", "Standard"),
-                                   help="KServe's deployment mode (names since KServe 0.16): Knative has the canary; "
-                                        "Standard has none (set canary_percent 0: the predictor is replaced in place)")
-    image: str = setting("", help="predictor image; empty: the pipeline's image")
-    cpu: str = setting("2", help="predictor CPU request")
-    memory: str = setting("8Gi", help="predictor memory request")
-    gpu_count: int = setting(1, minimum=0, help="GPUs per predictor; 0: a CPU predictor")
-    canary_percent: int = setting(10, minimum=0, maximum=99,
-                                  help="traffic share of the canary; 0: replace the predictor in place, no canary")
-    ready_timeout_s: float = setting(900.0, minimum=0.0, help="seconds a new revision may take to become ready")
-    poll_s: float = setting(5.0, minimum=0.0, help="seconds between status polls")
-    observe_s: float = setting(60.0, minimum=0.0,
-                               help="seconds a ready canary is watched before it gets all traffic")
+DeployParams = section("DeployParams", PredictorSettings, RolloutConfig, drop=("extra_env",),
+                       doc="The retrain pipeline, on promotion: the champion onto KServe by canary (docs/serving.md).",
+                       extra=[
+    ("enabled", bool, setting(True, help="deploy a promoted champion")),
+    ("dry_run", bool, setting(True, help="apply nothing (a server-side dry run where the cluster allows it, else a local "
+                                         "render into the task's output); false: apply it (in-cluster credentials)")),
+])
 
 
 @dataclass
@@ -264,9 +252,13 @@ class PipelineParams:
             if c.gpu_count < 1 or f.batch_size % (c.nodes * c.gpu_count):
                 fail(f"finetune.batch_size {f.batch_size} must divide by cluster.nodes x cluster.gpu_count "
                      f"({c.nodes} x {c.gpu_count}): every process trains an equal part of each global batch")
-        if self.deploy.deployment_mode == "Standard" and self.deploy.canary_percent:
-            fail(f"deploy.canary_percent {self.deploy.canary_percent} needs deploy.deployment_mode Knative: KServe's "
-                 "Standard mode has no canary; set deploy.canary_percent: 0 to replace the predictor in place")
+        try:
+            from saft.serving.rollout import check_mode
+
+            check_mode(self.deploy.deployment_mode, self.deploy.canary_percent)
+        except ValueError as err:
+            fail(f"deploy.canary_percent {self.deploy.canary_percent} with deploy.deployment_mode "
+                 f"{self.deploy.deployment_mode}: {err}")
         if c.nodes <= 1 and c.gpu_count > 1 and f.batch_size % c.gpu_count:
             fail(f"finetune.batch_size {f.batch_size} must divide by cluster.gpu_count {c.gpu_count}: each GPU's "
                  "process trains an equal part of each global batch")
