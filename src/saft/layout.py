@@ -131,13 +131,25 @@ class DeploymentFolder(_Layout):
     required: tuple[str, ...] = ("deploy",)
 
 
+@dataclass(frozen=True)
+class WorldTaskFolder(_Layout):
+    """The pipelines' world task: the rendered world, or a record that the data lives elsewhere."""
+
+    external: str = "external.json"  # data_root given: where the data is
+    version: str = "data_version.json"  # the data version every data-reading task downstream takes
+    what: str = "a world task output folder"
+    made_by: str = "the world component of a saft pipeline"
+    required: tuple[str, ...] = ()
+
+
 PREPARED = Prepared()
 MASK = MaskFolder()
 FINETUNE = FinetuneFolder()
 EVAL = EvalFolder()
 DECISION = DecisionFolder()
 DEPLOYMENT = DeploymentFolder()
-LAYOUTS = (PREPARED, MASK, FINETUNE, EVAL, DECISION, DEPLOYMENT)
+WORLD_TASK = WorldTaskFolder()
+LAYOUTS = (PREPARED, MASK, FINETUNE, EVAL, DECISION, DEPLOYMENT, WORLD_TASK)
 
 __all__ = ["DECISION", "DEPLOYMENT", "EVAL", "FINETUNE", "LAYOUTS", "MASK", "PREPARED", "RESOLVED_PARAMS",
-           "STEP_RECORD", "LayoutError"]
+           "STEP_RECORD", "WORLD_TASK", "LayoutError"]

@@ -78,6 +78,7 @@ from saft.data.manifest import canonical_manifest_bytes
 from saft.data.split_index import index_dataset
 from saft.data.storage import LocalStorage, Storage, open_storage, sha256_bytes
 from saft.data.templates import DEFAULT_TEMPLATES, TemplateError, check_template, load_templates  # noqa: F401 (re-exported)
+from saft.layout import PREPARED
 from saft.config import ConfigError, check, setting
 from saft.io import atomic_path, write_json
 from saft.version import __version__
@@ -141,12 +142,12 @@ def template_source(items) -> Sequence[str] | str | os.PathLike | None:
 TEMPLATE_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt")
 
 
-TRAIN_FILE = "train.jsonl"
-VAL_FILE = "val.jsonl"
-CLASSES_FILE = "classes.json"
-TEMPLATES_FILE = "templates.json"
-TRAIN_TEMPLATES_FILE = "train_templates.json"
-RECORD_FILE = "prepare.json"
+TRAIN_FILE = PREPARED.train
+VAL_FILE = PREPARED.val
+CLASSES_FILE = PREPARED.classes
+TEMPLATES_FILE = PREPARED.templates
+TRAIN_TEMPLATES_FILE = PREPARED.train_templates
+RECORD_FILE = PREPARED.record
 RECORD_FORMAT = "saft-prepare-v1"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from saft.eval.metrics import ZERO_SHOT
 from saft.eval.plots import main_aggregates, model_key, plot_figures
 from saft.io import atomic_path
+from saft.layout import EVAL
 
 CAPTION = "Top-1 accuracy in %: mean ± sample standard deviation over seeds; a value without ± comes from one seed."
 FIGURE_CAPTIONS = {
@@ -237,8 +238,8 @@ def write_report(doc: dict, out_dir: str | Path, title: str = "Evaluation report
         written[name] = out / name
     for name in set(FIGURE_CAPTIONS) - set(figures):  # a figure of an earlier run must not outlive its data
         (out / name).unlink(missing_ok=True)
-    pages = (("report.md", markdown_report(doc, title, context)),
-             ("report.html", html_report(doc, figures, title, context)))
+    pages = ((EVAL.report_md, markdown_report(doc, title, context)),
+             (EVAL.report_html, html_report(doc, figures, title, context)))
     for name, text in pages:
         with atomic_path(out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")

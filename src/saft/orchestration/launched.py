@@ -24,8 +24,9 @@ from saft.config import to_mapping
 from saft.io import write_json
 from saft.orchestration.torchrun import finetune_argv
 from saft.steps.tracked import step_context
+from saft.layout import FINETUNE
 
-TRAINJOB_FILE = "trainjob.json"
+TRAINJOB_FILE = FINETUNE.trainjob
 
 
 def _log(msg: str) -> None:

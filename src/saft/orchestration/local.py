@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from saft.steps.params import PipelineParams
+from saft.layout import EVAL
 
 LOG_FILE = "kfp.log"
 
@@ -119,6 +120,6 @@ def run_local(params: PipelineParams, out_dir: str | Path, *, pipeline: str = "b
         log("\nregistry: nothing registered (register.enabled is false)")
     if "deploy" in summary:
         log(f"deploy: {summary['deploy']['reason']}")
-    log(f"\nreport: {results_dir / 'report.html'}   results: {results_dir / RESULTS_FILE}")
+    log(f"\nreport: {results_dir / EVAL.report_html}   results: {results_dir / RESULTS_FILE}")
     log(f"total {summary['seconds']:.0f} s")
     return summary

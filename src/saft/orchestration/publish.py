@@ -6,6 +6,7 @@ import json
 import shutil
 from collections import namedtuple
 from pathlib import Path
+from saft.layout import EVAL
 
 HEADLINE_KEYS = (("id", "id"), ("ood_mean", "ood_mean"), ("hm", "hm"))
 
@@ -32,7 +33,7 @@ def publish_collect(part_dirs, deltas_dirs, parent_run_id, results, report, tabl
     from saft.orchestration.eval_tasks import collect_task
 
     summary = collect_task(part_dirs, deltas_dirs, results.path, parent_run_id=parent_run_id, step=step)
-    shutil.copyfile(Path(results.path) / "report.html", report.path)
+    shutil.copyfile(Path(results.path) / EVAL.report_html, report.path)
     shutil.copyfile(Path(results.path) / TABLE_FILE, table.path)
     values = headline_metrics(summary)
     for name, value in values.items():

@@ -18,6 +18,7 @@ from saft.orchestration.tasks import (
     delta_runs,
 )
 from saft.steps.tracked import step_context
+from saft.layout import DECISION, PREPARED
 
 
 def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
@@ -58,7 +59,7 @@ def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list
         raise ValueError(f"register: no {method} delta among the finetune outputs")
     candidate = min(runs, key=lambda r: r.seed)
     data_dirs = list(data_dirs) or [str(p.parent) for p in Path(deltas_dir).glob("data-seed*/prepare.json")]
-    records = {json.loads((Path(d) / "prepare.json").read_text())["seed"]: d for d in data_dirs}
+    records = {json.loads((Path(d) / PREPARED.record).read_text())["seed"]: d for d in data_dirs}
     if candidate.seed not in records:
         raise ValueError(f"register: no prepared data of seed {candidate.seed} (the candidate's) among {data_dirs}")
     data_dir = records[candidate.seed]
@@ -87,7 +88,7 @@ def _tag_version(model_name: str, version: str, data_version: dict) -> None:
 
 
 def verdict_of(decision_dir: str) -> str:
-    return str(json.loads((Path(decision_dir) / "register.json").read_text()).get("verdict", ""))
+    return str(json.loads((Path(decision_dir) / DECISION.register).read_text()).get("verdict", ""))
 
 
 def deploy_config(settings: str | dict, *, model_name: str, version: str, image: str = ""):
@@ -118,7 +119,7 @@ def deploy_task(decision_dir: str, out_dir: str, *, model_name: str, settings: s
     """Deploy the version the gate promoted (``register.json``), by canary; ``isvcs``/``smoke`` as in deploy_step."""
     from saft.steps.deploy import deploy_step
 
-    decision = json.loads((Path(decision_dir) / "register.json").read_text())
+    decision = json.loads((Path(decision_dir) / DECISION.register).read_text())
     version = decision.get("version")
     if decision.get("verdict") != "promoted" or not version:
         raise ValueError(f"deploy: {decision_dir}/register.json holds no promoted version "

@@ -46,6 +46,7 @@ from saft.orchestration.release_tasks import candidate_metrics
 from saft.orchestration.tasks import finetune_task, prepare_task, score_task
 from saft.steps.tracked import step_context
 from saft.steps.world import world_step, world_suite
+from saft.layout import DECISION, EVAL
 
 
 def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
@@ -97,7 +98,7 @@ def run_pipeline(params: PipelineParams, out_dir: str | Path, *, tracking: bool 
     log(results_text(summary))
     if summary.get("register"):
         log(f"\nregistry: {summary['register'].get('summary', summary['register'])}")
-    log(f"\nreport: {out / 'eval' / 'report.html'}   results: {out / 'eval' / 'results.json'}")
+    log(f"\nreport: {out / 'eval' / EVAL.report_html}   results: {out / 'eval' / EVAL.results}")
     log(f"total {summary['seconds']:.0f} s")
     return summary
 
@@ -128,18 +129,18 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
         if len(plan) == 1:  # every entry named: a part without a report, written once below by collect
             evaluate_suite(params.evaluate_config(all_runs, [e.name for e in suite.entries]), suite, out / "eval",
                            progress=progress, log=lambda *_: None)
-            parts = [out / "eval" / "metrics.json"]
+            parts = [out / "eval" / EVAL.metrics]
         else:  # each dataset's deltas score that dataset's halves only
             parts = []
             for task in plan:
                 part = out / "eval" / "parts" / task.folder
                 evaluate_suite(params.evaluate_config(runs[task.name], task.entries), suite, part,
                                progress=progress, log=lambda *_: None)
-                parts.append(part / "metrics.json")
+                parts.append(part / EVAL.metrics)
         summary = collect_step(parts, out / "eval", deltas=all_runs,
                                learning_rates={m: params.learning_rates()[m] for m in params.finetune.methods},
                                settings=report_settings(params, plan))
-        tracker.log_metrics_document(json.loads((out / "eval" / "metrics.json").read_text()))
+        tracker.log_metrics_document(json.loads((out / "eval" / EVAL.metrics).read_text()))
         tracker.log_report(str(out / "eval"))
     if params.register.enabled and not tracking:
         log("register: skipped (tracking is off; the registry lives in MLflow)")
@@ -180,8 +181,8 @@ def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: s
 
     r = params.register
     candidate = min((run for run in runs if run.name == r.method), key=lambda run: run.seed)
-    own = out / "register" / "candidate_metrics.json"
-    write_json(own, candidate_metrics(json.loads((out / "eval" / "metrics.json").read_text()), r.method,
+    own = out / "register" / DECISION.candidate_metrics
+    write_json(own, candidate_metrics(json.loads((out / "eval" / EVAL.metrics).read_text()), r.method,
                                       candidate.seed))
     cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote, ood_tolerance=r.ood_tolerance,
                          id_tolerance=r.id_tolerance, gate=gate, hm_tolerance=r.hm_tolerance, baseline=r.baseline)

@@ -24,18 +24,19 @@ from pathlib import Path
 from saft.io import write_json
 from saft.steps.params import WorldParams
 from saft.steps.tracked import step_context
+from saft.layout import DECISION, DEPLOYMENT, EVAL, FINETUNE, MASK, PREPARED, WORLD_TASK
 
-MASK_FILE = "mask.safetensors"
-DELTA_FILE = "delta.safetensors"
-HISTORY_FILE = "history.json"
-FINETUNE_FILE = "finetune.json"
-METRICS_FILE = "metrics.json"
-EXTERNAL_FILE = "external.json"
-VERSION_FILE = "data_version.json"
-RESUME_FILE = "resume.json"
-DEPLOY_FILE = "deploy.json"
-CANDIDATE_METRICS_FILE = "candidate_metrics.json"
-FILES_DIR = "files"  # drawn images copied next to the manifests (data read through DVC)
+MASK_FILE = MASK.mask
+DELTA_FILE = FINETUNE.delta
+HISTORY_FILE = FINETUNE.history
+FINETUNE_FILE = FINETUNE.record
+METRICS_FILE = EVAL.metrics
+EXTERNAL_FILE = WORLD_TASK.external
+VERSION_FILE = WORLD_TASK.version
+RESUME_FILE = FINETUNE.resume
+DEPLOY_FILE = DEPLOYMENT.deploy
+CANDIDATE_METRICS_FILE = DECISION.candidate_metrics
+FILES_DIR = PREPARED.files
 RUN_FILES = (DELTA_FILE, HISTORY_FILE, FINETUNE_FILE)
 
 
@@ -78,11 +79,11 @@ def finish_task(tracking: bool, *, results_dir: str | None = None, decision_dir:
     client = make_client(config)
     files = []
     if results_dir:
-        files += [p for p in (Path(results_dir) / n for n in ("results.md", "results.json", "selection.json",
-                                                               "report.html")) if p.is_file()]
-    if decision_dir and (Path(decision_dir) / "register.json").is_file():
-        files.append(Path(decision_dir) / "register.json")
-        decision = json.loads((Path(decision_dir) / "register.json").read_text())
+        files += [p for p in (Path(results_dir) / n for n in (EVAL.table, EVAL.results, EVAL.selection,
+                                                               EVAL.report_html)) if p.is_file()]
+    if decision_dir and (Path(decision_dir) / DECISION.register).is_file():
+        files.append(Path(decision_dir) / DECISION.register)
+        decision = json.loads((Path(decision_dir) / DECISION.register).read_text())
         with tracking_call(config, "tagging the parent run with the registry decision"):
             client.set_tag(parent, "saft.register.verdict", str(decision.get("verdict")))
             client.set_tag(parent, "saft.register.version", str(decision.get("version") or ""))
@@ -174,7 +175,7 @@ def _materialize(storage, out_dir: Path) -> int:
     from saft.data.manifest import read_manifest
 
     count = 0
-    for name in ("train.jsonl", "val.jsonl"):
+    for name in (PREPARED.train, PREPARED.val):
         if not (out_dir / name).is_file():
             continue
         for entry in read_manifest(out_dir / name):
@@ -393,7 +394,7 @@ def gather_deltas(delta_dirs: list[str], out_dir: str, data_dirs: list[str] = ()
             shutil.copyfile(Path(folder) / f, target / f)
         names.append(name)
     for folder in data_dirs:
-        target = Path(out_dir) / f"data-seed{json.loads((Path(folder) / 'prepare.json').read_text())['seed']}"
+        target = Path(out_dir) / f"data-seed{json.loads((Path(folder) / PREPARED.record).read_text())['seed']}"
         target.mkdir(parents=True, exist_ok=True)
         for f in Path(folder).iterdir():
             if f.is_file():

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from saft.images import resolve_image
+from saft.layout import FINETUNE
 from saft.serving.kube import CustomObjects, KubeError
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
@@ -403,6 +404,6 @@ def _outputs(spec: TrainJobSpec, where: str) -> dict:
     if not out.is_dir():
         raise TrainJobError(f"{where} is complete but its output folder {out} is not visible here: the launcher "
                             f"must mount the PVC {spec.pvc} at {spec.mount_path}")
-    summary_file = out / "finetune.json"
+    summary_file = out / FINETUNE.record
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     return {"out_dir": str(out), "outputs": sorted(p.name for p in out.iterdir()), "summary": summary}

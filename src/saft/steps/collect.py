@@ -24,9 +24,10 @@ from saft.steps.context import report_context
 from saft.steps.evaluate import METRICS_FILE, DeltaRun
 from saft.world.checks import Checks
 from saft.world.table import format_checks, format_results
+from saft.layout import EVAL
 
-RESULTS_FILE = "results.json"
-TABLE_FILE = "results.md"
+RESULTS_FILE = EVAL.results
+TABLE_FILE = EVAL.table
 WORLD_SUITE = "synthshift"
 
 

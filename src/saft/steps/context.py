@@ -17,10 +17,11 @@ from typing import Iterable
 
 from saft.sparse.delta import _IDX, _VAL, DELTA_FORMAT
 from saft.sparse.mask import block_of
+from saft.layout import FINETUNE, MASK, PREPARED
 
-HISTORY_FILE = "history.json"
-FINETUNE_FILE = "finetune.json"
-MASK_STATS_FILE = "mask_stats.json"
+HISTORY_FILE = FINETUNE.history
+FINETUNE_FILE = FINETUNE.record
+MASK_STATS_FILE = MASK.stats
 _CURVE_POINTS = 200  # a curve of 100k steps is thinned to this many points for the page
 
 
@@ -84,7 +85,7 @@ def run_summary(name: str, seed: int | None, path: str | Path) -> dict:
         if "density" in stats:
             run["density"] = stats["density"]
     if record.get("data"):
-        prepared = _read_json(Path(record["data"]) / "prepare.json") or {}
+        prepared = _read_json(Path(record["data"]) / PREPARED.record) or {}
         run["data"] = {k: prepared[k] for k in ("dataset", "root", "split", "shots", "subset") if k in prepared}
     return run
 

@@ -33,9 +33,10 @@ from saft.io import write_json
 from saft.serving.kserve import PredictorSettings
 from saft.serving.kube import KubeError
 from saft.serving.rollout import RolloutConfig
+from saft.layout import DEPLOYMENT
 
-DEPLOY_FILE = "deploy.json"
-MANIFEST_FILE = "inferenceservice.json"
+DEPLOY_FILE = DEPLOYMENT.deploy
+MANIFEST_FILE = DEPLOYMENT.manifest
 DEPLOY_SCHEMA = "saft-deploy/1"
 STATUS_TAG, REASON_TAG, SERVICE_TAG = "saft.deploy.status", "saft.deploy.reason", "saft.deploy.service"
 TIME_TAG, PREVIOUS_TAG, CANARY_TAG = "saft.deploy.timestamp", "saft.deploy.previous_version", "saft.deploy.canary_percent"

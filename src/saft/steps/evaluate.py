@@ -44,8 +44,9 @@ from saft.sparse import FingerprintMismatch, apply_delta, load_delta, remove_del
 from saft.sparse.distributed import SINGLE, Dist, from_env
 from saft.steps.configs import DeltaRun, EvaluateConfig
 from saft.steps.record import run_once
+from saft.layout import EVAL
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = EVAL.metrics
 
 
 class EntryImages(Dataset):
@@ -139,7 +140,7 @@ def evaluate_suite(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, *, pr
     reference = resolve_reference(cfg, suite)  # a bad reference file fails before any model is loaded
     params = {"config": to_mapping(cfg, skip=("suite", "data_root")), "suite": asdict(suite),
               "reference": None if reference is None else reference.to_dict()}
-    outputs = [METRICS_FILE] + ([] if cfg.only else ["report.md", "report.html"])
+    outputs = [METRICS_FILE] + ([] if cfg.only else [EVAL.report_md, EVAL.report_html])
 
     dist, device = from_env(cfg.device)  # under torchrun: this rank's share of every dataset's batches
 

@@ -13,11 +13,12 @@ from saft.sparse.distributed import Dist, from_env
 from saft.steps.configs import FinetuneStepConfig
 from saft.steps.prepared import PreparedData
 from saft.steps.record import run_once
+from saft.layout import FINETUNE
 
-DELTA_FILE = "delta.safetensors"
-HISTORY_FILE = "history.json"
-CONFIG_FILE = "finetune.json"
-CHECKPOINT_DIR = "checkpoints"
+DELTA_FILE = FINETUNE.delta
+HISTORY_FILE = FINETUNE.history
+CONFIG_FILE = FINETUNE.record
+CHECKPOINT_DIR = FINETUNE.checkpoints
 
 
 def finetune_step(cfg: FinetuneStepConfig, data_dir: str | Path, out_dir: str | Path, *,

@@ -24,9 +24,10 @@ from saft.serving.kserve import PredictorSettings
 from saft.serving.rollout import RolloutConfig
 from saft.sparse.config import METHODS, default_lr
 from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.layout import RESOLVED_PARAMS
 
 DEFAULT_PARAMS_FILE = "params.yaml"
-RESOLVED_FILE = "params.resolved.yaml"
+RESOLVED_FILE = RESOLVED_PARAMS
 SUBSETS = ("all", "base")  # base: the first half of the classes (base-to-new); "new" is never trained on
 LOADER = tuple(f.name for f in dataclasses.fields(LoaderSettings))
 PER_TASK = ("model", "seed", "device")

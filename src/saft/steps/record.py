@@ -17,8 +17,9 @@ from typing import Callable, Iterable
 
 from saft.io import write_json
 from saft.sparse.distributed import SINGLE, Dist
+from saft.layout import STEP_RECORD
 
-RECORD_FILE = "step.json"
+RECORD_FILE = STEP_RECORD
 
 
 def content_hash(paths: Iterable[str | Path]) -> str:

@@ -17,10 +17,11 @@ from saft.sparse.config import auto_text_batch
 from saft.steps.configs import ScoreConfig
 from saft.steps.prepared import PreparedData
 from saft.steps.record import run_once
+from saft.layout import MASK
 
-MASK_FILE = "mask.safetensors"
-STATS_FILE = "mask_stats.json"
-CONFIG_FILE = "score.json"
+MASK_FILE = MASK.mask
+STATS_FILE = MASK.stats
+CONFIG_FILE = MASK.record
 
 
 def score_step(cfg: ScoreConfig, data_dir: str | Path, out_dir: str | Path, *, root: str | None = None,

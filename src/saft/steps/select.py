@@ -22,18 +22,19 @@ from pathlib import Path
 from typing import Callable
 
 from saft.io import atomic_path, write_json
+from saft.layout import EVAL, FINETUNE
 
-SELECTION_FILE = "selection.json"
-SELECTION_PLOT = "selection.png"
+SELECTION_FILE = EVAL.selection
+SELECTION_PLOT = EVAL.selection_plot
 SELECTION_SCHEMA = "saft-selection/1"
-CANDIDATE_FILES = ("delta.safetensors", "history.json", "finetune.json")
+CANDIDATE_FILES = (FINETUNE.delta, FINETUNE.history, FINETUNE.record)
 
 
 def _candidate(folder: Path) -> dict:
     missing = [f for f in CANDIDATE_FILES if not (folder / f).is_file()]
     if missing:
         raise ValueError(f"select: {folder} is not a finetune output (missing {', '.join(missing)})")
-    record = json.loads((folder / "finetune.json").read_text())
+    record = json.loads((folder / FINETUNE.record).read_text())
     cfg = record["config"]
     return {"folder": str(folder), "method": cfg["method"], "lr": float(cfg["lr"]), "seed": cfg["seed"],
             "final_loss": record.get("final_loss"), "trained_values": record.get("trained_values")}
@@ -66,7 +67,7 @@ def select_step(model_spec: str, data_dir: str | Path, candidate_dirs: list[str 
     zeroshot = top1_accuracy(loaded.model, val, prompts, batch_size=batch_size, device=device)
     log(f"select: {len(val)} ID validation images; zero-shot top-1 {100 * zeroshot:.1f}")
     for c in sorted(candidates, key=lambda c: c["lr"]):
-        delta = load_delta(Path(c["folder"]) / "delta.safetensors")
+        delta = load_delta(Path(c["folder"]) / FINETUNE.delta)
         apply_delta(loaded.model, delta)
         try:
             c["val_top1"] = top1_accuracy(loaded.model, val, prompts, batch_size=batch_size, device=device)

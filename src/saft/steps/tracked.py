@@ -7,6 +7,7 @@ processes, pods or DVC stages attach their nested runs to the right pipeline run
 from __future__ import annotations
 
 from contextlib import nullcontext
+from saft.layout import EVAL, FINETUNE, MASK, PREPARED, STEP_RECORD
 
 
 class NoTracking:
@@ -34,14 +35,14 @@ def log_outputs(tracker, out_dir) -> None:
     from pathlib import Path
 
     out = Path(out_dir)
-    readers = {"mask_stats.json": tracker.log_mask_stats, "history.json": tracker.log_history,
-               "metrics.json": tracker.log_metrics_document}
+    readers = {MASK.stats: tracker.log_mask_stats, FINETUNE.history: tracker.log_history,
+               EVAL.metrics: tracker.log_metrics_document}
     for name, log in readers.items():
         if (out / name).is_file():
             log(json.loads((out / name).read_text()))
-    if (out / "report.html").is_file():
+    if (out / EVAL.report_html).is_file():
         tracker.log_report(str(out))
-    for name in ("mask.safetensors", "delta.safetensors", "results.json", "prepare.json", "step.json"):
+    for name in (MASK.mask, FINETUNE.delta, EVAL.results, PREPARED.record, STEP_RECORD):
         if (out / name).is_file():
             tracker.log_artifact(str(out / name))
 
