@@ -38,13 +38,6 @@ EXIT_ERROR = 2
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, StorageError, OSError)
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
 def _fail(command: str, err: BaseException) -> int:
     print(f"saft data {command}: error: {err}", file=sys.stderr)
     return EXIT_ERROR

@@ -41,11 +41,3 @@ def check_relpath(relpath: str) -> str:
         )
     return relpath
 
-
-def is_safe_relpath(relpath: str) -> bool:
-    """True when :func:`check_relpath` would accept ``relpath``."""
-    try:
-        check_relpath(relpath)
-    except UnsafePathError:
-        return False
-    return True

@@ -250,7 +250,3 @@ def records_from_document(doc: dict) -> list[Record]:
         raise ValueError(f"not a metrics document of schema {METRICS_SCHEMA!r} (found {doc.get('schema')!r})")
     return [Record(**_legacy_group(r)) for r in doc["records"]]
 
-
-def reference_of(doc: dict) -> Reference | None:
-    data = doc.get("meta", {}).get(REFERENCE_META)
-    return Reference.from_dict(data) if data else None

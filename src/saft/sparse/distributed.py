@@ -94,10 +94,6 @@ class Dist:
         size = len(items) // self.world
         return items[self.rank * size:(self.rank + 1) * size]
 
-    def share(self, n: int) -> range:
-        """This rank's indices of ``range(n)`` for work split by position (e.g. class chunks)."""
-        return range(self.rank, n, self.world)
-
     def comm_device(self, device) -> torch.device:
         """Where collectives run: the device for NCCL, the CPU for gloo."""
         backend = torch_dist.get_backend() if torch_dist.is_initialized() else "gloo"

@@ -276,11 +276,6 @@ def finetune_settings(params: PipelineParams) -> dict:
     return {**to_mapping(params.finetune, skip=("methods", "lr")), **to_mapping(params.loader)}
 
 
-def score_settings(params: PipelineParams) -> dict:
-    """``score:`` and ``loader:`` as the ``settings`` JSON of a score component (:class:`ScoreConfig` fields)."""
-    return {**to_mapping(params.score), **to_mapping(params.loader)}
-
-
 # --------------------------------------------------------------------------- reading
 
 
