@@ -32,7 +32,7 @@ def finetune_trainjob(model: str, data: Input[Dataset], mask: Input[Model], lr: 
         delta: delta.safetensors, history.json, finetune.json, trainjob.json.
     """
     from saft.steps.configs import FinetuneStepConfig
-    from saft.orchestration.launched import finetune_trainjob_task
+    from saft.orchestration.trainjob_task import finetune_trainjob_task
     from saft.orchestration.parent_run import parent_run
     from saft.orchestration.tasks import settings_config
 

@@ -17,7 +17,7 @@ from fake_kube import FakeTrainer, serve_fake
 from safetensors.torch import load_file
 
 from saft.cli import main
-from saft.orchestration.launched import finetune_trainjob_task, trainjob_options
+from saft.orchestration.trainjob_task import finetune_trainjob_task, trainjob_options
 from saft.steps.configs import FinetuneStepConfig, ScoreConfig
 from saft.orchestration.tasks import finetune_task, score_task
 

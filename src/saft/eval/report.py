@@ -8,7 +8,7 @@ computed, and the figures (:mod:`saft.eval.plots`): ID vs OOD, per dataset, base
 HM, effective robustness, the base + alpha * delta curve when several alphas were
 evaluated, where the mask landed per block and the training curves. The run context
 (settings and per-delta facts) comes from the steps layer
-(:func:`saft.steps.context.report_context`); without it only the document's own
+(:func:`saft.steps.report_context.report_context`); without it only the document's own
 facts are shown. A value without ``±`` comes from one seed: there is no spread to show.
 """
 

@@ -248,7 +248,7 @@ def score_task(data_dir: str, out_dir: str, cfg, parent_run_id: str = "", *, pro
 
     processes = task_processes(cfg.device)
     with step_context(f"score {cfg.kind} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
-        if processes > 1:  # one process per GPU of the pod (saft.orchestration.launched)
+        if processes > 1:  # one process per GPU of the pod (saft.orchestration.trainjob_task)
             from saft.orchestration.torchrun import run_launched
 
             stats = run_launched(score_argv(cfg, data_dir, out_dir, root=prepared_root(data_dir)), processes,
@@ -298,7 +298,7 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
     """Train one delta (``cfg``: a :class:`saft.steps.configs.FinetuneStepConfig`). With ``checkpoint_root``,
     checkpoints go to a folder keyed by the run (:func:`checkpoint_dir_for`) and a rerun resumes from the last
     one; the folder is removed once the delta is written. A pod with several GPUs runs the step as one process
-    per GPU (:mod:`saft.orchestration.launched`)."""
+    per GPU (:mod:`saft.orchestration.trainjob_task`)."""
     from saft.config import to_mapping
     from saft.steps.finetune import finetune_step
     from saft.orchestration.torchrun import task_processes
@@ -319,7 +319,7 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
             log("finetune: no checkpoints (finetune.checkpoint_every is 0): a retry starts from step 0")
     processes = task_processes(cfg.device)
     with step_context(f"finetune {cfg.method} seed{cfg.seed}", parent_run_id, to_mapping(cfg)) as tracker:
-        if processes > 1:  # one process per GPU of the pod (saft.orchestration.launched)
+        if processes > 1:  # one process per GPU of the pod (saft.orchestration.trainjob_task)
             from saft.orchestration.torchrun import finetune_argv, run_launched
 
             argv = finetune_argv(cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),

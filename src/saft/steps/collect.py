@@ -20,7 +20,7 @@ from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.metrics import REFERENCE_META, metrics_document, records_from_document
 from saft.eval.report import write_report
 from saft.io import atomic_path, write_json
-from saft.steps.context import report_context
+from saft.steps.report_context import report_context
 from saft.steps.evaluate import METRICS_FILE, DeltaRun
 from saft.world.checks import Checks
 from saft.world.table import format_checks, format_results

@@ -224,7 +224,7 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
     if dist.is_main:
         write_json(out / METRICS_FILE, doc)
         if not cfg.only:  # a fan-out part gets its report from the collect step
-            from saft.steps.context import report_context
+            from saft.steps.report_context import report_context
 
             write_report(doc, out, title=f"{suite.name}: {cfg.model}", context=report_context(cfg.deltas))
     return doc
