@@ -153,7 +153,7 @@ def test_the_protocol_task_checks_the_pipelines_own_arguments(tmp_path) -> None:
 
 
 def test_the_trainjob_component_hands_nodes_volume_and_settings_to_the_launcher(tmp_path, monkeypatch) -> None:
-    calls = _record(monkeypatch, "finetune_trainjob_task", module="launched")
+    calls = _record(monkeypatch, "finetune_trainjob_task", module="trainjob_task")
     args = pipeline_arguments("retrain", load_params(REPO / "params.yaml", ["cluster.nodes=2", "cluster.gpu_count=4",
                                                                             "finetune.batch_size=16"]))
     assert args["nodes"] == 2 and args["gpu_count"] == 4
