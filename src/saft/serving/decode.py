@@ -261,7 +261,7 @@ class ImagePool:
             if request in self._turns:
                 self._turns.remove(request)
             while request.pending:
-                request.futures[request.pending.popleft()].cancel()
+                _cancel(request.futures[request.pending.popleft()])
 
     def _work(self) -> None:
         while True:
@@ -270,7 +270,7 @@ class ImagePool:
                 return
             request, position = got
             future = request.futures[position]
-            if request.failed or not future.set_running_or_notify_cancel():
+            if request.failed or future.cancelled() or not future.set_running_or_notify_cancel():
                 continue
             try:
                 future.set_result(self._one(request, position))
@@ -298,11 +298,17 @@ class ImagePool:
             self._closed = True
             for request in self._turns:
                 for position in request.pending:
-                    request.futures[position].cancel()
+                    _cancel(request.futures[position])
             self._turns.clear()
             self._cv.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
+
+
+def _cancel(future: Future) -> None:
+    # cancel() alone wakes done-callbacks (asyncio) but not concurrent.futures.wait(); this does both
+    future.cancel()
+    future.set_running_or_notify_cancel()
 
 
 def stack(items: list):

@@ -185,8 +185,14 @@ def parse_infer_request(body: bytes, limits: Limits, n_classes: int, json_length
     check_body_size(len(body), limits)
     view = memoryview(body)
     binary = view[json_length:] if json_length is not None else view[:0]
-    doc = load_json(view[:json_length] if json_length is not None else view, limits,
-                    "the JSON header" if json_length is not None else "request body")
+    try:
+        doc = load_json(view[:json_length] if json_length is not None else view, limits,
+                        "the JSON header" if json_length is not None else "request body")
+    except RequestError as exc:
+        if json_length is None and "not valid JSON" in str(exc):
+            raise RequestError(f"{exc}; a body in the binary tensor data form (JSON, then tensor bytes) needs the "
+                               "Inference-Header-Content-Length header giving the length of its JSON part") from None
+        raise
     if not isinstance(doc, dict):
         raise RequestError('request body must be a JSON object: {"inputs": [{"name": "image", ...}]}')
     check_fields(doc, REQUEST_FIELDS, "request")
