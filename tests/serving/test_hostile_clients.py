@@ -11,8 +11,9 @@
 * **Large but legal images** (slow; a real ``saft serve`` process): 16 images of 4 MP 16-bit
   gray arrive at once, each a 34 KB PNG that costs about 130 MB to decode. With a 160 MiB
   decode memory budget the server's peak RSS stays under its RSS at ready + 256 MiB
-  (measured: +143 MiB); with the budget out of the way (four decode workers at once) the
-  same load measured +348 to +471 MiB, so a server ignoring the budget fails the bound.
+  (measured: +149 MiB); with the budget out of the way (four decode workers at once) the
+  same load measured +408 and +440 MiB, so a server ignoring the budget fails the bound (as
+  did one that kept freed decode buffers in glibc's thread heaps: +310 MiB).
 
 The load helpers are ``saft bench serve --hostile``'s (:mod:`saft.bench.serve_hostile`).
 """

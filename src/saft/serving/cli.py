@@ -7,27 +7,6 @@ import os
 import sys
 
 
-def _return_freed_buffers() -> None:
-    """glibc: serve every allocation over 1 MiB from its own mapping, unmapped when freed.
-
-    By default glibc raises its mmap threshold after the first large free (up to 32 MiB), so
-    later decode buffers come from per-thread heaps that keep the memory: with four decode
-    threads, a decode memory budget of 160 MiB still left the process 310 MiB above its size
-    at ready; with the fixed threshold, 143 MiB (`tests/serving/test_hostile_clients.py`'s
-    scenario; docs/serving.md).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also stops its dynamic growth
-    except OSError:
-        pass  # another C library: its own policy stands
-
-
 def _serve(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -43,7 +22,6 @@ def _serve(args: argparse.Namespace) -> int:
     from saft.serving.server import ServeConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _return_freed_buffers()
     try:
         import torch
 
