@@ -132,8 +132,12 @@ def test_v2_refusals_are_clear_json(server) -> None:
     assert reply.status == 405 and set(reply.body) == {"error"}
     raw = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                   "data": [example_image_b64()]}]}).encode()
-    reply = post(f"{server.url}/v2/models/shapes/infer", None, raw=b"[" * 3000)
-    assert reply.status == 400 and set(reply.body) == {"error"}
+    for path, bad in (("/v2/models/shapes/infer", b"[" * 3000),  # malformed JSON of any shape: 400, never 500
+                      ("/v1/models/shapes:predict",
+                       b'{"instances": [{"b64": "AAAA"}], "parameters": {"top_k": ' + b"9" * 5000 + b"}}"),
+                      ("/v2/models/shapes/infer", b'{"inputs": [{"name": "image", "shape": [1e999]}]}')):
+        reply = post(f"{server.url}{path}", None, raw=bad)
+        assert reply.status == 400 and set(reply.body) == {"error"}, (path, reply.body)
     assert post(f"{server.url}/v2/models/shapes/infer", None, raw=raw).status == 200
 
 
