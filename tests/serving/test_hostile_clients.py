@@ -157,3 +157,19 @@ def test_peak_memory_stays_bounded_while_large_legal_images_arrive(served_folder
     growth = run["rss_growth_bytes"]
     assert growth < 256 << 20, f"peak RSS {growth / 2**20:.0f} MiB above ready ({run})"
     assert decode_cost(2000, 2000, "I;16", "PNG") == info.cost
+
+
+def test_a_client_that_hangs_up_mid_body_costs_nothing(base, caplog) -> None:
+    import socket
+
+    counts = base.served.metrics.requests.values
+    key = ("/v1/models/{name}:predict", "499")  # nginx's "client closed request": nobody reads it
+    before = counts.get(key, 0)
+    with caplog.at_level("ERROR", logger="saft.serve"):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", base.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{\"in")
+        _until(lambda: counts.get(key, 0) == before + 5)
+        assert base.served.admission.buffered == 0 and base.served.admission.in_progress == 0
+        assert post(base.predict_url(), {"instances": [{"b64": example_image_b64()}]}).status == 200
+    assert "prediction failed" not in caplog.text

@@ -301,6 +301,7 @@ def build_app(served: ServedModel):
     """The Starlette application answering the routes of the module docstring."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -350,6 +351,8 @@ def build_app(served: ServedModel):
                 admission.release()
         except RequestError as exc:
             return _error(exc)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
+            return Response(status_code=499)
         except Exception as exc:  # never a traceback to the client; the log has it
             log.exception("prediction failed")
             return _json(500, {"error": f"internal error ({type(exc).__name__}); see the server log"})
