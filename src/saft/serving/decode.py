@@ -125,17 +125,6 @@ def probe_image(data: bytes, where: str, limits: Limits) -> ImageInfo:
     return ImageInfo(width, height, mode, fmt, cost)
 
 
-def decode_image(data: bytes, where: str, limits: Limits):
-    """An RGB PIL image from bytes, refusing files over the pixel limit before decoding them."""
-    from saft.data.images import ImageDecodeError, load_rgb
-
-    probe_image(data, where, limits)
-    try:
-        return load_rgb(data, where)
-    except ImageDecodeError as exc:
-        raise RequestError(f"{where} is not a readable image ({exc})") from None
-
-
 def memory_limit_bytes() -> int:
     """The container's memory limit (cgroup v2 or v1), else the machine's memory."""
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):

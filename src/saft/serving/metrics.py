@@ -20,7 +20,9 @@ unbounded label values.
 from __future__ import annotations
 
 import math
+import re
 import threading
+import time
 from typing import Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -128,3 +130,42 @@ class ServerMetrics:
                 seen.add(name)
             lines.append(f"{name}{_labels(tuple(labels), tuple(labels.values()))} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+# Route templates for metric labels: a label must never be the raw path a client chose.
+_ROUTES = [(re.compile(p), label) for p, label in (
+    (r"/v2/health/live", "/v2/health/live"), (r"/v2/health/ready", "/v2/health/ready"), (r"/v2/?", "/v2"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?", "/v2/models/{name}"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?/ready", "/v2/models/{name}/ready"),
+    (r"/v2/models/[^/]+(/versions/[^/]+)?/infer", "/v2/models/{name}/infer"),
+    (r"/v1/models", "/v1/models"), (r"/v1/models/[^/:]+", "/v1/models/{name}"),
+    (r"/v1/models/[^/:]+:predict", "/v1/models/{name}:predict"), (r"/metrics", "/metrics"))]
+
+
+def route_of(path: str) -> str:
+    for pattern, label in _ROUTES:
+        if pattern.fullmatch(path):
+            return label
+    return "other"
+
+
+class MeasuredApp:
+    """ASGI middleware: every HTTP answer's route, status and duration go to the metrics."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.observe_request(route_of(scope.get("path", "")), status[0], time.perf_counter() - started)

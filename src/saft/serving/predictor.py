@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saft.serving.decode import ImagePool, decode_image, stack  # noqa: F401  (ImagePool: the pool of this module's docs)
+from saft.serving.decode import ImagePool, stack  # noqa: F401  (ImagePool: imported from here by the pyfunc and server)
 from saft.serving.protocol import prediction
 
 log = logging.getLogger(__name__)

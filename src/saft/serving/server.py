@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from saft.serving.admission import Admission, Busy
 from saft.serving.fetch import FetchPolicy
-from saft.serving.metrics import CONTENT_TYPE, ServerMetrics
+from saft.serving.metrics import CONTENT_TYPE, MeasuredApp, ServerMetrics
 from saft.serving.protocol import MiB, Limits, PredictRequest, RequestError, parse_request
 
 log = logging.getLogger("saft.serve")
@@ -258,45 +258,6 @@ def _error(exc: RequestError):
     return _json(exc.status, {"error": str(exc)}, headers)
 
 
-# Route templates for metric labels: a label must never be the raw path a client chose.
-_ROUTES = [(re.compile(p), label) for p, label in (
-    (r"/v2/health/live", "/v2/health/live"), (r"/v2/health/ready", "/v2/health/ready"), (r"/v2/?", "/v2"),
-    (r"/v2/models/[^/]+(/versions/[^/]+)?", "/v2/models/{name}"),
-    (r"/v2/models/[^/]+(/versions/[^/]+)?/ready", "/v2/models/{name}/ready"),
-    (r"/v2/models/[^/]+(/versions/[^/]+)?/infer", "/v2/models/{name}/infer"),
-    (r"/v1/models", "/v1/models"), (r"/v1/models/[^/:]+", "/v1/models/{name}"),
-    (r"/v1/models/[^/:]+:predict", "/v1/models/{name}:predict"), (r"/metrics", "/metrics"))]
-
-
-def route_of(path: str) -> str:
-    for pattern, label in _ROUTES:
-        if pattern.fullmatch(path):
-            return label
-    return "other"
-
-
-class _Measured:
-    """ASGI middleware: every HTTP answer's route, status and duration go to the metrics."""
-
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.metrics.observe_request(route_of(scope.get("path", "")), status[0], time.perf_counter() - started)
-
-
 def build_app(served: ServedModel):
     """The Starlette application answering the routes of the module docstring."""
     from starlette.applications import Starlette
@@ -435,7 +396,7 @@ def build_app(served: ServedModel):
                    Route(prefix + "/infer", v2_infer, methods=["POST"])]
     served.admission = admission
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
-    return _Measured(app, served.metrics)
+    return MeasuredApp(app, served.metrics)
 
 
 def serve(cfg: ServeConfig) -> int:
