@@ -75,16 +75,28 @@ def get(url: str) -> Reply:
 
 
 class InProcessServer:
-    """``build_app`` served by uvicorn in a thread; ``load`` False leaves the model unloaded."""
+    """``build_app`` served by uvicorn in a thread; ``load`` False leaves the model unloaded.
 
-    def __init__(self, cfg, load: bool = True):
+    ``reuse``: a running InProcessServer whose loaded model this one serves with ``cfg``'s
+    admission settings and limits (its decode pool and batcher stay as they were loaded), until
+    :meth:`stop`.
+    """
+
+    def __init__(self, cfg, load: bool = True, reuse: "InProcessServer | None" = None):
         import uvicorn
 
         from saft.serving.server import ServedModel, build_app
 
-        self.served = ServedModel(cfg)
-        if load:
-            self.served.load()
+        self._reused_cfg = None
+        if reuse is not None:
+            self.served = reuse.served
+            self._reused_cfg, self.served.cfg = self.served.cfg, cfg
+            self._reused_admission = self.served.admission
+        else:
+            self.served = ServedModel(cfg)
+            if load:
+                self.served.load()
+        self._owns_model = reuse is None
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(build_app(self.served), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
@@ -103,6 +115,10 @@ class InProcessServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
-        self.served.close()
+        if self._owns_model:
+            self.served.close()
+        else:
+            # build_app has read them already; the reused server keeps its own
+            self.served.cfg, self.served.admission = self._reused_cfg, self._reused_admission
 
 

@@ -21,6 +21,8 @@ def test_generated_names_and_templates_are_distinct_and_in_the_tiny_vocabulary()
     tiny_tokenizer()([p.format(n) for p in prompts[:3] for n in names[::97]])  # raises on an unknown word
     with pytest.raises(ValueError, match="at least 1"):
         ServeBenchConfig(clients=0)
+    with pytest.raises(ValueError, match="v1 or v2"):
+        ServeBenchConfig(protocol="v3")
 
 
 @pytest.mark.slow
@@ -29,9 +31,10 @@ def test_the_load_benchmark_measures_the_server(tmp_path, capsys) -> None:
 
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--requests", "12", "--clients", "3", "--images-per-request", "2",
-                 "--startup-repeats", "1", "--threads", "1", "--no-baseline", "--out", str(out)]) == 0
+                 "--startup-repeats", "1", "--threads", "1", "--no-baseline", "--protocol", "v2",
+                 "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["servers"]) == {"saft serve"}
+    assert set(report["servers"]) == {"saft serve"} and report["config"]["protocol"] == "v2"  # binary tensor data
     for name, r in report["servers"].items():
         assert r["requests"] == 12 and r["errors"] == 0, (name, r)
         assert r["p50_s"] <= r["p99_s"] and r["images_per_s"] > 0 and r["ready_s"] > 0

@@ -69,3 +69,34 @@ def test_bodies_that_are_not_json_or_too_large_are_refused() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_instances"):
         Limits(max_instances=0)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"[" * 100_000, "JSON objects, arrays and separators"),  # deep nesting, refused before parsing
+    (b"[{}" + b",{}" * 5_000_000 + b"]", "JSON objects, arrays and separators"),  # millions of objects from 20 MB
+    (b'{"instances": [{"b64": "AAAA"}], "parameters": {"top_k": ' + b"7" * 5000 + b"}}", "5000 digits"),
+    (b'{"instances": [{"b64": "AAAA"}], "parameters": {"top_k": -' + b"7" * 40 + b"}}", "40 digits"),
+    (b'{"instances": [{"b64": "AAAA"}], "parameters": {"top_k": 1e400}}', "integer"),
+    (b'{"instances": [{"b64": "AAAA"}], "parameters": {"top_k": NaN}}', "integer"),
+    (b'{"instances": {"b64": "AAAA"}}', "non-empty list"),
+    (b'{"instances": [[{"b64": "AAAA"}]]}', "must be an object"),
+    (b'{"instances": [{"b64": ["AAAA"]}]}', "base64 text"),
+    (b'{"instances": [{"url": {"href": "x"}}]}', "non-empty string"),
+    (b'"instances"', "JSON object"),
+    (b"null", "JSON object"),
+    (b"", "not valid JSON"),
+    (b'{"instances": [{"b64": "AAAA"}]', "not valid JSON"),
+    (b'{"instances": [{"b64": "\xff\xfe"}]}', "not valid JSON"),
+])
+def test_json_of_any_shape_is_a_400(raw, needle) -> None:
+    limits = Limits(max_body_bytes=64 << 20)
+    with pytest.raises(RequestError) as err:
+        parse_request(raw, limits, 5)
+    assert err.value.status == 400 and needle in str(err.value), str(err.value)
+
+
+def test_nesting_too_deep_for_the_parser_is_a_400_too() -> None:
+    """With a structure budget large enough to reach the parser's own recursion limit."""
+    limits = Limits(max_instances=100_000)
+    with pytest.raises(RequestError, match="nested too deeply"):
+        parse_request(b"[" * 50_000 + b"]" * 50_000, limits, 5)

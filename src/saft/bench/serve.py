@@ -12,7 +12,9 @@
    server: requests and images per second, p50/p99 latency, errors (anything but a 200),
    and the server's resident memory (its process tree) sampled through the run: at
    readiness, the peak, and the change between the first and the last quarter of the
-   samples (what would grow without bound if requests leaked memory).
+   samples (what would grow without bound if requests leaked memory). ``protocol`` v2 sends
+   ``saft serve`` the V2 binary tensor data form instead of V1's base64 JSON.
+3. **Hostile clients** (``hostile``): :mod:`saft.bench.serve_hostile`.
 
 The servers run one after the other on the same machine with the same model folder
 (``saft.tracking.pyfunc.build_model_folder``: base stored next to it, head built once).
@@ -57,6 +59,8 @@ class ServeBenchConfig:
     baseline: bool = True  # also measure `mlflow models serve`
     threads: int = 0  # torch threads of each server (OMP_NUM_THREADS); 0: torch's default
     seed: int = 0
+    protocol: str = "v1"  # saft serve's requests: v1 (:predict, base64 JSON) or v2 (/infer, binary tensor data)
+    hostile: bool = False  # also run saft.bench.serve_hostile's scenarios
 
     def __post_init__(self) -> None:
         for name in ("classes", "templates", "clients", "requests", "images_per_request", "startup_repeats"):
@@ -64,6 +68,8 @@ class ServeBenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.duration_s <= 0:
             raise ValueError("--duration must be positive")
+        if self.protocol not in ("v1", "v2"):
+            raise ValueError(f"--protocol must be v1 or v2, got {self.protocol!r}")
 
 
 def class_names(n: int) -> list[str]:
@@ -157,11 +163,13 @@ class _Server:
 
 
 def _request(port: int, method: str, path: str, body: bytes | None, timeout: float = 60,
-             conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+             conn: http.client.HTTPConnection | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     own = conn is None
     conn = conn or http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        if headers is None:
+            headers = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -169,10 +177,11 @@ def _request(port: int, method: str, path: str, body: bytes | None, timeout: flo
             conn.close()
 
 
-def _load(server: _Server, path: str, body: bytes, cfg: ServeBenchConfig) -> dict:
-    """Send the bounded load; latency per request, errors, memory samples."""
+def _load(server: _Server, path: str, payload: tuple[bytes, dict | None], cfg: ServeBenchConfig) -> dict:
+    """Send the bounded load (``payload``: body and headers); latency per request, errors, memory samples."""
+    body, headers = payload
     for _ in range(2):  # warm-up, not timed
-        _request(server.port, "POST", path, body)
+        _request(server.port, "POST", path, body, headers=headers)
     lock = threading.Lock()
     sent = [0]
     latencies, errors, samples = [], [], []
@@ -189,7 +198,7 @@ def _load(server: _Server, path: str, body: bytes, cfg: ServeBenchConfig) -> dic
                     sent[0] += 1
                 started = time.perf_counter()
                 try:
-                    status, _ = _request(server.port, "POST", path, body, conn=conn)
+                    status, _ = _request(server.port, "POST", path, body, conn=conn, headers=headers)
                 except (OSError, http.client.HTTPException) as exc:
                     status = f"{type(exc).__name__}"
                     conn.close()
@@ -233,21 +242,32 @@ def _load(server: _Server, path: str, body: bytes, cfg: ServeBenchConfig) -> dic
             if samples else None, "rss_samples": len(samples)}
 
 
-def _payloads(cfg: ServeBenchConfig) -> tuple[bytes, bytes]:
+def _payloads(cfg: ServeBenchConfig) -> dict[str, tuple[bytes, dict | None]]:
+    """Per server, the request body and headers: the same images and k in each server's own format."""
     import base64
     import io
+    import struct
 
     from saft.data.synth import SHAPES, render
 
-    encoded = []
+    files = []
     for i in range(cfg.images_per_request):
         buf = io.BytesIO()
         render("photo", SHAPES[i % len(SHAPES)], 50_000 + i, cfg.seed).image.save(buf, format="PNG")
-        encoded.append(base64.b64encode(buf.getvalue()).decode())
+        files.append(buf.getvalue())
+    encoded = [base64.b64encode(f).decode() for f in files]
     k = min(5, cfg.classes)
-    saft = {"instances": [{"b64": b} for b in encoded], "parameters": {"top_k": k}}
     mlflow = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in encoded]}, "params": {"top_k": k}}
-    return json.dumps(saft).encode(), json.dumps(mlflow).encode()
+    if cfg.protocol == "v2":  # the binary tensor data form, as KServe's Python client sends BYTES by default
+        tensor = b"".join(struct.pack("<I", len(f)) + f for f in files)
+        head = json.dumps({"inputs": [{"name": "image", "shape": [len(files)], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": len(tensor)}}],
+                           "parameters": {"top_k": k}}, separators=(",", ":")).encode()
+        saft = (head + tensor, {"Content-Type": "application/octet-stream",
+                                "Inference-Header-Content-Length": str(len(head))})
+    else:
+        saft = (json.dumps({"instances": [{"b64": b} for b in encoded], "parameters": {"top_k": k}}).encode(), None)
+    return {"saft serve": saft, "mlflow models serve": (json.dumps(mlflow).encode(), None)}
 
 
 def _free_port() -> int:
@@ -264,7 +284,7 @@ def _commands(name: str, model_dir: Path, port: int, cfg: ServeBenchConfig) -> t
     if name == "saft serve":
         return ([sys.executable, "-m", "saft.cli", "serve", str(model_dir), "--host", HOST, "--port", str(port),
                  "--name", "bench", "--device", "cpu", "--max-batch", str(cfg.max_batch)],
-                "/v2/health/ready", "/v1/models/bench:predict")
+                "/v2/health/ready", "/v2/models/bench/infer" if cfg.protocol == "v2" else "/v1/models/bench:predict")
     return ([str(bin_dir / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local", "-h", HOST,
              "-p", str(port), "-w", "1"], "/ping", "/invocations")
 
@@ -295,7 +315,7 @@ def run_serve_benchmark(cfg: ServeBenchConfig, progress: Callable[[str], None] =
                 os.environ.pop("SAFT_CACHE_DIR", None)
             else:
                 os.environ["SAFT_CACHE_DIR"] = previous
-        saft_body, mlflow_body = _payloads(cfg)
+        payloads = _payloads(cfg)
         servers = {}
         for name in SERVERS if cfg.baseline else SERVERS[1:]:
             port = _free_port()
@@ -305,9 +325,14 @@ def run_serve_benchmark(cfg: ServeBenchConfig, progress: Callable[[str], None] =
             try:
                 progress(f"{name}: ready after {server.ready_s:.1f} s; {cfg.requests} requests of "
                          f"{cfg.images_per_request} images from {cfg.clients} clients (at most {cfg.duration_s:g} s)")
-                servers[name] = _load(server, predict, saft_body if name == "saft serve" else mlflow_body, cfg)
+                servers[name] = _load(server, predict, payloads[name], cfg)
             finally:
                 server.stop()
+        hostile = None
+        if cfg.hostile:
+            from saft.bench.serve_hostile import run_hostile_benchmark
+
+            hostile = run_hostile_benchmark(model_dir, folder, env, _Server, _free_port, progress=progress)
     base, ours = servers.get(SERVERS[0]), servers[SERVERS[1]]
 
     def ratio(key: str, invert: bool = False) -> float | None:
@@ -315,7 +340,7 @@ def run_serve_benchmark(cfg: ServeBenchConfig, progress: Callable[[str], None] =
             return None
         return base[key] / ours[key] if invert else ours[key] / base[key]
 
-    return {"config": asdict(cfg), "startup": startup, "servers": servers,
+    return {"config": asdict(cfg), "startup": startup, "servers": servers, "hostile": hostile,
             "ratios_saft_vs_mlflow": {"images_per_s": ratio("images_per_s"), "p50_speedup": ratio("p50_s", True),
                                       "p99_speedup": ratio("p99_s", True), "ready_speedup": ratio("ready_s", True)},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -345,4 +370,8 @@ def format_serve_benchmark(report: dict) -> str:
     if q["images_per_s"] is not None:
         lines.append(f"saft serve vs mlflow models serve: images/s x{q['images_per_s']:.2f}, p50 x{q['p50_speedup']:.2f} "
                      f"faster, p99 x{q['p99_speedup']:.2f} faster, ready x{q['ready_speedup']:.2f} sooner")
+    if report.get("hostile"):
+        from saft.bench.serve_hostile import format_hostile
+
+        lines.append(format_hostile(report["hostile"]))
     return "\n".join(lines)

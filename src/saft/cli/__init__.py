@@ -54,7 +54,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(model=args.model, classes=args.classes, templates=args.templates, clients=args.clients,
                            requests=args.requests, images_per_request=args.images_per_request,
                            duration_s=args.duration, max_batch=args.max_batch, startup_repeats=args.startup_repeats,
-                           baseline=not args.no_baseline, threads=args.threads)
+                           baseline=not args.no_baseline, threads=args.threads, protocol=args.protocol,
+                           hostile=args.hostile)
     report = run_serve_benchmark(cfg, progress=lambda msg: print(msg, file=sys.stderr))
     return _show_report(report, format_serve_benchmark(report), args.out)
 
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--startup-repeats", type=int, default=3, help="start-up measurements each (default: 3)")
     sv.add_argument("--threads", type=int, default=0, help="torch threads of each server (default: torch's)")
     sv.add_argument("--no-baseline", action="store_true", help="measure saft serve only")
+    sv.add_argument("--protocol", choices=["v1", "v2"], default="v1",
+                    help="saft serve's request form: v1 :predict (base64 JSON) or v2 /infer (binary tensor data)")
+    sv.add_argument("--hostile", action="store_true",
+                    help="also measure saft serve under stalled clients, a large request beside a small one, and "
+                         "large images with and without the decode memory budget")
     sv.set_defaults(func=_bench_serve)
 
     from saft.cli.data import register as register_data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from saft.config import add_arguments, from_arguments
@@ -18,19 +19,32 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from saft.serving.fetch import FetchPolicy
+    from saft.serving.predictor import serving_device, usable_autocast
     from saft.serving.protocol import MiB, Limits
     from saft.serving.server import ServeConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = Limits(max_body_bytes=int(args.max_body_mb * MiB), max_instances=args.max_instances,
-                    max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels)
-    policy = FetchPolicy(enabled=args.allow_urls, allow_hosts=tuple(args.url_allow_host),
-                         allow_private=args.url_allow_private, max_bytes=int(args.max_image_mb * MiB),
-                         timeout_s=args.url_timeout)
-    cfg = ServeConfig(model_uri=args.model_uri, name=args.name, host=args.host, port=args.port, device=args.device,
-                      precision=args.precision, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      decode_workers=args.decode_workers, max_concurrent=args.max_concurrent, limits=limits,
-                      policy=policy, threads=args.threads)
+    try:
+        import torch
+
+        # refused now, with the reason, rather than served elsewhere or found out after the model loaded
+        usable_autocast(torch.device(serving_device(args.device)), args.precision)
+        limits = Limits(max_body_bytes=int(args.max_body_mb * MiB), max_instances=args.max_instances,
+                        max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
+                        max_request_pixels=args.max_request_pixels)
+        policy = FetchPolicy(enabled=args.allow_urls, allow_hosts=tuple(args.url_allow_host),
+                             allow_private=args.url_allow_private, max_bytes=int(args.max_image_mb * MiB),
+                             timeout_s=args.url_timeout)
+        cfg = ServeConfig(model_uri=args.model_uri, name=args.name, host=args.host, port=args.port,
+                          device=args.device, precision=args.precision, max_batch=args.max_batch,
+                          max_wait_ms=args.max_wait_ms, decode_workers=args.decode_workers,
+                          decode_memory_mb=args.decode_memory_mb, max_concurrent=args.max_concurrent,
+                          max_queue=args.max_queue, max_buffered_mb=args.max_buffered_mb,
+                          body_timeout_s=args.body_timeout, saturation_s=args.saturation, limits=limits,
+                          policy=policy, threads=args.threads)
+    except ValueError as exc:
+        print(f"saft serve: {exc}", file=sys.stderr)
+        return 2
     return serve(cfg)
 
 
@@ -57,23 +71,43 @@ def register(sub) -> None:
     limits = Limits()
     sv = sub.add_parser("serve", help="serve a registered model over HTTP (the KServe predictor's command)",
                         description="Loads MODEL_URI (models:/NAME@champion, models:/NAME/3, or a model folder) "
-                                    "with its stored base and head, and answers POST /v1/models/NAME:predict "
-                                    "with batched top-k predictions; /v2/health/live and /v2/health/ready are the "
-                                    "probes. See docs/serving.md.")
+                                    "with its stored base and head, and serves KServe's V2 Open Inference Protocol "
+                                    "(POST /v2/models/NAME/infer, metadata, /v2/health/live and /v2/health/ready) "
+                                    "and V1 (POST /v1/models/NAME:predict), with Prometheus metrics at /metrics. "
+                                    "See docs/serving.md.")
     sv.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model folder")
-    sv.add_argument("--name", help="model name in the URLs (default: the registered model's name)")
+    sv.add_argument("--name", help="model name in the URLs (default: the InferenceService name KServe gives the "
+                                   "registered model, e.g. saft_ViT.B -> saft-vit-b; saft for a folder)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 in a pod)")
     sv.add_argument("--port", type=int, default=8080, help="port (default: 8080, KServe's)")
-    sv.add_argument("--device", default="auto", help="torch device: auto (CUDA when visible), cpu, cuda, cuda:N")
-    sv.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="image tower precision: auto = bf16 autocast on CUDA, fp32 on CPU (default: auto)")
+    sv.add_argument("--device", default=os.environ.get("SAFT_SERVE_DEVICE") or "auto",
+                    help="torch device: auto (CUDA when visible), cpu, cuda, cuda:N; one this machine lacks is "
+                         "refused (default: SAFT_SERVE_DEVICE, else auto)")
+    sv.add_argument("--precision", default=os.environ.get("SAFT_SERVE_PRECISION") or "auto",
+                    choices=["auto", "fp32", "bf16"],
+                    help="image tower precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a GPU without "
+                         "bfloat16 is refused (default: SAFT_SERVE_PRECISION, else auto)")
     sv.add_argument("--max-batch", type=int, default=32, help="images per forward pass (default: 32)")
     sv.add_argument("--max-wait-ms", type=float, default=0.0,
                     help="how long a batch waits for images of other requests; 0 takes what queued while the "
                          "previous batch ran (default: 0)")
     sv.add_argument("--decode-workers", type=int, default=0, help="decode threads (default: 0 = min(8, CPUs))")
+    sv.add_argument("--decode-memory-mb", type=float, default=0.0,
+                    help="memory the images being decoded may take together, estimated from their headers; an "
+                         "image that needs more is refused with 413 (default: 0 = a quarter of the container's "
+                         "memory limit)")
     sv.add_argument("--threads", type=int, default=0, help="torch threads of the model on the CPU (default: torch's)")
-    sv.add_argument("--max-concurrent", type=int, default=64, help="requests processed at once (default: 64)")
+    sv.add_argument("--max-concurrent", type=int, default=64,
+                    help="requests parsed, decoded and classified at once (default: 64)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting for a slot; one more is refused with 503 and Retry-After (default: 256)")
+    sv.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client has to send its whole request body, else 408 (default: 30)")
+    sv.add_argument("--max-buffered-mb", type=float, default=0.0,
+                    help="request bodies held in memory at once; beyond it 503 (default: 0 = 4 x --max-body-mb)")
+    sv.add_argument("--saturation", type=float, default=5.0,
+                    help="readiness answers 503 while a queued request has waited this many seconds, and for as "
+                         "long after a request was refused as busy (default: 5)")
     sv.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2**20,
                     help=f"largest request body in MiB (default: {limits.max_body_bytes / 2**20:g})")
     sv.add_argument("--max-instances", type=int, default=limits.max_instances,
@@ -81,7 +115,9 @@ def register(sub) -> None:
     sv.add_argument("--max-image-mb", type=float, default=limits.max_image_bytes / 2**20,
                     help=f"largest image (base64-decoded or fetched) in MiB (default: {limits.max_image_bytes / 2**20:g})")
     sv.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
-                    help=f"largest image in pixels (default: {limits.max_image_pixels:,})")
+                    help=f"largest image in pixels, from its header (default: {limits.max_image_pixels:,})")
+    sv.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
+                    help=f"pixels of all images of one request together (default: {limits.max_request_pixels:,})")
     sv.add_argument("--allow-urls", action="store_true", help="fetch {\"url\": ...} instances (off by default)")
     sv.add_argument("--url-allow-host", action="append", default=[], metavar="HOST",
                     help="host URLs may name, repeatable: images.example.com, *.example.com, or * for any public host")

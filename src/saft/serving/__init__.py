@@ -2,9 +2,13 @@
 
 Library modules (no MLflow, no Kubernetes):
 
-* ``protocol``   request/response JSON, limits and the 4xx errors
+* ``protocol``   KServe V1 request/response JSON, limits, the 4xx errors, JSON of any shape
+* ``protocol_v2`` KServe's V2 Open Inference Protocol: metadata, JSON and binary inference forms
 * ``fetch``      the URL fetch policy (off by default; allow-list; private ranges refused)
-* ``predictor``  the classifier over a stored head, the decode pool, the dynamic batcher
+* ``decode``     image headers costed before decoding; pixel and memory budgets; turns per request
+* ``predictor``  the classifier over a stored head, the dynamic batcher, device/precision checks
+* ``admission``  body deadline and budget, slots, the bounded queue, saturation
+* ``metrics``    Prometheus text exposition of the server's counters and histograms
 * ``bases``      base weights stored once per fingerprint: where they are found, how checked
 * ``bundle``     the served model's files (delta, head, model_ref.json) and how they load
 * ``wheel``      the project wheel and pins a logged model's environment installs

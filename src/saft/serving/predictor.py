@@ -9,8 +9,9 @@ softmax over the served classes. The image tower runs under bf16 autocast on CUD
 
 Images are fetched (URLs), decoded with the project's one decoder
 (``saft.data.images.load_rgb``: EXIF orientation, 16-bit, alpha, palettes), resized and
-cropped in a thread pool (Pillow releases the GIL for that work) and handed over as
-8-bit tensors. The float conversion and normalisation (the preprocess's ``ToTensor`` and
+cropped in the threads of :class:`saft.serving.decode.ImagePool` (Pillow releases the GIL
+for that work; the pool bounds pixels and memory and takes requests in turns) and handed
+over as 8-bit arrays. The float conversion and normalisation (the preprocess's ``ToTensor`` and
 ``Normalize``, the same arithmetic) happen on the whole batch in the inference thread, on
 the device: no torch kernel runs in the decode threads, whose OpenMP teams would otherwise
 compete with the model's for the same cores (measured: concurrent requests on 2 cores
@@ -22,13 +23,12 @@ small requests still runs full batches.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,18 +36,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saft.serving.fetch import FetchPolicy, fetch_url
-from saft.serving.protocol import ImageInput, Limits, RequestError, prediction
+from saft.serving.decode import ImagePool, stack  # noqa: F401  (ImagePool: imported from here by the pyfunc and server)
+from saft.serving.protocol import prediction
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def serving_device(name: str | None = None) -> str:
-    """``name`` (``auto``, empty or None: CUDA when visible, else the CPU)."""
-    if name and name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def serving_device(name: str | None = None, what: str = "--device") -> str:
+    """The torch device to serve on: ``name`` checked, or for ``auto`` (empty, None) CUDA when visible, else CPU.
+
+    A device this process cannot use is refused with the reason (``what`` names the
+    setting in the message), never replaced by another: a server asked for ``cuda:3`` does
+    not quietly serve on the CPU.
+    """
+    if not name or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {name}: no CUDA device is usable in this process{seen}: serve with "
+                             f"{what} cpu, or run where a GPU is visible")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{what} {name}: only {count} CUDA device{'s' if count != 1 else ''} visible{seen} "
+                             f"(cuda:0 to cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"{what} {name}: serving runs on cpu or cuda devices, not {device.type}")
+    return str(device)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -58,27 +79,18 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
-def decode_image(data: bytes, where: str, limits: Limits):
-    """An RGB PIL image from bytes, refusing files over the pixel limit before decoding them."""
-    from PIL import Image, UnidentifiedImageError
+def usable_autocast(device: torch.device, precision: str) -> torch.dtype | None:
+    """:func:`autocast_dtype`, refusing bf16 on a GPU that cannot run it (instead of running it slowly or wrongly)."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision {precision} means bf16 on {device} ({torch.cuda.get_device_name(device)}), which "
+                         "has no bfloat16 support: use --precision fp32")
+    return dtype
 
-    from saft.data.images import ImageDecodeError, load_rgb
 
-    try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            width, height = probe.size
-    except UnidentifiedImageError:
-        raise RequestError(f"{where} is not a readable image: no format this server reads (PNG, JPEG, WebP, TIFF, "
-                           f"BMP, GIF, ...) matches its {len(data)} bytes starting {data[:8]!r}") from None
-    except Exception as exc:  # Pillow raises many types for damaged headers
-        raise RequestError(f"{where} is not a readable image ({type(exc).__name__}: {exc})") from None
-    if width * height > limits.max_image_pixels:
-        raise RequestError(f"{where} is {width} x {height} pixels, more than the limit of "
-                           f"{limits.max_image_pixels:,} pixels: send a smaller image", 413)
-    try:
-        return load_rgb(data, where)
-    except ImageDecodeError as exc:
-        raise RequestError(f"{where} is not a readable image ({exc})") from None
+def precision_name(autocast: torch.dtype | None) -> str:
+    """What actually runs: ``bf16`` (autocast) or ``fp32``."""
+    return "bf16" if autocast is torch.bfloat16 else "fp32"
 
 
 def split_preprocess(preprocess: Callable) -> tuple[Callable, tuple, tuple] | None:
@@ -99,7 +111,7 @@ class Classifier:
         if head.ndim != 2 or head.shape[0] != len(classes):
             raise ValueError(f"head has shape {tuple(head.shape)} but there are {len(classes)} classes")
         self.device = torch.device(device)
-        self.autocast = autocast_dtype(self.device, precision)
+        self.autocast = usable_autocast(self.device, precision)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         split = split_preprocess(preprocess)
@@ -149,46 +161,7 @@ class Classifier:
         """One forward pass on a blank image, so the first request pays no lazy initialisation."""
         from PIL import Image
 
-        self.probabilities(_batch([self.prepare(Image.new("RGB", (64, 64), (128, 128, 128)))]))
-
-
-def _batch(items: list) -> torch.Tensor:
-    if items and isinstance(items[0], np.ndarray):
-        return torch.from_numpy(np.stack(items))  # numpy copies: no torch kernel in this thread
-    return torch.stack(items)
-
-
-class ImagePool:
-    """Fetch, decode and prepare (``Classifier.prepare``) the images of a request in worker threads."""
-
-    def __init__(self, prepare: Callable, limits: Limits, policy: FetchPolicy, workers: int | None = None):
-        self.prepare, self.limits, self.policy = prepare, limits, policy
-        self.workers = workers or min(8, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="saft-decode")
-
-    def _one(self, item: ImageInput) -> torch.Tensor:
-        where = f"instances[{item.index}]"
-        data = item.data
-        if data is None:
-            data = fetch_url(item.url, self.policy)
-            where = f"{where}.url ({item.url})"
-        return self.prepare(decode_image(data, where, self.limits))
-
-    def tensors(self, items: Sequence[ImageInput]) -> torch.Tensor:
-        """The prepared batch; the first failing instance (by index) raises its RequestError."""
-        futures = [self.pool.submit(self._one, item) for item in items]
-        results, first_error = [], None
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except RequestError as exc:
-                first_error = first_error or exc
-        if first_error:
-            raise first_error
-        return _batch(results)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.probabilities(stack([self.prepare(Image.new("RGB", (64, 64), (128, 128, 128)))]))
 
 
 _STOP = object()
@@ -207,10 +180,12 @@ class Batcher:
     The thread also picks each request's top k, so every torch kernel of serving runs in it.
     """
 
-    def __init__(self, classifier: Classifier, max_batch: int = 32, max_wait_s: float = 0.0):
+    def __init__(self, classifier: Classifier, max_batch: int = 32, max_wait_s: float = 0.0,
+                 on_batch: Callable[[int, float], None] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.classifier, self.max_batch, self.max_wait_s = classifier, max_batch, max_wait_s
+        self.on_batch = on_batch  # (images, seconds) of every forward pass: the server's metrics
         self._queue: queue.Queue = queue.Queue()
         self.batches = 0  # forward passes run; with images_seen, the mean batch size
         self.images_seen = 0
@@ -248,6 +223,7 @@ class Batcher:
             if job is _STOP:
                 return
             jobs, carried = self._gather(job)
+            started = time.perf_counter()
             try:
                 probs = self.classifier.probabilities(torch.cat([j.pixels for j in jobs]))
                 results, start = [], 0
@@ -261,6 +237,8 @@ class Batcher:
             else:
                 self.batches += 1
                 self.images_seen += len(probs)
+                if self.on_batch is not None:
+                    self.on_batch(len(probs), time.perf_counter() - started)
                 for j, result in zip(jobs, results):
                     j.future.set_result(result)
 

@@ -10,8 +10,10 @@ The logged model folder holds no checkpoint:
 ``load_context`` builds the classifier with ``saft.serving.bundle.load_classifier``: the base
 comes from its stored copy (never a hub unless nothing else has it and the spec is a hub
 tag), its fingerprint is checked, ``alpha * delta`` is merged, the head is read, and the
-text tower is freed. ``SAFT_SERVE_DEVICE`` (default: CUDA when visible) and
-``SAFT_SERVE_PRECISION`` (``auto``: bf16 on CUDA) choose where and how it runs.
+text tower is freed. Where and how it runs: the loader's ``model_config`` (``device``,
+``precision``; ``saft serve`` passes its flags), else ``SAFT_SERVE_DEVICE`` (default: CUDA
+when visible) and ``SAFT_SERVE_PRECISION`` (``auto``: bf16 on CUDA); a device that is not
+usable here is refused with the reason.
 
 ``predict`` takes a DataFrame with one of two columns per row, ``image`` (base64 image
 bytes) or ``url`` (fetched only where ``SAFT_SERVE_ALLOW_URLS`` and an allow-list permit,
@@ -46,6 +48,20 @@ IMAGE_COLUMN = "image"
 URL_COLUMN = "url"
 TOP_K_PARAM = "top_k"
 INPUT_COLUMNS = (IMAGE_COLUMN, URL_COLUMN)
+
+
+DEVICE_ENV, PRECISION_ENV = "SAFT_SERVE_DEVICE", "SAFT_SERVE_PRECISION"
+# Logged with the model so that MLflow passes a loader's model_config through (it drops keys a
+# model was not logged with); "auto" defers to the environment, then to the default.
+DEFAULT_MODEL_CONFIG = {"device": "auto", "precision": "auto"}
+
+
+def _setting(settings: dict, key: str, env: str) -> tuple[str | None, str]:
+    """``(value, where it came from)``: model_config unless ``auto``, else the environment variable."""
+    value = settings.get(key)
+    if value and value != "auto":
+        return str(value), f"model_config {key}"
+    return os.environ.get(env) or None, env
 
 
 def _invalid(message: str):
@@ -89,8 +105,8 @@ class SaftDeltaModel(mlflow.pyfunc.PythonModel):
 
         settings = getattr(context, "model_config", None) or {}  # what `saft serve` passes
         self.ref = read_reference(context.artifacts["model_ref"])
-        device = serving_device(settings.get("device") or os.environ.get("SAFT_SERVE_DEVICE"))
-        precision = settings.get("precision") or os.environ.get("SAFT_SERVE_PRECISION", "auto")
+        device = serving_device(*_setting(settings, "device", DEVICE_ENV))
+        precision = _setting(settings, "precision", PRECISION_ENV)[0] or "auto"
         self.classifier = load_classifier(self.ref, context.artifacts["delta"], context.artifacts.get("head"),
                                           device=device, precision=precision)
         self.limits = Limits()
@@ -161,6 +177,7 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
             python_model=SaftDeltaModel(),
             artifacts=artifacts,
             signature=signature(),
+            model_config=DEFAULT_MODEL_CONFIG,
             input_example=(pd.DataFrame({IMAGE_COLUMN: [example_image_b64()]}), {TOP_K_PARAM: 1}),
             pip_requirements=[f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
             metadata={"saft.base_model": reference["base_model"], "saft.method": reference["method"],
