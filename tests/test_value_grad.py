@@ -130,3 +130,18 @@ def test_whole_model_value_gradients_equal_the_merged_models_under_every_strateg
         dense = named[name].grad.reshape(-1)[idx]
         scale = float(dense.abs().max()) or 1.0
         torch.testing.assert_close(values.grad, dense, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+def test_the_strategy_forced_at_the_forward_is_the_backwards(monkeypatch):
+    """A benchmark forces a strategy around the forward; the backward runs later, outside the block."""
+    used = []
+    monkeypatch.setattr(vg, "_gathered", lambda *a: used.append("gather") or torch.zeros(a[2].k))
+    monkeypatch.setattr(vg, "_block_product", lambda *a: used.append(a[3:]) or torch.zeros(a[2].k))
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    values = torch.nn.Parameter(torch.zeros(3))
+    idx = torch.tensor([1, 9, 40])
+    for strategy, expected in (("gather", "gather"), ("dense", (False, False))):
+        with forced_strategy(strategy):
+            y = sparse_linear(x, weight, None, values, idx)
+        y.sum().backward()
+        assert used.pop() == expected

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from saft.sparse.value_grad import EntryLayout, value_grad
+from saft.sparse.value_grad import EntryLayout, current_strategy, value_grad
 
 
 def scatter_values(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, alpha: float = 1.0,
@@ -74,6 +74,7 @@ class SparseLinearFn(torch.autograd.Function):
         if need_w and w_layout is None:
             w_layout = EntryLayout(w_idx, weight.shape[0], weight.shape[1])
         ctx.layout = w_layout if need_w else None
+        ctx.strategy = current_strategy()
         return y
 
     @staticmethod
@@ -85,7 +86,7 @@ class SparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (gy @ w_eff.to(gy.dtype)).to(x_dtype)
         if ctx.needs_input_grad[3]:
-            gw = value_grad(gy2, x.reshape(-1, in_features), ctx.layout).to(w_dtype)
+            gw = value_grad(gy2, x.reshape(-1, in_features), ctx.layout, ctx.strategy).to(w_dtype)
         if ctx.needs_input_grad[5]:
             gb = gy2.sum(dim=0, dtype=torch.float32).index_select(0, b_idx).to(b_dtype)
         return gx, None, None, gw, None, gb, None, None, None

@@ -145,9 +145,18 @@ class EntryLayout:
 _forced: list[str] = ["auto"]
 
 
+def current_strategy() -> str:
+    """The strategy forced by the innermost :func:`forced_strategy` block, else ``auto``."""
+    return _forced[0]
+
+
 @contextlib.contextmanager
 def forced_strategy(strategy: str):
-    """Use ``strategy`` for every tensor inside this block (benchmarks and tests; default ``auto``)."""
+    """Use ``strategy`` for every tensor whose forward runs inside this block (benchmarks and tests).
+
+    The strategy is read when the forward runs (the kernels keep it for their backward), so
+    a backward outside the block still uses it.
+    """
     if strategy not in STRATEGIES + ("auto",):
         raise ValueError(f"value-gradient strategy must be auto or one of {', '.join(STRATEGIES)}, got {strategy!r}")
     previous = _forced[0]
@@ -158,12 +167,17 @@ def forced_strategy(strategy: str):
         _forced[0] = previous
 
 
-def value_grad(gy2: torch.Tensor, x2: torch.Tensor, layout: EntryLayout, choice: Choice | None = None) -> torch.Tensor:
-    """float32 [k]: ``sum_t gy2[t, row_n] * x2[t, col_n]`` for each selected entry n."""
+def value_grad(gy2: torch.Tensor, x2: torch.Tensor, layout: EntryLayout, choice: Choice | str | None = None
+               ) -> torch.Tensor:
+    """float32 [k]: ``sum_t gy2[t, row_n] * x2[t, col_n]`` for each selected entry n.
+
+    ``choice``: a :class:`Choice`, or a strategy name (``auto`` picks by cost), or None for
+    the strategy forced now (:func:`forced_strategy`).
+    """
     if layout.k == 0:
         return gy2.new_zeros(0, dtype=torch.float32)
-    if choice is None:
-        choice = layout.choose(gy2.device.type, gy2.dtype, _forced[0])
+    if not isinstance(choice, Choice):
+        choice = layout.choose(gy2.device.type, gy2.dtype, choice or _forced[0])
     if choice.strategy == "gather":
         return _gathered(gy2, x2, layout)
     return _block_product(gy2, x2, layout, choice.rows, choice.cols)
