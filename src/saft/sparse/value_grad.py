@@ -137,10 +137,6 @@ class EntryLayout:
             self._choices[key] = min(options, key=lambda c: c.cost_per_token)
         return self._choices[key]
 
-    def to(self, device: torch.device) -> "EntryLayout":
-        return self if self.idx.device == device else EntryLayout(self.idx.to(device), self.out_features,
-                                                                  self.in_features)
-
 
 _forced: list[str] = ["auto"]
 
