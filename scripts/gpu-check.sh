@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check, under 10 minutes on one GPU: the `gpu` tests, `saft bench step` on ViT-B-16 at
-# batch 64 and `saft bench eval`, all on cuda, into one JSON report (docs/distributed.md).
+# One GPU check, under 10 minutes on one GPU: the `gpu` tests, `saft bench step` on ViT-B-16 with
+# 1000 class prompts at batch 128 under bf16 autocast (full, masked-dense, saft, the floor, PEFT
+# LoRA and SHiRA, rounds interleaved) and `saft bench eval`, all on cuda, into one JSON report
+# (docs/distributed.md, docs/library.md#speed-and-memory).
 #   scripts/gpu-check.sh [REPORT.json]      (default runs/gpu-check.json)
 # Run from the repository root after `make install`. Exits non-zero when a part failed; the
 # report still holds every part that ran.
@@ -17,9 +19,9 @@ status=0
 timeout 240 "$py" -m pytest -q -m gpu tests/gpu -rs --junitxml="$work/gpu-tests.xml" -p no:cacheprovider \
   > "$work/gpu-tests.log" 2>&1 || status=1
 tail -5 "$work/gpu-tests.log"
-timeout 240 "$saft" bench step --device cuda --arch ViT-B-16 --batch-size 64 --out "$work/step.json" \
-  > "$work/step.log" 2>&1 || status=1
-tail -12 "$work/step.log"
+timeout 240 "$saft" bench step --device cuda --arch ViT-B-16 --num-classes 1000 --batch-size 128 \
+  --precision bf16 --warmup 2 --repeats 5 --out "$work/step.json" > "$work/step.log" 2>&1 || status=1
+tail -14 "$work/step.log"
 timeout 150 "$saft" bench eval --device cuda --images 20000 --batch-size 256 --out "$work/eval.json" \
   > "$work/eval.log" 2>&1 || status=1
 tail -8 "$work/eval.log"

@@ -23,17 +23,20 @@ def _cfg(**kw):
     return saft.FinetuneConfig(**base)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "gather", "product", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sparse_linear_value_gradients_equal_masked_dense_gradients_under_cuda_autocast(dtype):
+def test_sparse_linear_value_gradients_equal_masked_dense_gradients_under_cuda_autocast(dtype, strategy):
+    from saft.sparse.value_grad import forced_strategy
+
     torch.manual_seed(0)
     x = torch.randn(6, 5, 64, device="cuda")
     weight, bias = torch.randn(48, 64, device="cuda"), torch.randn(48, device="cuda")
     idx = torch.tensor([0, 7, 65, 300, 3071], dtype=torch.long, device="cuda")
     values = torch.nn.Parameter(torch.randn(5, device="cuda") * 0.1)
-    with torch.autocast("cuda", dtype=dtype):
+    with forced_strategy(strategy), torch.autocast("cuda", dtype=dtype):
         y = sparse_linear(x, weight, bias, values, idx)
-    assert y.dtype == dtype
-    y.float().sum().backward()
+        assert y.dtype == dtype
+        y.float().sum().backward()
     dense = weight.clone().reshape(-1)
     dense[idx] += values.detach()
     dense = dense.view_as(weight).requires_grad_(True)

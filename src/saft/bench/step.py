@@ -1,28 +1,49 @@
-"""Per-step time and training-state memory of full fine-tuning, naive masked SAFT and ours.
+"""Per-step time and training state of SAFT against full fine-tuning, PEFT and the floor, in one process.
 
-All methods are measured in one run on the same model, data and mask, so the ratios
-are meaningful on any machine. ``floor`` is the cost no weight-sparse method can beat:
-forward plus the input-gradient backward, with no weight gradient and no optimizer.
+Every method trains the same model (PEFT methods a copy of its weights) on the same batch
+and loss, the step the trainer runs (:func:`saft.sparse.trainer.finetune`): class
+embeddings from :class:`saft.sparse.text_side.StepTextSide` (one graph when the prompts
+fit a text chunk, else encoded without a graph and re-encoded chunk by chunk for the
+backward), cross-entropy over ``logit_scale * cos``, backward, AdamW. Rounds are
+interleaved: each round runs one step of every method, in an order rotated from round to
+round, so a change in the machine's load hits every method alike; the median over the
+timed rounds is reported, with each method's spread, and a warning when rounds vary
+widely.
+
+``floor`` is the cost no weight-sparse method can beat: the same step with no weight
+gradient and no optimizer (forward plus the input-gradient backward through every layer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from saft.bench import step_peft
 from saft.models import load_model
 from saft.sparse.mask import select_mask
-from saft.sparse.objective import ClassPrompts, classification_loss
+from saft.sparse.objective import ClassPrompts, auto_text_batch, clip_logits
 from saft.sparse.scores import Eligibility, importance_scores
+from saft.sparse.text_side import StepTextSide
 from saft.sparse.update import SparseUpdate
+from saft.sparse.value_grad import STRATEGIES, forced_strategy
 
-METHODS = ("full", "masked_dense", "saft", "floor")
+METHODS = ("full", "masked_dense", "saft", "floor", "lora", "shira")
+PEFT_METHODS = ("lora", "shira")
+PRECISIONS = ("fp32", "bf16")
+SPREAD_WARNING = 0.25
+"""A method whose timed rounds spread more than this fraction of their median makes the report warn."""
+FLOOR_TARGET = 1.10
+"""SAFT's step time target, as a multiple of the floor (issue 26)."""
 
 
 @dataclass
@@ -37,6 +58,25 @@ class StepBenchConfig:
     lr: float = 1e-5
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    text_batch: int = 0  # prompts per text chunk; 0: the trainer's automatic size for the batch
+    peft: bool = True  # LoRA and SHiRA when peft is importable
+    lora_rank: int = 8
+    value_grads: list[str] = field(default_factory=list)  # extra saft rows with a forced strategy
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("batch_size", "num_classes", "repeats", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        auto_text_batch(self.text_batch, self.batch_size)  # validates text_batch
+        self.value_grads = list(self.value_grads)
+        for s in self.value_grads:
+            if s not in STRATEGIES:
+                raise ValueError(f"value-gradient strategy must be one of {', '.join(STRATEGIES)}, got {s!r}")
 
 
 def _tensor_bytes(tensors) -> int:
@@ -64,6 +104,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        return None
+
+
 class _InputGradHooks:
     """Make the first activations of both towers require grad: backward then runs through
     every layer computing input gradients only (the floor)."""
@@ -78,6 +125,22 @@ class _InputGradHooks:
             h.remove()
 
 
+@dataclass
+class _Method:
+    """One method's step: its model, trainable tensors, optimizer and forward context."""
+
+    model: nn.Module
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer | None
+    context: Callable[[], contextlib.AbstractContextManager]
+    text_side: StepTextSide
+    entries: int
+    before: Callable[[], None] = lambda: None  # after zero_grad (flags, hooks)
+    after_backward: Callable[[], None] = lambda: None
+    after: Callable[[], None] = lambda: None
+    info: dict = field(default_factory=dict)
+
+
 def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = print) -> dict:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -88,10 +151,25 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
     labels = (torch.arange(cfg.batch_size) % cfg.num_classes).to(device)
     prompts = ClassPrompts.build(loaded.tokenizer, [f"class {i}" for i in range(cfg.num_classes)]).to(device)
     eligible = Eligibility().select(model)
+    text_batch = auto_text_batch(cfg.text_batch, cfg.batch_size)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
 
     progress(f"scoring a one-batch |grad| mask at density {cfg.density} ...")
     mask = select_mask(importance_scores(model, [(images, labels)], prompts, progress=False), cfg.density)
     params = list(eligible.values())
+    peft_version = step_peft.peft_version() if cfg.peft else None
+    # PEFT copies are made before any method trains, so they start from the same weights
+    peft_models = {}
+    if peft_version:
+        progress(f"peft {peft_version}: LoRA r={cfg.lora_rank} and SHiRA on copies of the model ...")
+        peft_models["lora"] = step_peft.lora_model(model, cfg.lora_rank)
+        peft_models["shira"] = step_peft.shira_model(model, mask.num_selected, seed=cfg.seed)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+    def text_side(m: nn.Module, context) -> StepTextSide:
+        return StepTextSide(m, prompts, trains=True, text_batch=text_batch, context=context)
 
     def trainable(flag: bool) -> None:
         for p in model.parameters():
@@ -99,103 +177,164 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] = p
         for p in params:
             p.requires_grad_(flag)
 
-    full_opt = torch.optim.AdamW(params, lr=cfg.lr)
-    masked_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    methods: dict[str, _Method] = {}
+    methods["full"] = _Method(model, params, torch.optim.AdamW(params, lr=cfg.lr), autocast,
+                              text_side(model, autocast), sum(p.numel() for p in params),
+                              before=lambda: trainable(True))
     dense_masks = {n: mask.to_dense(n).to(device) for n in eligible}
-    update = SparseUpdate(mask, device=device)
-    saft_opt = torch.optim.AdamW(list(update.values), lr=cfg.lr)
 
-    def full_step():
-        trainable(True)
-        full_opt.zero_grad(set_to_none=True)
-        classification_loss(model, images, labels, prompts)[0].backward()
-        full_opt.step()
-        return _tensor_bytes(p.grad for p in params) + _optimizer_bytes(full_opt)
-
-    def masked_step():  # the naive way: dense gradients and optimizer, gradients masked
-        trainable(True)
-        masked_opt.zero_grad(set_to_none=True)
-        classification_loss(model, images, labels, prompts)[0].backward()
+    def apply_masks():  # the naive way: dense gradients and optimizer, gradients masked
         for n, p in eligible.items():
             if p.grad is not None:
                 p.grad.mul_(dense_masks[n])
-        masked_opt.step()
-        return _tensor_bytes(p.grad for p in params) + _optimizer_bytes(masked_opt)
 
-    def saft_step():
-        trainable(False)
-        saft_opt.zero_grad(set_to_none=True)
-        with update.attached(model):
-            loss = classification_loss(model, images, labels, prompts)[0]
-        loss.backward()
-        saft_opt.step()
-        return _tensor_bytes(v.grad for v in update.values) + _optimizer_bytes(saft_opt)
+    methods["masked_dense"] = _Method(model, params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0),
+                                      autocast, text_side(model, autocast), mask.num_selected,
+                                      before=lambda: trainable(True), after_backward=apply_masks)
+    for strategy in ["auto"] + cfg.value_grads:
+        update = SparseUpdate(mask, device=device)
 
-    def floor_step():  # forward + input-gradient backward only
+        def attached(update=update, strategy=strategy):
+            stack = contextlib.ExitStack()
+            stack.enter_context(forced_strategy(strategy))
+            stack.enter_context(update.attached(model))
+            stack.enter_context(autocast())
+            return stack
+
+        name = "saft" if strategy == "auto" else f"saft[{strategy}]"
+        methods[name] = _Method(model, list(update.values), torch.optim.AdamW(list(update.values), lr=cfg.lr),
+                                attached, text_side(model, attached), mask.num_selected,
+                                before=lambda: trainable(False), info={"value_grad": strategy})
+    hooks: list[_InputGradHooks] = []
+
+    def floor_before():
         trainable(False)
-        hooks = _InputGradHooks(model)
+        hooks.append(_InputGradHooks(model))
+
+    methods["floor"] = _Method(model, [], None, autocast, text_side(model, autocast), 0,
+                               before=floor_before, after=lambda: hooks.pop().remove())
+    for name, (m, m_params, info) in peft_models.items():
+        methods[name] = _Method(m, m_params, torch.optim.AdamW(m_params, lr=cfg.lr), autocast,
+                                text_side(m, autocast), sum(p.numel() for p in m_params), info=info)
+
+    def step(method: _Method) -> int:
+        if method.opt is not None:
+            method.opt.zero_grad(set_to_none=True)
+        method.before()
         try:
-            classification_loss(model, images, labels, prompts)[0].backward()
+            text = method.text_side.begin()
+            with method.context():
+                loss = F.cross_entropy(clip_logits(method.model, images, text).float(), labels)
+            loss.backward()
+            method.text_side.finish()
         finally:
-            hooks.remove()
-        return 0
+            method.after()
+        method.after_backward()
+        if method.opt is None:
+            return 0
+        method.opt.step()
+        state = _tensor_bytes(p.grad for p in method.params) + _optimizer_bytes(method.opt)
+        method.opt.zero_grad(set_to_none=True)  # hold only the optimizer state between steps
+        return state
 
-    steps = {"full": full_step, "masked_dense": masked_step, "saft": saft_step, "floor": floor_step}
-    cleanup = {"full": full_opt.state.clear, "masked_dense": masked_opt.state.clear,
-               "saft": saft_opt.state.clear, "floor": lambda: None}
-    results: dict[str, dict] = {m: {"step_times_s": []} for m in METHODS}
+    names = list(methods)
+    results: dict[str, dict] = {m: {"step_times_s": []} for m in names}
     rounds = cfg.warmup + cfg.repeats
-    # One method at a time, each holding only its own training state, as a user's run
-    # would; ratios are only meaningful on an otherwise idle machine.
-    for method in METHODS:
-        for r in range(rounds):
-            progress(f"{method}: step {r + 1}/{rounds}{' (warm-up)' if r < cfg.warmup else ''} ...")
-            for p in params:
-                p.grad = None
+    load_before = _load()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        progress(f"round {r + 1}/{rounds}{' (warm-up)' if r < cfg.warmup else ''}: {', '.join(order)} ...")
+        for name in order:
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            state = steps[method]()
+            state = step(methods[name])
             _sync(device)
+            seconds = time.perf_counter() - t0
+            res = results[name]
             if r >= cfg.warmup:
-                results[method]["step_times_s"].append(time.perf_counter() - t0)
-            results[method]["state_bytes"] = state
+                res["step_times_s"].append(seconds)
+            res["state_bytes"] = state
             if device.type == "cuda":
-                results[method]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        cleanup[method]()
-        for p in params:
-            p.grad = None
+                peak = torch.cuda.max_memory_allocated(device)
+                res["peak_allocated_bytes"] = max(res.get("peak_allocated_bytes", 0), peak)
+    load_after = _load()
     trainable(True)
 
-    for r in results.values():
-        r["step_time_s"] = statistics.median(r["step_times_s"])
+    for name, res in results.items():
+        times = res["step_times_s"]
+        res["step_time_s"] = statistics.median(times)
+        res["spread"] = (max(times) - min(times)) / res["step_time_s"] if res["step_time_s"] else 0.0
+        res["trainable_entries"] = methods[name].entries
+        res.update(methods[name].info)
     full_t, full_b = results["full"]["step_time_s"], results["full"]["state_bytes"]
+    floor_t = results["floor"]["step_time_s"]
     ratios = {m: {"step_time": results[m]["step_time_s"] / full_t,
-                  "state_bytes": results[m]["state_bytes"] / full_b} for m in METHODS}
+                  "state_bytes": results[m]["state_bytes"] / full_b} for m in names}
+    vs_floor = {m: results[m]["step_time_s"] / floor_t for m in names}
+    # the same ratio from each round's adjacent steps, then the median: a load that drifts over
+    # minutes cancels within a round, so this one is the steadier on a busy machine
+    paired = {m: statistics.median(t / f for t, f in zip(results[m]["step_times_s"], results["floor"]["step_times_s"]))
+              for m in names}
+    unsteady = [f"{m} {r['spread']:.0%}" for m, r in results.items() if r["spread"] > SPREAD_WARNING]
+    warnings = [f"rounds vary widely (spread of the timed steps over their median, > {SPREAD_WARNING:.0%}: "
+                f"{', '.join(unsteady)}): the machine was busy; rerun on an idle machine before trusting the "
+                "ratios"] if unsteady else []
+    saft_t = results["saft"]["step_time_s"]
+    targets = {"saft_vs_floor_max": FLOOR_TARGET, "saft_at_floor": vs_floor["saft"] <= FLOOR_TARGET}
+    for m in PEFT_METHODS:
+        if m in results:
+            targets[f"saft_faster_than_{m}"] = saft_t < results[m]["step_time_s"]
     return {
         "config": cfg.__dict__,
-        "environment": environment(device, threads=torch.get_num_threads()),
+        "environment": environment(device, threads=torch.get_num_threads(), peft=peft_version,
+                                   load_avg_before=load_before, load_avg_after=load_after),
+        "text_side": {"prompts": prompts.n_prompts, "text_batch": text_batch,
+                      "chunked": prompts.n_prompts > text_batch},
         "mask": mask_summary(mask),
         "methods": results,
         "ratios_vs_full": ratios,
-        "saft_vs_floor": results["saft"]["step_time_s"] / results["floor"]["step_time_s"],
+        "ratios_vs_floor": vs_floor,
+        "ratios_vs_floor_per_round": paired,
+        "saft_vs_floor": vs_floor["saft"],
+        "targets": targets,
+        "peak_memory": "CUDA peak allocation per step" if device.type == "cuda" else
+                       "not reported: the CPU has no per-step peak counter",
+        "skipped": [] if peft_version else [f"{m} (peft is not installed: pip install -r requirements-dev.txt)"
+                                           if cfg.peft else f"{m} (--no-peft)" for m in PEFT_METHODS],
+        "warnings": warnings,
     }
 
 
 def format_step_benchmark(report: dict) -> str:
-    cfg, mask = report["config"], report["mask"]
+    cfg, mask, env = report["config"], report["mask"], report["environment"]
+    text = report.get("text_side", {})
+    cuda = any("peak_allocated_bytes" in r for r in report["methods"].values())
     lines = [
         f"{cfg['arch']} random init, {cfg['image_size']} px, batch {cfg['batch_size']}, "
-        f"{cfg['num_classes']} class prompts, device {report['environment']['device']}, "
-        f"{report['environment']['threads']} threads",
+        f"{cfg['num_classes']} class prompts ({'chunks of ' + str(text['text_batch']) if text.get('chunked') else 'one graph'}), "
+        f"{cfg.get('precision', 'fp32')}, device {env['device']}, {env['threads']} threads, load {env.get('load_avg_before')}",
         f"mask: {mask['num_selected']} of {mask['eligible']} entries in "
         f"{mask['tensors_with_selection']} of {mask['tensors_eligible']} tensors",
-        f"{'method':<14}{'step time (s)':>15}{'x full':>9}{'state (MB)':>13}{'x full':>9}",
+        f"{'method':<16}{'step (s)':>10}{'spread':>8}{'x full':>8}{'x floor':>9}{'(rounds)':>9}{'entries':>13}"
+        f"{'state (MB)':>12}"
+        + (f"{'peak (MB)':>11}" if cuda else ""),
     ]
     for m, r in report["methods"].items():
-        q = report["ratios_vs_full"][m]
-        lines.append(f"{m:<14}{r['step_time_s']:>15.3f}{q['step_time']:>9.3f}"
-                     f"{r['state_bytes'] / 2**20:>13.2f}{q['state_bytes']:>9.4f}")
-    lines.append(f"saft / floor step time: {report['saft_vs_floor']:.3f}")
+        lines.append(f"{m:<16}{r['step_time_s']:>10.3f}{r.get('spread', 0):>8.0%}"
+                     f"{report['ratios_vs_full'][m]['step_time']:>8.3f}{report['ratios_vs_floor'][m]:>9.3f}"
+                     f"{report.get('ratios_vs_floor_per_round', {}).get(m, float('nan')):>9.3f}"
+                     f"{r.get('trainable_entries', 0):>13,}{r['state_bytes'] / 2**20:>12.2f}"
+                     + (f"{r.get('peak_allocated_bytes', 0) / 2**20:>11.0f}" if cuda else ""))
+    t = report["targets"]
+    line = f"saft / floor: {report['saft_vs_floor']:.3f} (target <= {t['saft_vs_floor_max']:.2f}: " \
+           f"{'met' if t['saft_at_floor'] else 'NOT met'}; median of the rounds' own ratios " \
+           f"{report['ratios_vs_floor_per_round']['saft']:.3f})"
+    for m in PEFT_METHODS:
+        if f"saft_faster_than_{m}" in t:
+            line += f"; faster than {m}: {'yes' if t[f'saft_faster_than_{m}'] else 'NO'}"
+    lines.append(line)
+    lines += [f"skipped: {s}" for s in report.get("skipped", [])]
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

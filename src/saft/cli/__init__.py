@@ -12,7 +12,9 @@ def _bench_step(args: argparse.Namespace) -> int:
 
     cfg = StepBenchConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
                           num_classes=args.num_classes, density=args.density, warmup=args.warmup,
-                          repeats=args.repeats, device=args.device, seed=args.seed)
+                          repeats=args.repeats, device=args.device, seed=args.seed, precision=args.precision,
+                          text_batch=args.text_batch, peft=not args.no_peft, lora_rank=args.lora_rank,
+                          value_grads=args.value_grad or [])
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1:
@@ -80,15 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks against baselines measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    step = bench_sub.add_parser("step", help="per-step time and training-state memory: full vs masked-dense vs saft")
+    step = bench_sub.add_parser("step", help="per-step time and training state, rounds interleaved in one process: "
+                                             "full, masked-dense, saft, the floor, PEFT LoRA and SHiRA")
     step.add_argument("--out", help="write the JSON report here")
     step.add_argument("--arch", default="ViT-B-32", help="open_clip architecture, random init (default: ViT-B-32)")
     step.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default: 224)")
     step.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     step.add_argument("--num-classes", type=int, default=10, help="class prompts through the text tower (default: 10)")
     step.add_argument("--density", type=float, default=0.001, help="mask density (default: 0.001)")
-    step.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: 2)")
-    step.add_argument("--repeats", type=int, default=5, help="timed steps per method; the median is reported")
+    step.add_argument("--warmup", type=int, default=2, help="untimed rounds (one step of every method each; default: 2)")
+    step.add_argument("--repeats", type=int, default=5,
+                      help="timed rounds (one step of every method each, order rotated); the median is reported "
+                           "(default: 5)")
+    step.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                      help="fp32, or bf16 autocast for every method (default: fp32)")
+    step.add_argument("--text-batch", type=int, default=0,
+                      help="prompts per text chunk, as finetune's --text-batch; more prompts than this are encoded "
+                           "without a graph and re-encoded chunk by chunk (default: 0 = 8 per image, 32-2048)")
+    step.add_argument("--no-peft", action="store_true", help="leave out PEFT LoRA and SHiRA (default: measured "
+                                                             "when peft is installed)")
+    step.add_argument("--lora-rank", type=int, default=8, help="PEFT LoRA rank (default: 8)")
+    step.add_argument("--value-grad", action="append", choices=("gather", "product", "dense"),
+                      help="also measure saft with this value-gradient strategy forced on every tensor "
+                           "(repeatable; saft itself picks per tensor by cost)")
     step.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     step.add_argument("--seed", type=int, default=0, help="seed for weights, data and mask (default: 0)")
     step.add_argument("--nproc", type=int, default=1,

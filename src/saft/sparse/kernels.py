@@ -1,18 +1,20 @@
 """Autograd functions that compute gradients only for the selected entries of a weight.
 
 A frozen weight W with trainable sparse values v at flat indices idx acts as
-W_eff = W + scatter(idx, v). For a Linear layer the dense weight gradient
-grad_out^T @ input costs as much as the forward matmul; the gradient of v needs only
-``sum_t grad_out[t, i] * input[t, j]`` for each selected (i, j), which is O(tokens * k).
+W_eff = W + scatter(idx, v). The gradient of v needs only
+``sum_t grad_out[t, i] * input[t, j]`` for each selected (i, j); how those sums are
+formed (gathered pairs, or a product over the selected rows and columns only) is chosen
+per tensor by cost (:mod:`saft.sparse.value_grad`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-# Upper bound on tokens * entries gathered at once when forming value gradients.
-_GATHER_BUDGET = 1 << 24
+from saft.sparse.value_grad import EntryLayout, current_strategy, value_grad
 
 
 def scatter_values(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, alpha: float = 1.0,
@@ -33,22 +35,6 @@ def scatter_values(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, 
     return flat.index_put((idx,), entries).view(base.shape)
 
 
-def _value_grad(gy2: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Gradient of the selected weight entries: sum over tokens of gy[:, row] * x[:, col].
-
-    Columns are gathered a chunk of entries at a time and multiplied in fp32, so no fp32
-    (or transposed) copy of a whole activation is ever made.
-    """
-    rows, cols = idx // in_features, idx % in_features
-    tokens = max(gy2.shape[0], 1)
-    chunk = max(1, _GATHER_BUDGET // tokens)
-    parts = []
-    for start in range(0, idx.numel(), chunk):
-        r, c = rows[start:start + chunk], cols[start:start + chunk]
-        parts.append((gy2.index_select(1, r).float() * x2.index_select(1, c).float()).sum(dim=0))
-    return torch.cat(parts) if parts else gy2.new_zeros(0, dtype=torch.float32)
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -57,7 +43,7 @@ class SparseLinearFn(torch.autograd.Function):
     """y = x @ W_eff^T + b_eff with gradients only for x and the sparse values."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_values, w_idx, b_values, b_idx):
+    def forward(ctx, x, weight, bias, w_values, w_idx, b_values, b_idx, w_layout, w_effective):
         # Under autocast compute (and save) in its dtype, as F.linear would: the effective
         # weight is built directly in that dtype, the input is saved in it.
         amp = _autocast_dtype(x.device.type)
@@ -66,6 +52,8 @@ class SparseLinearFn(torch.autograd.Function):
             x = x.to(amp)
         if w_values is None:
             w_eff = weight if amp is None else weight.to(amp)
+        elif w_effective is not None:
+            w_eff = w_effective(amp)
         else:
             w_eff = scatter_values(weight, w_idx, w_values, dtype=amp)
         b_eff = bias
@@ -79,30 +67,42 @@ class SparseLinearFn(torch.autograd.Function):
         ctx.save_for_backward(
             x if need_w else None,
             w_eff if need_x else None,
-            w_idx if need_w else None,
             b_idx if ctx.needs_input_grad[5] else None,
         )
         ctx.shapes = (in_dtype, weight.shape[1], w_values.dtype if w_values is not None else None,
                       b_values.dtype if b_values is not None else None)
+        if need_w and w_layout is None:
+            w_layout = EntryLayout(w_idx, weight.shape[0], weight.shape[1])
+        ctx.layout = w_layout if need_w else None
+        ctx.strategy = current_strategy()
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w_eff, w_idx, b_idx = ctx.saved_tensors
+        x, w_eff, b_idx = ctx.saved_tensors
         x_dtype, in_features, w_dtype, b_dtype = ctx.shapes
         gx = gw = gb = None
         gy2 = gy.reshape(-1, gy.shape[-1])
         if ctx.needs_input_grad[0]:
             gx = (gy @ w_eff.to(gy.dtype)).to(x_dtype)
         if ctx.needs_input_grad[3]:
-            gw = _value_grad(gy2, x.reshape(-1, in_features), w_idx, in_features).to(w_dtype)
+            gw = value_grad(gy2, x.reshape(-1, in_features), ctx.layout, ctx.strategy).to(w_dtype)
         if ctx.needs_input_grad[5]:
             gb = gy2.sum(dim=0, dtype=torch.float32).index_select(0, b_idx).to(b_dtype)
-        return gx, None, None, gw, None, gb, None
+        return gx, None, None, gw, None, gb, None, None, None
 
 
-def sparse_linear(x, weight, bias, w_values=None, w_idx=None, b_values=None, b_idx=None):
-    return SparseLinearFn.apply(x, weight, bias, w_values, w_idx, b_values, b_idx)
+def sparse_linear(x, weight, bias, w_values=None, w_idx=None, b_values=None, b_idx=None,
+                  w_layout: EntryLayout | None = None,
+                  w_effective: Callable[[torch.dtype | None], torch.Tensor] | None = None):
+    """``F.linear(x, W + scatter(w_idx, w_values), b + scatter(b_idx, b_values))``, gradients for x and the values.
+
+    ``w_layout`` is ``w_idx`` as rows and columns (:class:`EntryLayout`); pass it to reuse one
+    across steps, else it is derived from ``w_idx`` at each call. ``w_effective(dtype)``, when
+    given, returns ``scatter_values(weight, w_idx, w_values, dtype=dtype)`` (e.g. from a cache
+    valid while the values are unchanged); no graph is needed through it.
+    """
+    return SparseLinearFn.apply(x, weight, bias, w_values, w_idx, b_values, b_idx, w_layout, w_effective)
 
 
 def sparse_embedding(tokens: torch.Tensor, weight: torch.Tensor, values: torch.Tensor | None,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from saft.sparse.kernels import patchify, scatter_values, sparse_embedding, sparse_linear
 from saft.sparse.mask import Mask
+from saft.sparse.value_grad import EntryLayout
 
 _MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 # Modules that read their Linear children's tensors directly instead of calling them
@@ -64,6 +65,8 @@ class SparseUpdate(nn.Module):
         for i, n in enumerate(self.names):
             self.register_buffer(f"idx_{i}", mask.indices[n].to(device=device, dtype=torch.long), persistent=False)
         self.mask_meta = dict(mask.meta)
+        self._layouts: dict[tuple[int, torch.device], EntryLayout] = {}
+        self._effective: dict[tuple[int, torch.dtype | None], tuple[tuple, torch.Tensor]] = {}
 
     def index(self, name: str) -> torch.Tensor:
         return getattr(self, f"idx_{self.names.index(name)}")
@@ -74,6 +77,33 @@ class SparseUpdate(nn.Module):
     def items(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         for i, n in enumerate(self.names):
             yield n, getattr(self, f"idx_{i}"), self.values[i]
+
+    def layout(self, i: int, out_features: int, in_features: int) -> EntryLayout:
+        """Tensor ``i``'s entries as rows and columns of an [out, in] matrix, derived once per device."""
+        idx = getattr(self, f"idx_{i}")
+        key = (i, idx.device)
+        if key not in self._layouts:
+            self._layouts[key] = EntryLayout(idx, out_features, in_features)
+        return self._layouts[key]
+
+    def effective_weight(self, i: int, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``scatter_values(base, idx_i, values_i, dtype=dtype)`` without a graph, reused while nothing changed.
+
+        A step that encodes the text side in chunks runs every layer's forward once per chunk
+        (twice with the recompute): the effective weight is built once per step instead of
+        once per chunk. It is rebuilt when the values or the base change (an optimizer step or
+        any in-place write bumps their version) and holds one copy of each patched tensor.
+        """
+        values, idx = self.values[i], getattr(self, f"idx_{i}")
+        stamp = (values._version, values.data_ptr(), base._version, base.data_ptr(), idx.data_ptr())
+        cached = self._effective.get((i, dtype))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        self._effective.pop((i, dtype), None)  # free the stale copy before building the new one
+        with torch.no_grad():
+            weight = scatter_values(base, idx, values, dtype=dtype)
+        self._effective[(i, dtype)] = (stamp, weight)
+        return weight
 
     def num_values(self) -> int:
         return sum(v.numel() for v in self.values)
@@ -163,6 +193,15 @@ def _slot(update: SparseUpdate, slots: dict[str, int], key: str):
     return update.values[i], getattr(update, f"idx_{i}")
 
 
+def _weight(update: SparseUpdate, slots: dict[str, int], key: str, weight: torch.Tensor) -> dict:
+    """The keyword arguments of ``sparse_linear`` that reuse the tensor's layout and effective weight."""
+    i = slots.get(key)
+    if i is None:
+        return {}
+    return {"w_layout": update.layout(i, weight.shape[0], weight[0].numel()),
+            "w_effective": lambda dtype: update.effective_weight(i, weight, dtype)}
+
+
 def _patched_forward(module: nn.Module, update: SparseUpdate, slots: dict[str, int]):
     if isinstance(module, nn.MultiheadAttention):
         return _mha_forward(update, slots)
@@ -175,7 +214,8 @@ def _patched_forward(module: nn.Module, update: SparseUpdate, slots: dict[str, i
         def linear_forward(self, x):
             wv, wi = _slot(update, slots, "weight")
             bv, bi = _slot(update, slots, "bias")
-            return sparse_linear(x, self.weight, self.bias, wv, wi, bv, bi)
+            return sparse_linear(x, self.weight, self.bias, wv, wi, bv, bi,
+                                 **_weight(update, slots, "weight", self.weight))
         return linear_forward
 
     def patch_conv_forward(self, x):
@@ -184,7 +224,7 @@ def _patched_forward(module: nn.Module, update: SparseUpdate, slots: dict[str, i
         p = self.kernel_size[0]
         patches, gh, gw = patchify(x, p)
         w2 = self.weight.reshape(self.out_channels, -1)
-        y = sparse_linear(patches, w2, self.bias, wv, wi, bv, bi)
+        y = sparse_linear(patches, w2, self.bias, wv, wi, bv, bi, **_weight(update, slots, "weight", w2))
         return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, gh, gw)
     return patch_conv_forward
 
@@ -207,7 +247,8 @@ def _mha_forward(update: SparseUpdate, slots: dict[str, int]):
         heads, head_dim = self.num_heads, embed // self.num_heads
         wv, wi = _slot(update, slots, "in_proj_weight")
         bv, bi = _slot(update, slots, "in_proj_bias")
-        qkv = sparse_linear(x, self.in_proj_weight, self.in_proj_bias, wv, wi, bv, bi)
+        qkv = sparse_linear(x, self.in_proj_weight, self.in_proj_bias, wv, wi, bv, bi,
+                            **_weight(update, slots, "in_proj_weight", self.in_proj_weight))
         q, k, v = qkv.view(bsz, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if key_padding_mask is None and _is_causal_mask(self, attn_mask, seq):
             attn_mask, is_causal = None, True  # the same attention, and flash attention stays available
@@ -216,7 +257,8 @@ def _mha_forward(update: SparseUpdate, slots: dict[str, int]):
         out = out.transpose(1, 2).reshape(bsz, seq, embed)
         ov, oi = _slot(update, slots, "out_proj.weight")
         obv, obi = _slot(update, slots, "out_proj.bias")
-        out = sparse_linear(out, self.out_proj.weight, self.out_proj.bias, ov, oi, obv, obi)
+        out = sparse_linear(out, self.out_proj.weight, self.out_proj.bias, ov, oi, obv, obi,
+                            **_weight(update, slots, "out_proj.weight", self.out_proj.weight))
         return (out if self.batch_first else out.transpose(0, 1)), None
     return forward
 
