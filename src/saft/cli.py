@@ -199,9 +199,12 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saft.tracking.config import use_store
+
     args = build_parser().parse_args(argv)
     try:
-        return _run_command(args)
+        with use_store():  # one tracking store for this command, its threads and its child processes
+            return _run_command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -140,19 +140,26 @@ def _cached(ref: BaseRef) -> Path:
 
 
 def _download_mlflow(uri: str, target: Path) -> Path:
-    """Download the weights of an MLflow URI (``models:/NAME/VERSION`` resolves to the version's source)."""
+    """Download the weights of an MLflow URI (``models:/NAME/VERSION`` resolves to the version's source).
+
+    From the store every command resolves (``saft.tracking.config``), never MLflow's own
+    default, so a model registered from this folder finds its base here.
+    """
     import mlflow.artifacts
 
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
+    from saft.tracking.config import make_client, resolve_config, tracking_call
 
-        name, _, version = uri[len("models:/"):].strip("/").partition("/")
-        uri = MlflowClient().get_model_version_download_uri(name, version)
-    source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
-        os.replace(local, target)  # same folder: atomic, a reader never sees a partial file
+    config = resolve_config()
+    with tracking_call(config, f"downloading the base weights {uri}"):
+        if uri.startswith("models:/"):
+            name, _, version = uri[len("models:/"):].strip("/").partition("/")
+            uri = make_client(config).get_model_version_download_uri(name, version)
+        source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                             tracking_uri=config.uri))
+            os.replace(local, target)  # same folder: atomic, a reader never sees a partial file
     return target
 
 
