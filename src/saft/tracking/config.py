@@ -45,6 +45,7 @@ RETRY_ENV = "SAFT_TRACKING_RETRY_S"
 REQUEST_TIMEOUT_ENV = "SAFT_TRACKING_REQUEST_TIMEOUT_S"
 DEFAULT_RETRY_S = 60.0  # how long a call keeps retrying a store that is down before the step fails
 DEFAULT_REQUEST_TIMEOUT_S = 60.0  # one request's wait for an answer (artifact uploads included)
+DEFAULT_MARK_ENV = "SAFT_TRACKING_DEFAULT_URI"  # set by use_store: the exported URI is the default store
 DEFAULT_DIR = "mlruns"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "artifacts"
@@ -169,7 +170,7 @@ def resolve_config() -> TrackingConfig:
     if not uri:
         return default_store()
     db = _sqlite_file(uri)
-    return TrackingConfig(uri, _local_artifacts(db) if db else None)
+    return TrackingConfig(uri, _local_artifacts(db) if db else None, from_env=uri != os.environ.get(DEFAULT_MARK_ENV))
 
 
 @contextlib.contextmanager
@@ -181,15 +182,18 @@ def use_store(config: TrackingConfig | None = None) -> Iterator[TrackingConfig]:
     reach exactly the store this command resolved.
     """
     config = config or resolve_config()
-    previous = os.environ.get(URI_ENV)
+    previous = {key: os.environ.get(key) for key in (URI_ENV, DEFAULT_MARK_ENV)}
     os.environ[URI_ENV] = config.uri
+    if config.is_default:
+        os.environ[DEFAULT_MARK_ENV] = config.uri
     try:
         yield config
     finally:
-        if previous is None:
-            os.environ.pop(URI_ENV, None)
-        else:
-            os.environ[URI_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _float_env(name: str, default: float) -> float:
