@@ -145,6 +145,8 @@ def test_the_model_environment_installs_offline_and_serves_with_its_closure_only
     model = served_folder / "model"
     requirements = (model / "requirements.txt").read_text().split("\n")
     assert not any(line.startswith("saft==") for line in requirements)  # no index serves that
+    assert not any(line.startswith("mlflow==") for line in requirements)  # the client, not a server's stack
+    assert any(line.startswith("mlflow-skinny==") for line in requirements)
     wheel = [line for line in requirements if line.startswith("wheels/")]
     assert len(wheel) == 1 and (model / wheel[0]).is_file() and "-c constraints.txt" in requirements
     pins = (model / "constraints.txt").read_text().split()

@@ -152,6 +152,11 @@ def serving_closure() -> list[str]:
     return pinned_closure(PROJECT, (SERVE_EXTRA,))
 
 
+def mlflow_requirement() -> str:
+    """The MLflow a served model's environment installs: the client (``mlflow-skinny``) at the version here."""
+    return f"mlflow-skinny=={metadata.version('mlflow-skinny').split('+', 1)[0]}"
+
+
 def _walk(root: str, extras: frozenset[str] = frozenset()) -> list[str]:
     from packaging.utils import canonicalize_name
 

@@ -152,7 +152,7 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
     """
     import json
 
-    from saft.serving.wheel import WHEELS_DIR, build_serving_wheel, serving_closure
+    from saft.serving.wheel import WHEELS_DIR, build_serving_wheel, mlflow_requirement, serving_closure
 
     path = Path(path)
     # quiet: MLflow's advice to log models as code does not apply to this importable class
@@ -172,7 +172,8 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
             artifacts=artifacts,
             signature=signature(),
             input_example=(pd.DataFrame({IMAGE_COLUMN: [example_image_b64()]}), {TOP_K_PARAM: 1}),
-            pip_requirements=[f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
+            # MLflow would add the full `mlflow` (a tracking server's stack); the client is what serving needs
+            pip_requirements=[mlflow_requirement(), f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
             mlflow_model=mlflow_model,
             metadata={"saft.base_model": reference["base_model"], "saft.method": reference["method"],
                       "saft.model_ref_format": reference.get("format", MODEL_REF_FORMAT)},
