@@ -42,10 +42,23 @@ def _forms(secret: str) -> list[str]:
     return [secret, urllib.parse.quote(secret, safe=""), base64.b64encode(f"{USER}:{secret}".encode()).decode()]
 
 
-def _saft(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys, saft.cli; sys.exit(saft.cli.main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+def _program(then: str = "") -> str:
+    """Run ``saft`` commands one after the other in one process, each with its own extra environment, then ``then``.
+
+    ``exit=<status>`` is printed to stdout and stderr after each command.
+    """
+    return ("import json, os, sys, saft.cli\n"
+            "for args, env in json.loads(sys.argv[1]):\n"
+            "    saved = dict(os.environ); os.environ.update(env)\n"
+            "    code = saft.cli.main(args); sys.stdout.flush(); sys.stderr.flush()\n"
+            "    print(f'exit={code}', flush=True); print(f'exit={code}', file=sys.stderr, flush=True)\n"
+            "    os.environ.clear(); os.environ.update(saved)\n" + then)
+
+
+def _saft(commands: list[tuple[list[str], dict]], env: dict, cwd: Path, then: str = "",
+          args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _program(then), json.dumps(commands), *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
 
 
 def _env(mlflow_server, tmp_path: Path, **extra) -> dict:
@@ -86,51 +99,40 @@ def _mlflow_texts(mlflow_server, name: str, tmp_path: Path) -> list[str]:
 def test_credentials_in_the_uri_work_and_are_never_shown(proxy, mlflow_server, candidate, secret, tmp_path):
     name = f"saft-auth-{uuid.uuid4().hex[:8]}"
     uri = proxy.url(f"{USER}:{urllib.parse.quote(secret, safe='')}")
-    outputs = []
+    env = _env(mlflow_server, tmp_path)
 
-    # without credentials the proxy refuses: the check fails at once, naming the server and what to set
-    refused = _saft(_register_args(candidate, tmp_path / "r0", name), _env(mlflow_server, tmp_path,
-                    MLFLOW_TRACKING_URI=proxy.url()), tmp_path)
-    outputs += [refused.stdout, refused.stderr]
-    assert refused.returncode == 2 and "refused the credentials (HTTP 401)" in refused.stderr, refused.stderr
-    assert "MLFLOW_TRACKING_PASSWORD" in refused.stderr
-
-    done = _saft(_register_args(candidate, tmp_path / "r1", name), _env(mlflow_server, tmp_path,
-                 MLFLOW_TRACKING_URI=uri), tmp_path)
-    outputs += [done.stdout, done.stderr]
-    assert done.returncode == 0, done.stderr[-3000:]
+    # credentials in the URI: registered and promoted through the authenticating proxy
+    done = _saft([(_register_args(candidate, tmp_path / "r1", name), {"MLFLOW_TRACKING_URI": uri})], env, tmp_path)
+    assert done.returncode == 0 and "exit=0" in done.stdout, done.stderr[-3000:]
     assert "verdict: promoted" in done.stdout
-    assert proxy.allowed > 20  # everything went through the authenticating proxy
+    assert proxy.allowed > 20  # everything went through the proxy, with the credentials
     doc = json.loads((tmp_path / "r1" / "register.json").read_text())
     assert doc["tracking_uri"] == f"http://{USER}:***@127.0.0.1:{proxy.port}"
 
-    # the same through the environment variables, with a clean URI: the existing version is found
-    again = _saft(_register_args(candidate, tmp_path / "r2", name), _env(
-        mlflow_server, tmp_path, MLFLOW_TRACKING_URI=proxy.url(), MLFLOW_TRACKING_USERNAME=USER,
-        MLFLOW_TRACKING_PASSWORD=secret), tmp_path)
-    outputs += [again.stdout, again.stderr]
-    assert again.returncode == 0 and "existing version (same candidate key)" in again.stdout, again.stderr[-3000:]
+    # credentials in MLFLOW_TRACKING_USERNAME/PASSWORD with a clean URI: the existing version is found, and the
+    # served model loads through the proxy (its base from saft-bases, its files from the logged model)
+    by_env = {"MLFLOW_TRACKING_URI": proxy.url(), "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": secret}
+    load = ("os.environ.update(json.loads(sys.argv[2])); import mlflow.pyfunc\n"
+            "m = mlflow.pyfunc.load_model(sys.argv[3]); print('classes', len(m.unwrap_python_model().classes))\n")
+    again = _saft([(_register_args(candidate, tmp_path / "r2", name), by_env)], env, tmp_path, then=load,
+                  args=(json.dumps(by_env), f"models:/{name}@champion"))
+    assert again.returncode == 0 and "exit=0" in again.stdout, again.stderr[-3000:]
+    assert "existing version (same candidate key)" in again.stdout
+    assert "classes" in again.stdout
 
-    # the served model loads through the proxy: its base from saft-bases, its files from the logged model
-    load = ("import sys, mlflow.pyfunc; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-            "print('classes', len(m.unwrap_python_model().classes))")
-    served = subprocess.run([sys.executable, "-c", load, f"models:/{name}@champion"], capture_output=True, text=True,
-                            env=_env(mlflow_server, tmp_path, MLFLOW_TRACKING_URI=uri), timeout=300)
-    outputs += [served.stdout, served.stderr]
-    assert served.returncode == 0 and "classes" in served.stdout, served.stderr[-3000:]
-
-    # failures name the store, never the secret: a wrong name, a server that is gone
-    missing = _saft(["serve", f"models:/{name}-missing@champion"], _env(mlflow_server, tmp_path,
-                    MLFLOW_TRACKING_URI=uri), tmp_path)
-    outputs += [missing.stdout, missing.stderr]
-    assert missing.returncode == 2 and f"registered model '{name}-missing' not found" in missing.stderr
-    assert f"{USER}:***@127.0.0.1:{proxy.port}" in missing.stderr
+    # failures name the store, never the secret: no credentials, a wrong name, a server that is gone
     gone = f"http://{USER}:{urllib.parse.quote(secret, safe='')}@127.0.0.1:{free_port()}"
-    down = _saft(_register_args(candidate, tmp_path / "r3", name), _env(mlflow_server, tmp_path,
-                 MLFLOW_TRACKING_URI=gone), tmp_path)
-    outputs += [down.stdout, down.stderr]
-    assert down.returncode == 2 and "is not reachable" in down.stderr
+    failed = _saft([(_register_args(candidate, tmp_path / "r0", name), {"MLFLOW_TRACKING_URI": proxy.url()}),
+                    (["serve", f"models:/{name}-missing@champion"], {"MLFLOW_TRACKING_URI": uri}),
+                    (_register_args(candidate, tmp_path / "r3", name), {"MLFLOW_TRACKING_URI": gone})], env, tmp_path)
+    errors = failed.stderr.split("exit=")
+    assert failed.stdout.count("exit=2") == 3, failed.stderr[-3000:]
+    assert "refused the credentials (HTTP 401)" in errors[0] and "MLFLOW_TRACKING_PASSWORD" in errors[0]
+    assert f"registered model '{name}-missing' not found" in errors[1]
+    assert f"{USER}:***@127.0.0.1:{proxy.port}" in errors[1]
+    assert "is not reachable" in errors[2]
 
+    outputs = [p.stdout + p.stderr for p in (done, again, failed)]
     files = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".json"]
     everything = outputs + files + _mlflow_texts(mlflow_server, name, tmp_path)
     for form in _forms(secret):

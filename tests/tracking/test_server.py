@@ -390,3 +390,23 @@ def test_base_to_new_candidate_is_judged_on_hm(tracking_env, candidate, model_na
     assert float(client.get_model_version(model_name, "1").tags["saft.hm"]) == pytest.approx(0.70)
     better = _register(candidate, tmp_path / "r2", model_name, b2n(0.80, 0.72))
     assert (better["version"], better["verdict"]) == ("3", "promoted") and "hm" in better["rule"]["text"]
+
+
+def test_a_version_is_found_by_its_key_with_one_server_side_search(pipeline, mlflow_server):
+    from saft.tracking.registry import find_version
+
+    real = mlflow_server.client()
+    calls = []
+
+    class Spy:
+        def search_model_versions(self, filter_string, **kwargs):
+            calls.append((filter_string, kwargs))
+            return real.search_model_versions(filter_string, **kwargs)
+
+    found = find_version(Spy(), pipeline.model_name, pipeline.register["candidate_key"])
+    assert str(found.version) == pipeline.register["version"]
+    assert len(calls) == 1 and f"tags.`{KEY_TAG}` = '{pipeline.register['candidate_key']}'" in calls[0][0]
+    assert find_version(Spy(), pipeline.model_name, "0" * 64) is None
+    assert find_version(Spy(), "saft-no-such-model", "0" * 64) is None
+    with pytest.raises(ValueError, match="cannot be searched for"):
+        find_version(Spy(), pipeline.model_name, "x' OR name != '")

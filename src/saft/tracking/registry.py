@@ -200,7 +200,7 @@ def store_base(tracker, base, model_spec: str, bases_model: str = BASES_MODEL):
                                             "saft.base_fingerprint); served deltas reference them.")
         lease.check()
         mv = client.create_model_version(
-            bases_model, source, run_id=tracker.run_id,
+            bases_model, source, run_id=tracker.run_id, await_creation_for=0,  # stored already: no wait, no log line
             tags={FINGERPRINT_TAG: base.fingerprint, BASE_SPEC_TAG: ref.spec, BASE_MODEL_TAG: ref.model,
                   BASE_SHA_TAG: ref.sha256, BASE_BYTES_TAG: str(ref.bytes)},
             description=f"weights of {ref.model} ({ref.bytes / 2**20:.1f} MiB), rebuilt with spec {ref.spec}")
@@ -269,6 +269,7 @@ def register_delta(tracker, *, model_name: str, delta_path: str | Path, referenc
             with use_store(config):
                 mv = client.create_model_version(
                     model_name, f"models:/{model.model_id}", run_id=tracker.run_id, model_id=model.model_id,
+                    await_creation_for=0,
                     tags={**tags, BASE_URI_TAG: reference["base"]["uri"]},
                     description=f"{what} on {info.base_model}, suite {info.suite}: {info.describe()}")
             return mv, True
