@@ -61,3 +61,27 @@ def test_a_holder_whose_lease_ran_out_stops_and_leaves_it(client):
     assert _names(client, "m3") == [lease_name("m3")]  # left for the next holder to break, not deleted
     with pytest.raises(ValueError, match="more than 10 s"):
         RegistryLease(client, "m4", "x", ttl=5)
+
+
+def test_a_lease_released_while_the_store_answered_a_refusal_is_taken_on_the_next_try(client):
+    """SQLite refuses the insert, then MLflow looks the holder up: released in between, it answers 'not found'."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    class Racing:
+        refusals = 0
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def create_registered_model(self, name, **kwargs):
+            if self.refusals == 0:
+                self.refusals += 1
+                raise MlflowException(f"Registered Model with name={name} not found",
+                                      error_code=RESOURCE_DOES_NOT_EXIST)
+            return client.create_registered_model(name, **kwargs)
+
+    racing = Racing()
+    with RegistryLease(racing, "m5", "gate of v1", wait=5) as lease:
+        assert racing.refusals == 1 and lease.remaining() > 100
+    assert _names(client, "m5") == []

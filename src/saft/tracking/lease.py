@@ -124,7 +124,9 @@ class RegistryLease:
                 self.waited_s = time.monotonic() - start
                 return
             except MlflowException as exc:
-                if _code(exc) != "RESOURCE_ALREADY_EXISTS" and not _transient(exc):
+                # SQLite: the insert is refused, then MLflow looks the holder up; if it released in
+                # between, that lookup answers "does not exist": free again, try after the short wait below
+                if _code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST") and not _transient(exc):
                     raise
             holder = self._holder()
             if holder is not None and time.time() > holder[1] + SKEW_S:
