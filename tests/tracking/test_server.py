@@ -86,17 +86,26 @@ def test_pipeline_run_has_nested_step_runs_with_params_metrics_and_artifacts(pip
     assert {"delta/delta.safetensors", "plots/loss_curve.png"} <= artifacts["finetune"]
     assert {"report/report.html", "report/report.md", "report/id_vs_ood.png", "metrics/metrics.json"} \
         <= artifacts["evaluate"]
-    assert {"model/MLmodel", "model/artifacts/delta.safetensors", "model/artifacts/model_ref.json",
-            "promotion/register.json"} <= artifacts["register"]
+    assert "promotion/register.json" in artifacts["register"]
+    # the served model is an MLflow 3 logged model of the register run, its output, linked to its scores
+    register_run = client.get_run(by_step["register"].info.run_id)
+    [output] = register_run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, logged.source_run_id, str(logged.status)) == ("model", register_run.info.run_id, "READY")
+    assert logged.tags["saft.candidate_key"] == pipeline.register["candidate_key"]
+    linked = {m.key: m.value for m in logged.metrics or []}
+    assert linked["ood_mean"] == pytest.approx(pipeline.register["candidate"]["ood_mean"])
+    mv = client.get_model_version(pipeline.model_name, pipeline.register["version"])
+    assert mv.source == f"models:/{logged.model_id}"
 
     # the bytes went through the server's proxy into the S3 bucket
     keys = mlflow_server.s3_keys()
     for step, names in (("score", ["mask/mask.safetensors"]), ("finetune", ["delta/delta.safetensors"]),
-                        ("evaluate", ["report/report.html"]),
-                        ("register", ["model/artifacts/delta.safetensors"])):
+                        ("evaluate", ["report/report.html"])):
         run_id = by_step[step].info.run_id
         for name in names:
             assert any(k.startswith("mlflow/") and run_id in k and k.endswith(name) for k in keys), (step, name)
+    assert any(logged.model_id in k and k.endswith("artifacts/delta.safetensors") for k in keys)
     local = Path(client.download_artifacts(by_step["finetune"].info.run_id, "delta/delta.safetensors",
                                            str(pipeline.out_dir.parent)))
     assert local.read_bytes() == candidate.delta.read_bytes()
@@ -127,7 +136,7 @@ def test_unknown_parent_run_is_a_clear_error(tracking_env):
 # --- registry and promotion --------------------------------------------------------------------
 
 
-def test_candidate_is_registered_as_delta_plus_reference_and_promoted(pipeline, mlflow_server, candidate):
+def test_candidate_is_registered_as_delta_plus_reference_and_promoted(pipeline, mlflow_server, candidate, tracking_env):
     client = mlflow_server.client()
     result = pipeline.register
     assert result["verdict"] == "promoted" and result["created"] is True and result["version"] == "1"
@@ -150,14 +159,18 @@ def test_candidate_is_registered_as_delta_plus_reference_and_promoted(pipeline, 
     assert _alias(client, pipeline.model_name, "champion") == "1"
     assert _alias(client, pipeline.model_name, "previous-champion") is None
 
-    # the registered artifact is the delta, its head and its base reference: KB, not a checkpoint
-    # (besides the project's wheel, which the model's environment installs)
-    model_dir = Path(client.download_artifacts(mv.run_id, "model", str(pipeline.out_dir.parent / "dl")))
+    # the registered version is the delta, its head, its base reference and its environment: KB, not a
+    # checkpoint; the whole version, the project's wheel included, stays under 2 MB (issue 24)
+    import mlflow.artifacts
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{pipeline.model_name}/1",
+                                                         dst_path=str(pipeline.out_dir.parent / "dl")))
     sizes = {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in model_dir.rglob("*")
              if p.is_file() and p.parent.name != "wheels"}
-    assert list((model_dir / "wheels").glob("saft-*.whl"))
+    [wheel] = (model_dir / "wheels").glob("saft-*.whl")
     assert (model_dir / "artifacts" / "delta.safetensors").read_bytes() == candidate.delta.read_bytes()
     assert sum(sizes.values()) < 200_000, sizes
+    assert sum(sizes.values()) + wheel.stat().st_size < 2_000_000, (sizes, wheel.stat().st_size)
     assert not any(n.endswith((".pt", ".bin", ".pth")) for n in sizes)
     ref = json.loads((model_dir / "artifacts" / "model_ref.json").read_text())
     assert ref["base_model"] == "tiny" and ref["alpha"] == ALPHA
@@ -377,3 +390,23 @@ def test_base_to_new_candidate_is_judged_on_hm(tracking_env, candidate, model_na
     assert float(client.get_model_version(model_name, "1").tags["saft.hm"]) == pytest.approx(0.70)
     better = _register(candidate, tmp_path / "r2", model_name, b2n(0.80, 0.72))
     assert (better["version"], better["verdict"]) == ("3", "promoted") and "hm" in better["rule"]["text"]
+
+
+def test_a_version_is_found_by_its_key_with_one_server_side_search(pipeline, mlflow_server):
+    from saft.tracking.registry import find_version
+
+    real = mlflow_server.client()
+    calls = []
+
+    class Spy:
+        def search_model_versions(self, filter_string, **kwargs):
+            calls.append((filter_string, kwargs))
+            return real.search_model_versions(filter_string, **kwargs)
+
+    found = find_version(Spy(), pipeline.model_name, pipeline.register["candidate_key"])
+    assert str(found.version) == pipeline.register["version"]
+    assert len(calls) == 1 and f"tags.`{KEY_TAG}` = '{pipeline.register['candidate_key']}'" in calls[0][0]
+    assert find_version(Spy(), pipeline.model_name, "0" * 64) is None
+    assert find_version(Spy(), "saft-no-such-model", "0" * 64) is None
+    with pytest.raises(ValueError, match="cannot be searched for"):
+        find_version(Spy(), pipeline.model_name, "x' OR name != '")

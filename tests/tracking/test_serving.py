@@ -60,8 +60,10 @@ def test_the_registry_stores_each_base_once(pipeline, candidate, mlflow_server, 
     assert base.tags["saft.base_model"] == "tiny" and int(base.tags["saft.base_bytes"]) > 1_000_000
     keys = mlflow_server.s3_keys()
     assert any(k.endswith("/base/weights.safetensors") for k in keys)  # through the server, onto S3
-    assert any(k.endswith("/model/artifacts/head.safetensors") for k in keys)
-    assert not any(k.endswith("/model/artifacts/weights.safetensors") for k in keys)  # no base inside a model
+    model_id = champion.source.removeprefix("models:/")
+    model_keys = [k for k in keys if model_id in k]  # the logged model's own folder
+    assert any(k.endswith("/artifacts/head.safetensors") for k in model_keys)
+    assert not any(k.endswith("weights.safetensors") for k in model_keys)  # no base inside a model
 
     # two more versions of the same base under another name (zero-shot baseline + candidate): no new base
     cfg = RegisterConfig(model_name=model_name, alpha=ALPHA, baseline=True, ood_tolerance=0.02, id_tolerance=0.02)

@@ -223,9 +223,12 @@ def _run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log file or a pipeline task's output: no redrawn progress bars in it
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from saft.tracking.config import use_store
+
     args = build_parser().parse_args(argv)
     try:
-        return _run_command(args)
+        with use_store():  # one tracking store for this command, its threads and its child processes
+            return _run_command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

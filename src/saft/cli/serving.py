@@ -22,7 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     from saft.serving.predictor import serving_device, usable_autocast
     from saft.serving.protocol import MiB, Limits
     from saft.serving.server import ServeConfig, serve
+    from saft.tracking.registry import check_model_uri
 
+    check_model_uri(args.model_uri)  # a name the store does not have fails here, naming the store
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import torch

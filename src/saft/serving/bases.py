@@ -139,20 +139,28 @@ def _cached(ref: BaseRef) -> Path:
     return cache_dir() / ref.fingerprint / BASE_WEIGHTS_FILE
 
 
+# How an MLflow URI is downloaded: set by saft.tracking (which sits above this layer) to a download from the one
+# store every command resolves, with its clear errors; without it, MLflow's own default store is asked.
+MLFLOW_DOWNLOAD = None
+
+
 def _download_mlflow(uri: str, target: Path) -> Path:
     """Download the weights of an MLflow URI (``models:/NAME/VERSION`` resolves to the version's source)."""
-    import mlflow.artifacts
+    if MLFLOW_DOWNLOAD is None:
+        import mlflow
+        import mlflow.artifacts
 
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        name, _, version = uri[len("models:/"):].strip("/").partition("/")
-        uri = MlflowClient().get_model_version_download_uri(name, version)
-    source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+        def download(uri: str, target_dir: str) -> str:
+            if uri.startswith("models:/"):
+                name, _, version = uri[len("models:/"):].strip("/").partition("/")
+                uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
+            source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+            return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target_dir)
+    else:
+        download = MLFLOW_DOWNLOAD
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
-        os.replace(local, target)  # same folder: atomic, a reader never sees a partial file
+        os.replace(Path(download(uri, tmp)), target)  # same folder: atomic, a reader never sees a partial file
     return target
 
 

@@ -120,7 +120,8 @@ def deploy_step(cfg: DeployConfig, out_dir: str | Path, *, isvcs=None, smoke="de
     with tracking_call(config, f"resolving {cfg.model_name}@{cfg.version}"):
         mv = _resolve(client, cfg)
     if mv is None:
-        raise ValueError(f"registered model {cfg.model_name!r} has no alias {cfg.version!r}: nothing to deploy "
+        raise ValueError(f"registered model {cfg.model_name!r} has no alias {cfg.version!r} on {config.where}: "
+                         "nothing to deploy "
                          "(register and promote a version first, or give a version number)")
     version = str(mv.version)
     name = cfg.service or service_name(cfg.model_name)

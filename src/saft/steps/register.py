@@ -185,7 +185,8 @@ def _bootstrap_baseline(tracker, cfg: RegisterConfig, rule, doc: dict, info, dat
                                  key=key, artifact_path=BASELINE_ARTIFACT, extra_tags={BASELINE_TAG: "true"},
                                  description="zero-shot baseline (the base model, empty delta)")
     with tracking_call(tracker.config, f"promoting the zero-shot baseline {cfg.model_name} v{mv.version}"):
-        audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id)
+        audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id,
+                           where=tracker.config.where)
     return {"version": str(mv.version), "created": created, "verdict": audit["verdict"], "reason": audit["reason"],
             "candidate_key": key}
 
@@ -242,7 +243,8 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
             result.update(version=str(mv.version), created=created)
             if cfg.promote:
                 with tracking_call(tracker.config, f"applying the promotion gate to {cfg.model_name} v{mv.version}"):
-                    audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id)
+                    audit = apply_gate(tracker.client, cfg.model_name, mv.version, rule, run_id=tracker.run_id,
+                                       where=tracker.config.where)
                 audit.pop("schema")
                 registered = {k: v for k, v in audit.pop("candidate").items() if v is not None}
                 result.update(audit, candidate={**result["candidate"], **registered})
@@ -257,7 +259,7 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
                                  f"{b['verdict']}; candidate {result['summary']}")
             tracker.set_tags({"saft.baseline_version": b["version"]})
         result.update(run_id=tracker.run_id, parent_run_id=parent_run_id,
-                      tracking_uri=tracker.config.uri if tracker.config else None,
+                      tracking_uri=tracker.config.display if tracker.config else None,
                       timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_json(Path(out_dir) / REGISTER_FILE, result)
         tracker.log_artifact(Path(out_dir) / REGISTER_FILE, "promotion")

@@ -8,7 +8,9 @@ functions that need it: ``import saft.tracking`` stays cheap. See docs/tracking.
 
 from __future__ import annotations
 
-from saft.tracking.config import TrackingError, TrackingUnavailable, resolve_config, tracking_enabled
+from saft.serving import bases as _bases
+from saft.tracking.config import (TrackingError, TrackingUnavailable, download_from_store, resolve_config,
+                                  tracking_enabled)
 from saft.tracking.runs import (
     TRACKING_OFF_RUN_ID,
     NullTracker,
@@ -18,6 +20,8 @@ from saft.tracking.runs import (
     start_pipeline_run,
     step_run,
 )
+
+_bases.MLFLOW_DOWNLOAD = download_from_store  # bases sits below tracking: it is told how to reach the store
 
 __all__ = [
     "TRACKING_OFF_RUN_ID", "NullTracker", "StepTracker", "TrackingError", "TrackingUnavailable",

@@ -30,6 +30,11 @@ as they are, except when an earlier run recorded ``promoted`` and stopped before
 alias moved (the champion is still the one it was compared against): then the move is
 completed. On promotion ``previous-champion`` is set to the old champion first, then
 ``champion`` to the candidate.
+
+Overlapping gates (a scheduled and a CI-triggered retraining) are serialized by a lease
+held in the registry itself (``saft.tracking.lease``): each gate reads the champion,
+decides, records and moves the aliases while it holds the lease on the registered model,
+so the result is that of some serial order and the better candidate ends as champion.
 """
 
 from __future__ import annotations
@@ -245,9 +250,22 @@ def _version_summary(mv) -> dict[str, Any]:
 
 
 def apply_gate(client, model_name: str, version: str | int, rule: GateRule = GateRule(), *,
-               run_id: str | None = None) -> dict[str, Any]:
-    """Decide on ``version`` (metrics from its tags), record the decision, move aliases; returns the audit."""
-    version = str(version)
+               run_id: str | None = None, where: str = "the MLflow registry") -> dict[str, Any]:
+    """Decide on ``version`` (metrics from its tags), record the decision, move aliases; returns the audit.
+
+    Linearizable: the whole read-decide-write runs under the registry lease on
+    ``model_name`` (``saft.tracking.lease``), so concurrent gates take effect in some
+    serial order and each audit is what the registry holds afterwards.
+    """
+    from saft.tracking.lease import RegistryLease
+
+    with RegistryLease(client, model_name, f"promotion gate of v{version}", where=where) as lease:
+        audit = _gate(client, model_name, str(version), rule, run_id, lease)
+    audit["lease_wait_s"] = round(lease.waited_s, 3)
+    return audit
+
+
+def _gate(client, model_name: str, version: str, rule: GateRule, run_id: str | None, lease) -> dict[str, Any]:
     mv = client.get_model_version(model_name, version)
     tags = dict(mv.tags or {})
     champion = get_alias(client, model_name, CHAMPION)
@@ -272,6 +290,7 @@ def apply_gate(client, model_name: str, version: str | int, rule: GateRule = Gat
     elif recorded == PROMOTED:
         current = str(champion.version) if champion is not None else NO_CHAMPION
         if tags.get(COMPARED_TAG) == current:  # the earlier run stopped between its tags and the alias move
+            lease.check()
             _move_aliases(client, model_name, version, champion)
             audit.update(verdict=PROMOTED, repeated=True,
                          reason=f"promotion recorded earlier is completed now: {tags.get(REASON_TAG)}")
@@ -293,9 +312,11 @@ def apply_gate(client, model_name: str, version: str | int, rule: GateRule = Gat
                   COMPARED_TAG: str(champion.version) if champion is not None else NO_CHAMPION, TIME_TAG: now}
         if run_id:
             record[RUN_TAG] = run_id
+        lease.check()
         for key, value in record.items():  # the decision is on record before any alias moves
             client.set_model_version_tag(model_name, version, key, value)
         if decision.promoted:
+            lease.check()
             _move_aliases(client, model_name, version, champion)
         audit.update(verdict=decision.verdict, reason=decision.reason, checks=[asdict(c) for c in decision.checks])
     after_champion = get_alias(client, model_name, CHAMPION)

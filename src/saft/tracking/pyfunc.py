@@ -5,7 +5,11 @@ The logged model folder holds no checkpoint:
 * ``artifacts/delta.safetensors``  the trained entries (KB to a few MB)
 * ``artifacts/head.safetensors``   the zero-shot classifier of the served classes (float16)
 * ``artifacts/model_ref.json``     base spec, fingerprint and stored copy, alpha, classes, templates
-* ``wheels/saft-*.whl`` + ``constraints.txt``  what its environment installs (``saft.serving.wheel``)
+* ``wheels/saft-*.whl`` + ``constraints.txt``  what its environment installs: the project
+  without the embedded world's checkpoint and the ``serve`` extra's exact pins
+  (``saft.serving.wheel``)
+
+It is logged as an MLflow 3 logged model of the register run (:func:`log_delta_model`).
 
 ``load_context`` builds the classifier with ``saft.serving.bundle.load_classifier``: the base
 comes from its stored copy (never a hub unless nothing else has it and the spec is a hub
@@ -154,11 +158,17 @@ def signature():
 
 
 def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
-                      head_path: str | Path | None = None) -> Path:
-    """Write the MLflow model folder at ``path``: MLmodel, the artifacts, the wheel and its pins."""
+                      head_path: str | Path | None = None, *, mlflow_model=None) -> Path:
+    """Write the MLflow model folder at ``path``: MLmodel, the artifacts, the wheel and its pins.
+
+    The environment is the serving one (``saft.serving.wheel``): the project's wheel
+    without the embedded world's checkpoint, requiring only the ``serve`` extra, and the
+    exact pins of that closure. ``mlflow_model`` is the ``mlflow.models.Model`` of a logged
+    model (its id and artifact location), when the folder is logged as one.
+    """
     import json
 
-    from saft.serving.wheel import WHEELS_DIR, build_project_wheel, pinned_closure
+    from saft.serving.wheel import WHEELS_DIR, build_serving_wheel, mlflow_requirement, serving_closure
 
     path = Path(path)
     # quiet: MLflow's advice to log models as code does not apply to this importable class
@@ -166,9 +176,9 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
             quiet_logger("mlflow.utils.environment"):
         ref_file = Path(tmp) / MODEL_REF_FILE
         ref_file.write_text(json.dumps(reference, indent=2, sort_keys=True) + "\n")
-        wheel = build_project_wheel(Path(tmp) / WHEELS_DIR)
+        wheel = build_serving_wheel(Path(tmp) / WHEELS_DIR)
         constraints = Path(tmp) / "constraints.txt"
-        constraints.write_text("\n".join(pinned_closure()) + "\n")
+        constraints.write_text("\n".join(serving_closure()) + "\n")
         artifacts = {"delta": str(delta_path), "model_ref": str(ref_file)}
         if head_path is not None:
             artifacts["head"] = str(head_path)
@@ -179,7 +189,9 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
             signature=signature(),
             model_config=DEFAULT_MODEL_CONFIG,
             input_example=(pd.DataFrame({IMAGE_COLUMN: [example_image_b64()]}), {TOP_K_PARAM: 1}),
-            pip_requirements=[f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
+            # MLflow would add the full `mlflow` (a tracking server's stack); the client is what serving needs
+            pip_requirements=[mlflow_requirement(), f"{WHEELS_DIR}/{wheel.name}", f"-c {constraints}"],
+            mlflow_model=mlflow_model,
             metadata={"saft.base_model": reference["base_model"], "saft.method": reference["method"],
                       "saft.model_ref_format": reference.get("format", MODEL_REF_FORMAT)},
         )
@@ -188,13 +200,50 @@ def save_pyfunc_model(path: str | Path, delta_path: str | Path, reference: dict,
     return path
 
 
-def log_delta_model(tracker, delta_path: str | Path, reference: dict, artifact_path: str = MODEL_ARTIFACT_PATH,
-                    head_path: str | Path | None = None) -> str:
-    """Log the pyfunc model into the tracker's run under ``artifact_path``; returns its artifact URI."""
-    with tempfile.TemporaryDirectory(prefix="saft-model-") as tmp:
-        local = save_pyfunc_model(Path(tmp) / artifact_path, delta_path, reference, head_path)
-        tracker.log_artifacts(local, artifact_path)
-    return f"{tracker.artifact_uri.rstrip('/')}/{artifact_path}"
+def log_delta_model(tracker, delta_path: str | Path, reference: dict, name: str = MODEL_ARTIFACT_PATH,
+                    head_path: str | Path | None = None, *, tags: dict[str, str] | None = None,
+                    metrics: dict[str, float] | None = None):
+    """Log the pyfunc model as an MLflow 3 logged model named ``name`` of the tracker's run; the ``LoggedModel``.
+
+    What ``mlflow.pyfunc.log_model(name=...)`` does, through the tracker's client instead
+    of MLflow's process-global active run: the logged model is created in the run's
+    experiment with the run as its source, recorded as the run's output, the folder is
+    uploaded to the model's own artifact location and the model finalized ``READY``;
+    ``metrics`` are logged on the run linked to the model (the Models view shows them).
+    A failure half-way marks the logged model ``FAILED``.
+    """
+    import time
+
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models import Model
+
+    from saft.tracking.config import tracking_call
+
+    client, config = tracker.client, tracker.config
+    with tracking_call(config, f"creating the logged model {name!r} of run {tracker.run_id}"):
+        model = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id,
+                                           tags=dict(tags or {}), model_type="saft-sparse-delta")
+    try:
+        with tracking_call(config, f"logging the model {model.model_id} of run {tracker.run_id}"):
+            client.log_outputs(tracker.run_id, [LoggedModelOutput(model.model_id, step=0)])
+            if metrics:
+                now = int(time.time() * 1000)
+                client.log_batch(tracker.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id)
+                                                          for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory(prefix="saft-model-") as tmp:
+            spec = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=tracker.run_id,
+                         model_id=model.model_id)
+            local = save_pyfunc_model(Path(tmp) / name, delta_path, reference, head_path, mlflow_model=spec)
+            with tracking_call(config, f"uploading the model {model.model_id} of run {tracker.run_id}"):
+                client.log_model_artifacts(model.model_id, str(local))
+        with tracking_call(config, f"finalizing the model {model.model_id}"):
+            return client.finalize_logged_model(model.model_id, "READY")
+    except BaseException:
+        try:
+            client.finalize_logged_model(model.model_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
 
 
 def build_model_folder(folder: str | Path, *, base_model: str, classes, templates, delta_path: str | Path | None = None,

@@ -3,13 +3,17 @@
 A candidate is identified by ``saft.candidate_key``: the sha256 of the delta file's
 bytes, the canonical JSON of its metrics document, the method and alpha. Before anything
 is logged, the registered model's versions are searched for that key; a re-run after a
-crash, or a retried pipeline step, reuses the version instead of adding a duplicate.
+crash, a retried pipeline step, or a second process registering the same candidate at
+the same moment reuses the version instead of adding a duplicate.
 The key is part of ``create_model_version``'s own tags, so a version never exists
 without it.
 
-The version's source is the pyfunc model logged in the register step's run (delta, the
-head built here once, and the base reference, see ``pyfunc.py``); its tags carry what the
-gate and a reader need.
+The version's source is an MLflow 3 logged model of the register step's run (the pyfunc
+model: delta, the head built here once, and the base reference, see ``pyfunc.py``); its
+tags carry what the gate and a reader need. Finding a version by tag is the store's own
+``tags.`` filter. Registration and the promotion gate run under a lease held in the
+registry (``lease.py``), so concurrent pipeline runs register a candidate once and a
+base once.
 
 Base weights are registered once per fingerprint, as versions of the registered model
 ``saft-bases`` (tag ``saft.base_fingerprint``; source: ``base/weights.safetensors`` in the
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saft.tracking.config import tracking_call
+from saft.tracking.config import tracking_call, use_store
 from saft.tracking.promotion import (FINGERPRINT_TAG, HM_TAG, ID_TAG, OOD_TAG, SUITE_TAG, ZS_HM_TAG, ZS_ID_TAG,
                                     ZS_OOD_TAG)
 
@@ -102,22 +106,28 @@ class CandidateInfo:
         return ", ".join(parts) or "no scores"
 
 
+_FILTER_VALUE = re.compile(r"^[A-Za-z0-9._:+-]{1,500}$")
+
+
 def find_version_by_tag(client, model_name: str, tag: str, value: str):
-    """The lowest version of ``model_name`` whose tag ``tag`` is ``value``, or None (also when the model is absent)."""
+    """The lowest version of ``model_name`` whose tag ``tag`` is ``value``, or None (also when the model is absent).
+
+    The store filters (``tags.`KEY` = 'VALUE'``), so a model with thousands of versions
+    costs one small answer, not a client-side walk through every version.
+    """
     from mlflow.exceptions import MlflowException
 
-    token, found = None, []
-    while True:
-        try:
-            page = client.search_model_versions(f"name = '{model_name}'", max_results=200, page_token=token)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        found += [mv for mv in page if (mv.tags or {}).get(tag) == value]
-        token = getattr(page, "token", None)
-        if not token:
-            return min(found, key=lambda mv: int(mv.version)) if found else None
+    check_model_name(model_name)
+    if not _FILTER_VALUE.match(str(value)):
+        raise ValueError(f"tag value {value!r} cannot be searched for: expected letters, digits and ._:+-")
+    query = f"name = '{model_name}' AND tags.`{tag}` = '{value}'"
+    try:
+        found = list(client.search_model_versions(query, max_results=50))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def find_version(client, model_name: str, key: str):
@@ -144,34 +154,57 @@ def ensure_registered_model(client, model_name: str, *, kind: str = "sparse-delt
             raise
 
 
+def _lease(tracker, model_name: str, purpose: str):
+    from saft.tracking.lease import RegistryLease
+
+    return RegistryLease(tracker.client, model_name, purpose, where=tracker.config.where)
+
+
+def _base_ref(mv, base, model_spec: str, bases_model: str):
+    from saft.serving.bases import BaseRef
+
+    tags = mv.tags or {}
+    return BaseRef(base.fingerprint, tags.get(BASE_SPEC_TAG, model_spec), tags.get(BASE_MODEL_TAG, model_spec),
+                   f"models:/{bases_model}/{mv.version}", tags.get(BASE_SHA_TAG),
+                   int(tags[BASE_BYTES_TAG]) if tags.get(BASE_BYTES_TAG, "").isdigit() else None)
+
+
 def store_base(tracker, base, model_spec: str, bases_model: str = BASES_MODEL):
-    """The stored copy of ``base`` (a ``LoadedModel`` of ``model_spec``) in the registry, written on first use; a ``BaseRef``."""
+    """The stored copy of ``base`` (a ``LoadedModel`` of ``model_spec``) in the registry, written on first use; a ``BaseRef``.
+
+    One version of ``bases_model`` per fingerprint, also when processes race: the weights
+    are uploaded outside the lease (they may be GB), the version is created under it
+    after a second look. A process that lost the race keeps its upload in its own run,
+    unregistered, and uses the winner's version.
+    """
     import tempfile
 
-    from saft.serving.bases import BaseRef, save_base_weights
+    from saft.serving.bases import save_base_weights
 
-    client = tracker.client
-    with tracking_call(tracker.config, f"searching {bases_model} for base {base.fingerprint[:12]}"):
+    client, config = tracker.client, tracker.config
+    what = f"base {base.fingerprint[:12]} in {bases_model}"
+    with tracking_call(config, f"searching {bases_model} for base {base.fingerprint[:12]}"):
         existing = find_version_by_tag(client, bases_model, FINGERPRINT_TAG, base.fingerprint)
     if existing is not None:
-        tags = existing.tags or {}
-        return BaseRef(base.fingerprint, tags.get(BASE_SPEC_TAG, model_spec), tags.get(BASE_MODEL_TAG, model_spec),
-                       f"models:/{bases_model}/{existing.version}", tags.get(BASE_SHA_TAG),
-                       int(tags[BASE_BYTES_TAG]) if tags.get(BASE_BYTES_TAG, "").isdigit() else None)
+        return _base_ref(existing, base, model_spec, bases_model)
     with tempfile.TemporaryDirectory(prefix="saft-base-") as tmp:
         ref = save_base_weights(base, Path(tmp) / BASE_ARTIFACT, model_spec)
         tracker.log_artifacts(Path(tmp) / BASE_ARTIFACT, BASE_ARTIFACT)
     source = f"{tracker.artifact_uri.rstrip('/')}/{BASE_ARTIFACT}"
-    with tracking_call(tracker.config, f"registering base {base.fingerprint[:12]} in {bases_model}"):
+    with tracking_call(config, f"registering {what}"), _lease(tracker, bases_model, f"registration of {what}") as lease:
+        existing = find_version_by_tag(client, bases_model, FINGERPRINT_TAG, base.fingerprint)
+        if existing is not None:
+            return _base_ref(existing, base, model_spec, bases_model)
         ensure_registered_model(client, bases_model, kind="base-weights",
                                 description="Base model weights stored once per fingerprint (tag "
                                             "saft.base_fingerprint); served deltas reference them.")
+        lease.check()
         mv = client.create_model_version(
-            bases_model, source, run_id=tracker.run_id,
+            bases_model, source, run_id=tracker.run_id, await_creation_for=0,  # stored already: no wait, no log line
             tags={FINGERPRINT_TAG: base.fingerprint, BASE_SPEC_TAG: ref.spec, BASE_MODEL_TAG: ref.model,
                   BASE_SHA_TAG: ref.sha256, BASE_BYTES_TAG: str(ref.bytes)},
             description=f"weights of {ref.model} ({ref.bytes / 2**20:.1f} MiB), rebuilt with spec {ref.spec}")
-    return BaseRef(ref.fingerprint, ref.spec, ref.model, f"models:/{bases_model}/{mv.version}", ref.sha256, ref.bytes)
+    return _base_ref(mv, base, model_spec, bases_model)
 
 
 def _serving_files(tracker, reference: dict, delta_path, base, folder: Path) -> tuple[dict, Path]:
@@ -192,31 +225,96 @@ def _serving_files(tracker, reference: dict, delta_path, base, folder: Path) -> 
 def register_delta(tracker, *, model_name: str, delta_path: str | Path, reference: dict, info: CandidateInfo,
                    key: str, artifact_path: str | None = None, extra_tags: dict[str, str] | None = None,
                    description: str | None = None, base=None) -> tuple[Any, bool]:
-    """Log the pyfunc model in ``tracker``'s run (under ``artifact_path``, default ``model``) and register it; ``(version, created)``.
+    """Log the pyfunc model as an MLflow logged model of ``tracker``'s run and register it; ``(version, created)``.
 
-    When a version with ``key`` exists, nothing is logged and ``created`` is False.
-    Otherwise the base is stored in the registry (once per fingerprint) and the head is
-    built from ``base`` (a ``LoadedModel`` of ``reference["base_model"]``, loaded here when
-    not given) merged with the delta.
+    The logged model is named ``artifact_path`` (default ``model``), linked to the run
+    and to the candidate's metrics (MLflow 3's Models view), and registered as a version
+    whose ``model_id`` is that logged model. When a version with ``key`` exists, nothing
+    is logged and ``created`` is False. Otherwise the base is stored in the registry (once
+    per fingerprint) and the head is built from ``base`` (a ``LoadedModel`` of
+    ``reference["base_model"]``, loaded here when not given) merged with the delta.
+
+    Exactly once under concurrency: the model is logged outside the lease, then, under
+    the lease on ``model_name``, the key is looked up again and the version created only
+    if still absent; the losing process deletes its logged model and returns the winner's
+    version (``created`` False).
     """
     import tempfile
 
     from saft.tracking.pyfunc import MODEL_ARTIFACT_PATH, log_delta_model
 
     check_model_name(model_name)
-    client = tracker.client
-    with tracking_call(tracker.config, f"searching {model_name} for candidate {key[:12]}"):
+    client, config = tracker.client, tracker.config
+    with tracking_call(config, f"searching {model_name} for candidate {key[:12]}"):
         existing = find_version(client, model_name, key)
     if existing is not None:
         return existing, False
+    tags = {**info.tags(key), **(extra_tags or {})}
+    scores = {name: v for name, v in (("id", info.id), ("ood_mean", info.ood_mean), ("hm", info.hm),
+                                      ("zeroshot.id", info.zeroshot_id), ("zeroshot.ood_mean", info.zeroshot_ood_mean),
+                                      ("zeroshot.hm", info.zeroshot_hm)) if v is not None}
     with tempfile.TemporaryDirectory(prefix="saft-serving-") as tmp:
         reference, head = _serving_files(tracker, reference, delta_path, base, Path(tmp))
-        source = log_delta_model(tracker, delta_path, reference, artifact_path or MODEL_ARTIFACT_PATH, head)
+        model = log_delta_model(tracker, delta_path, reference, artifact_path or MODEL_ARTIFACT_PATH, head,
+                                tags=tags, metrics=scores)
     what = description or f"{info.method} delta (alpha {info.alpha:g})"
-    with tracking_call(tracker.config, f"registering a version of {model_name}"):
-        ensure_registered_model(client, model_name)
-        mv = client.create_model_version(
-            model_name, source, run_id=tracker.run_id,
-            tags={**info.tags(key), BASE_URI_TAG: reference["base"]["uri"], **(extra_tags or {})},
-            description=f"{what} on {info.base_model}, suite {info.suite}: {info.describe()}")
-    return mv, True
+    with tracking_call(config, f"registering a version of {model_name}"), \
+            _lease(tracker, model_name, f"registration of candidate {key[:12]}") as lease:
+        existing = find_version(client, model_name, key)
+        if existing is None:
+            ensure_registered_model(client, model_name)
+            lease.check()
+            # models:/<id> is how MLflow links a version to its logged model; a local store resolves it
+            # through MLflow's global URI, pinned here to this store
+            with use_store(config):
+                mv = client.create_model_version(
+                    model_name, f"models:/{model.model_id}", run_id=tracker.run_id, model_id=model.model_id,
+                    await_creation_for=0,
+                    tags={**tags, BASE_URI_TAG: reference["base"]["uri"]},
+                    description=f"{what} on {info.base_model}, suite {info.suite}: {info.describe()}")
+            return mv, True
+    with tracking_call(config, f"deleting the duplicate logged model {model.model_id}"):
+        client.delete_logged_model(model.model_id)  # another process registered this candidate meanwhile
+    return existing, False
+
+
+def check_model_uri(model_uri: str) -> str | None:
+    """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names on the resolved store.
+
+    Other URIs (a folder, ``runs:/``, a logged model ``models:/m-...``) give None. A name,
+    alias or version the store does not have is a ``TrackingError`` naming the store that
+    was searched and how to point at another one.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from saft.tracking.config import URI_ENV, TrackingError, make_client, probe, resolve_config
+
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):].strip("/")
+    name, alias = rest.split("@", 1) if "@" in rest else (rest.split("/", 1)[0], None)
+    version = None if alias else (rest.split("/", 1)[1] if "/" in rest else None)
+    if alias is None and version is None:
+        return None  # models:/<model id>, a logged model
+    config = resolve_config()
+    probe(config)
+    client = make_client(config)
+    hint = (f"register one with `saft register` (`make demo` registers saft-tiny), run from the folder whose mlruns/ "
+            f"holds it, or set {URI_ENV} to the store that does" if config.is_default else
+            f"check the name, or set {URI_ENV} to the store that holds it")
+    with tracking_call(config, f"resolving {model_uri}"):
+        try:
+            client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingError(f"registered model {name!r} not found on {config.where}: {hint}") from None
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            what = f"alias {alias!r}" if alias else f"version {version}"
+            raise TrackingError(f"registered model {name!r} has no {what} on {config.where} (promote a version, or "
+                                f"name one: models:/{name}/N)") from None
+    return str(mv.version)

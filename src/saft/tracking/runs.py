@@ -29,6 +29,7 @@ from saft.tracking.config import (
     get_or_create_experiment,
     make_client,
     probe,
+    redact,
     resolve_config,
     tracking_call,
     tracking_enabled,
@@ -227,9 +228,14 @@ def _report_files(directory: Path) -> list[Path]:
 
 
 def _connect() -> tuple[TrackingConfig, Any]:
+    """The store, probed, and its client; runs an earlier outage left open are closed first."""
+    from saft.tracking.pending import close_pending
+
     config = resolve_config()
     probe(config)
-    return config, make_client(config)
+    client = make_client(config)
+    close_pending(client, config.display)
+    return config, client
 
 
 def start_pipeline_run(name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None,
@@ -248,14 +254,41 @@ def start_pipeline_run(name: str, params: Mapping[str, Any], tags: Mapping[str, 
 
 
 def end_pipeline_run(run_id: str | None, status: str = "FINISHED") -> None:
-    """Close the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+    """Close the parent run with ``status`` (FINISHED, FAILED or KILLED), and its step runs left open.
+
+    A step whose process died (killed pod, lost store) leaves its nested run RUNNING; by
+    the time the pipeline ends no step of it runs, so those are closed FAILED here.
+    """
     if status not in STATUSES:
         raise ValueError(f"run status must be one of {', '.join(STATUSES)}, got {status!r}")
     if not tracking_enabled() or not run_id or run_id == TRACKING_OFF_RUN_ID:
         return
     config, client = _connect()
-    with tracking_call(config, f"ending pipeline run {run_id}"):
-        client.set_terminated(run_id, status)
+    try:
+        with tracking_call(config, f"ending pipeline run {run_id}"):
+            close_orphans(client, run_id)
+            client.set_terminated(run_id, status)
+    except TrackingError as exc:
+        _remember(config, run_id, status, exc)
+        raise
+
+
+def close_orphans(client, parent_run_id: str) -> list[str]:
+    """Mark the nested runs of ``parent_run_id`` still RUNNING as FAILED; returns their ids."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = "
+                                             "'RUNNING'", max_results=1000)
+    for run in found:
+        client.set_tag(run.info.run_id, "saft.error", "its step ended without closing the run (process killed, or "
+                                                      "the tracking store unreachable); closed when the pipeline ended")
+        client.set_terminated(run.info.run_id, "FAILED")
+    return [r.info.run_id for r in found]
+
+
+def _remember(config: TrackingConfig, run_id: str, status: str, error: BaseException) -> None:
+    from saft.tracking.pending import remember
+
+    remember(config.display, run_id, status, redact(f"{type(error).__name__}: {error}"))
 
 
 @contextlib.contextmanager
@@ -266,23 +299,32 @@ def pipeline_run(name: str, params: Mapping[str, Any], tags: Mapping[str, Any] |
     try:
         yield run_id
     except BaseException as exc:
-        _terminate_quietly(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _terminate_quietly(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error=exc)
         raise
     end_pipeline_run(run_id)
 
 
-def _terminate_quietly(run_id: str, status: str, client=None, error: BaseException | None = None) -> None:
-    """Best effort on the failure path: the original error matters more than the status."""
+def _terminate_quietly(run_id: str, status: str, client=None, error: BaseException | None = None,
+                       config: TrackingConfig | None = None) -> None:
+    """Best effort on the failure path: the original error matters more than the status.
+
+    When the store does not answer, the run goes to the journal of unclosed runs
+    (``pending.py``) and is closed by the next tracking call that reaches the store.
+    """
     if not tracking_enabled() or run_id == TRACKING_OFF_RUN_ID:
         return
+    message = redact(f"{type(error).__name__}: {error}" if error is not None else f"ended {status}")[:4000]
     try:
+        if isinstance(error, TrackingError) and config is not None:
+            probe(config)  # a store that just failed: a few seconds, not another full retry budget
         if client is None:
-            _, client = _connect()
+            config, client = _connect()
         if error is not None:
-            client.set_tag(run_id, "saft.error", f"{type(error).__name__}: {error}"[:4000])
+            client.set_tag(run_id, "saft.error", message)
         client.set_terminated(run_id, status)
     except Exception as exc:  # noqa: BLE001 - the step's own exception is re-raised by the caller
-        log.warning("could not mark run %s as %s: %s", run_id, status, exc)
+        log.warning("could not mark run %s as %s: %s", run_id, status, redact(str(exc))[:500])
+        _remember(config or resolve_config(), run_id, status, error or exc)
 
 
 @contextlib.contextmanager
@@ -324,7 +366,11 @@ def step_run(step: str, parent_run_id: str | None, params: Mapping[str, Any] | N
         yield tracker
     except BaseException as exc:
         _terminate_quietly(tracker.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
-                           client, exc)
+                           client, exc, config)
         raise
-    with tracking_call(config, f"ending the run of step {step!r}"):
-        client.set_terminated(tracker.run_id, "FINISHED")
+    try:
+        with tracking_call(config, f"ending the run of step {step!r}"):
+            client.set_terminated(tracker.run_id, "FINISHED")
+    except TrackingError as exc:
+        _remember(config, tracker.run_id, "FAILED", exc)
+        raise
