@@ -204,6 +204,7 @@ def test_pipeline_arguments_are_the_params_defaults() -> None:
              "skip_corrupt": p.data.skip_corrupt, "data_subset": p.data.subset, "alphas": p.evaluate.alphas,
              "eval_batch_size": p.evaluate.batch_size, "eval_reference": p.evaluate.reference,
              "eval_templates": p.evaluate.template_set, "suite": p.evaluate.suite,
+             "eval_allow_train_overlap": p.evaluate.allow_train_overlap,
              "eval_data_root": p.evaluate.data_root}
     for key, value in pairs.items():
         assert args[key] == value, key

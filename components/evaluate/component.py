@@ -6,7 +6,8 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, dataset: str,
              alphas: list, batch_size: int, device: str, tracking: bool, deltas: Input[Model],
              metrics: Output[Artifact], zeroshot: bool = True, loader: str = "{}",
-             reference: str = "", subset: str = "all", template_set: str = "default"):
+             reference: str = "", subset: str = "all", template_set: str = "default",
+             allow_train_overlap: bool = False):
     """Top-1 of zero-shot and of base + alpha * delta for each delta, on one suite dataset.
 
     Args:
@@ -26,10 +27,12 @@ def evaluate(model: str, world: Input[Dataset], suite: str, data_root: str, data
         reference: Effective-robustness reference fit: "" = the suite's own, none, a shipped name or a YAML file; every part of one suite must use the same.
         subset: The training subset (base: an empty suite is the world's synthshift-b2n).
         template_set: Prompt set where a dataset offers several, e.g. simple for ImageNet.
+        allow_train_overlap: Score evaluation images that are also training images of a delta (refused by default).
     """
     from saft.orchestration.parent_run import parent_run
     from saft.orchestration.eval_tasks import evaluate_task
 
     evaluate_task(model, world.path, suite, data_root, dataset, deltas.path, metrics.path, alphas=alphas,
                   batch_size=batch_size, device=device, parent_run_id=parent_run(tracking), zeroshot=zeroshot,
-                  loader=loader, reference=reference, subset=subset, template_set=template_set)
+                  loader=loader, reference=reference, subset=subset, template_set=template_set,
+                  allow_train_overlap=allow_train_overlap)

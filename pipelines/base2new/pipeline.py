@@ -66,6 +66,7 @@ def build(cfg: ClusterConfig, c):
         settings: str = d["settings"], lr_saft: float = d["lr_saft"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
         eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
+        eval_allow_train_overlap: bool = d["eval_allow_train_overlap"],
         register_gate: str = d["register_gate"],
         tracking: bool = d["tracking"], params_json: str = d["params_json"],
         gpu_type: str = d["gpu_type"], gpu_count: int = d["gpu_count"],
@@ -93,7 +94,8 @@ def build(cfg: ClusterConfig, c):
             part = on(c.evaluate(model=model, world=world.outputs["world"], suite=suite, data_root=eval_data_root,
                                  dataset=t.group, alphas=alphas, batch_size=eval_batch_size, device=device,
                                  tracking=tracking, deltas=tuned.outputs["delta"], loader=loader,
-                                 reference=eval_reference, template_set=eval_templates, subset=data_subset),
+                                 reference=eval_reference, template_set=eval_templates,
+                                 allow_train_overlap=eval_allow_train_overlap, subset=data_subset),
                       "evaluate")
         collected = on(c.collect_base2new(parts=dsl.Collected(part.outputs["metrics"]),
                                           deltas=dsl.Collected(tuned.outputs["delta"]), tracking=tracking),

@@ -58,6 +58,7 @@ def build(cfg: ClusterConfig, c):
         lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
         eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
+        eval_allow_train_overlap: bool = d["eval_allow_train_overlap"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],

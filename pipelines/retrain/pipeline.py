@@ -68,6 +68,7 @@ def build(cfg: ClusterConfig, c):
         with_baselines: bool = d["with_baselines"], baselines: list = d["baselines"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
         eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
+        eval_allow_train_overlap: bool = d["eval_allow_train_overlap"],
         register_enabled: bool = d["register_enabled"], register_model_name: str = d["register_model_name"],
         promote: bool = d["promote"], ood_tolerance: float = d["ood_tolerance"],
         id_tolerance: float = d["id_tolerance"], register_baseline: bool = d["register_baseline"],
@@ -128,6 +129,7 @@ def build(cfg: ClusterConfig, c):
                                    dataset="", alphas=alphas, batch_size=eval_batch_size, device=device,
                                    tracking=tracking, deltas=gathered.outputs["deltas"], zeroshot=False,
                                    loader=loader, reference=eval_reference, template_set=eval_templates,
+                                   allow_train_overlap=eval_allow_train_overlap,
                                    subset=data_subset),
                         "evaluate", "evaluate-baselines")
             on(c.compare(results=results, candidate=candidate, baseline_metrics=scored.outputs["metrics"],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,21 +21,79 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+class OutputError(OSError):
+    """An output could not be written (disk full, read-only, quota); the message names the file and what to do."""
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save's zip writer reports a failed write as a RuntimeError of its C++ stream
+    return isinstance(err, RuntimeError) and ("inline_container" in str(err) or "unexpected pos" in str(err))
+
+
+def output_error(path: Path, err: BaseException) -> OutputError:
+    """``err`` (raised while writing ``path``) as one line naming the file, the space left and what to do."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+        left = f"{free / 2**20:.1f} MiB free there"
+    except OSError:
+        left = "free space unknown"
+    if _disk_full(err):
+        return OutputError(errno.ENOSPC, f"no space left to write {path} ({left}); free space on that filesystem "
+                                         "or write the output elsewhere (--out, --checkpoint-dir); nothing "
+                                         "half-written was kept", str(path))
+    code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+    return OutputError(code, f"cannot write {path}: {getattr(err, 'strerror', None) or err} ({left}); nothing "
+                             "half-written was kept", str(path))
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths``; all renamed over their targets only once every one was written.
+
+    A set of files that belong together (an artifact and its records) appears whole or not
+    at all: a failure while writing any of them (a full disk) removes every temporary and
+    raises :class:`OutputError` naming the file. The renames themselves cannot run out of space.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    current = targets[0] if targets else Path(".")
+    try:
+        for path in targets:
+            current = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        for tmp, path in zip(tmps, targets):
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode
+        for tmp, path in zip(tmps, targets):
+            os.replace(tmp, path)
+    except BaseException as err:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, OutputError) and (
+                _disk_full(err) or isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EIO)):
+            raise output_error(_failed_target(err, targets, tmps) or current, err) from None
+        raise
+
+
+def _failed_target(err: BaseException, targets: list[Path], tmps: list[Path]) -> Path | None:
+    name = getattr(err, "filename", None)
+    for tmp, path in zip(tmps, targets):
+        if name and str(tmp) == str(name):
+            return path
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_paths(path) as (tmp,):
+        yield tmp
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -229,3 +229,34 @@ def test_s3_storage_pickles_without_client(s3_bucket, tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(storage))
     assert clone._client is None
     assert clone.read_bytes("k.png") == b"abc"
+
+
+def test_a_checksum_failure_from_s3_is_one_line_naming_the_object(tmp_path: Path) -> None:
+    """botocore's response-checksum check fails mid-read: the error names the object and what to do."""
+    import os
+
+    from botocore.exceptions import FlexibleChecksumError
+
+    from saft.data.storage import S3Storage, StorageError
+
+    class Body:
+        def read(self):
+            raise FlexibleChecksumError(error_msg="Expected checksum abc did not match calculated checksum def")
+
+        def iter_chunks(self, size):
+            yield b"partial"
+            self.read()
+
+    class Client:
+        def get_object(self, Bucket, Key):
+            return {"Body": Body()}
+
+    storage = S3Storage("s3://bucket/tree", cache_dir=tmp_path / "cache")
+    storage._client, storage._client_pid = Client(), os.getpid()
+    for call in (lambda: storage.read_bytes("a/1.png"), lambda: storage.fetch("a/1.png")):
+        with pytest.raises(StorageError) as err:
+            call()
+        text = str(err.value)
+        assert text.startswith("s3://bucket/tree/a/1.png: the bytes received do not match the checksum") \
+            and "upload the object again" in text and "\n" not in text
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size]  # nothing half-kept

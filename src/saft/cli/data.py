@@ -73,6 +73,7 @@ def format_summary(result: PrepareResult) -> str:
     if result.val_hash is not None:
         lines.append(f"  val hash:      {result.val_hash} (val.jsonl)")
     lines.append(f"  output folder: {result.out_dir}")
+    lines += [f"  WARNING: {text}" for text in record.get("warnings", [])]
     return "\n".join(lines)
 
 

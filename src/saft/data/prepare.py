@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -274,6 +275,39 @@ def _commit(out_dir: Path, files: dict[str, bytes | list[str] | dict[str, Any]])
             (out_dir / VAL_FILE).unlink()
 
 
+def _spelled(name: str) -> str:
+    """A class name as a prompt reads it: compatibility forms, case, spacing and separators ignored."""
+    text = unicodedata.normalize("NFKC", name).casefold().replace("_", " ").replace("-", " ")
+    return " ".join(text.split())
+
+
+def check_class_names(classes: Sequence[str], where: str) -> list[str]:
+    """Refuse what makes no classifier (fewer than two classes, control characters in a name) and return the
+    warnings a user must see: names that read the same in a prompt (they get the same text embedding)."""
+    if len(classes) < 2:
+        raise PrepareError(f"{where} holds {len(classes)} class{'' if len(classes) == 1 else 'es'} "
+                           f"({', '.join(map(repr, classes)) or 'none'}): a classifier needs at least two; check the "
+                           "root (and --subset, which keeps half of the classes)")
+    for name in classes:
+        bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")]
+        if bad or not name.strip():
+            raise PrepareError(f"{where}: class name {name!r} holds control or invisible characters "
+                               f"({', '.join(repr(c) for c in sorted(set(bad))) or 'only spaces'}); a prompt would "
+                               "carry them into the text tower: rename the class folder (or fix the class list)")
+    seen: dict[str, str] = {}
+    warnings = []
+    for name in classes:
+        key = _spelled(name)
+        if key in seen:
+            warnings.append(f"classes {seen[key]!r} and {name!r} read the same in a prompt ({key!r}): their text "
+                            "embeddings are identical, so the zero-shot head cannot tell them apart")
+        else:
+            seen[key] = name
+    for text in warnings:
+        log.warning("%s: %s", where, text)
+    return warnings
+
+
 def prepare_dataset(
     root: str | os.PathLike | Storage,
     out_dir: str | os.PathLike,
@@ -335,6 +369,7 @@ def prepare_dataset(
     drawn = draw.split
     name_of = index.name_of_key
     classes = [name_of[key] for key in keys]
+    name_warnings = check_class_names(classes, storage.uri)
 
     # Manifests are rendered in memory, so any failure here comes before the first byte
     # reaches out_dir.
@@ -356,6 +391,7 @@ def prepare_dataset(
         "seed": seed,
         "val_shots": val_shots,
         "subset": subset,
+        "warnings": name_warnings,
         "counts": {
             "classes": len(classes),
             "images": len(entries),

@@ -389,6 +389,12 @@ def _s3_errors(location: str) -> Iterator[None]:
                 f"service is overloaded or down. Retry the step later, or allow more tries with {MAX_ATTEMPTS_ENV}"
             ) from None
         raise StorageError(f"{location}: S3 request failed: {err}") from None
+    except (bx.ChecksumError, bx.FlexibleChecksumError) as err:  # the bytes received are not the bytes S3 holds
+        raise StorageError(
+            f"{location}: the bytes received do not match the checksum S3 sent for the object ({err}); the transfer "
+            "corrupted them or the object changed while it was read. Retry the step; if it persists, upload the "
+            "object again"
+        ) from None
     except bx.NoCredentialsError:
         raise StorageError(
             f"{location}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "

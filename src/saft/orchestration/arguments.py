@@ -36,6 +36,7 @@ def shared_arguments(params: PipelineParams, *, tracking: bool = True, checkpoin
         "settings": json.dumps(finetune_settings(params), sort_keys=True),
         "suite": e.suite, "eval_data_root": e.data_root, "alphas": list(e.alphas), "eval_batch_size": e.batch_size,
         "eval_reference": e.reference, "eval_templates": e.template_set,
+        "eval_allow_train_overlap": e.allow_train_overlap,
         # untracked runs register nothing: the registry lives in MLflow, and an untracked run's task must not move
         # the champion of whatever registry its environment points at
         "register_enabled": r.enabled and tracking, "register_model_name": r.model_name, "promote": r.promote,

@@ -120,7 +120,8 @@ def entries_of(suite, dataset: str) -> list[str]:
 def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, dataset: str, deltas_dir: str,
                   out_dir: str, *, alphas: list[float], batch_size: int, device: str = "cpu",
                   parent_run_id: str = "", reference: str = "", zeroshot: bool = True,
-                  loader: str | dict | None = None, subset: str = "all", template_set: str = "default") -> dict:
+                  loader: str | dict | None = None, subset: str = "all", template_set: str = "default",
+                  allow_train_overlap: bool = False) -> dict:
     """One suite dataset (``dataset``; "" = all) for the base and every delta (the evaluation fan-out).
 
     ``dataset`` may name a base-to-new group: its base and new halves (one dataset's deltas
@@ -139,6 +140,7 @@ def evaluate_task(model: str, world_dir: str, suite: str, data_root: str, datase
     cfg = EvaluateConfig(model=model, suite=suite, data_root=data_root, deltas=delta_runs(deltas_dir),
                          alphas=list(alphas), batch_size=batch_size, device=device, only=entries_of(resolved, dataset),
                          zeroshot=zeroshot, reference=reference, template_set=template_set,
+                         allow_train_overlap=allow_train_overlap,
                          **to_mapping(settings_config(LoaderSettings, loader)))
     processes = task_processes(cfg.device)
     with step_context(f"evaluate {dataset or 'suite'}", parent_run_id, {"dataset": dataset or "all"}) as tracker:

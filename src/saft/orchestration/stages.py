@@ -41,7 +41,8 @@ def evaluate_suite(c, on, p, world, deltas, parallelism: int):
         part = on(c.evaluate(model=p.model, world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
                              dataset=name, alphas=p.alphas, batch_size=p.eval_batch_size, device=p.device,
                              tracking=p.tracking, deltas=deltas, loader=p.loader, reference=p.eval_reference,
-                             template_set=p.eval_templates, subset=p.data_subset), "evaluate")
+                             template_set=p.eval_templates, allow_train_overlap=p.eval_allow_train_overlap,
+                             subset=p.data_subset), "evaluate")
     return on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=p.tracking), "collect")
 
 

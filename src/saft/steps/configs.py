@@ -112,6 +112,9 @@ class EvaluateConfig(LoaderSettings):
                                    "`saft collect`)")
     reference: str = setting("", help="effective-robustness reference fit: a shipped name (taori2020-testbed), "
                                       "none, or a reference YAML file; empty: the suite's own")
+    allow_train_overlap: bool = setting(False, help="score evaluation images that are also images a delta was "
+                                                    "trained or validated on (refused by default; the metrics "
+                                                    "then record that overlap was not checked)")
 
     def __post_init__(self) -> None:
         check(self)

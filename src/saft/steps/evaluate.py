@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,18 +45,29 @@ from saft.sparse import FingerprintMismatch, apply_delta, load_delta, remove_del
 from saft.sparse.distributed import SINGLE, Dist, from_env
 from saft.steps.configs import DeltaRun, EvaluateConfig
 from saft.steps.record import run_once
-from saft.layout import EVAL
+from saft.layout import EVAL, FINETUNE, PREPARED
 
 METRICS_FILE = EVAL.metrics
 
 
-class EntryImages(Dataset):
-    """(transform(image), label) for indexed entries of a storage root, streamed."""
+class TrainingImageInEvaluation(ValueError):
+    """An evaluation image is also an image a delta was trained (or its rate chosen) on."""
 
-    def __init__(self, root: str, entries, transform: Callable):
+
+class EntryImages(Dataset):
+    """(transform(image), label) for indexed entries of a storage root, streamed.
+
+    ``trained`` maps the sha256 of every image a delta was trained or validated on to that
+    delta: an evaluation image among them is refused (its accuracy would be measured on
+    training data) unless the check is off.
+    """
+
+    def __init__(self, root: str, entries, transform: Callable, trained: dict[str, str] | None = None,
+                 entry_name: str = ""):
         self.storage = open_storage(root)
         self.entries = list(entries)
         self.transform = transform
+        self.trained, self.entry_name = trained or {}, entry_name
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -63,11 +75,57 @@ class EntryImages(Dataset):
     def __getitem__(self, i: int):
         entry = self.entries[i]
         uri = self.storage.uri_for(entry.path)
+        with self.storage.open(entry.path) as fh:
+            data = fh.read()
+        if self.trained:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in self.trained:
+                raise TrainingImageInEvaluation(
+                    f"{uri}: this {self.entry_name} evaluation image is also a training image of "
+                    f"{self.trained[digest]} (same sha256 {digest[:12]}): its accuracy would count images it was "
+                    "trained on. Evaluate on a split disjoint from the training data, or pass "
+                    "--allow-train-overlap to score it anyway (the metrics then record that it was not checked)")
         try:  # the same decoding as training (CMYK, 16-bit, alpha, EXIF rotation handled)
-            image = load_rgb(self.storage.open(entry.path), uri)
+            image = load_rgb(io.BytesIO(data), uri)
         except ImageDecodeError as err:
             raise ImageDecodeError(f"{err}; check the file or validate the root with `saft data validate`") from err
         return self.transform(image), entry.label
+
+
+def trained_images(run: DeltaRun, log: Callable[[str], None] = print) -> dict[str, str]:
+    """sha256 -> delta of the images ``run``'s delta was trained or validated on, from its prepared data.
+
+    The data folder is the one its finetune record names, else a ``data-seed<N>/`` beside a gathered
+    delta holding the same training manifest; when neither is here the check cannot run and says so.
+    """
+    from saft.data.manifest import read_manifest
+    from saft.steps.prepared import PreparedData
+
+    folder = Path(run.path).parent
+    record = folder / FINETUNE.record
+    if not record.is_file():
+        log(f"evaluate: WARNING: {run.path} has no {FINETUNE.record} beside it: its training images cannot be "
+            "told apart from the evaluation images")
+        return {}
+    doc = json.loads(record.read_text())
+    candidates = [Path(doc["data"])] if doc.get("data") else []
+    candidates += sorted(folder.parent.glob("data-seed*"))
+    label = f"{run.name}" + ("" if run.seed is None else f" seed {run.seed}")
+    for data in candidates:
+        if not (data / PREPARED.record).is_file():
+            continue
+        prepared = PreparedData.open(data)
+        if doc.get("manifest_hash") and prepared.manifest_hash("train") != doc["manifest_hash"]:
+            continue
+        out = {}
+        for part in ("train", "val"):
+            path = data / (PREPARED.train if part == "train" else PREPARED.val)
+            if path.is_file():
+                out.update({e.sha256: f"{label} ({part})" for e in read_manifest(path)})
+        return out
+    log(f"evaluate: WARNING: the prepared data {run.path} was trained on is not here ({doc.get('data')}): its "
+        "training images cannot be told apart from the evaluation images")
+    return {}
 
 
 @dataclass
@@ -195,6 +253,10 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
     deltas = {run.path: _checked_delta(run, loaded, device) for run in cfg.deltas}
+    trained: dict[str, str] = {}
+    if not cfg.allow_train_overlap:  # a delta scored on its own training images would be scored too high
+        for run in cfg.deltas:
+            trained.update(trained_images(run, log=log))
     loader = cfg.loader
     records = []
     for task in tasks:
@@ -210,7 +272,7 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
                                    device=device, progress=progress and dist.is_main)
             label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
             scored.append(Variant(head, merged, label))
-        data = EntryImages(task.entry.root, task.images, loaded.preprocess)
+        data = EntryImages(task.entry.root, task.images, loaded.preprocess, trained, task.entry.name)
         accs = evaluate_variants(model, scored, data, subset=task.subset, batch_size=cfg.batch_size, loader=loader,
                                  device=device, progress=progress,
                                  desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})", dist=dist)
@@ -218,8 +280,11 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
             records.append(task.record(name, seed, alpha, acc))
             log(f"{variant.label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  "
                 f"(n={acc.n})")
-    doc = metrics_document(records, {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint},
-                           reference)
+    meta = {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint,
+            "train_overlap": "not checked (--allow-train-overlap)" if cfg.allow_train_overlap else
+            f"checked: no evaluation image is one of the {len(trained)} images the deltas were trained or "
+            "validated on"}
+    doc = metrics_document(records, meta, reference)
     out = Path(out_dir)
     if dist.is_main:
         write_json(out / METRICS_FILE, doc)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from saft.config import ConfigError
-from saft.io import write_json
+from saft.io import atomic_paths, write_json
 from saft.models import load_model
 from saft.sparse import ClassPrompts, FinetuneConfig, Mask, finetune, save_delta
 from saft.sparse.distributed import Dist, from_env
@@ -70,10 +70,11 @@ def _finetune(cfg: FinetuneStepConfig, training: FinetuneConfig, data: PreparedD
                "prompt_set": cfg.prompts, "prompt_templates": list(prompts.templates), "processes": dist.world,
                "trained_values": result.delta.num_values, "seconds": result.seconds,
                "final_loss": result.history[-1]["loss"] if result.history else None, **meta}
-    if dist.is_main:
-        save_delta(result.delta, out / DELTA_FILE)
-        write_json(out / HISTORY_FILE, result.history)
-        write_json(out / CONFIG_FILE, summary)
+    if dist.is_main:  # the delta and its records appear together or not at all (a full disk leaves none)
+        with atomic_paths(out / DELTA_FILE, out / HISTORY_FILE, out / CONFIG_FILE) as (delta, history, record):
+            save_delta(result.delta, delta)
+            write_json(history, result.history)
+            write_json(record, summary)
     return summary
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from saft.io import write_json
+from saft.io import atomic_paths, write_json
 from saft.config import ConfigError
 from saft.models import load_model
 from saft.sparse import ClassPrompts, Eligibility, importance_scores, random_mask, select_mask
@@ -61,9 +61,10 @@ def _score(cfg: ScoreConfig, data: PreparedData, out_dir: str | Path, progress: 
         mask = random_mask(shapes, cfg.density, seed=cfg.seed, meta=meta)
     out = Path(out_dir)
     stats = mask.stats()
-    if dist.is_main:
-        mask.save(out / MASK_FILE)
-        write_json(out / STATS_FILE, stats)
-        write_json(out / CONFIG_FILE, {"config": asdict(cfg), "data": str(data.folder), "root": data.root,
-                                       "processes": dist.world, **meta})
+    if dist.is_main:  # the mask and its records appear together or not at all (a full disk leaves none)
+        with atomic_paths(out / MASK_FILE, out / STATS_FILE, out / CONFIG_FILE) as (mask_file, stats_file, record):
+            mask.save(mask_file)
+            write_json(stats_file, stats)
+            write_json(record, {"config": asdict(cfg), "data": str(data.folder), "root": data.root,
+                                "processes": dist.world, **meta})
     return stats
