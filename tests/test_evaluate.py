@@ -16,6 +16,7 @@ from saft.steps.configs import FinetuneStepConfig
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     write_domain(base / "id", "photo", per_class=6)
+    write_domain(base / "id-test", "photo", per_class=6, start=1000)  # apart from the training images
     write_domain(base / "shifted", "sketch", per_class=4)
     assert main(["data", "prepare", "--val-shots", "0", str(base / "id"), "--out", str(base / "data"), "--shots", "4"]) == 0
     score_step(ScoreConfig(model="saft-tiny-vit", density=0.005), base / "data", base / "score", progress=False)
@@ -24,7 +25,7 @@ def world(tmp_path_factory):
         finetune_step(cfg, base / "data", base / f"saft{seed}", mask_path=base / "score" / "mask.safetensors",
                       progress=False)
     suite = {"name": "toy-shifts", "datasets": [
-        {"name": "shapes", "dataset": "imagefolder", "root": "id", "role": "id"},
+        {"name": "shapes", "dataset": "imagefolder", "root": "id-test", "role": "id"},
         {"name": "shapes-shifted", "dataset": "imagefolder", "root": "shifted", "role": "ood"}]}
     (base / "suite.yaml").write_text(yaml.safe_dump(suite))
     return base
