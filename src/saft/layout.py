@@ -132,6 +132,18 @@ class DeploymentFolder(_Layout):
 
 
 @dataclass(frozen=True)
+class ModelArtifacts(_Layout):
+    """A registered version's artifacts (the MLflow pyfunc model): the delta, its base reference and the head."""
+
+    delta: str = "delta.safetensors"
+    head: str = "head.safetensors"  # the zero-shot head, stored so a server starts without encoding prompts
+    model_ref: str = "model_ref.json"  # the base (spec, fingerprint, where its weights are), classes, templates
+    what: str = "a registered model's artifacts"
+    made_by: str = "saft register"
+    required: tuple[str, ...] = ("delta", "model_ref")
+
+
+@dataclass(frozen=True)
 class WorldTaskFolder(_Layout):
     """The pipelines' world task: the rendered world, or a record that the data lives elsewhere."""
 
@@ -149,7 +161,8 @@ EVAL = EvalFolder()
 DECISION = DecisionFolder()
 DEPLOYMENT = DeploymentFolder()
 WORLD_TASK = WorldTaskFolder()
-LAYOUTS = (PREPARED, MASK, FINETUNE, EVAL, DECISION, DEPLOYMENT, WORLD_TASK)
+MODEL = ModelArtifacts()
+LAYOUTS = (PREPARED, MASK, FINETUNE, EVAL, DECISION, DEPLOYMENT, WORLD_TASK, MODEL)
 
 __all__ = ["DECISION", "DEPLOYMENT", "EVAL", "FINETUNE", "LAYOUTS", "MASK", "PREPARED", "RESOLVED_PARAMS",
-           "STEP_RECORD", "WORLD_TASK", "LayoutError"]
+           "STEP_RECORD", "WORLD_TASK", "MODEL", "LayoutError"]

@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+from saft.layout import MODEL
 
 HOST = "127.0.0.1"
 SERVERS = ("mlflow models serve", "saft serve")  # the baseline first
@@ -112,7 +113,7 @@ def measure_startup(model_dir: Path, repeats: int) -> dict:
     for _ in range(repeats):
         for key, head in (("stored_head", artifacts / HEAD_FILE), ("encode_at_start", None)):
             started = time.perf_counter()
-            load_classifier(ref if head else {**ref, "head": None}, artifacts / "delta.safetensors", head,
+            load_classifier(ref if head else {**ref, "head": None}, artifacts / MODEL.delta, head,
                             device="cpu")
             times[key].append(time.perf_counter() - started)
     stored, encoded = (statistics.median(times[k]) for k in ("stored_head", "encode_at_start"))

@@ -54,6 +54,7 @@ from saft.sparse.text_side import StepTextSide
 from saft.sparse.trainer import _freeze_norm_statistics
 from saft.sparse.update import SparseUpdate
 from saft.orchestration.torchrun import TORCHRUN_MARKERS, source_pythonpath, torchrun_command
+from saft.layout import MASK
 
 WORKER = "saft.bench.step_dist_worker"
 TOLERANCE = 1e-4  # N-process values vs one process: max|diff| <= TOLERANCE * max|value|
@@ -153,7 +154,7 @@ def worker_main(argv: list[str]) -> int:
     if dist.is_main:
         print(f"{dist.world} ranks: {cfg.warmup + cfg.repeats} steps of {cfg.batch_size // dist.world} images each",
               file=sys.stderr, flush=True)
-    report, values = _train(cfg, model, images, labels, prompts, Mask.load(folder / "mask.safetensors"), dist,
+    report, values = _train(cfg, model, images, labels, prompts, Mask.load(folder / MASK.mask), dist,
                             torch.device(device))
     torch.save(values, folder / f"values{dist.rank}.pt")
     (folder / f"rank{dist.rank}.json").write_text(json.dumps(report))
@@ -193,8 +194,8 @@ def run_dist_step_benchmark(cfg: StepBenchConfig, nproc: int, progress: Callable
     scores = importance_scores(model, [(images.to(device), labels.to(device))], prompts, progress=False)
     with tempfile.TemporaryDirectory(prefix="saft-bench-step-") as tmp:
         folder = Path(tmp)
-        select_mask(scores, cfg.density).save(folder / "mask.safetensors")
-        mask = Mask.load(folder / "mask.safetensors")  # the very mask the ranks load
+        select_mask(scores, cfg.density).save(folder / MASK.mask)
+        mask = Mask.load(folder / MASK.mask)  # the very mask the ranks load
         progress(f"one process: {cfg.warmup + cfg.repeats} steps of {cfg.batch_size} images ...")
         one, one_values = _train(cfg, model, images, labels, prompts, mask, CountingDist(), device)
         (folder / "config.json").write_text(json.dumps({**cfg.__dict__, "threads_per_rank": per_rank}))

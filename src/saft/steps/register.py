@@ -32,8 +32,9 @@ from pathlib import Path
 
 from saft.eval.metrics import METRICS_SCHEMA, ZERO_SHOT
 from saft.io import write_json
+from saft.layout import DECISION, FINETUNE
 
-REGISTER_FILE = "register.json"
+REGISTER_FILE = DECISION.register
 REGISTER_SCHEMA = "saft-register/1"
 SKIPPED, NOT_REGISTERED, REGISTERED = "skipped", "not registered", "registered"
 BASELINE_TAG = "saft.baseline"
@@ -171,7 +172,7 @@ def _bootstrap_baseline(tracker, cfg: RegisterConfig, rule, doc: dict, info, dat
         if get_alias(tracker.client, cfg.model_name, CHAMPION) is not None:
             return None
     empty = Delta({}, {}, info.base_fingerprint, {"method": ZERO_SHOT, "base_model": str(base_model)})
-    path = empty.save(out_dir / "baseline" / "delta.safetensors")
+    path = empty.save(out_dir / "baseline" / FINETUNE.delta)
     # keyed on what identifies the zero-shot model only, so later candidates never re-register it
     zs = select_aggregate(doc, ZERO_SHOT, None, gate=rule.metric)
     key = candidate_key(path, {"suite": info.suite, "base_fingerprint": info.base_fingerprint, "zeroshot": zs},

@@ -36,6 +36,7 @@ from saft.tracking.config import (
 )
 from saft.tracking.naming import clean_name, flatten_params, metrics_from_document, numeric
 from saft.tracking.provenance import provenance_tags
+from saft.layout import EVAL
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ PIPELINE_TAG = "saft.pipeline"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
 _METRIC_BATCH = 1000
-_REPORT_FILES = ("report.html", "report.md")
+_REPORT_FILES = (EVAL.report_html, EVAL.report_md)
 
 
 class NullTracker:
