@@ -205,3 +205,10 @@ def read_text(path: str | os.PathLike, what: str, error: type[Exception]) -> str
         raise error(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{what} {path} cannot be read as UTF-8 text: {err}") from None
+
+
+def shorten(text: str, width: int = 300) -> str:
+    """``text`` on one line, cut at a word boundary with `` ...`` when longer than ``width`` (never mid-word)."""
+    import textwrap
+
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")

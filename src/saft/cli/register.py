@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from saft.io import shorten
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def _register(args: argparse.Namespace) -> int:
           f"(zero-shot {scores(zs)})")
     if result.get("baseline"):
         b = result["baseline"]
-        print(f"{cfg.model_name} v{b['version']}: zero-shot baseline, {b['verdict']} ({b['reason'][:200]})")
+        print(f"{cfg.model_name} v{b['version']}: zero-shot baseline, {b['verdict']} ({shorten(b['reason'], 200)})")
     if result.get("version"):
         state = "new version" if result["created"] else "existing version (same candidate key)"
         print(f"{cfg.model_name} v{result['version']}: {state}")

@@ -37,6 +37,7 @@ from saft.models.fingerprint import CONFIG_ATTR, fingerprint_state_dict
 from saft.models.tiny import ARCH as TINY_ARCH
 from saft.models.tiny import tiny_tokenizer
 from saft.progress import quiet_logger
+from saft.io import shorten
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_SOURCE = "random"
@@ -267,7 +268,7 @@ def _load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], o
     try:
         missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ModelSpecError(f"{origin}: weights do not match the architecture ({str(exc)[:300]})") from exc
+        raise ModelSpecError(f"{origin}: weights do not match the architecture ({shorten(str(exc))})") from exc
     if missing or unexpected:
         raise ModelSpecError(
             f"{origin}: weights do not match the architecture "

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from saft.io import atomic_path
+from saft.io import atomic_path, shorten
 from saft.orchestration.cluster import ClusterConfig
 from saft.steps.params import PipelineParams
 
@@ -33,7 +33,7 @@ def kfp_call(host: str, what: str):
     except Exception as exc:  # urllib3.MaxRetryError, kfp_server_api ApiException, ...: types of several packages
         status = getattr(exc, "status", None)
         reason = getattr(exc, "reason", None) or exc
-        text = " ".join(str(reason).split())[:300]
+        text = shorten(str(reason))
         if status in (401, 403):
             hint = "the token (--token-env) or the namespace (--namespace) is not accepted"
         elif status:

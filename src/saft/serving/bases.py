@@ -30,6 +30,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from saft.io import shorten
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def load_base(ref: BaseRef, *, device: str = "cpu"):
         except BaseMismatch:
             raise
         except Exception as exc:  # MLflow, boto3 and the file system raise many kinds
-            missing.append(f"{ref.uri}: {type(exc).__name__}: {str(exc)[:300]}")
+            missing.append(f"{ref.uri}: {type(exc).__name__}: {shorten(str(exc))}")
         else:
             return _load_file(path, ref, device, ref.uri)
     else:
@@ -221,7 +222,7 @@ def load_base(ref: BaseRef, *, device: str = "cpu"):
     try:
         loaded = load_model(ref.model, device=device)
     except Exception as exc:  # a hub that cannot be reached, a file that is not there
-        missing.append(f"{ref.model} itself: {type(exc).__name__}: {str(exc)[:300]}")
+        missing.append(f"{ref.model} itself: {type(exc).__name__}: {shorten(str(exc))}")
     else:
         if loaded.fingerprint != ref.fingerprint:
             raise BaseMismatch(f"{ref.model} loaded here has fingerprint {loaded.fingerprint[:12]}..., but the delta "

@@ -51,6 +51,7 @@ from typing import Callable
 from saft.config import check, setting
 from saft.serving.kserve import CONTAINER, KNATIVE, MODE_ANNOTATION, STANDARD, VERSION_LABEL, mode_of
 from saft.serving.kube import terminating
+from saft.io import shorten
 
 PROMOTED, ROLLED_BACK, FAILED, UNCHANGED = "promoted", "rolled back", "failed", "unchanged"
 ROLLED_BACK_ANNOTATION = "saft.io/rolled-back"
@@ -171,7 +172,7 @@ def smoke_request(url: str, served_name: str, version: str, timeout_s: float = 3
         raise RuntimeError(f"smoke prediction on {url} failed ({type(exc).__name__}: {exc})") from None
     predictions = doc.get("predictions") if isinstance(doc, dict) else None
     if not isinstance(predictions, list) or len(predictions) != 1 or not predictions[0].get("labels"):
-        raise RuntimeError(f"smoke prediction on {url} answered without one labelled prediction: {str(doc)[:300]}")
+        raise RuntimeError(f"smoke prediction on {url} answered without one labelled prediction: {shorten(str(doc))}")
     answered = doc.get("model_version")
     if answered is not None and str(answered) != str(version):
         raise RuntimeError(f"smoke prediction on {url} was answered by version {answered}, not {version}")

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from saft.eval.metrics import METRICS_SCHEMA, ZERO_SHOT
-from saft.io import write_json
+from saft.io import shorten, write_json
 from saft.layout import DECISION, FINETUNE
 
 REGISTER_FILE = DECISION.register
@@ -253,7 +253,7 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
                 result.update(verdict=REGISTERED, reason="registered; promotion not requested (promote=False)")
             tracker.set_tags({"saft.registered_version": str(mv.version), "saft.promotion.verdict": result["verdict"]})
         where = f"{cfg.model_name} v{result['version']}" if result["version"] else f"{cfg.model_name}: nothing registered"
-        result["summary"] = f"{where}: {result['verdict']} ({result['reason'][:300]})"
+        result["summary"] = f"{where}: {result['verdict']} ({shorten(result['reason'])})"
         if result.get("baseline"):
             b = result["baseline"]
             result["summary"] = (f"{cfg.model_name} v{b['version']} (zero-shot baseline, the first champion): "

@@ -37,6 +37,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from saft.io import shorten
 
 TRACKING_ENV = "SAFT_TRACKING"
 URI_ENV = "MLFLOW_TRACKING_URI"
@@ -348,7 +349,7 @@ def make_client(config: TrackingConfig):
         except Exception as exc:  # noqa: BLE001 - sqlite, alembic and MLflow raise many kinds
             moved = f"{db.parent}.broken"
             raise TrackingError(redact(
-                f"cannot open {config.where}: {type(exc).__name__}: {str(exc)[:300]}. If a run was interrupted "
+                f"cannot open {config.where}: {type(exc).__name__}: {shorten(str(exc))}. If a run was interrupted "
                 f"while creating it, set it aside and run again: mv {db.parent} {moved} (its runs and models stay "
                 f"readable there with MLFLOW_TRACKING_URI=sqlite:///{Path(moved) / db.name})")) from None
         return client
