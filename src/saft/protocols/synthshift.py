@@ -32,6 +32,7 @@ from saft.eval import top1_accuracy
 from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.suites import load_suite
 from saft.io import write_json
+from saft.layout import EVAL, FINETUNE, MASK
 from saft.models import load_model
 from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, apply_delta, finetune,
                          importance_scores, random_mask, remove_delta, save_delta, select_mask)
@@ -158,8 +159,8 @@ def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, 
     runs = []
     for method in cfg.methods:
         result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks[method], meta, progress)
-        path = save_delta(result.delta, seed_dir / "b2n" / method / "delta.safetensors")
-        write_json(path.parent / "history.json", result.history)
+        path = save_delta(result.delta, seed_dir / "b2n" / method / FINETUNE.delta)
+        write_json(path.parent / FINETUNE.history, result.history)
         runs.append(DeltaRun(method, str(path), seed))
         log(f"seed {seed} {method:<6} base-to-new: trained on {len(data.classes)} base classes at lr "
             f"{lrs[method]:.0e} ({result.seconds:.1f} s)")
@@ -200,15 +201,15 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                 stats = masks[method].stats()
                 mask_stats.setdefault(method, []).append(stats)
                 if method == "saft":
-                    masks[method].save(seed_dir / "mask.safetensors")
-                    write_json(seed_dir / "mask_stats.json", stats)
+                    masks[method].save(seed_dir / MASK.mask)
+                    write_json(seed_dir / MASK.stats, stats)
         seed_lr: dict[str, float] = {}
         for method in cfg.methods:
             best = None
             for lr in cfg.grids[method]:
                 result = _train(cfg, model, train, prompts, method, lr, seed, masks[method], meta, progress)
-                path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / "delta.safetensors")
-                write_json(path.parent / "history.json", result.history)  # the report's training curves
+                path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / FINETUNE.delta)
+                write_json(path.parent / FINETUNE.history, result.history)  # the report's training curves
                 apply_delta(model, result.delta, check_fingerprint=False)
                 val_acc = top1_accuracy(model, val, prompts)
                 remove_delta(model, result.delta)
@@ -245,5 +246,5 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                "checks_computed": checks is not None,
                "checks": checks.results if checks else {}, "checks_passed": checks.passed if checks else None,
                "aggregates": doc["aggregates"], "b2n": b2n, "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(out / "results.json", summary)
+    write_json(out / EVAL.results, summary)
     return summary
