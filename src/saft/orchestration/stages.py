@@ -34,14 +34,16 @@ def check_protocol(c, on, p, world, *, register_enabled=None):
 
 
 def evaluate_suite(c, on, p, world, deltas, parallelism: int):
-    """One evaluate task per suite dataset (zero-shot and every delta), then collect; returns collect."""
+    """One evaluate task per suite dataset (zero-shot, unless ``p.zeroshot`` is off, and every delta), then collect;
+    returns collect."""
     names = on(c.suite_datasets(world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
                                 subset=p.data_subset), "suite_datasets")
+    zeroshot = {"zeroshot": p.zeroshot} if hasattr(p, "zeroshot") else {}
     with dsl.ParallelFor(names.output, parallelism=parallelism) as name:
         part = on(c.evaluate(model=p.model, world=world.outputs["world"], suite=p.suite, data_root=p.eval_data_root,
                              dataset=name, alphas=p.alphas, batch_size=p.eval_batch_size, device=p.device,
                              tracking=p.tracking, deltas=deltas, loader=p.loader, reference=p.eval_reference,
-                             template_set=p.eval_templates, subset=p.data_subset), "evaluate")
+                             template_set=p.eval_templates, subset=p.data_subset, **zeroshot), "evaluate")
     return on(c.collect(parts=dsl.Collected(part.outputs["metrics"]), deltas=deltas, tracking=p.tracking), "collect")
 
 
