@@ -136,6 +136,7 @@ _FINETUNE_SETTINGS = set(defaults(FinetuneStepConfig)) - {"model", "method", "lr
 COMPONENTS = {
     "score": (ScoreConfig, LOADER, set()),
     "finetune": (FinetuneStepConfig, _FINETUNE_SETTINGS, set()),
+    "train_method": (FinetuneStepConfig, _FINETUNE_SETTINGS, {"lr", "seed"}),  # its grid's rates; the data's seed
     "baseline": (FinetuneStepConfig, _FINETUNE_SETTINGS, set()),
     "finetune_trainjob": (FinetuneStepConfig, _FINETUNE_SETTINGS, {"method", "device"}),
     "evaluate": (EvaluateConfig, LOADER, {"deltas", "only"}),

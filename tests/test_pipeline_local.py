@@ -20,7 +20,9 @@ SMALL = ["seeds=[1]", "finetune.steps=6", "finetune.warmup_steps=1", "world.pool
 def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.model == "tiny" and params.seeds == [1, 2, 3] and params.embedded
-    assert params.finetune.lr == load_params(None).learning_rates() == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.finetune.lr == load_params(None).learning_rates()
+    assert {m: params.finetune.lr[m] for m in ("saft", "full", "random")} == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.finetune.methods == ["zeroshot", "full", "wiseft", "lora", "saft", "random"]
     assert params.to_dict() == {**load_params(None).to_dict(), "finetune": {
         **load_params(None).to_dict()["finetune"], "lr": params.finetune.lr}}
 
@@ -29,7 +31,12 @@ def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     ("finetune.stepz=3", "unknown key finetune.stepz"),
     ("finetune.steps=many", "finetune.steps must be int"),
     ("score.density=0", r"score.density must be in \(0, 1\]"),
-    ("finetune.methods=[saft, lora]", "finetune.methods must be one of saft, random, full, got 'lora'"),
+    ("finetune.methods=[saft, lorra]", "finetune.methods must be one of zeroshot, full, wiseft, lora, lpft, saft, "
+                                       "random, got 'lorra' \\(did you mean lora\\?\\)"),
+    ("finetune.methods=[zeroshot, wiseft, saft]", "has wiseft but not full"),
+    ("finetune.methods=[zeroshot, wiseft]", "at least one of them trained"),
+    ("finetune.lr_grid.lora=[0.001, 0.001]", "finetune.lr_grid.lora must be distinct positive"),
+    ("finetune.wiseft_alphas=[0.5, 1.5]", r"wiseft_alphas: WiSE-FT alphas must be distinct mixing weights in \[0, 1\]"),
     ("seeds=[]", "seeds is empty"),
     ("finetune.steps=0", r"finetune.steps must be >= 1, got 0"),
     ("nonsense", "expected KEY=VALUE"),
@@ -188,9 +195,8 @@ def test_display_names_of_the_pipeline_tasks() -> None:
     from saft.orchestration.tasklog import display_names
 
     names = display_names(build_pipeline("benchmark", ClusterConfig(kubernetes=False)))
-    methods = {"saft", "random", "full"}
-    assert {names[k] for k in names if k.startswith("finetune")} == {f"finetune-{m}" for m in methods}
-    assert {names[k] for k in names if k.startswith("score")} == {"score-saft", "score-random"}
+    assert names["train-method"] == "train-method" and names["gather-seed"] == "gather-seed"
+    assert not any(k.startswith(("finetune", "score")) for k in names)  # the methods are a loop, scoring inside
     assert names["evaluate"] == "evaluate" and names["register"] == "register"
 
 

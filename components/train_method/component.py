@@ -3,7 +3,7 @@
 from kfp.dsl import Dataset, Input, Model, Output
 
 
-def train_method(model: str, data: Input[Dataset], method: str, lrs: list, wiseft_alphas: list, settings: str,
+def train_method(model: str, data: Input[Dataset], method: str, lr_grids: str, wiseft_alphas: list, settings: str,
                  device: str, checkpoint_root: str, tracking: bool, density: float, score_rule: str,
                  score_batch_size: int, score_prompts: str, score_text_batch: int, score_include: list,
                  score_exclude: list, loader: str, trained: Output[Model]):
@@ -20,8 +20,8 @@ def train_method(model: str, data: Input[Dataset], method: str, lrs: list, wisef
         model: Model spec: ARCH@TAG (open_clip hub), ARCH@/path/weights, or tiny.
         data: The prepare task's output.
         method: saft, random, full, lora or lpft.
-        lrs: The method's learning-rate grid (one rate: no choice to make).
-        wiseft_alphas: WiSE-FT's mixing weights scored on ID validation (full only; [] = no WiSE-FT).
+        lr_grids: JSON of each method's learning-rate grid, e.g. {"saft": [0.001, 0.003]} (one rate: no choice to make).
+        wiseft_alphas: WiSE-FT's mixing weights scored on ID validation after full fine-tuning ([] = no WiSE-FT; other methods ignore them).
         settings: JSON of the finetune settings (params.yaml finetune: and loader: sections, FinetuneStepConfig fields but model, method, lr, seed and device).
         device: auto, cpu, cuda or cuda:N.
         checkpoint_root: Folder that outlives the pod (a mounted PVC); "" = no resumable checkpoints.
@@ -46,7 +46,10 @@ def train_method(model: str, data: Input[Dataset], method: str, lrs: list, wisef
     from saft.steps.tasks import score_task, settings_config
     from saft.steps.tune import check_grid, tune_task
 
-    lrs = check_grid(method, lrs)
+    grids = json.loads(lr_grids)
+    if method not in grids:
+        raise ValueError(f"train-method: lr_grids names no grid for {method} (it has {', '.join(sorted(grids))})")
+    lrs = check_grid(method, grids[method])
     with open(os.path.join(data.path, "prepare.json"), encoding="utf-8") as fh:
         seed = int(json.load(fh)["seed"])
     cfg = settings_config(FinetuneStepConfig, settings, model=model, method=method, lr=lrs[0], seed=seed,
@@ -59,5 +62,5 @@ def train_method(model: str, data: Input[Dataset], method: str, lrs: list, wisef
             model=model, density=density, rule=score_rule, kind=method, batch_size=score_batch_size, seed=seed,
             device=device, prompts=score_prompts, text_batch=score_text_batch, include=list(score_include),
             exclude=list(score_exclude), **to_mapping(settings_config(LoaderSettings, loader))), parent)
-    tune_task(data.path, mask_dir, trained.path, cfg, lrs, wiseft_alphas=list(wiseft_alphas), parent_run_id=parent,
-              checkpoint_root=checkpoint_root)
+    tune_task(data.path, mask_dir, trained.path, cfg, lrs, wiseft_alphas=list(wiseft_alphas) if method == "full" else [],
+              parent_run_id=parent, checkpoint_root=checkpoint_root)

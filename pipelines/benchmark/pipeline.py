@@ -10,12 +10,13 @@
       -> if register_enabled: register (the lowest seed's SAFT delta, judged on its own metrics)
       -> finish-run
 
-The methods are a run parameter (``trainings``: method, rate grid, WiSE-FT alphas, from
-params.yaml's ``finetune.methods``, ``finetune.lr``/``lr_grid`` and ``wiseft_alphas``), so
-one compiled pipeline runs any subset. Compiled into ``pipeline.yaml`` beside this file
+The methods are run parameters (``train_methods``, each one's ``lr_grids`` entry and
+``wiseft_alphas``, from params.yaml's ``finetune.methods``, ``finetune.lr``/``lr_grid`` and
+``wiseft_alphas``), so one compiled pipeline runs any subset. Compiled into ``pipeline.yaml`` beside this file
 (``saft pipeline compile --pipeline benchmark``).
 """
 
+import json
 from types import SimpleNamespace
 
 from kfp import dsl
@@ -32,18 +33,15 @@ DESCRIPTION = ("SAFT beside zero-shot, full fine-tuning, WiSE-FT, LoRA, LP-FT an
                "OOD-aware promotion gate.")
 
 
-def trainings(params: PipelineParams) -> list[dict]:
-    """One loop item per trained method: its rate grid, and WiSE-FT's alphas for full when wiseft is compared."""
-    return [{"method": m, "lrs": params.lr_grid(m), "wiseft_alphas": params.wiseft_alphas() if m == "full" else []}
-            for m in params.trained_methods()]
-
-
 def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
     """``params.yaml`` as this pipeline's arguments (the methods of ``finetune.methods``)."""
     if params.register.enabled and tracking and params.register.method != "saft":
         raise ValueError("the benchmark pipeline registers the saft delta: keep register.method: saft")
+    # the grids travel as one JSON string: KFP writes a dict's default in an unstable key order
+    grids = {m: params.lr_grid(m) for m in params.trained_methods()}
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
-            "seeds": list(params.seeds), "trainings": trainings(params),
+            "seeds": list(params.seeds), "train_methods": params.trained_methods(),
+            "lr_grids": json.dumps(grids, sort_keys=True), "wiseft_alphas": params.wiseft_alphas(),
             "zeroshot": "zeroshot" in params.finetune.methods}
 
 
@@ -64,7 +62,8 @@ def build(cfg: ClusterConfig, c):
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         score_include: list = d["score_include"], score_exclude: list = d["score_exclude"],
-        settings: str = d["settings"], trainings: list = d["trainings"], zeroshot: bool = d["zeroshot"],
+        settings: str = d["settings"], train_methods: list = d["train_methods"], lr_grids: str = d["lr_grids"],
+        wiseft_alphas: list = d["wiseft_alphas"], zeroshot: bool = d["zeroshot"],
         checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
         eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
@@ -86,9 +85,9 @@ def build(cfg: ClusterConfig, c):
                                 data_repo=data_repo, tracking=tracking, train_templates=train_templates, templates=templates, skip_corrupt=skip_corrupt,
                                 subset=data_subset).after(checked), "prepare")
             data = prep.outputs["data"]
-            with dsl.ParallelFor(trainings, parallelism=cfg.parallelism) as t:
-                trained = on(c.train_method(model=model, data=data, method=t.method, lrs=t.lrs,
-                                            wiseft_alphas=t.wiseft_alphas, settings=settings, device=device, checkpoint_root=checkpoint_root, tracking=tracking,
+            with dsl.ParallelFor(train_methods, parallelism=cfg.parallelism) as method:
+                trained = on(c.train_method(model=model, data=data, method=method, lr_grids=lr_grids,
+                                            wiseft_alphas=wiseft_alphas, settings=settings, device=device, checkpoint_root=checkpoint_root, tracking=tracking,
                                             density=density, score_rule=score_rule,
                                             score_batch_size=score_batch_size, score_prompts=score_prompts,
                                             score_text_batch=score_text_batch, score_include=score_include,

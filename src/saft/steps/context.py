@@ -97,6 +97,8 @@ def run_summary(name: str, seed: int | None, path: str | Path, alpha: float | No
     for key in ("manifest_hash", "base_model"):
         if key in meta:
             run[key] = meta[key]
+    if "method" in meta:
+        run["delta_method"] = meta["method"]
     if run["sparse"]:
         per_block: dict[str, int] = {}
         for tensor, n in counts.items():

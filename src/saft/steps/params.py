@@ -264,7 +264,7 @@ class PipelineParams:
         for key in ("lr", "lr_grid"):
             unknown = sorted(set(getattr(f, key)) - set(METHODS))
             if unknown:
-                fail(f"finetune.{key} names no trained method {', '.join(unknown)}"
+                fail(f"finetune.{key} names no method {', '.join(unknown)}"
                      f"{did_you_mean(unknown[0], METHODS)} (methods: {', '.join(METHODS)})")
         bad = [f"{m}: {v}" for m, v in f.lr.items() if not v > 0]
         if bad:
