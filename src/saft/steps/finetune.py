@@ -37,8 +37,10 @@ def finetune_step(cfg: FinetuneStepConfig, data_dir: str | Path, out_dir: str | 
         raise ConfigError(f"method {cfg.method} trains the entries of a mask: pass --mask with the mask.safetensors "
                           "`saft score` wrote")
     if not cfg.needs_mask and mask_path is not None:
-        raise ConfigError(f"method {cfg.method} trains no mask (got --mask {mask_path}); drop --mask, or use "
-                          "--method saft")
+        trains = {"full": "every eligible parameter", "lora": "low-rank adapters",
+                  "lpft": "a linear probe, then every eligible parameter"}.get(cfg.method, "no mask's entries")
+        raise ConfigError(f"method {cfg.method} trains {trains} and takes no mask (got --mask {mask_path}); drop "
+                          "--mask, or use --method saft")
     data = PreparedData.open(data_dir, root)
     training = cfg.training()
     inputs = [data.folder] + ([Path(mask_path)] if mask_path is not None else [])
