@@ -143,6 +143,7 @@ _FINETUNE_SETTINGS = set(defaults(FinetuneStepConfig)) - {"model", "method", "lr
 COMPONENTS = {
     "score": (ScoreConfig, LOADER, set()),
     "finetune": (FinetuneStepConfig, _FINETUNE_SETTINGS, set()),
+    "train_method": (FinetuneStepConfig, _FINETUNE_SETTINGS, {"lr", "seed"}),  # its grid's rates; the data's seed
     "baseline": (FinetuneStepConfig, _FINETUNE_SETTINGS, set()),
     "finetune_trainjob": (FinetuneStepConfig, _FINETUNE_SETTINGS, {"method", "device"}),
     "evaluate": (EvaluateConfig, LOADER, {"deltas", "only"}),
@@ -215,7 +216,8 @@ def test_one_learning_rate_default_per_method_and_model() -> None:
     from saft.sparse.config import DEFAULT_LR, default_lr
 
     p = P.PipelineParams()
-    assert p.learning_rates() == {m: default_lr(m, "tiny") for m in DEFAULT_LR} == recipe_lr("tiny")
+    # the shipped model's recipe wins where it names a method; the library's default elsewhere
+    assert p.learning_rates() == {m: default_lr(m, "tiny") for m in DEFAULT_LR} == {**DEFAULT_LR, **recipe_lr("tiny")}
     assert P.PipelineParams(model="ViT-B-16@openai").learning_rates() == DEFAULT_LR
     assert FinetuneStepConfig(model="tiny", method="full").training().lr == recipe_lr("tiny")["full"]
     p.finetune.lr = {"saft": 0.5}

@@ -140,3 +140,48 @@ def test_a_delta_of_another_base_is_refused_before_any_image_is_read(world, tmp_
     cfg = EvaluateConfig(model="saft-tiny-vit-quickgelu", deltas=[DeltaRun("saft", str(world / "saft1" / "delta.safetensors"), 1)])
     with pytest.raises(FingerprintMismatch, match="evaluate it with its own base model"):
         evaluate_suite(cfg, load_suite(str(world / "suite.yaml"), str(world)), tmp_path / "out", progress=False)
+
+
+def test_every_method_evaluates_with_its_own_delta_kind(world, tmp_path, monkeypatch):
+    """lora (low-rank), lpft (dense + head offsets) and WiSE-FT (full's delta at one alpha) in one evaluation."""
+    from saft.sparse import load_delta
+
+    monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
+    for method in ("full", "lora", "lpft"):
+        cfg = FinetuneStepConfig(model="saft-tiny-vit", method=method, steps=3, batch_size=8, lr=1e-3, seed=1,
+                                 probe_steps=20, probe_lr=1e-2)
+        finetune_step(cfg, world / "data", tmp_path / method, progress=False)
+    lpft = load_delta(tmp_path / "lpft" / "delta.safetensors")
+    assert lpft.head is not None
+    lpft.head = None  # the same weights without the probe's head: the head must change what evaluation measures
+    lpft.head_classes = ()
+    lpft.save(tmp_path / "lpft-headless.safetensors")
+    full = tmp_path / "full" / "delta.safetensors"
+    rc = main(["evaluate", "--model", "saft-tiny-vit", "--suite", str(world / "suite.yaml"), "--data-root", str(world),
+               "--delta", f"full:1={full}", "--delta", f"wiseft:1@0.5={full}",
+               "--delta", f"lora:1={tmp_path / 'lora' / 'delta.safetensors'}",
+               "--delta", f"lpft:1={tmp_path / 'lpft' / 'delta.safetensors'}",
+               "--delta", f"headless:1={tmp_path / 'lpft-headless.safetensors'}",
+               "--alpha", "0", "0.5", "1", "--out", str(tmp_path / "out"), "--batch-size", "16"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    top1 = {(r["model"], r["dataset"], r["alpha"]): r["top1"] for r in doc["records"]}
+    for dataset in ("shapes", "shapes-shifted"):
+        assert top1[("wiseft", dataset, None)] == top1[("full", dataset, 0.5)]  # one point of full's curve
+        for method in ("lora", "lpft"):  # alpha 0 is the base, head offsets included
+            assert top1[(method, dataset, 0.0)] == top1[("zeroshot", dataset, None)]
+    assert not any(a == 0.0 or a == 1.0 for m, _, a in top1 if m == "wiseft")
+    assert any(top1[("lpft", d, 1.0)] != top1[("headless", d, 1.0)] for d in ("shapes", "shapes-shifted"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "low-rank (rank 8)" in report and "dense (every eligible entry) + class head" in report
+    assert "full's delta at alpha 0.5" in report
+
+
+def test_delta_run_arguments_round_trip():
+    run = DeltaRun.parse("wiseft:2@0.7=runs/s2/full/delta.safetensors")
+    assert (run.name, run.seed, run.alpha, run.path) == ("wiseft", 2, 0.7, "runs/s2/full/delta.safetensors")
+    assert DeltaRun.parse(str(run)) == run and DeltaRun.parse(str(DeltaRun("saft", "p"))) == DeltaRun("saft", "p")
+    with pytest.raises(ValueError, match="alpha after @"):
+        DeltaRun.parse("wiseft:1@half=p")
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        DeltaRun.parse("wiseft@1.5=p")

@@ -169,7 +169,7 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
         if res.gpu:
             assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and settings["nodeSelector"], task_name
         assert bool(task["cachingOptions"].get("enableCache")) == (function not in UNCACHED), task_name
-        if function in ("finetune", "baseline", "finetune_trainjob"):
+        if function in ("finetune", "baseline", "finetune_trainjob", "train_method"):
             assert settings["pvcMount"][0]["mountPath"] == "/mnt/saft-checkpoints", task_name
         if function not in ("start_run", "finish_run"):
             assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
@@ -179,7 +179,7 @@ def test_every_task_gets_its_resources_secrets_cache_and_retry_policy(compiled, 
             assert DATA_READERS[function] in task["inputs"]["artifacts"], task_name
         # no task of a pipeline run takes a per-run input: that would defeat every cache
         assert "run" not in task.get("inputs", {}).get("artifacts", {}), task_name
-    expected = {"benchmark": {"gather_deltas", "protocol"}, "retrain": {"select", "baseline", "compare", "deploy", "finetune_trainjob"},
+    expected = {"benchmark": {"train_method", "gather_seed", "gather_deltas", "protocol"}, "retrain": {"select", "baseline", "compare", "deploy", "finetune_trainjob"},
                 "base2new": {"protocol", "base2new_trainings", "collect_base2new"}}[name]
     assert expected <= seen
 
@@ -248,10 +248,17 @@ def test_compiled_yaml_holds_no_credentials(compiled) -> None:
 def test_params_become_pipeline_arguments() -> None:
     params = load_params(REPO / "params.yaml", ["finetune.steps=7", "finetune.warmup_steps=1", "seeds=[4, 5]",
                                                 "finetune.lr.saft=0.02", "finetune.grad_accum=2",
+                                                "finetune.lr_grid.lora=[0.001, 0.003]",
+                                                "finetune.methods=[zeroshot, full, lora, saft]",
                                                 "finetune.precision=bf16", "loader.num_workers=3",
                                                 "finetune.checkpoint_every=5", "finetune.batch_size=12"])
     args = pipeline_arguments("benchmark", params)
-    assert args["seeds"] == [4, 5] and args["lr_saft"] == 0.02
+    assert args["seeds"] == [4, 5] and args["train_methods"] == ["full", "lora", "saft"] and args["zeroshot"]
+    assert json.loads(args["lr_grids"]) == {"full": [params.learning_rates()["full"]], "lora": [0.001, 0.003],
+                                            "saft": [0.02]}
+    assert args["wiseft_alphas"] == []  # wiseft is not compared
+    assert pipeline_arguments("benchmark", load_params(REPO / "params.yaml"))["wiseft_alphas"] == [
+        round(0.1 * i, 1) for i in range(11)]
     # every finetune setting reaches the components, in one JSON object
     settings = json.loads(args["settings"])
     assert {k: settings[k] for k in ("steps", "grad_accum", "precision", "num_workers", "checkpoint_every",
@@ -260,8 +267,10 @@ def test_params_become_pipeline_arguments() -> None:
                                                                 "batch_size": 12}
     assert json.loads(args["params_json"])["finetune"]["steps"] == 7
     assert "checkpoint_root" not in args  # a cluster run keeps the compiled default (the PVC)
-    with pytest.raises(ValueError, match="saft, random and full"):
-        pipeline_arguments("benchmark", load_params(REPO / "params.yaml", ["finetune.methods=[saft, full]"]))
+    subset = pipeline_arguments("benchmark", load_params(REPO / "params.yaml", ["finetune.methods=[saft, full]"]))
+    assert subset["train_methods"] == ["saft", "full"] and subset["zeroshot"] is False  # any subset runs
+    with pytest.raises(ValueError, match="registers the saft delta"):
+        pipeline_arguments("benchmark", load_params(REPO / "params.yaml", ["register.method=full"]))
     retrain = pipeline_arguments("retrain", load_params(REPO / "params.yaml", [
         "retrain.lr_grid=[0.01, 0.1]", "retrain.baselines=[full]", "register.enabled=false", "data.rev=abc123",
         "finetune.epochs=3"]))

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from saft.cli import main
+from saft.steps.configs import DEFAULT_COMPARED as DEFAULT_METHODS
 from saft.steps.params import ParamsError, load_params, write_resolved
 from saft.steps.record import RECORD_FILE, run_once
 
@@ -20,7 +21,9 @@ SMALL = ["seeds=[1]", "finetune.steps=6", "finetune.warmup_steps=1", "world.pool
 def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.model == "tiny" and params.seeds == [1, 2, 3] and params.embedded
-    assert params.finetune.lr == load_params(None).learning_rates() == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.finetune.lr == load_params(None).learning_rates()
+    assert {m: params.finetune.lr[m] for m in ("saft", "full", "random")} == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert params.finetune.methods == ["zeroshot", "full", "wiseft", "lora", "saft", "random"]
     assert params.to_dict() == {**load_params(None).to_dict(), "finetune": {
         **load_params(None).to_dict()["finetune"], "lr": params.finetune.lr}}
 
@@ -29,7 +32,12 @@ def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     ("finetune.stepz=3", "unknown key finetune.stepz"),
     ("finetune.steps=many", "finetune.steps must be int"),
     ("score.density=0", r"score.density must be in \(0, 1\]"),
-    ("finetune.methods=[saft, lora]", "finetune.methods must be one of saft, random, full, got 'lora'"),
+    ("finetune.methods=[saft, lorra]", "finetune.methods must be one of zeroshot, full, wiseft, lora, lpft, saft, "
+                                       "random, got 'lorra' \\(did you mean lora\\?\\)"),
+    ("finetune.methods=[zeroshot, wiseft, saft]", "has wiseft but not full"),
+    ("finetune.methods=[zeroshot, wiseft]", "at least one of them trained"),
+    ("finetune.lr_grid.lora=[0.001, 0.001]", "finetune.lr_grid.lora must be distinct positive"),
+    ("finetune.wiseft_alphas=[0.5, 1.5]", r"wiseft_alphas: WiSE-FT alphas must be distinct mixing weights in \[0, 1\]"),
     ("seeds=[]", "seeds is empty"),
     ("finetune.steps=0", r"finetune.steps must be >= 1, got 0"),
     ("nonsense", "expected KEY=VALUE"),
@@ -101,16 +109,48 @@ def test_saft_run_end_to_end_then_skips_every_step(tmp_path: Path, capsys, monke
     text = capsys.readouterr().out
     assert code in (0, 3)  # 3: validity checks failed (possible at this tiny size), still reported
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert {a["model"] for a in results["aggregates"]} == {"zeroshot", "saft", "full", "random"}
+    assert {a["model"] for a in results["aggregates"]} == set(DEFAULT_METHODS)
     assert set(results["checks"]) and isinstance(results["checks_passed"], bool)
     assert results["sizes"]["saft"]["trainable"] == results["sizes"]["random"]["trainable"]
-    assert "OOD mean" in text and ("PASSED" in text or "FAILED" in text)
+    assert results["sizes"]["wiseft"] == results["sizes"]["full"]  # full's delta at its chosen alpha
+    assert 0 < results["sizes"]["lora"]["trainable"] < results["sizes"]["full"]["trainable"]
+    assert set(results["wiseft_alpha"]) == {"1"} and (out / "seed1" / "full" / "wiseft" / "wiseft.json").is_file()
+    assert "OOD mean" in text and ("PASSED" in text or "FAILED" in text) and "wiseft alpha" in text
     assert yaml.safe_load((out / "params.resolved.yaml").read_text())["finetune"]["steps"] == 6
     delta = (out / "seed1" / "saft" / "delta.safetensors").read_bytes()
     assert main(args) == code
     again = capsys.readouterr().out
-    assert again.count("skipped") >= 5  # score x2, finetune x3, evaluate
+    assert again.count("skipped") >= 8  # score x2, finetune x4, wiseft, evaluate
     assert (out / "seed1" / "saft" / "delta.safetensors").read_bytes() == delta
+
+
+@pytest.mark.slow
+def test_saft_run_chooses_each_methods_rate_on_validation_from_its_grid(tmp_path: Path, capsys, monkeypatch) -> None:
+    """LoRA and LP-FT over grids of their own (the rate kept is the best on ID validation), WiSE-FT beside full."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    args = ["run", "--params", str(REPO / "params.yaml"), "--out", str(out), "--no-tracking",
+            "--set", "finetune.methods=[zeroshot, full, wiseft, lora, lpft]",
+            "--set", "finetune.lr_grid={lora: [0.0003, 0.003], lpft: [0.00001, 0.0001]}",
+            "--set", "evaluate.alphas=[0.5, 1.0]", "--set", "finetune.probe_steps=20"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) in (0, 3)
+    capsys.readouterr()
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {a["model"] for a in results["aggregates"]} == {"zeroshot", "full", "wiseft", "lora", "lpft"}
+    for method, grid in (("lora", [0.0003, 0.003]), ("lpft", [0.00001, 0.0001])):
+        selection = json.loads((out / "seed1" / method / "select" / "selection.json").read_text())
+        assert [c["lr"] for c in selection["candidates"]] == grid
+        best = max(selection["candidates"], key=lambda c: (c["val_top1"], -c["lr"]))
+        assert selection["chosen_lr"] == best["lr"] == results["learning_rates"][method]
+        chosen = json.loads((out / "seed1" / method / "finetune.json").read_text())
+        assert chosen["config"]["lr"] == best["lr"]
+    # every method is on the matched-ID line (the alpha curves were measured), WiSE-FT on full's curve
+    assert set(results["ood_at_matched_id"]) == {"id", "full", "wiseft", "lora", "lpft"}
+    assert results["ood_at_matched_id"]["wiseft"] == results["ood_at_matched_id"]["full"]
+    report = (out / "eval" / "report.html").read_text()
+    assert "OOD mean at matched ID" in report and "wiseft_alpha.png" in report
 
 
 def test_task_log_keeps_the_terminal_to_one_line_per_task() -> None:
@@ -188,9 +228,8 @@ def test_display_names_of_the_pipeline_tasks() -> None:
     from saft.orchestration.tasklog import display_names
 
     names = display_names(build_pipeline("benchmark", ClusterConfig(kubernetes=False)))
-    methods = {"saft", "random", "full"}
-    assert {names[k] for k in names if k.startswith("finetune")} == {f"finetune-{m}" for m in methods}
-    assert {names[k] for k in names if k.startswith("score")} == {"score-saft", "score-random"}
+    assert names["train-method"] == "train-method" and names["gather-seed"] == "gather-seed"
+    assert not any(k.startswith(("finetune", "score")) for k in names)  # the methods are a loop, scoring inside
     assert names["evaluate"] == "evaluate" and names["register"] == "register"
 
 
@@ -228,14 +267,17 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     results = sorted((tmp_path / "kfp" / "kfp").glob("*/collect/results/results.json"))
     assert len(results) == 1
     summary = json.loads(results[0].read_text())
-    assert {a["model"] for a in summary["aggregates"]} == {"zeroshot", "saft", "full", "random"}
+    assert {a["model"] for a in summary["aggregates"]} == set(DEFAULT_METHODS)  # the default method list
+    assert summary["sizes"]["wiseft"] == summary["sizes"]["full"] and "1" in summary["wiseft_alpha"]
     per_dataset = summary["aggregates"][0]["per_dataset"]
     assert len(per_dataset) == 6  # one evaluation task per suite dataset, merged
     assert "OOD mean" in text
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
-    assert text.count("  task ") == 21 and len(text.splitlines()) < 80  # 21 tasks for one seed (protocol included)
-    assert "finetune-full: success" in text
+    # 21 tasks for one seed: start, data-version, world, protocol, prepare, 4 x train-method, gather-seed,
+    # gather-deltas, suite-datasets, 6 x evaluate, collect, register, finish
+    assert text.count("  task ") == 21 and len(text.splitlines()) < 80
+    assert text.count("train-method: success") == 4
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"
 
@@ -247,7 +289,8 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     steps = {r.data.tags.get("mlflow.runName", r.info.run_name) for r in children}
-    assert {"prepare seed1", "score saft seed1", "finetune saft seed1", "collect"} <= steps
+    assert {"prepare seed1", "score saft seed1", "finetune saft seed1", "finetune lora seed1", "wiseft seed1",
+            "collect"} <= steps
 
     # what `make demo` leaves in the registry: a champion whatever the candidate's verdict
     register = json.loads(decision[0].read_text())

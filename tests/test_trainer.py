@@ -134,7 +134,7 @@ def test_schedule_shape():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="method"):
-        saft.FinetuneConfig(method="lora")
+        saft.FinetuneConfig(method="lorra")
     with pytest.raises(ValueError, match="steps"):
         saft.FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="precision"):

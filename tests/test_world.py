@@ -91,17 +91,18 @@ def test_world_protocol_fast_path(tmp_path):
     from saft.world.table import format_checks, format_results
 
     cfg = WorldConfig(out_dir=tmp_path, model="saft-tiny-clip@random", seeds=(1,), steps=2, batch_size=16,
-                      grids={"full": [1e-4], "saft": [1e-3, 3e-3], "random": [1e-3]}, pool_per_class=6,
+                      grids={"full": [1e-4], "saft": [1e-3, 3e-3], "random": [1e-3], "lora": [1e-3]}, pool_per_class=6,
                       test_per_class=3, shots=2, val_shots=2)
     logs = []
     summary = run_world(cfg, log=logs.append)
     assert set(summary["checks"]) and isinstance(summary["checks_passed"], bool)
-    assert {row["method"] for row in summary["grid"]} == {"full", "saft", "random"}
+    assert {row["method"] for row in summary["grid"]} == {"full", "saft", "random", "lora"}
     assert len([r for r in summary["grid"] if r["method"] == "saft"]) == 2
     assert summary["chosen_lr"]["saft"] in (1e-3, 3e-3)
     assert summary["sizes"]["full"]["trainable"] > 100 * summary["sizes"]["saft"]["trainable"]
     models = {a["model"] for a in summary["aggregates"]}
-    assert models == {"zeroshot", "full", "saft", "random"}
+    assert models == {"zeroshot", "full", "wiseft", "lora", "saft", "random"}  # the default method list
+    assert set(summary["wiseft_alpha"]) == {"1"} and summary["sizes"]["wiseft"] == summary["sizes"]["full"]
     assert summary["checks_computed"] is True and summary["b2n"] is None  # base-to-new is opt-in in the library
     for method in ("saft", "random"):
         landing = summary["masks"][method]

@@ -63,7 +63,9 @@ def test_parse_grid():
 def test_world_config_validates_its_options():
     assert WorldConfig(methods=("saft",)).methods == ("saft",)
     with pytest.raises(ValueError, match="methods"):
-        WorldConfig(methods=("saft", "lora"))
+        WorldConfig(methods=("saft", "lorra"))
+    with pytest.raises(ValueError, match="wiseft interpolates"):
+        WorldConfig(methods=("saft", "wiseft"))
     with pytest.raises(ValueError, match="grid"):
         WorldConfig(methods=("saft",), grids={"full": [1e-4]})
     with pytest.raises(ValueError, match="selection"):
@@ -80,7 +82,8 @@ def test_cli_builds_the_config():
 
     parse = build_parser().parse_args
     default = world_config(parse(["benchmark", "synthshift"]))
-    assert default.methods == ("full", "saft", "random") and default.b2n and default.density == 0.001
+    assert default.methods == ("full", "wiseft", "lora", "saft", "random") and default.b2n
+    assert default.density == 0.001
     assert default.grids == DEFAULT_GRIDS and default.exclude == ("logit_scale", "logit_bias")
     assert default.include == ("*",) and default.selection == "global" and default.score_rule == "abs_mean"
 

@@ -2,25 +2,20 @@
 
 from typing import List
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Input, Model, Output
 
 
-def gather_deltas(saft_deltas: Input[List[Model]], full_deltas: Input[List[Model]],
-                  random_deltas: Input[List[Model]], data: Input[List[Dataset]], deltas: Output[Model]):
-    """Copies the finetune outputs of every method and seed into one folder (one sub-folder each).
+def gather_deltas(seeds: Input[List[Model]], deltas: Output[Model]):
+    """Merges the seeds' gathered folders into one (one sub-folder per method and seed).
 
     KFP cannot hand a collection gathered in one loop to the tasks of another loop, so the
     evaluation fan-out and the register task read the deltas (and each seed's prepared
     class names, templates and data version) from this single folder.
 
     Args:
-        saft_deltas: SAFT finetune outputs, one per seed.
-        full_deltas: Full fine-tuning outputs, one per seed.
-        random_deltas: Random-mask outputs, one per seed.
-        data: The prepare outputs, one per seed.
-        deltas: <method>-seed<N>/ for each delta, data-seed<N>/ for each seed's prepared files.
+        seeds: The gather-seed outputs, one per seed.
+        deltas: <method>-seed<N>/ for each delta (with wiseft/ beside full's when chosen), data-seed<N>/ for each seed's prepared files.
     """
     from saft.orchestration.tasks import gather_deltas as gather
 
-    gather([d.path for d in list(saft_deltas) + list(full_deltas) + list(random_deltas)], deltas.path,
-           data_dirs=[d.path for d in data])
+    gather([s.path for s in seeds], deltas.path)

@@ -1,14 +1,22 @@
-"""The benchmark pipeline: SAFT vs full fine-tuning vs a random mask over seeds (the comparison made once).
+"""The benchmark pipeline: SAFT beside the methods users would pick instead, over seeds (the comparison made once).
 
     start-run -> data-version -> world (renders the world or marks data_root; records the version)
-      -> for each seed: prepare -> score (saft, random) -> finetune (saft, random, full)
-      -> gather-deltas -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report, checks)
+      -> for each seed: prepare
+         -> for each trained method of finetune.methods: train-method (its mask for saft/random; every rate of
+            its learning-rate grid, the best on ID validation kept; WiSE-FT's alpha chosen beside full's)
+         -> gather-seed
+      -> gather-deltas -> for each suite dataset: evaluate (zero-shot and every delta) -> collect (table, report,
+         checks)
       -> if register_enabled: register (the lowest seed's SAFT delta, judged on its own metrics)
       -> finish-run
 
-Compiled into ``pipeline.yaml`` beside this file (``saft pipeline compile --pipeline benchmark``).
+The methods are run parameters (``train_methods``, each one's ``lr_grids`` entry and
+``wiseft_alphas``, from params.yaml's ``finetune.methods``, ``finetune.lr``/``lr_grid`` and
+``wiseft_alphas``), so one compiled pipeline runs any subset. Compiled into ``pipeline.yaml`` beside this file
+(``saft pipeline compile --pipeline benchmark``).
 """
 
+import json
 from types import SimpleNamespace
 
 from kfp import dsl
@@ -20,21 +28,21 @@ from saft.orchestration.stages import begin, check_protocol, evaluate_suite, reg
 from saft.steps.params import PipelineParams
 
 NAME = "saft-benchmark"
-DESCRIPTION = ("SAFT vs full fine-tuning vs a random mask over seeds, on an OOD suite, with MLflow tracking and an "
+DESCRIPTION = ("SAFT beside zero-shot, full fine-tuning, WiSE-FT, LoRA, LP-FT and a random mask over seeds, each "
+               "method's learning rate chosen on ID validation, on an OOD suite, with MLflow tracking and an "
                "OOD-aware promotion gate.")
-METHODS = ("saft", "random", "full")
 
 
 def arguments(params: PipelineParams, *, tracking: bool = True, checkpoint_root: str = "") -> dict:
-    """``params.yaml`` as this pipeline's arguments (it trains saft, random and full)."""
-    if sorted(params.finetune.methods) != sorted(METHODS):
-        raise ValueError("the benchmark pipeline trains saft, random and full: keep finetune.methods at all three "
-                         "(the retrain pipeline trains SAFT alone; `saft run` takes a subset)")
-    if params.register.method != "saft":
+    """``params.yaml`` as this pipeline's arguments (the methods of ``finetune.methods``)."""
+    if params.register.enabled and tracking and params.register.method != "saft":
         raise ValueError("the benchmark pipeline registers the saft delta: keep register.method: saft")
-    lr = params.learning_rates()
+    # the grids travel as one JSON string: KFP writes a dict's default in an unstable key order
+    grids = {m: params.lr_grid(m) for m in params.trained_methods()}
     return {**shared_arguments(params, tracking=tracking, checkpoint_root=checkpoint_root),
-            "seeds": list(params.seeds), "lr_saft": lr["saft"], "lr_full": lr["full"], "lr_random": lr["random"]}
+            "seeds": list(params.seeds), "train_methods": params.trained_methods(),
+            "lr_grids": json.dumps(grids, sort_keys=True), "wiseft_alphas": params.wiseft_alphas(),
+            "zeroshot": "zeroshot" in params.finetune.methods}
 
 
 def build(cfg: ClusterConfig, c):
@@ -54,8 +62,9 @@ def build(cfg: ClusterConfig, c):
         density: float = d["density"], score_rule: str = d["score_rule"], score_batch_size: int = d["score_batch_size"],
         score_prompts: str = d["score_prompts"], score_text_batch: int = d["score_text_batch"], loader: str = d["loader"],
         score_include: list = d["score_include"], score_exclude: list = d["score_exclude"],
-        settings: str = d["settings"], lr_saft: float = d["lr_saft"], lr_full: float = d["lr_full"],
-        lr_random: float = d["lr_random"], checkpoint_root: str = d["checkpoint_root"],
+        settings: str = d["settings"], train_methods: list = d["train_methods"], lr_grids: str = d["lr_grids"],
+        wiseft_alphas: list = d["wiseft_alphas"], zeroshot: bool = d["zeroshot"],
+        checkpoint_root: str = d["checkpoint_root"],
         suite: str = d["suite"], eval_data_root: str = d["eval_data_root"], alphas: list = d["alphas"],
         eval_batch_size: int = d["eval_batch_size"], eval_reference: str = d["eval_reference"], eval_templates: str = d["eval_templates"],
         eval_allow_train_overlap: bool = d["eval_allow_train_overlap"],
@@ -77,21 +86,16 @@ def build(cfg: ClusterConfig, c):
                                 data_repo=data_repo, tracking=tracking, train_templates=train_templates, templates=templates, skip_corrupt=skip_corrupt,
                                 subset=data_subset).after(checked), "prepare")
             data = prep.outputs["data"]
-            masks = {kind: on(c.score(model=model, data=data, kind=kind, density=density,
-                                      rule=score_rule, batch_size=score_batch_size, seed=seed, device=device,
-                                      tracking=tracking, prompts=score_prompts, text_batch=score_text_batch,
-                                      loader=loader, include=score_include, exclude=score_exclude),
-                              "score", f"score-{kind}")
-                     for kind in ("saft", "random")}
-            tuned = {}
-            for method, lr in (("saft", lr_saft), ("random", lr_random), ("full", lr_full)):
-                mask = {"mask": masks[method].outputs["mask"]} if method in masks else {}
-                tuned[method] = on(c.finetune(model=model, data=data, method=method,
-                                              lr=lr, settings=settings, seed=seed, device=device,
-                                              checkpoint_root=checkpoint_root, tracking=tracking, **mask),
-                                   "finetune", f"finetune-{method}")
-        gathered = on(c.gather_deltas(**{f"{m}_deltas": dsl.Collected(t.outputs["delta"]) for m, t in tuned.items()},
-                                      data=dsl.Collected(prep.outputs["data"])), "gather_deltas")
+            with dsl.ParallelFor(train_methods, parallelism=cfg.parallelism) as method:
+                trained = on(c.train_method(model=model, data=data, method=method, lr_grids=lr_grids,
+                                            wiseft_alphas=wiseft_alphas, settings=settings, device=device, checkpoint_root=checkpoint_root, tracking=tracking,
+                                            density=density, score_rule=score_rule,
+                                            score_batch_size=score_batch_size, score_prompts=score_prompts,
+                                            score_text_batch=score_text_batch, score_include=score_include,
+                                            score_exclude=score_exclude, loader=loader), "train_method")
+            seed_deltas = on(c.gather_seed(trained=dsl.Collected(trained.outputs["trained"]), data=data),
+                             "gather_seed")
+        gathered = on(c.gather_deltas(seeds=dsl.Collected(seed_deltas.outputs["deltas"])), "gather_deltas")
         deltas = gathered.outputs["deltas"]
         collected = evaluate_suite(c, on, p, world, deltas, cfg.parallelism)
         results = collected.outputs["results"]

@@ -166,8 +166,10 @@ def _sort_metadata(path: Path) -> None:
         fh.write(new.ljust(size, b" "))
 
 
-def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, dict[str, str]]:
-    """Read a safetensors artifact of format ``fmt``; a missing or foreign file is a clear error."""
+def load_tensors(path: str | os.PathLike, fmt: str | tuple[str, ...], what: str) -> tuple[dict, dict[str, str]]:
+    """Read a safetensors artifact of format ``fmt`` (or one of several); a missing or foreign file is a clear error.
+
+    The format stays in the returned metadata only when several are accepted (the caller tells them apart)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -179,8 +181,10 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, di
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if meta.get("format") != fmt:
-        raise ValueError(f"{path}: not a SAFT {what} (format={meta.get('format')!r}, expected {fmt!r})")
+    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    if meta.get("format") not in formats:
+        raise ValueError(f"{path}: not a SAFT {what} (format={meta.get('format')!r}, expected "
+                         f"{' or '.join(map(repr, formats))})")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -192,7 +196,8 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict, di
             f"{path}: damaged {what}: its content does not match the checksum recorded when it was written "
             f"({recorded[:12]}...); restore it from where it came from (the run's output folder or the registry) "
             "or produce it again")
-    meta.pop("format")
+    if isinstance(fmt, str):
+        meta.pop("format")
     return tensors, meta
 
 

@@ -35,9 +35,14 @@ def _synthshift(args: argparse.Namespace) -> int:
 
     summary = run_world(world_config(args))  # a bad option raises ValueError before anything runs
     write_json(Path(args.out) / "chosen_lr.json", {"chosen_lr": summary["chosen_lr"],
-                                                   "per_seed": summary["chosen_lr_per_seed"]})
+                                                   "per_seed": summary["chosen_lr_per_seed"],
+                                                   **({"wiseft_alpha": summary["wiseft_alpha"]}
+                                                      if summary.get("wiseft_alpha") else {})})
     print()
     print(format_results(summary))
+    if summary.get("wiseft_alpha"):
+        print("wiseft alpha (chosen on ID validation): "
+              + ", ".join(f"seed {s} {a:g}" for s, a in summary["wiseft_alpha"].items()))
     print()
     print(format_checks(summary))
     return 3 if summary["checks_passed"] is False else 0
@@ -73,6 +78,9 @@ def _fewshot(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from saft.protocols.methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHODS
+    from saft.sparse.config import METHODS as FEWSHOT_METHODS  # the trained ones, each at its fixed rate
+
     bm = sub.add_parser("benchmark", help="full protocols: learning-rate grids x seeds")
     bm_sub = bm.add_subparsers(dest="benchmark_command", required=True, metavar="PROTOCOL")
     syn = bm_sub.add_parser("synthshift", help="the embedded world: every method over its lr grid, 3 seeds",
@@ -86,12 +94,13 @@ def register(sub) -> None:
     syn.add_argument("--alpha", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
                      help="interpolation weights of the deltas (default: 0.25 0.5 0.75 1)")
     syn.add_argument("--world", metavar="DIR", help="world root to render into or reuse (default: OUT/world)")
-    syn.add_argument("--methods", nargs="+", choices=("full", "saft", "random"), default=["full", "saft", "random"],
-                     help="methods to train; zero-shot is always evaluated, and the validity checks need full "
-                          "(default: full saft random)")
+    syn.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                     help="methods to compare; zero-shot is always evaluated, the validity checks need full, wiseft "
+                          "(full's delta at the alpha chosen on ID validation) needs full (default: "
+                          f"{' '.join(DEFAULT_METHODS)}; lpft on request)")
     syn.add_argument("--lr", action="append", metavar="METHOD=LR[,LR...]",
                      help="replace a method's learning-rate grid, e.g. --lr saft=1e-3,3e-3 (repeatable; defaults: "
-                          "full 1e-5,3e-5,1e-4,3e-4; saft and random 3e-4,1e-3,3e-3,1e-2)")
+                          + "; ".join(f"{m} {','.join(f'{x:g}' for x in g)}" for m, g in DEFAULT_GRIDS.items()) + ")")
     syn.add_argument("--density", type=float, default=0.001,
                      help="fraction of the eligible entries SAFT and the random mask train (default: 0.001)")
     syn.add_argument("--include", nargs="+", metavar="PATTERN",
@@ -120,7 +129,7 @@ def register(sub) -> None:
     few.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                      help="training images per class (default: 1 2 4 8 16)")
     few.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
-    few.add_argument("--methods", nargs="+", choices=("saft", "full", "random"), default=["saft", "full"],
+    few.add_argument("--methods", nargs="+", choices=FEWSHOT_METHODS, default=["saft", "full"],
                      help="methods to train; zero-shot is always evaluated (default: saft full)")
     few.add_argument("--lr", action="append", metavar="METHOD=LR",
                      help="a method's learning rate (repeatable; defaults: params.yaml's, chosen by the synthshift "

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from saft.config import add_arguments, from_arguments
-from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.steps.configs import WISEFT_ALPHAS, EvaluateConfig, FinetuneStepConfig, ScoreConfig
 
 
 def _main_rank() -> bool:
@@ -67,6 +67,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wiseft(args: argparse.Namespace) -> int:
+    from saft.sparse.distributed import resolve_device
+    from saft.steps.wiseft import WISEFT_FILE, WISEFT_PLOT, wiseft_step
+
+    doc = wiseft_step(args.model, args.data, args.delta, args.out, alphas=args.alpha, root=args.root,
+                      batch_size=args.batch_size, device=resolve_device(args.device))
+    print(f"wiseft: alpha {doc['chosen_alpha']:g} chosen on {doc['val_images']} ID validation images "
+          f"(top-1 {100 * doc['chosen_val_top1']:.1f}); evaluate it with "
+          f"--delta wiseft@{doc['chosen_alpha']:g}={args.delta}")
+    print(f"wrote {args.out}/{WISEFT_FILE}, {WISEFT_PLOT}")
+    return 0
+
+
 def _world(args: argparse.Namespace) -> int:
     from saft.steps.params import WorldParams
     from saft.steps.world import world_step
@@ -121,11 +134,14 @@ def register(sub) -> None:
     add_arguments(score, ScoreConfig)
     score.set_defaults(func=_score)
 
-    ft = sub.add_parser("finetune", help="fine-tune (saft, random or full) and write the delta",
-                        description="Phase II of SAFT, or the baselines: trains the mask's entries (saft, random) "
-                                    "or every eligible parameter (full) and writes base-relative deltas.")
+    ft = sub.add_parser("finetune", help="fine-tune (saft, random, full, lora or lpft) and write the delta",
+                        description="Phase II of SAFT, or the methods it is compared with (docs/methods.md): trains "
+                                    "the mask's entries (saft, random), every eligible parameter (full), PEFT LoRA "
+                                    "adapters (lora: a low-rank delta), or a linear probe then every eligible "
+                                    "parameter (lpft: a dense delta plus class-head offsets); writes base-relative "
+                                    "deltas.")
     _io(ft)
-    ft.add_argument("--mask", help="mask file from `saft score` (saft and random; full takes none)")
+    ft.add_argument("--mask", help="mask file from `saft score` (saft and random; the other methods take none)")
     ft.add_argument("--resume", action="store_true", help="continue from the checkpoint folder after an interruption")
     ft.add_argument("--checkpoint-dir",
                     help="checkpoint folder (default: OUT/checkpoints; a pipeline task keys it by the run, so a "
@@ -138,8 +154,10 @@ def register(sub) -> None:
                                     "metrics.json (one record per model x dataset x seed x alpha, plus "
                                     "aggregates) and a Markdown/HTML report with plots.")
     ev.add_argument("--out", required=True, help="output folder (created if missing)")
-    ev.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED]=PATH",
-                    help="a delta to evaluate, repeatable (e.g. saft:1=runs/s1/saft/delta.safetensors)")
+    ev.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED][@ALPHA]=PATH",
+                    help="a delta to evaluate, repeatable (e.g. saft:1=runs/s1/saft/delta.safetensors); @ALPHA "
+                         "evaluates it at that one weight instead of --alpha (WiSE-FT: "
+                         "wiseft:1@0.6=runs/s1/full/delta.safetensors)")
     add_arguments(ev, EvaluateConfig)
     ev.set_defaults(func=_evaluate)
 
@@ -149,10 +167,24 @@ def register(sub) -> None:
                                     "results.md; on the synthshift suite also the world's validity checks "
                                     "(exit code 3 when one fails).")
     co.add_argument("metrics", nargs="+", help="metrics.json files (or folders holding one) to merge")
-    co.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED]=PATH",
+    co.add_argument("--delta", action="append", default=[], metavar="NAME[:SEED][@ALPHA]=PATH",
                     help="the evaluated deltas, for the table's trainable-values and size columns (repeatable)")
     co.add_argument("--out", required=True, help="output folder (created if missing)")
     co.set_defaults(func=_collect)
+
+    wi = sub.add_parser("wiseft", help="WiSE-FT: choose the alpha of a full fine-tuning delta on ID validation",
+                        description="Scores base + alpha * delta (a `saft finetune --method full` delta) on the "
+                                    "prepared ID validation split for each alpha and keeps the best (ties to the "
+                                    "smaller alpha; Wortsman et al. 2022). Writes wiseft.json and wiseft.png.")
+    _io(wi)
+    wi.add_argument("--model", required=True, help="base model spec the delta was trained on")
+    wi.add_argument("--delta", required=True, help="the full fine-tuning delta.safetensors")
+    wi.add_argument("--alpha", type=float, nargs="+", default=list(WISEFT_ALPHAS), metavar="ALPHA",
+                    help="mixing weights to score (default: 0 0.1 ... 1)")
+    wi.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
+    wi.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N, or auto (cuda when visible; "
+                                                     "default)")
+    wi.set_defaults(func=_wiseft)
 
     wo = sub.add_parser("world", help="render the embedded world (the default data) into a folder",
                         description="Deterministic: the same sizes give the same images; existing images are "

@@ -10,7 +10,9 @@ def ood_at_matched_id(aggregates: list[dict]) -> dict:
     alphas; the common ID level is the highest one every curve reaches, and OOD is
     linearly interpolated there. Needs alpha values below 1 to say much.
     """
-    zs = next(a for a in aggregates if a["model"] == "zeroshot")
+    zs = next((a for a in aggregates if a["model"] == "zeroshot"), None)
+    if zs is None:  # the curves start at the base model: without it there is nothing to read off
+        return {}
     curves = {}
     for a in aggregates:
         if a["model"] != "zeroshot" and a["alpha"] is not None and "id" in a:

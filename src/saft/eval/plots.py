@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import re
 
-MODEL_ORDER = ("zeroshot", "full", "saft", "random")
-COLOURS = {"zeroshot": "tab:gray", "full": "tab:red", "saft": "tab:blue", "random": "tab:orange"}
-_OTHER = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+MODEL_ORDER = ("zeroshot", "full", "wiseft", "lpft", "lora", "saft", "random")
+COLOURS = {"zeroshot": "tab:gray", "full": "tab:red", "wiseft": "tab:brown", "lpft": "tab:purple", "lora": "tab:green",
+           "saft": "tab:blue", "random": "tab:orange"}
+MARKERS = {"wiseft": "*"}  # a point of full fine-tuning's curve: drawn apart from the curves' dots
+_OTHER = ("tab:pink", "tab:olive", "tab:cyan", "gold", "navy", "teal")
 
 
 def model_key(name: str) -> tuple[int, str]:
@@ -103,8 +105,10 @@ def _id_vs_ood(plt, doc: dict, others: list[str]) -> bytes | None:
         pts = _with_base(doc, pts)
         alphas = ", ".join("1" if a["alpha"] is None else f"{a['alpha']:g}" for a in pts)
         label = model if len(pts) == 1 else f"{model} (alpha {alphas})"
-        ax.plot([_pct(a["id"])[0] for a in pts], [_pct(a["ood_mean"])[0] for a in pts], "-o" if len(pts) > 1 else "o",
-                color=col, markersize=5, label=label)
+        marker = MARKERS.get(model, "o")
+        ax.plot([_pct(a["id"])[0] for a in pts], [_pct(a["ood_mean"])[0] for a in pts],
+                f"-{marker}" if len(pts) > 1 else marker, color=col, markersize=11 if marker == "*" else 5,
+                label=label)
         (x, xs), (y, ys) = _pct(main["id"]), _pct(main["ood_mean"])
         if xs is not None or ys is not None:
             ax.errorbar(x, y, xerr=xs, yerr=ys, color=col, capsize=3, fmt="none")
@@ -139,6 +143,23 @@ def _alpha_curve(plt, doc: dict, others: list[str]) -> bytes | None:
         ax.plot(alphas, [_pct(a["id"])[0] for a in pts], "-o", markersize=4, color=col, label=f"{model} ID")
         ax.plot(alphas, [_pct(a["ood_mean"])[0] for a in pts], "--s", markersize=4, color=col, label=f"{model} OOD")
     return _finish(fig, ax, "alpha (base + alpha * delta)", "top-1 (%)", "Interpolating the delta")
+
+
+def _wiseft_alpha(plt, context: dict, others: list[str]) -> bytes | None:
+    runs = sorted((r for r in context.get("runs", []) if r.get("wiseft")), key=lambda r: r.get("seed") or 0)
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    col = colour("wiseft", others)
+    for i, run in enumerate(runs):
+        curve, chosen = run["wiseft"]["curve"], run["wiseft"]["chosen_alpha"]
+        ax.plot([c["alpha"] for c in curve], [100 * c["val_top1"] for c in curve], "-", color=col, alpha=0.7,
+                linewidth=1.2, label="ID validation top-1 (one line per seed)" if i == 0 else None)
+        best = next(c for c in curve if c["alpha"] == chosen)
+        ax.plot([chosen], [100 * best["val_top1"]], "*", color="black", markersize=10,
+                label="chosen alpha" if i == 0 else None)
+    return _finish(fig, ax, "alpha (0: zero-shot, 1: full fine-tuning)", "ID validation top-1 (%)",
+                   "WiSE-FT: alpha chosen on ID validation")
 
 
 def _bars_with_average(plt, aggs: list[dict], values, ylabel: str, title: str, others: list[str]) -> bytes:
@@ -223,6 +244,7 @@ def plot_figures(doc: dict, context: dict | None = None) -> dict[str, bytes]:
               "base_to_new.png": lambda: _base_to_new(plt, doc, others),
               "effective_robustness.png": lambda: _effective_robustness(plt, doc, others),
               "alpha_curve.png": lambda: _alpha_curve(plt, doc, others),
+              "wiseft_alpha.png": lambda: _wiseft_alpha(plt, context, others),
               "mask_landing.png": lambda: _mask_landing(plt, context, others),
               "training_curves.png": lambda: _training_curves(plt, context, others)}
     figures = {}

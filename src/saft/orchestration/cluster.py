@@ -44,14 +44,15 @@ _DATA = Resources("4", "8Gi", "16Gi")
 _LIGHT = Resources("500m", "1Gi", "2Gi")
 TASK_RESOURCES: dict[str, Resources] = {
     "score": _GPU, "finetune": _GPU, "finetune_trainjob": _DATA, "baseline": _GPU, "select": _GPU, "evaluate": _GPU,
+    "train_method": _GPU,
     "world": _DATA, "prepare": _DATA, "register": _DATA, "collect": _DATA, "compare": _DATA,
-    "gather_deltas": _DATA, "gather_runs": _DATA, "collect_base2new": _DATA,
+    "gather_deltas": _DATA, "gather_seed": _DATA, "gather_runs": _DATA, "collect_base2new": _DATA,
     "data_version": Resources("1", "2Gi", "4Gi"), "start_run": _LIGHT, "finish_run": _LIGHT,
     "suite_datasets": _LIGHT, "protocol": _LIGHT, "base2new_trainings": _LIGHT, "deploy": _LIGHT,
 }
 UNCACHED = frozenset({"start_run", "finish_run", "data_version", "register", "deploy"})
 NO_RETRY = frozenset({"start_run", "finish_run"})  # a retried start would open a second parent run
-CHECKPOINTED = frozenset({"finetune", "baseline", "finetune_trainjob"})  # the launcher: its job's shared volume
+CHECKPOINTED = frozenset({"finetune", "baseline", "finetune_trainjob", "train_method"})  # the launcher: its job's shared volume
 
 
 @dataclass(frozen=True)

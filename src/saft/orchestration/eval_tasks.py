@@ -169,15 +169,17 @@ def _evaluate_launched(cfg, suite, out_dir: str, processes: int) -> dict:
     return json.loads((Path(out_dir) / METRICS_FILE).read_text())
 
 
-def rates_of_deltas(deltas_dirs: list[str]) -> dict[str, float]:
-    """Each method's learning rate, read from the finetune records of the deltas (one rate per method)."""
-    rates: dict[str, set] = {}
+def rates_of_deltas(deltas_dirs: list[str]) -> dict[str, float | list[float]]:
+    """Each method's learning rate, read from the finetune records of the deltas: one rate, or the rates of the
+    seeds in seed order when they chose differently on validation."""
+    rates: dict[str, dict] = {}
     for folder in deltas_dirs:
         own = Path(folder) / FINETUNE_FILE  # one finetune output rather than a gathered folder
         for record in [own] if own.is_file() else Path(folder).glob(f"*/{FINETUNE_FILE}"):
             cfg = json.loads(record.read_text())["config"]
-            rates.setdefault(cfg["method"], set()).add(float(cfg["lr"]))
-    return {m: next(iter(r)) for m, r in rates.items() if len(r) == 1}
+            rates.setdefault(cfg["method"], {})[cfg["seed"]] = float(cfg["lr"])
+    return {m: (next(iter(set(r.values()))) if len(set(r.values())) == 1 else [r[s] for s in sorted(r)])
+            for m, r in rates.items()}
 
 
 def collect_task(part_dirs: list[str], deltas_dir: str | list[str], out_dir: str, *,

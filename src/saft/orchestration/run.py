@@ -1,7 +1,9 @@
 """``saft run``: the whole pipeline in one process, from ``params.yaml``.
 
-world (embedded default only) -> per seed: prepare -> score (SAFT mask, random mask) ->
-finetune (each method) -> evaluate (every model on the suite) -> collect (table,
+world (embedded default only) -> per seed: prepare -> score (SAFT mask, random mask, as the
+methods need) -> each trained method of ``finetune.methods`` over its learning-rate grid,
+the rate chosen on ID validation, and WiSE-FT's alpha on the same split
+(:mod:`saft.orchestration.tune`) -> evaluate (every model on the suite) -> collect (table,
 report, validity checks) -> register (MLflow model version + promotion gate).
 
 Base-to-new (``data.subset: base``): on the embedded world the ``synthshift-b2n`` suite;
@@ -19,7 +21,8 @@ Layout under ``out_dir``::
     seed<N>/data/               few-shot manifests
     seed<N>/mask-saft/          mask.safetensors, mask_stats.json
     seed<N>/mask-random/
-    seed<N>/<method>/           delta.safetensors, history.json, finetune.json
+    seed<N>/<method>/           delta.safetensors, history.json, finetune.json (the chosen rate's run;
+                                lr-<rate>/ and select/ when a grid was searched; wiseft/ beside full's)
     seed<N>/<dataset>/...       the same per dataset, for a base-to-new suite of several
     eval/                       metrics.json, report.html, results.json, results.md
     eval/parts/<dataset>/       per-dataset evaluations (base-to-new suite of several)
@@ -34,8 +37,10 @@ from pathlib import Path
 from typing import Callable
 
 from saft.eval.suites import load_suite
+from saft.sparse.config import MASK_METHODS
 from saft.steps.collect import collect_step, results_text
-from saft.steps.configs import DeltaRun
+from saft.steps.configs import WISEFT, DeltaRun
+from saft.orchestration.eval_tasks import rates_of_deltas
 from saft.steps.evaluate import evaluate_suite
 from saft.steps.finetune import DELTA_FILE
 from saft.sparse.distributed import resolve_device
@@ -43,8 +48,9 @@ from saft.steps.params import PipelineParams, write_resolved
 from saft.orchestration.plan import TrainingTask, check_protocol, training_plan
 from saft.steps.score import ScoreConfig
 from saft.orchestration.release_tasks import candidate_metrics
-from saft.orchestration.tasks import finetune_task, prepare_task, score_task
+from saft.orchestration.tasks import prepare_task, score_task
 from saft.steps.tracked import step_context
+from saft.orchestration.tune import tune_task
 from saft.steps.world import world_step, world_suite
 from saft.layout import DECISION, EVAL
 
@@ -58,12 +64,23 @@ def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
     else:
         data = {"dataset": d.dataset, "root": d.root or "the embedded world's textile pool", "split": d.split,
                 "shots": d.shots, "subset": d.subset}
-    return {"data": data, "density": s.density, "score rule": s.rule, "batch size": f.batch_size,
-            "warm-up steps": f.warmup_steps, "weight decay": f.weight_decay}
+    out = {"data": data, "density": s.density, "score rule": s.rule, "batch size": f.batch_size,
+           "warm-up steps": f.warmup_steps, "weight decay": f.weight_decay}
+    grids = {m: params.lr_grid(m) for m in params.trained_methods() if len(params.lr_grid(m)) > 1}
+    if grids:
+        out["learning-rate grids (chosen on ID validation)"] = "; ".join(
+            f"{m} {', '.join(f'{x:g}' for x in g)}" for m, g in grids.items())
+    if "lora" in f.methods:
+        out["lora"] = f"rank {f.lora_rank}, lora_alpha {f.lora_alpha:g}, targets {', '.join(f.lora_targets)}"
+    if "lpft" in f.methods:
+        out["lpft probe"] = f"{f.probe_steps} full-batch steps at lr {f.probe_lr:g}"
+    if params.wiseft_alphas():
+        out["wiseft alphas (chosen on ID validation)"] = ", ".join(f"{a:g}" for a in params.wiseft_alphas())
+    return out
 
 
 def mask_kind(method: str) -> str | None:
-    return None if method == "full" else method
+    return method if method in MASK_METHODS else None
 
 
 def run_pipeline(params: PipelineParams, out_dir: str | Path, *, tracking: bool = True, progress: bool = False,
@@ -124,8 +141,8 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
             runs[task.name] += _train(params, task, out, seed, parent, progress, log)
     all_runs = [run for task in plan for run in runs[task.name]]
     with step("evaluate", {"suite": suite.name, "alphas": list(params.evaluate.alphas)}) as tracker:
-        log(f"evaluating the {suite.name} suite ({len(suite.entries)} datasets, {len(params.finetune.methods)} "
-            f"methods + zero-shot)")
+        log(f"evaluating the {suite.name} suite ({len(suite.entries)} datasets: "
+            f"{', '.join(params.finetune.methods)})")
         if len(plan) == 1:  # every entry named: a part without a report, written once below by collect
             evaluate_suite(params.evaluate_config(all_runs, [e.name for e in suite.entries]), suite, out / "eval",
                            progress=progress, log=lambda *_: None)
@@ -138,7 +155,8 @@ def _run_steps(params: PipelineParams, out: Path, step, parent: str | None, trac
                                progress=progress, log=lambda *_: None)
                 parts.append(part / EVAL.metrics)
         summary = collect_step(parts, out / "eval", deltas=all_runs,
-                               learning_rates={m: params.learning_rates()[m] for m in params.finetune.methods},
+                               learning_rates=rates_of_deltas([str(Path(r.path).parent) for r in all_runs
+                                                               if r.alpha is None]),
                                settings=report_settings(params, plan))
         tracker.log_metrics_document(json.loads((out / "eval" / EVAL.metrics).read_text()))
         tracker.log_report(str(out / "eval"))
@@ -158,20 +176,26 @@ def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, par
                  data_root=task.root, parent_run_id=parent or "")
     log(f"{what}: prepared {task_dir / 'data'}")
     masks = {}
-    for kind in sorted({mask_kind(m) for m in params.finetune.methods} - {None}):
+    for kind in sorted({mask_kind(m) for m in params.trained_methods()} - {None}):
         stats = score_task(str(task_dir / "data"), str(task_dir / f"mask-{kind}"), params.score_config(kind, seed),
                            parent or "", progress=progress, log=log)
         masks[kind] = task_dir / f"mask-{kind}"
         log(f"{what}: {kind} mask, {stats['num_selected']:,} entries")
     runs = []
-    for method in params.finetune.methods:
+    for method in params.trained_methods():
         cfg = params.finetune_config(method, seed)
-        result = finetune_task(str(task_dir / "data"), masks.get(mask_kind(method)), str(task_dir / method), cfg,
-                               parent_run_id=parent or "", progress=progress, log=log)
-        log(f"{what}: {method} lr {cfg.lr:g}, {result['trained_values']:,} values, "
+        wiseft = params.wiseft_alphas() if method == "full" else []
+        result = tune_task(str(task_dir / "data"), masks.get(mask_kind(method)), str(task_dir / method), cfg,
+                           params.lr_grid(method), wiseft_alphas=wiseft, parent_run_id=parent or "",
+                           progress=progress, log=log)
+        log(f"{what}: {method} lr {result['lr']:g}, {result['trained_values']:,} values, "
             f"final loss {result['final_loss']:.3f}")
         runs.append(DeltaRun(method, str(task_dir / method / DELTA_FILE), seed))
+        if wiseft:
+            runs.append(DeltaRun(WISEFT, runs[-1].path, seed, result["wiseft_alpha"]))
+            log(f"{what}: wiseft alpha {result['wiseft_alpha']:g} (chosen on ID validation)")
     return runs
+
 
 
 def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: str | None, gate: str) -> dict:

@@ -288,7 +288,7 @@ def checkpoint_dir_for(checkpoint_root: str, model: str, cfg, data_dir: str, mas
 
     key = {"model": model, "config": cfg.training().to_dict(),
            "train": PreparedData.open(data_dir).manifest_hash("train"),
-           "mask": sha256_file(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None}
+           "mask": sha256_file(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.needs_mask else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(checkpoint_root) / f"finetune-{cfg.method}-{digest}"
 
@@ -303,7 +303,7 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
     from saft.steps.finetune import finetune_step
     from saft.orchestration.torchrun import task_processes
 
-    mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.method != "full" else None
+    mask = str(Path(mask_dir) / MASK_FILE) if mask_dir and cfg.needs_mask else None
     cfg = with_epochs(cfg, data_dir, log)
     ckpt, resumed = None, 0
     if checkpoint_root:
@@ -382,16 +382,26 @@ def select_task(model: str, data_dir: str, candidate_dirs: list[str], out_dir: s
 
 
 def gather_deltas(delta_dirs: list[str], out_dir: str, data_dirs: list[str] = ()) -> list[str]:
-    """Copy finetune output folders into ``out_dir/<method>-seed<N>/`` (delta, history, record), and
-    the small files of prepared data folders (manifests, classes, templates, records) into
-    ``out_dir/data-seed<N>/``."""
+    """Copy finetune output folders into ``out_dir/<method>-seed<N>/`` (delta, history, record, and WiSE-FT's
+    choice when made), and the small files of prepared data folders (manifests, classes, templates, records) into
+    ``out_dir/data-seed<N>/``. A folder gathered before (one seed's) is merged in as it is."""
+    from saft.steps.wiseft import WISEFT_DIR
+
     names = []
-    for run, folder in zip(_runs(delta_dirs), delta_dirs):
+    for folder in delta_dirs:
+        if not (Path(folder) / FINETUNE_FILE).is_file():  # gathered before: its sub-folders as they are
+            for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+                shutil.copytree(sub, Path(out_dir) / sub.name, dirs_exist_ok=True)
+                names += [sub.name] if (sub / FINETUNE_FILE).is_file() else []
+            continue
+        run = _runs([folder])[0]
         name = f"{run.name}-seed{run.seed}"
         target = Path(out_dir) / name
         target.mkdir(parents=True, exist_ok=True)
         for f in RUN_FILES:
             shutil.copyfile(Path(folder) / f, target / f)
+        if (Path(folder) / WISEFT_DIR).is_dir():
+            shutil.copytree(Path(folder) / WISEFT_DIR, target / WISEFT_DIR, dirs_exist_ok=True)
         names.append(name)
     for folder in data_dirs:
         target = Path(out_dir) / f"data-seed{json.loads((Path(folder) / PREPARED.record).read_text())['seed']}"
@@ -417,10 +427,16 @@ def delta_runs(deltas_dir: str) -> list:
 
 
 def _runs(delta_dirs: list[str]) -> list:
+    """The run of each finetune output, and WiSE-FT's (full fine-tuning's delta at its chosen alpha) where chosen."""
     from saft.steps.configs import DeltaRun
+    from saft.steps.wiseft import read_wiseft
 
     runs = []
     for folder in delta_dirs:
         record = json.loads((Path(folder) / FINETUNE_FILE).read_text())
-        runs.append(DeltaRun(record["config"]["method"], str(Path(folder) / DELTA_FILE), record["config"]["seed"]))
+        run = DeltaRun(record["config"]["method"], str(Path(folder) / DELTA_FILE), record["config"]["seed"])
+        runs.append(run)
+        chosen = read_wiseft(folder) if run.name == "full" else None
+        if chosen is not None:
+            runs.append(DeltaRun("wiseft", run.path, run.seed, float(chosen["chosen_alpha"])))
     return runs

@@ -167,5 +167,5 @@ def evaluate_argv(cfg, out_dir: str) -> list[str]:
 
     deltas = []
     for run in cfg.deltas:
-        deltas += ["--delta", f"{run.name}{'' if run.seed is None else f':{run.seed}'}={run.path}"]
+        deltas += ["--delta", str(run)]
     return ["evaluate", "--out", str(out_dir), *deltas, *to_argv(cfg)]

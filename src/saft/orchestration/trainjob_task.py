@@ -95,7 +95,7 @@ def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cf
                          "processes (nodes x gpu_count): each trains an equal part of every global batch")
     cfg = replace(with_epochs(cfg, data_dir, log), device="cuda")
     stage = Path(shared_root) / "trainjobs" / checkpoint_dir_for(shared_root, cfg.model, cfg, data_dir, mask_dir).name
-    data, mask = _stage(data_dir, mask_dir if cfg.method != "full" else None, stage, log)
+    data, mask = _stage(data_dir, mask_dir if cfg.needs_mask else None, stage, log)
     argv = finetune_argv(cfg, str(data), str(stage / "out"), mask_path=str(mask) if mask else None,
                          root=prepared_root(str(data)), resume=True, checkpoint_dir=str(stage / "checkpoints"))
     options = {**trainjob_options(settings, image=image), **launch_overrides}

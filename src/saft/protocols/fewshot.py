@@ -27,7 +27,7 @@ from saft.eval.plots import colour
 from saft.eval.report import fmt
 from saft.eval.suites import load_suite
 from saft.io import atomic_path, write_json
-from saft.sparse.config import METHODS, default_lr
+from saft.sparse.config import MASK_METHODS, METHODS, default_lr
 from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
 from saft.steps.evaluate import evaluate_suite
 from saft.steps.finetune import DELTA_FILE, finetune_step
@@ -79,8 +79,8 @@ def _train(cfg: FewShotConfig, seed_dir: Path, shots: int, seed: int, log) -> li
     runs = []
     for method in cfg.methods:
         mask = None
-        if method != "full":
-            kind = "saft" if method == "saft" else "random"
+        if method in MASK_METHODS:
+            kind = method
             score_step(ScoreConfig(model=cfg.model, density=cfg.density, kind=kind, seed=seed), data,
                        seed_dir / f"mask-{kind}", progress=False, log=None)
             mask = seed_dir / f"mask-{kind}" / MASK_FILE

@@ -28,23 +28,22 @@ from typing import Callable
 import torch
 
 from saft.data.prepare import prepare_dataset
-from saft.eval import top1_accuracy
+from saft.eval import delta_top1
 from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.suites import load_suite
 from saft.io import write_json
 from saft.layout import EVAL, FINETUNE, MASK
 from saft.models import load_model
-from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, apply_delta, finetune,
-                         importance_scores, random_mask, remove_delta, save_delta, select_mask)
+from saft.protocols.methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHODS
+from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, finetune, importance_scores,
+                         load_delta, random_mask, save_delta, select_mask)
 from saft.sparse.mask import Mask, select_mask_layerwise
+from saft.steps.configs import WISEFT, WISEFT_ALPHAS
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.prepared import PreparedData
 from saft.world.checks import Checks
 from saft.world.task import ID_DOMAIN, build_world
 
-DEFAULT_GRIDS = {"full": [1e-5, 3e-5, 1e-4, 3e-4], "saft": [3e-4, 1e-3, 3e-3, 1e-2],
-                 "random": [3e-4, 1e-3, 3e-3, 1e-2]}
-METHODS = ("full", "saft", "random")
 SELECTIONS = ("global", "layerwise")
 
 
@@ -63,7 +62,7 @@ class WorldConfig:
     alphas: tuple[float, ...] = (1.0,)
     pool_per_class: int = 64
     test_per_class: int = 100
-    methods: tuple[str, ...] = METHODS  # zero-shot is always evaluated
+    methods: tuple[str, ...] = DEFAULT_METHODS  # zero-shot is always evaluated
     include: tuple[str, ...] = Eligibility.include  # SAFT / random-mask eligibility (full FT keeps its own)
     exclude: tuple[str, ...] = Eligibility.exclude
     score_rule: str = "abs_mean"
@@ -76,7 +75,9 @@ class WorldConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct names among {', '.join(METHODS)}, got {list(self.methods)}")
-        missing = [m for m in self.methods if not self.grids.get(m)]
+        if WISEFT in self.methods and "full" not in self.methods:
+            raise ValueError("wiseft interpolates full fine-tuning's delta: add full to the methods")
+        missing = [m for m in self.methods if m != WISEFT and not self.grids.get(m)]
         if missing:
             raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
         if self.score_rule not in SCORE_RULES:
@@ -95,8 +96,8 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
     """``METHOD=LR[,LR...]`` (e.g. ``saft=1e-3,3e-3``) -> (method, rates)."""
     method, sep, rates = text.partition("=")
     method = method.strip()
-    if not sep or method not in METHODS:
-        raise ValueError(f"{text!r}: expected METHOD=LR[,LR...] with METHOD one of {', '.join(METHODS)}")
+    if not sep or method not in DEFAULT_GRIDS:
+        raise ValueError(f"{text!r}: expected METHOD=LR[,LR...] with METHOD one of {', '.join(DEFAULT_GRIDS)}")
     try:
         values = [float(v) for v in rates.split(",") if v.strip()]
     except ValueError:
@@ -111,7 +112,7 @@ def _lr_label(lr: float) -> str:
 
 
 def _masks(cfg: WorldConfig, model, loader, prompts, seed: int, meta: dict, progress: bool) -> dict:
-    masks: dict[str, Mask | None] = {"full": None}
+    masks: dict[str, Mask | None] = {}
     eligibility = cfg.eligibility
     # a variant's mask file must say which variant made it
     meta = dict(meta, eligible_include=json.dumps(list(cfg.include)), eligible_exclude=json.dumps(list(cfg.exclude)))
@@ -157,13 +158,15 @@ def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, 
     meta = {"base_model": cfg.model, "manifest_hash": data.manifest_hash()}
     masks = _masks(cfg, model, loader, prompts, seed, meta, progress)
     runs = []
-    for method in cfg.methods:
-        result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks[method], meta, progress)
+    for method in (m for m in cfg.methods if m != WISEFT):
+        result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks.get(method), meta, progress)
         path = save_delta(result.delta, seed_dir / "b2n" / method / FINETUNE.delta)
         write_json(path.parent / FINETUNE.history, result.history)
         runs.append(DeltaRun(method, str(path), seed))
         log(f"seed {seed} {method:<6} base-to-new: trained on {len(data.classes)} base classes at lr "
             f"{lrs[method]:.0e} ({result.seconds:.1f} s)")
+        if method == "full" and WISEFT in lrs:  # at the alpha chosen on the full task for this seed
+            runs.append(DeltaRun(WISEFT, str(path), seed, lrs[WISEFT]))
     return runs
 
 
@@ -184,6 +187,7 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
     b2n_runs: list[DeltaRun] = []
     grid_log: list[dict] = []
     chosen_lr: dict[str, list[float]] = {}
+    wiseft_alpha: dict[int, float] = {}
     sizes: dict[str, dict] = {}
     mask_stats: dict[str, list[dict]] = {}
     for seed in cfg.seeds:
@@ -204,15 +208,13 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                     masks[method].save(seed_dir / MASK.mask)
                     write_json(seed_dir / MASK.stats, stats)
         seed_lr: dict[str, float] = {}
-        for method in cfg.methods:
+        for method in (m for m in cfg.methods if m != WISEFT):
             best = None
             for lr in cfg.grids[method]:
-                result = _train(cfg, model, train, prompts, method, lr, seed, masks[method], meta, progress)
+                result = _train(cfg, model, train, prompts, method, lr, seed, masks.get(method), meta, progress)
                 path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / FINETUNE.delta)
                 write_json(path.parent / FINETUNE.history, result.history)  # the report's training curves
-                apply_delta(model, result.delta, check_fingerprint=False)
-                val_acc = top1_accuracy(model, val, prompts)
-                remove_delta(model, result.delta)
+                val_acc = delta_top1(model, result.delta, val, prompts)
                 grid_log.append({"seed": seed, "method": method, "lr": lr, "val_acc": val_acc,
                                  "final_loss": result.history[-1]["loss"], "seconds": result.seconds})
                 log(f"seed {seed} {method:<6} lr {lr:.0e}: ID val {100 * val_acc:5.1f}  "
@@ -223,6 +225,13 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
             chosen_lr.setdefault(method, []).append(best[1])
             seed_lr[method] = best[1]
             sizes[method] = {"trainable": best[3], "delta_bytes": Path(best[2]).stat().st_size}
+            if method == "full" and WISEFT in cfg.methods:  # WiSE-FT: the chosen full delta's alpha, on ID val
+                curve = [(a, delta_top1(model, load_delta(best[2]), val, prompts, alpha=a)) for a in WISEFT_ALPHAS]
+                alpha = max(curve, key=lambda c: (c[1], -c[0]))[0]
+                chosen_runs.append(DeltaRun(WISEFT, str(best[2]), seed, alpha))
+                wiseft_alpha.setdefault(seed, alpha)
+                seed_lr[WISEFT], sizes[WISEFT] = alpha, sizes["full"]
+                log(f"seed {seed} wiseft alpha {alpha:g}: ID val {100 * max(v for _, v in curve):5.1f}")
         if cfg.b2n:
             b2n_runs += _b2n_runs(cfg, world, seed_dir, seed, loaded, seed_lr, log, progress)
     log("evaluating the synthshift suite")
@@ -238,11 +247,14 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
         b2n = {"table": b2n_table(b2n_doc["aggregates"]), "aggregates": b2n_doc["aggregates"]}
     # The checks judge the world by full fine-tuning; without it there is nothing to judge.
     checks = Checks.compute(doc["aggregates"]) if "full" in cfg.methods else None
+    matched = ood_at_matched_id(doc["aggregates"])
+    if wiseft_alpha and "full" in matched:  # WiSE-FT's points lie on full fine-tuning's curve
+        matched[WISEFT] = matched["full"]
     summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "grid": grid_log,
                "chosen_lr": {m: max(set(v), key=v.count) for m, v in chosen_lr.items()},
                "chosen_lr_per_seed": chosen_lr, "sizes": sizes,
                "masks": {m: mask_landing(st) for m, st in mask_stats.items()},
-               "ood_at_matched_id": ood_at_matched_id(doc["aggregates"]),
+               "ood_at_matched_id": matched, "wiseft_alpha": {str(s): a for s, a in wiseft_alpha.items()},
                "checks_computed": checks is not None,
                "checks": checks.results if checks else {}, "checks_passed": checks.passed if checks else None,
                "aggregates": doc["aggregates"], "b2n": b2n, "seconds": round(time.perf_counter() - t0, 1)}

@@ -101,6 +101,9 @@ def build_head_file(base, delta, reference: dict, path: str | Path, *, progress:
                            fingerprint=_head_key(reference), progress=progress)
     finally:
         remove_delta(base.model, delta)
+    offsets = delta.head_offsets(reference["classes"], float(reference["alpha"]))
+    if offsets is not None:  # a trained head (lpft) moves the encoded class embeddings
+        head = head + offsets.to(device=head.device, dtype=head.dtype)
     path = save_tensors(path, {"head": head.to(torch.float16)}, _head_meta(reference), HEAD_FORMAT)
     return {"file": HEAD_FILE, "dtype": "float16", "n_classes": int(head.shape[0]), "dim": int(head.shape[1]),
             "sha256": sha256_file(path)}
@@ -167,5 +170,8 @@ def load_classifier(reference: dict, delta_path: str | Path, head_path: str | Pa
                     "now; register the model again to start without the text tower", MODEL_REF_FORMAT,
                     len(classes), len(reference["templates"]))
         head = build_head(loaded.model, loaded.tokenizer, classes, reference["templates"], device=device)
+        offsets = delta.head_offsets(classes, float(reference["alpha"]))
+        if offsets is not None:
+            head = head + offsets.to(device=head.device, dtype=head.dtype)
     drop_text_tower(loaded.model)
     return Classifier(loaded.model, loaded.preprocess, head, classes, device=device, precision=precision)

@@ -35,10 +35,18 @@ def auto_text_batch(text_batch: int, batch_size: int) -> int:
     return text_batch or min(2048, max(32, 8 * batch_size))
 
 
-METHODS = ("saft", "random", "full")
+METHODS = ("saft", "random", "full", "lora", "lpft")
+"""What ``finetune`` trains (docs/methods.md): saft and random train the entries of a mask, full every eligible
+parameter, lora a low-rank update of the attention and MLP projections (Hugging Face PEFT), lpft a linear probe on
+the frozen features and then every eligible parameter with it (Kumar et al. 2022)."""
+MASK_METHODS = ("saft", "random")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The library's learning rates for pre-trained CLIP models; a model may ship its own (see default_lr).
-DEFAULT_LR = {"saft": 1e-4, "random": 1e-4, "full": 1e-5}
+# lora: CLIP-LoRA's rate (Zanella & Ben Ayed 2024); lpft: full fine-tuning's, its second stage being that.
+DEFAULT_LR = {"saft": 1e-4, "random": 1e-4, "full": 1e-5, "lora": 2e-4, "lpft": 1e-5}
+LORA_TARGETS = ("attn", "mlp.c_fc", "mlp.c_proj")
+"""open_clip's names, in both towers: each block's nn.MultiheadAttention (its fused q/k/v input projection and its
+output projection) and the two MLP projections."""
 
 
 def default_lr(method: str, model_spec: str | None = None) -> float:
@@ -58,7 +66,9 @@ class FinetuneConfig(LoaderSettings):
     """Hyper-parameters of one fine-tuning run."""
 
     method: str = setting("saft", choices=METHODS,
-                          help="saft and random train the entries of a mask; full trains every eligible parameter")
+                          help="saft and random train the entries of a mask; full every eligible parameter; lora a "
+                               "low-rank update of the attention and MLP projections; lpft a linear probe, then "
+                               "full fine-tuning with it (docs/methods.md)")
     steps: int = setting(100, minimum=1, help="optimizer steps")
     epochs: float = setting(0.0, minimum=0.0,
                             help="> 0: passes over the training set, overriding steps (at least one step)")
@@ -81,6 +91,18 @@ class FinetuneConfig(LoaderSettings):
                                        help="parameter name patterns (fnmatch) full fine-tuning trains")
     exclude: tuple[str, ...] = setting(DEFAULT_EXCLUDE, metavar="PATTERN",
                                        help="parameter name patterns full fine-tuning never trains")
+    lora_rank: int = setting(8, minimum=1, help="lora: rank r of each adapted weight's update B @ A")
+    lora_alpha: float = setting(8.0, minimum=0.0,
+                                help="lora: PEFT's lora_alpha, the update being scaled by lora_alpha / r (not the "
+                                     "interpolation weight alpha of evaluation)")
+    lora_targets: tuple[str, ...] = setting(LORA_TARGETS, metavar="MODULE",
+                                            help="lora: modules adapted in both towers, by name or dotted suffix "
+                                                 "(PEFT's target_modules); attn: each attention's fused q/k/v input "
+                                                 "projection and its output projection")
+    probe_steps: int = setting(100, minimum=1,
+                               help="lpft: full-batch AdamW steps of the linear probe on the frozen image features "
+                                    "before full fine-tuning")
+    probe_lr: float = setting(1e-3, minimum=0.0, help="lpft: learning rate of the linear probe")
 
     def __post_init__(self) -> None:
         check(self)
@@ -89,11 +111,18 @@ class FinetuneConfig(LoaderSettings):
         self.betas = tuple(self.betas)
         self.include = tuple(self.include)
         self.exclude = tuple(self.exclude)
+        self.lora_targets = tuple(self.lora_targets)
+        if not self.lora_targets:
+            raise ConfigError("lora_targets is empty: name at least one module, e.g. attn")
 
     @property
     def text_prompts(self) -> int:
         """Prompts per text chunk of one process (``text_batch``, or the automatic size for the batch)."""
         return auto_text_batch(self.text_batch, self.batch_size)
+
+    @property
+    def needs_mask(self) -> bool:
+        return self.method in MASK_METHODS
 
     @property
     def learning_rate(self) -> float:

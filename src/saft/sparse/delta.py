@@ -1,13 +1,25 @@
 """Deltas: what fine-tuning changed, stored apart from the base model.
 
 A sparse entry stores flat indices and values (W_ft = W + values at indices); a dense
-entry (full fine-tuning) stores the whole difference W_ft - W. ``apply_delta`` adds
-``alpha * delta`` in place and remembers the overwritten entries, so ``remove_delta``
-restores the base bit for bit; alpha in [0, 1] traces a WiSE-FT-like trade-off curve.
+entry (full fine-tuning) stores the whole difference W_ft - W; a low-rank entry (LoRA)
+stores its factors, W_ft = W + scale * B @ A, so a rank-8 update of a 768 x 768 weight
+is 12k values, not 590k. ``apply_delta`` adds ``alpha * delta`` in place and remembers
+the overwritten entries, so ``remove_delta`` restores the base bit for bit; alpha in
+[0, 1] traces a WiSE-FT-like trade-off curve.
+
+A delta may also carry class-embedding offsets (LP-FT's probe, :mod:`saft.sparse.lpft`):
+a classifier's head is then the zero-shot class embeddings plus ``alpha`` times the
+offset of each class it names (:meth:`Delta.head_offsets`); the model has no head to
+merge them into, so whoever builds a head adds them (evaluation, selection, serving).
+
+Deltas with only sparse and dense entries keep the format ``saft-delta/1``; one with
+low-rank entries or head offsets is written as ``saft-delta/2``, which a reader that
+knows only the first refuses rather than applying part of it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +31,36 @@ from saft.models.fingerprint import fingerprint_model
 from saft.sparse.kernels import scatter_values
 
 DELTA_FORMAT = "saft-delta/1"
+DELTA_FORMAT_V2 = "saft-delta/2"
+DELTA_FORMATS = (DELTA_FORMAT, DELTA_FORMAT_V2)
 _IDX, _VAL = "::indices", "::values"
+_LORA_A, _LORA_B, _LORA_SCALE = "::lora_A", "::lora_B", "::lora_scale"
+_HEAD = "head::offsets"
+HEAD_CLASSES_META = "head_classes"
+
+
+@dataclass
+class LowRank:
+    """A low-rank update ``scale * b @ a`` of a weight (``b``: out x r, ``a``: r x in)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.b.shape[0]), int(self.a.shape[1])
+
+    def product(self) -> torch.Tensor:
+        """The update, computed as PEFT merges it (``(B @ A) * scaling``), so a merge matches PEFT's bit for bit."""
+        return (self.b @ self.a) * self.scale
+
+    def to(self, device) -> "LowRank":
+        return LowRank(self.a.to(device), self.b.to(device), self.scale)
 
 
 class FingerprintMismatch(ValueError):
@@ -32,20 +73,64 @@ class Delta:
     indices: dict[str, torch.Tensor]  # name -> flat indices; absent for dense entries
     base_fingerprint: str
     meta: dict[str, str] = field(default_factory=dict)
+    factors: dict[str, LowRank] = field(default_factory=dict)  # name -> low-rank update (LoRA)
+    head: torch.Tensor | None = None  # [n_classes, dim] class-embedding offsets (LP-FT), rows in head_classes order
+    head_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.head_classes = tuple(self.head_classes)
+        if self.head is not None and self.head.shape[0] != len(self.head_classes):
+            raise ValueError(f"the delta's head offsets have {self.head.shape[0]} rows but name "
+                             f"{len(self.head_classes)} classes")
+        both = sorted(set(self.values) & set(self.factors))
+        if both:
+            raise ValueError(f"tensor {both[0]!r} has both a low-rank and a sparse/dense entry")
 
     @property
     def num_values(self) -> int:
-        return sum(v.numel() for v in self.values.values())
+        """Trained values the delta holds (a low-rank entry: its two factors)."""
+        return (sum(v.numel() for v in self.values.values())
+                + sum(f.a.numel() + f.b.numel() for f in self.factors.values())
+                + (self.head.numel() if self.head is not None else 0))
+
+    @property
+    def names(self) -> list[str]:
+        """The model tensors the delta changes."""
+        return sorted([*self.values, *self.factors])
 
     def is_sparse(self, name: str) -> bool:
         return name in self.indices
 
     def scaled(self, alpha: float) -> "Delta":
-        return Delta({n: v * alpha for n, v in self.values.items()}, dict(self.indices),
-                     self.base_fingerprint, dict(self.meta))
+        return Delta({n: v * alpha for n, v in self.values.items()}, dict(self.indices), self.base_fingerprint,
+                     dict(self.meta), {n: LowRank(f.a, f.b, f.scale * alpha) for n, f in self.factors.items()},
+                     None if self.head is None else self.head * alpha, self.head_classes)
+
+    def to(self, device) -> "Delta":
+        """This delta with every tensor on ``device``."""
+        return Delta({n: v.to(device) for n, v in self.values.items()},
+                     {n: i.to(device) for n, i in self.indices.items()}, self.base_fingerprint, dict(self.meta),
+                     {n: f.to(device) for n, f in self.factors.items()},
+                     None if self.head is None else self.head.to(device), self.head_classes)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.values.values(), *self.indices.values()])
+        tensors = [*self.values.values(), *self.indices.values(), *(x for f in self.factors.values()
+                                                                    for x in (f.a, f.b))]
+        tensors += [self.head] if self.head is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def head_offsets(self, class_names, alpha: float = 1.0) -> torch.Tensor | None:
+        """``alpha`` times the offsets of ``class_names`` in order, zero for a class the delta does not name (a new
+        class of base-to-new keeps its zero-shot embedding); None when the delta carries no head."""
+        if self.head is None:
+            return None
+        rows = {name: i for i, name in enumerate(self.head_classes)}
+        out = torch.zeros(len(class_names), self.head.shape[1], dtype=self.head.dtype, device=self.head.device)
+        known = [(i, rows[c]) for i, c in enumerate(class_names) if c in rows]
+        if known:
+            mine, theirs = zip(*known)
+            out[list(mine)] = self.head[list(theirs)]
+        return out * alpha
 
     def save(self, path: str | Path) -> Path:
         tensors = {}
@@ -55,15 +140,39 @@ class Delta:
                 idx = self.indices[name]
                 small = int(idx.max()) < 2**31 if idx.numel() else True
                 tensors[name + _IDX] = idx.to(torch.int32 if small else torch.int64)
+        for name, f in self.factors.items():
+            tensors[name + _LORA_A], tensors[name + _LORA_B] = f.a, f.b
+            tensors[name + _LORA_SCALE] = torch.tensor([f.scale], dtype=torch.float64)  # PEFT's scaling, exactly
         meta = {**self.meta, "base_fingerprint": self.base_fingerprint}
-        return save_tensors(path, tensors, meta, DELTA_FORMAT)
+        if self.head is not None:
+            tensors[_HEAD] = self.head
+            meta[HEAD_CLASSES_META] = json.dumps(list(self.head_classes))
+        fmt = DELTA_FORMAT_V2 if self.factors or self.head is not None else DELTA_FORMAT
+        return save_tensors(path, tensors, meta, fmt)
 
     @classmethod
     def load(cls, path: str | Path) -> "Delta":
-        tensors, meta = load_tensors(path, DELTA_FORMAT, "delta")
+        tensors, meta = load_tensors(path, DELTA_FORMATS, "delta")
+        meta.pop("format", None)
         values = {k[: -len(_VAL)]: t for k, t in tensors.items() if k.endswith(_VAL)}
         indices = {k[: -len(_IDX)]: t.long() for k, t in tensors.items() if k.endswith(_IDX)}
-        return cls(values, indices, meta.pop("base_fingerprint", ""), meta)
+        factors = {}
+        for key in tensors:
+            if key.endswith(_LORA_A):
+                name = key[: -len(_LORA_A)]
+                try:
+                    factors[name] = LowRank(tensors[key], tensors[name + _LORA_B],
+                                            float(tensors[name + _LORA_SCALE].reshape(-1)[0]))
+                except KeyError as exc:
+                    raise ValueError(f"{path}: low-rank entry {name!r} lacks {exc.args[0]!r} (the file is "
+                                     "damaged)") from None
+        head, classes = tensors.get(_HEAD), ()
+        if head is not None:
+            try:
+                classes = tuple(json.loads(meta.pop(HEAD_CLASSES_META)))
+            except (KeyError, ValueError):
+                raise ValueError(f"{path}: the delta's head offsets name no classes (the file is damaged)") from None
+        return cls(values, indices, meta.pop("base_fingerprint", ""), meta, factors, head, classes)
 
 
 def save_delta(delta: Delta, path: str | Path) -> Path:
@@ -97,9 +206,14 @@ def apply_delta(model: nn.Module, delta: Delta, alpha: float = 1.0, *, check_fin
                 "(or remove deltas merged earlier) before applying it"
             )
     params = dict(model.named_parameters())
-    missing = [n for n in delta.values if n not in params]
+    missing = [n for n in delta.names if n not in params]
     if missing:
         raise KeyError(f"delta tensors not in the model: {missing[:5]}")
+    for name, f in delta.factors.items():
+        if params[name].dim() != 2 or f.shape != tuple(params[name].shape) or f.b.shape[1] != f.a.shape[0]:
+            raise ValueError(f"low-rank delta {name!r} has factors {tuple(f.b.shape)} @ {tuple(f.a.shape)}, model "
+                             f"{tuple(params[name].shape)} (the delta does not belong to this model, or its file is "
+                             "damaged)")
     for name, values in delta.values.items():
         p = params[name]
         if name in delta.indices:
@@ -123,6 +237,10 @@ def apply_delta(model: nn.Module, delta: Delta, alpha: float = 1.0, *, check_fin
             else:
                 dense[name] = p.detach().clone()
                 p.add_(values.to(p.dtype), alpha=alpha)
+        for name, f in delta.factors.items():
+            p = params[name]
+            dense[name] = p.detach().clone()
+            p.add_(f.to(p.device).product().to(p.dtype), alpha=alpha)
     model.__dict__.setdefault("_saft_merged", []).append(_Merged(id(delta), sparse, dense))
     return model
 

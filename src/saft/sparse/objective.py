@@ -51,6 +51,7 @@ class ClassPrompts:
     n_classes: int
     n_templates: int
     templates: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()  # what a trained head's rows are named by (LP-FT)
 
     @classmethod
     def build(
@@ -67,10 +68,11 @@ class ClassPrompts:
             if "{}" not in template:
                 raise ValueError(f"prompt template {template!r} has no '{{}}' for the class name")
         texts = [t.format(name) for name in class_names for t in templates]
-        return cls(tokenizer(texts), len(class_names), len(templates), tuple(templates))
+        return cls(tokenizer(texts), len(class_names), len(templates), tuple(templates), tuple(class_names))
 
     def to(self, device: torch.device | str) -> "ClassPrompts":
-        return ClassPrompts(self.tokens.to(device), self.n_classes, self.n_templates, self.templates)
+        return ClassPrompts(self.tokens.to(device), self.n_classes, self.n_templates, self.templates,
+                            self.class_names)
 
     @property
     def n_prompts(self) -> int:

@@ -1,8 +1,11 @@
-"""One trainer for the three methods users compare: ``saft``, ``random`` and ``full``.
+"""One trainer for the methods users compare: ``saft``, ``random``, ``full``, ``lora`` and ``lpft``.
 
 ``saft`` and ``random`` train only the values of a mask (a ``SparseUpdate``); ``full`` is
-conventional fine-tuning of every eligible parameter. All return a ``Delta`` and leave
-the model as it was given (the base), so a result is always "base + delta".
+conventional fine-tuning of every eligible parameter; ``lora`` trains PEFT adapters;
+``lpft`` trains a linear probe, then everything with it. What each trains is its
+:class:`~saft.sparse.methods.Training`; the loss, data order, schedule and optimizer are
+the same for all. All return a ``Delta`` and leave the model as it was given (the base),
+so a result is always "base + delta".
 
 Runs are deterministic for a seed: the batch order is a function of (seed, epoch), and
 a checkpoint holds the trainable tensors, optimizer, schedule and RNG state, so a run
@@ -29,13 +32,12 @@ from saft.sparse.config import FinetuneConfig
 from saft.models.fingerprint import fingerprint_model
 from saft.sparse.backends import configure_backends
 from saft.sparse.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
-from saft.sparse.delta import Delta, delta_from_dense, delta_from_sparse
+from saft.sparse.delta import Delta
 from saft.sparse.distributed import SINGLE, Dist
 from saft.sparse.mask import Mask
-from saft.sparse.objective import ClassPrompts, auto_text_batch, clip_logits, is_text_side
-from saft.sparse.scores import Eligibility
+from saft.sparse.methods import start_training
+from saft.sparse.objective import ClassPrompts, auto_text_batch, clip_logits
 from saft.sparse.text_side import StepTextSide
-from saft.sparse.update import SparseUpdate
 from saft.version import __version__
 
 @dataclass
@@ -128,7 +130,8 @@ def finetune(
     """Fine-tune and return the delta; the model is left at its base weights.
 
     ``dataset`` yields ``(image_tensor, label)``. ``mask`` is required for ``saft`` and
-    ``random`` (see ``select_mask`` / ``random_mask``). ``callback`` receives each step's
+    ``random`` (see ``select_mask`` / ``random_mask``) and refused for the other methods;
+    ``lpft`` names its head's rows by ``prompts.class_names``. ``callback`` receives each step's
     record (loss, lr, grad_norm, images/s) after the optimizer step. Under ``dist``
     (several processes, :mod:`saft.sparse.distributed`) each rank trains on its part of
     every global batch and gradients are summed, so every rank ends with the delta one
@@ -139,7 +142,7 @@ def finetune(
     if dist.active and cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide by the {dist.world} processes: each trains on an "
                          f"equal part of every global batch (e.g. --batch-size {cfg.batch_size // dist.world * dist.world or dist.world})")
-    if cfg.method != "full" and mask is None:
+    if cfg.needs_mask and mask is None:
         raise ValueError(f"method {cfg.method!r} trains a mask: pass mask=select_mask(...) or random_mask(...)")
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
@@ -162,43 +165,37 @@ def finetune(
     configure_backends(device, autocast=amp_dtype is not None)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
-    eligibility = Eligibility(cfg.include, cfg.exclude)
 
-    update: SparseUpdate | None = None
-    backup: dict[str, torch.Tensor] = {}
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.method == "full":
-        trainable = list(eligibility.select(model).items())
-        text_trains = any(is_text_side(n) for n, _ in trainable)
-        backup = {n: p.detach().clone() for n, p in trainable}
-        for _, p in trainable:
-            p.requires_grad_(True)
-        params = [p for _, p in trainable]
-    else:
-        update = SparseUpdate(mask, device=device)
-        params = list(update.values)
-        text_trains = any(is_text_side(n) for n in update.names)
-
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.steps, min(cfg.warmup_steps, cfg.steps))
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    history: list[dict] = []
-    start_step = 0
-    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        start_step, history = _load_checkpoint(ckpt_path, params, optimizer, scheduler, scaler, config_json, base_fp)
-    if dist.active and dist.sum_int(start_step, device) != start_step * dist.world:
-        raise ValueError(f"{ckpt_path}: the processes resume from different steps; the checkpoint folder must be "
-                         "one folder all of them see (a shared volume on several nodes)")
-    last_saved: int | None = start_step if start_step else None  # step of the checkpoint on disk, if any
+    try:
+        training = start_training(cfg, model, mask=mask, device=device, dataset=dataset, prompts=prompts,
+                                  amp_dtype=amp_dtype, loader_kwargs=lambda: cfg.loader.kwargs(device, cfg.seed))
+    except BaseException:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+        raise
+    params, text_trains = training.params, training.text_trains
 
     t0 = time.perf_counter()
     try:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_with_warmup(s, cfg.steps, min(cfg.warmup_steps, cfg.steps))
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        history: list[dict] = []
+        start_step = 0
+        config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+        if resume and ckpt_path is not None and ckpt_path.is_file():
+            start_step, history = _load_checkpoint(ckpt_path, params, optimizer, scheduler, scaler, config_json, base_fp)
+        if dist.active and dist.sum_int(start_step, device) != start_step * dist.world:
+            raise ValueError(f"{ckpt_path}: the processes resume from different steps; the checkpoint folder must be "
+                             "one folder all of them see (a shared volume on several nodes)")
+        last_saved: int | None = start_step if start_step else None  # step of the checkpoint on disk, if any
+
         model.train()
-        if cfg.method != "full":
+        if not training.updates_norm_statistics:
             _freeze_norm_statistics(model)
         loader = DataLoader(
             dataset,
@@ -210,8 +207,7 @@ def finetune(
 
         def forward_context():
             stack = contextlib.ExitStack()
-            if update is not None:
-                stack.enter_context(update.attached(model))
+            stack.enter_context(training.attached())
             stack.enter_context(torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                enabled=amp_dtype is not None))
             return stack
@@ -234,7 +230,7 @@ def finetune(
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
                     with forward_context():
-                        logits = clip_logits(model, images, text)
+                        logits = clip_logits(model, images, training.head(text))
                         if dist.active:  # this rank's part of the global batch's mean
                             loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
                             loss = loss / cfg.batch_size
@@ -292,15 +288,10 @@ def finetune(
                 callback(record)
         bar.close()
     finally:
+        training.close()  # leave the base in place whatever happened
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
-        trained_full = {n: p.detach().clone() for n, p in model.named_parameters() if n in backup}
-        if backup:  # leave the base in place whatever happened
-            with torch.no_grad():
-                named = dict(model.named_parameters())
-                for n, b in backup.items():
-                    named[n].copy_(b)
 
     info = {"method": cfg.method, "steps": str(cfg.steps), "lr": repr(cfg.learning_rate),
             "config": config_json, "library_version": __version__}
@@ -310,10 +301,7 @@ def finetune(
     if mask is not None:
         info.update({f"mask_{k}": v for k, v in mask.meta.items()})
     info.update(meta or {})
-    if update is not None:
-        delta = delta_from_sparse(update, base_fp, info)
-    else:
-        delta = delta_from_dense(backup, trained_full, base_fp, info)
+    delta = training.delta(base_fp, info)
     return FinetuneResult(delta, history, cfg.to_dict(), time.perf_counter() - t0)
 
 

@@ -20,6 +20,7 @@ from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.metrics import REFERENCE_META, metrics_document, records_from_document
 from saft.eval.report import write_report
 from saft.io import atomic_path, write_json
+from saft.steps.configs import WISEFT
 from saft.steps.report_context import report_context
 from saft.steps.evaluate import METRICS_FILE, DeltaRun
 from saft.world.checks import Checks
@@ -84,9 +85,15 @@ def collect_step(metric_files: list[str | Path], out_dir: str | Path, *, deltas:
                "aggregates": doc["aggregates"], "sizes": delta_sizes(context["runs"]),
                "learning_rates": dict(learning_rates or {}), "ood_at_matched_id": {},
                "definitions": doc["definitions"]}
+    wiseft = sorted((d.seed, d.alpha) for d in deltas if d.alpha is not None and d.name == WISEFT)
+    if wiseft:
+        summary["wiseft_alpha"] = {str(seed): alpha for seed, alpha in wiseft}
     if any(a["alpha"] not in (None, 0.0, 1.0) for a in doc["aggregates"]):
         # Read off measured alpha curves; with alpha 1 alone it would be a straight-line guess.
-        summary["ood_at_matched_id"] = ood_at_matched_id(doc["aggregates"])
+        matched = ood_at_matched_id(doc["aggregates"])
+        if wiseft and "full" in matched:  # WiSE-FT's points lie on full fine-tuning's curve: they share its value
+            matched[WISEFT] = matched["full"]
+        summary["ood_at_matched_id"] = matched
     models = {a["model"] for a in doc["aggregates"]}
     if summary["suite"] == WORLD_SUITE and {"zeroshot", "full"} <= models:
         checks = Checks.compute(doc["aggregates"])
@@ -101,7 +108,12 @@ def results_text(summary: dict) -> str:
     """The table (and, on the world, the validity verdict) as printed at the end of a run."""
     lines = [format_results(summary)]
     if summary.get("learning_rates"):
-        lines.append("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in sorted(summary["learning_rates"].items())))
+        lines.append("learning rates: " + ", ".join(
+            f"{m} {'/'.join(f'{x:g}' for x in lr) + ' (per seed)' if isinstance(lr, list) else f'{lr:g}'}"
+            for m, lr in sorted(summary["learning_rates"].items())))
+    if summary.get("wiseft_alpha"):
+        lines.append("wiseft alpha (chosen on ID validation): " + ", ".join(
+            f"seed {s} {a:g}" for s, a in summary["wiseft_alpha"].items()))
     if "checks" in summary:
         lines += ["", format_checks(summary)]
     return "\n".join(lines)

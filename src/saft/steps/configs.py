@@ -17,6 +17,21 @@ from saft.steps.prepared import PROMPT_SETS
 
 
 MASK_KINDS = ("saft", "random")
+WISEFT = "wiseft"
+COMPARED = (ZERO_SHOT, "full", WISEFT, "lora", "lpft", "saft", "random")
+"""What a benchmark compares (docs/methods.md): the base model, the trained methods, and WiSE-FT (full fine-tuning's
+delta at the mixing weight chosen on ID validation: nothing of its own is trained)."""
+DEFAULT_COMPARED = (ZERO_SHOT, "full", WISEFT, "lora", "saft", "random")
+WISEFT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+"""WiSE-FT's mixing weights scored on ID validation: 0, 0.1, ..., 1 (the paper draws its curves over [0, 1])."""
+
+
+def check_alphas(alphas) -> list[float]:
+    """WiSE-FT's mixing weights, sorted; ValueError unless distinct and within [0, 1]."""
+    alphas = sorted(float(a) for a in alphas)
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas) or len(set(alphas)) != len(alphas):
+        raise ValueError(f"WiSE-FT alphas must be distinct mixing weights in [0, 1], got {alphas}")
+    return alphas
 
 
 @dataclass
@@ -70,25 +85,45 @@ class FinetuneStepConfig(FinetuneConfig):
 
 @dataclass(frozen=True)
 class DeltaRun:
-    """A trained delta to evaluate: method name, seed and file."""
+    """A trained delta to evaluate: method name, seed and file; ``alpha``: evaluated at that weight alone (WiSE-FT's
+    chosen point of full fine-tuning's delta) instead of at the evaluation's alphas."""
 
     name: str
     path: str
     seed: int | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"delta {self.name}: a fixed alpha must be in [0, 1], got {self.alpha}")
 
     @classmethod
     def parse(cls, text: str) -> "DeltaRun":
-        """``NAME[:SEED]=PATH``, e.g. ``saft:1=runs/seed1/saft/delta.safetensors``."""
+        """``NAME[:SEED][@ALPHA]=PATH``, e.g. ``saft:1=runs/seed1/saft/delta.safetensors`` or
+        ``wiseft:1@0.6=runs/seed1/full/delta.safetensors``."""
         label, sep, path = text.partition("=")
         if not sep or not label or not path:
-            raise ValueError(f"--delta {text!r}: expected NAME[:SEED]=PATH, e.g. saft:1=runs/saft/delta.safetensors")
+            raise ValueError(f"--delta {text!r}: expected NAME[:SEED][@ALPHA]=PATH, e.g. "
+                             "saft:1=runs/saft/delta.safetensors")
+        label, _, alpha = label.partition("@")
         name, _, seed = label.partition(":")
         if name == ZERO_SHOT:
             raise ValueError(f"--delta {text!r}: the name {ZERO_SHOT!r} is reserved for the base model")
         try:
-            return cls(name, path, int(seed) if seed else None)
+            seed_value = int(seed) if seed else None
         except ValueError:
             raise ValueError(f"--delta {text!r}: the seed must be an integer") from None
+        try:
+            alpha_value = float(alpha) if alpha else None
+        except ValueError:
+            raise ValueError(f"--delta {text!r}: the alpha after @ must be a number, e.g. wiseft:1@0.5=...") from None
+        return cls(name, path, seed_value, alpha_value)
+
+    def __str__(self) -> str:
+        """The ``--delta`` argument :meth:`parse` reads back."""
+        seed = "" if self.seed is None else f":{self.seed}"
+        alpha = "" if self.alpha is None else f"@{self.alpha!r}"
+        return f"{self.name}{seed}{alpha}={self.path}"
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The evaluate step: model spec (+ deltas at alphas) x suite -> metrics JSON and report.
 
-Each model variant is the base (``zeroshot``) or base + alpha * delta; every variant is
-scored on every suite entry with a zero-shot head built from the entry's class names and
+Each model variant is the base (``zeroshot``) or base + alpha * delta (a delta given its
+own alpha, WiSE-FT's chosen point, at that alpha only; a delta with a trained head adds
+alpha times its class offsets to the head, :meth:`saft.sparse.delta.Delta.head_offsets`);
+every variant is scored on every suite entry with a zero-shot head built from the entry's class names and
 templates (cached on disk per weights/classes/templates). Labels that live in a larger
 class space (ImageNet-A/-R, and ``id_subset`` entries on their classes) are scored with
 logits restricted to their classes. A base or new half is scored with a head over its
@@ -220,9 +222,7 @@ def _checked_delta(run: DeltaRun, loaded, device: str):
             f"{delta.base_fingerprint[:12]}...) but the model {loaded.spec} has fingerprint {loaded.fingerprint[:12]}...; "
             "evaluate it with its own base model"
         )
-    delta.values = {n: v.to(device) for n, v in delta.values.items()}
-    delta.indices = {n: i.to(device) for n, i in delta.indices.items()}
-    return delta
+    return delta.to(device)
 
 
 def _merged(model, delta, alpha: float):
@@ -245,11 +245,16 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
     loaded = load_model(cfg.model, device=device)
     model = loaded.model
     tasks = [_task(e, cfg.template_set, suite) for e in entries]
-    variants: list[tuple[str, int | None, float | None, DeltaRun | None]] = []
+    # (name, seed, recorded alpha, run, applied alpha): a run with its own alpha (WiSE-FT's chosen point) is one
+    # point, recorded without an alpha like the base
+    variants: list[tuple[str, int | None, float | None, DeltaRun | None, float]] = []
     if cfg.zeroshot:
-        variants.append((ZERO_SHOT, None, None, None))
+        variants.append((ZERO_SHOT, None, None, None, 0.0))
     for run in cfg.deltas:
-        variants += [(run.name, run.seed, alpha, run) for alpha in cfg.alphas]
+        if run.alpha is not None:
+            variants.append((run.name, run.seed, None, run, run.alpha))
+        else:
+            variants += [(run.name, run.seed, alpha, run, alpha) for alpha in cfg.alphas]
     if not variants:
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
     deltas = {run.path: _checked_delta(run, loaded, device) for run in cfg.deltas}
@@ -261,22 +266,26 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
     records = []
     for task in tasks:
         scored = []
-        for name, seed, alpha, run in variants:
-            merged = _merged(model, deltas[run.path], alpha) if run is not None else contextlib.nullcontext
+        for name, seed, alpha, run, weight in variants:
+            merged = _merged(model, deltas[run.path], weight) if run is not None else contextlib.nullcontext
             key = loaded.fingerprint
-            if run is not None and alpha != 0:
+            if run is not None and weight != 0:
                 key = hashlib.sha256(f"{loaded.fingerprint}|{Path(run.path).resolve()}|"
-                                     f"{Path(run.path).stat().st_mtime_ns}|{alpha}".encode()).hexdigest()
+                                     f"{Path(run.path).stat().st_mtime_ns}|{weight}".encode()).hexdigest()
             with merged():
                 head = cached_head(model, loaded.tokenizer, task.classes, task.templates, fingerprint=key,
                                    device=device, progress=progress and dist.is_main)
-            label = f"{name}{'' if seed is None else f':{seed}'}{'' if alpha is None else f'@{alpha:g}'}"
+            offsets = deltas[run.path].head_offsets(task.classes, weight) if run is not None else None
+            if offsets is not None:  # a trained head (lpft): its classes' offsets, zero for classes it never saw
+                head = head + offsets.to(device=head.device, dtype=head.dtype)
+            shown = alpha if run is None or run.alpha is None else weight
+            label = f"{name}{'' if seed is None else f':{seed}'}{'' if shown is None else f'@{shown:g}'}"
             scored.append(Variant(head, merged, label))
         data = EntryImages(task.entry.root, task.images, loaded.preprocess, trained, task.entry.name)
         accs = evaluate_variants(model, scored, data, subset=task.subset, batch_size=cfg.batch_size, loader=loader,
                                  device=device, progress=progress,
                                  desc=f"{task.entry.name} ({len(scored)} variant{'s' * (len(scored) > 1)})", dist=dist)
-        for (name, seed, alpha, _), variant, acc in zip(variants, scored, accs):
+        for (name, seed, alpha, _, _), variant, acc in zip(variants, scored, accs):
             records.append(task.record(name, seed, alpha, acc))
             log(f"{variant.label:<20} {task.entry.name:<24} {task.entry.role:<5} top-1 {100 * acc.top1:6.2f}  "
                 f"(n={acc.n})")

@@ -34,12 +34,14 @@ def finetune_step(cfg: FinetuneStepConfig, data_dir: str | Path, out_dir: str | 
     """
     if not cfg.model:
         raise ConfigError("finetune: no model spec given (--model, or params.yaml model)")
-    if cfg.method != "full" and mask_path is None:
+    if cfg.needs_mask and mask_path is None:
         raise ConfigError(f"method {cfg.method} trains the entries of a mask: pass --mask with the mask.safetensors "
                           "`saft score` wrote")
-    if cfg.method == "full" and mask_path is not None:
-        raise ConfigError(f"method full trains every eligible parameter and takes no mask (got --mask {mask_path}); "
-                          "drop --mask, or use --method saft")
+    if not cfg.needs_mask and mask_path is not None:
+        trains = {"full": "every eligible parameter", "lora": "low-rank adapters",
+                  "lpft": "a linear probe, then every eligible parameter"}.get(cfg.method, "no mask's entries")
+        raise ConfigError(f"method {cfg.method} trains {trains} and takes no mask (got --mask {mask_path}); drop "
+                          "--mask, or use --method saft")
     data = PreparedData.open(data_dir, root)
     training = cfg.training()
     inputs = [data.folder] + ([Path(mask_path)] if mask_path is not None else [])

@@ -23,7 +23,9 @@ from saft.loader import LoaderSettings
 from saft.serving.kserve import PredictorSettings
 from saft.serving.rollout import RolloutConfig
 from saft.sparse.config import METHODS, default_lr
-from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.eval.metrics import ZERO_SHOT
+from saft.steps.configs import (COMPARED, DEFAULT_COMPARED, WISEFT, WISEFT_ALPHAS, EvaluateConfig, FinetuneStepConfig,
+                                ScoreConfig, check_alphas)
 from saft.layout import RESOLVED_PARAMS
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -61,11 +63,22 @@ ScoreParams = section("ScoreParams", ScoreConfig, drop=PER_TASK + ("kind",) + LO
                       doc="Phase I: the SAFT mask (and the random mask of the same density).")
 FinetuneParams = section("FinetuneParams", FinetuneStepConfig, drop=PER_TASK + ("method", "lr") + LOADER,
                          doc="Phase II and the baselines: every method trains with these settings.", extra=[
-    ("methods", list[str], setting(factory=lambda: list(METHODS), choices=METHODS, help="methods to train")),
+    ("methods", list[str], setting(factory=lambda: list(DEFAULT_COMPARED), choices=COMPARED,
+                                   help="methods compared (docs/methods.md): zeroshot (the base), the trained methods "
+                                        "(full, lora, lpft, saft, random) and wiseft (full's delta at the alpha "
+                                        "chosen on ID validation; needs full)")),
     ("lr", dict[str, float], setting(factory=dict, cli=False,
                                      help="learning rate per method (e.g. {saft: 0.003}); a method not named "
                                           "trains at the model's recipe (tiny: the rates its world's protocol chose "
-                                          "on ID validation; others: 1e-4 for saft/random, 1e-5 for full)")),
+                                          "on ID validation; others: 1e-4 for saft/random, 1e-5 for full and lpft, "
+                                          "2e-4 for lora)")),
+    ("lr_grid", dict[str, list[float]], setting(factory=dict, cli=False,
+                                                help="learning-rate grid per method: every rate is trained and the "
+                                                     "best on ID validation kept, per seed (e.g. {lora: [1e-4, 3e-4, "
+                                                     "1e-3]}); a method not named trains at its lr above alone")),
+    ("wiseft_alphas", list[float], setting(factory=lambda: list(WISEFT_ALPHAS),
+                                           help="wiseft: mixing weights of base + alpha * (full's delta) scored on "
+                                                "ID validation; the best is reported")),
 ])
 EvaluateParams = section("EvaluateParams", EvaluateConfig,
                          drop=("model", "device", "deltas", "zeroshot", "only") + LOADER,
@@ -184,6 +197,18 @@ class PipelineParams:
         """Every method's rate: finetune.lr where it names one, else the model's recipe."""
         return {m: self.finetune.lr.get(m, default_lr(m, self.model)) for m in METHODS}
 
+    def trained_methods(self) -> list[str]:
+        """The methods of finetune.methods that train a delta, in the order given."""
+        return [m for m in self.finetune.methods if m in METHODS]
+
+    def lr_grid(self, method: str) -> list[float]:
+        """The rates ``method`` trains at: finetune.lr_grid's, else its one rate."""
+        return list(self.finetune.lr_grid.get(method) or [self.learning_rates()[method]])
+
+    def wiseft_alphas(self) -> list[float]:
+        """WiSE-FT's alpha grid when wiseft is compared, else none."""
+        return list(self.finetune.wiseft_alphas) if WISEFT in self.finetune.methods else []
+
     # ----------------------------------------------------------------- step configurations
 
     def score_config(self, kind: str, seed: int) -> ScoreConfig:
@@ -202,7 +227,8 @@ class PipelineParams:
 
     def evaluate_config(self, deltas=(), only=()) -> EvaluateConfig:
         return EvaluateConfig(**to_mapping(self.evaluate), **to_mapping(self.loader), model=self.model,
-                              deltas=list(deltas), only=list(only), device=self.device)
+                              deltas=list(deltas), only=list(only), device=self.device,
+                              zeroshot=ZERO_SHOT in self.finetune.methods)
 
     def validate(self, source: str = "params") -> "PipelineParams":
         def fail(msg: str) -> None:
@@ -215,8 +241,7 @@ class PipelineParams:
             except ConfigError as err:
                 fail(f"{_section_of(self, part)}.{err}")
         for name, build in (("score", lambda: self.score_config("saft", 0)),
-                            ("finetune", lambda: self.finetune_config(self.finetune.methods[0] if self.finetune.methods
-                                                                      else "saft", 0)),
+                            ("finetune", lambda: self.finetune_config((self.trained_methods() or ["saft"])[0], 0)),
                             ("evaluate", self.evaluate_config), ("data", lambda: self.prepare_config(0))):
             try:  # every check of the steps themselves (across fields too), with the section named
                 build()
@@ -228,15 +253,27 @@ class PipelineParams:
         if len(set(self.seeds)) != len(self.seeds):
             fail(f"seeds {self.seeds} repeat a seed")
         f, r, c = self.finetune, self.retrain, self.cluster
-        if not f.methods or len(set(f.methods)) != len(f.methods):
-            fail(f"finetune.methods must be distinct methods of {', '.join(METHODS)}, got {f.methods}")
-        unknown = sorted(set(f.lr) - set(METHODS))
-        if unknown:
-            fail(f"finetune.lr names no method {', '.join(unknown)}{did_you_mean(unknown[0], METHODS)} "
-                 f"(methods: {', '.join(METHODS)})")
+        if not self.trained_methods() or len(set(f.methods)) != len(f.methods):
+            fail(f"finetune.methods must be distinct methods of {', '.join(COMPARED)}, at least one of them trained "
+                 f"({', '.join(METHODS)}), got {f.methods}")
+        if WISEFT in f.methods and "full" not in f.methods:
+            fail("finetune.methods has wiseft but not full: WiSE-FT interpolates full fine-tuning's delta; add full")
+        for key in ("lr", "lr_grid"):
+            unknown = sorted(set(getattr(f, key)) - set(METHODS))
+            if unknown:
+                fail(f"finetune.{key} names no method {', '.join(unknown)}"
+                     f"{did_you_mean(unknown[0], METHODS)} (methods: {', '.join(METHODS)})")
         bad = [f"{m}: {v}" for m, v in f.lr.items() if not v > 0]
         if bad:
             fail(f"finetune.lr must be positive rates, got {', '.join(bad)}")
+        for m, grid in f.lr_grid.items():
+            if not grid or any(not v > 0 for v in grid) or len(set(grid)) != len(grid):
+                fail(f"finetune.lr_grid.{m} must be distinct positive learning rates, got {grid}")
+        if WISEFT in f.methods:
+            try:
+                check_alphas(f.wiseft_alphas)
+            except ValueError as err:
+                fail(f"finetune.wiseft_alphas: {err}")
         if self.register.enabled and self.register.method not in f.methods:
             fail(f"register.method {self.register.method} is not among finetune.methods {f.methods}")
         if self.data.subset not in SUBSETS:
@@ -273,7 +310,8 @@ def _section_of(params: PipelineParams, part) -> str:
 def finetune_settings(params: PipelineParams) -> dict:
     """``finetune:`` (but ``methods`` and ``lr``, chosen per task) and ``loader:`` as one settings mapping: what a
     finetune component takes as its ``settings`` JSON (:class:`FinetuneStepConfig` fields)."""
-    return {**to_mapping(params.finetune, skip=("methods", "lr")), **to_mapping(params.loader)}
+    return {**to_mapping(params.finetune, skip=("methods", "lr", "lr_grid", "wiseft_alphas")),
+            **to_mapping(params.loader)}
 
 
 # --------------------------------------------------------------------------- reading

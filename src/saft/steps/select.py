@@ -40,6 +40,16 @@ def _candidate(folder: Path) -> dict:
             "final_loss": record.get("final_loss"), "trained_values": record.get("trained_values")}
 
 
+def _checked(delta, loaded, folder):
+    """``delta``, refused unless it was trained on the loaded base."""
+    from saft.sparse import FingerprintMismatch
+
+    if delta.base_fingerprint != loaded.fingerprint:
+        raise FingerprintMismatch(f"select: {folder}: the delta was trained on another base model "
+                                  f"({delta.meta.get('base_model', 'unknown')}) than {loaded.spec}")
+    return delta
+
+
 def choose(candidates: list[dict]) -> dict:
     """Highest ``val_top1``; ties to the lower learning rate."""
     return max(candidates, key=lambda c: (c["val_top1"], -c["lr"]))
@@ -48,9 +58,9 @@ def choose(candidates: list[dict]) -> dict:
 def select_step(model_spec: str, data_dir: str | Path, candidate_dirs: list[str | Path], out_dir: str | Path, *,
                 root: str | None = None, batch_size: int = 128, device: str = "cpu",
                 log: Callable[[str], None] = print) -> dict:
-    from saft.eval import top1_accuracy
+    from saft.eval import delta_top1, top1_accuracy
     from saft.models import load_model
-    from saft.sparse import ClassPrompts, apply_delta, load_delta, remove_delta
+    from saft.sparse import ClassPrompts, load_delta
     from saft.steps.prepared import PreparedData
 
     if not candidate_dirs:
@@ -67,12 +77,8 @@ def select_step(model_spec: str, data_dir: str | Path, candidate_dirs: list[str 
     zeroshot = top1_accuracy(loaded.model, val, prompts, batch_size=batch_size, device=device)
     log(f"select: {len(val)} ID validation images; zero-shot top-1 {100 * zeroshot:.1f}")
     for c in sorted(candidates, key=lambda c: c["lr"]):
-        delta = load_delta(Path(c["folder"]) / FINETUNE.delta)
-        apply_delta(loaded.model, delta)
-        try:
-            c["val_top1"] = top1_accuracy(loaded.model, val, prompts, batch_size=batch_size, device=device)
-        finally:
-            remove_delta(loaded.model, delta)
+        delta = _checked(load_delta(Path(c["folder"]) / FINETUNE.delta), loaded, c["folder"])
+        c["val_top1"] = delta_top1(loaded.model, delta, val, prompts, batch_size=batch_size, device=device)
         log(f"select: {c['method']} lr {c['lr']:g}: validation top-1 {100 * c['val_top1']:.1f}")
     best = choose(candidates)
     out = Path(out_dir)

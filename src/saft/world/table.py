@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-_ORDER = ("zeroshot", "full", "saft", "random")
+_ORDER = ("zeroshot", "full", "wiseft", "lpft", "lora", "saft", "random")
 
 
 def _cell(stat: dict | None) -> str:
