@@ -21,7 +21,7 @@ from saft.orchestration.plan import check_protocol, training_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_WORLD = ["seeds=[1]", "world.pool_per_class=8", "world.test_per_class=4", "data.shots=2", "data.val_shots=1",
-              "finetune.steps=2", "finetune.warmup_steps=0", "finetune.methods=[saft]"]
+              "finetune.steps=2", "finetune.warmup_steps=0", "finetune.methods=[zeroshot, saft]"]
 
 
 def _args(out: Path, overrides: list[str]) -> list[str]:

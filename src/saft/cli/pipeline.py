@@ -10,7 +10,9 @@ from pathlib import Path
 def _params(args):
     from saft.steps.params import load_cli_params
 
-    params, source = load_cli_params(args.params, args.set)
+    # Without tracking there is no registry: nothing is registered, so register.* is not checked either.
+    overrides = list(args.set or []) + (["register.enabled=false"] if getattr(args, "no_tracking", False) else [])
+    params, source = load_cli_params(args.params, overrides)
     print(f"parameters: {source}")
     return params
 

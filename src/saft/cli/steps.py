@@ -103,7 +103,9 @@ def _run(args: argparse.Namespace) -> int:
     from saft.steps.params import load_cli_params
     from saft.orchestration.run import run_pipeline
 
-    params, source = load_cli_params(args.params, args.set)
+    # Without tracking there is no registry: nothing is registered, so register.* is not checked either.
+    overrides = list(args.set or []) + (["register.enabled=false"] if args.no_tracking else [])
+    params, source = load_cli_params(args.params, overrides)
     print(f"parameters: {source}")
     summary = run_pipeline(params, args.out, tracking=not args.no_tracking, progress=args.progress)
     return 3 if summary.get("checks_passed") is False else 0
