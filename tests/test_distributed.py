@@ -62,12 +62,12 @@ def _commands(tag: str) -> list[str]:
 
 
 def toy_world(base: Path, *, pool: int, test: int, shots: int) -> Path:
-    """In ``base``: the world ``W``, ``shots`` per class of its textile pool prepared in ``D``, ``toy.yaml``
-    (textile ID, sketch OOD)."""
+    """In ``base``: the world ``W``, ``shots`` per class of its ID (photo) pool prepared in ``D``, ``toy.yaml``
+    (photo ID, sketch OOD)."""
     _run(SAFT + ["world", "--out", "W", "--pool-per-class", str(pool), "--test-per-class", str(test)], base)
-    _run(SAFT + ["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", str(shots), "--out", "D"], base)
+    _run(SAFT + ["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", str(shots), "--out", "D"], base)
     suite = {"name": "toy", "datasets": [
-        {"name": "textile", "dataset": "imagefolder", "root": "W/textile/test", "role": "id"},
+        {"name": "photo", "dataset": "imagefolder", "root": "W/photo/test", "role": "id"},
         {"name": "sketch", "dataset": "imagefolder", "root": "W/sketch/test", "role": "ood"}]}
     (base / "toy.yaml").write_text(yaml.safe_dump(suite))
     return base

@@ -30,7 +30,7 @@ CHECKPOINT = "src/saft/models/tiny/saft-tiny-clip.safetensors"
 CARD = "src/saft/models/tiny/saft-tiny-clip.json"
 METHODS = ("saft", "full", "random")
 KINDS = ("saft", "random")
-WORLD_POOL = "runs/dvc/world/textile/pool"
+WORLD_POOL = "runs/dvc/world/photo/pool"
 
 pytestmark = pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed in this environment")
 

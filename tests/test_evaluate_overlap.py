@@ -17,12 +17,12 @@ from saft.data.prepare import PrepareError, check_class_names
 def trained(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("overlap")
     assert main(["world", "--out", str(base / "W"), "--pool-per-class", "4", "--test-per-class", "1"]) == 0
-    assert main(["data", "prepare", str(base / "W/textile/pool"), "--shots", "2", "--val-shots", "1",
+    assert main(["data", "prepare", str(base / "W/photo/pool"), "--shots", "2", "--val-shots", "1",
                  "--out", str(base / "D")]) == 0
     assert main(["finetune", "--model", "tiny", "--method", "full", "--data", str(base / "D"), "--steps", "1",
                  "--batch-size", "4", "--out", str(base / "F"), "--num-workers", "0"]) == 0
-    for name, root in (("leaky", "W/textile/pool"), ("clean", "W/textile/test")):
-        suite = {"name": name, "datasets": [{"name": "textile", "dataset": "imagefolder", "root": root, "role": "id"}]}
+    for name, root in (("leaky", "W/photo/pool"), ("clean", "W/photo/test")):
+        suite = {"name": name, "datasets": [{"name": "photo", "dataset": "imagefolder", "root": root, "role": "id"}]}
         (base / f"{name}.yaml").write_text(yaml.safe_dump(suite))
     return base
 

@@ -25,7 +25,7 @@ def test_run_step_refuses_bad_argv_and_a_job_inside_a_job() -> None:
 @pytest.mark.slow
 def test_two_processes_score_the_same_mask_bytes_as_one(tmp_path: Path, monkeypatch) -> None:
     _run(SAFT + ["world", "--out", "W", "--pool-per-class", "4", "--test-per-class", "1"], tmp_path)
-    _run(SAFT + ["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "3", "--out", "D"], tmp_path)
+    _run(SAFT + ["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", "3", "--out", "D"], tmp_path)
     for key, value in _env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)

@@ -51,7 +51,7 @@ def test_the_fan_out_trains_once_per_dataset(b2n_world, tmp_path) -> None:
     assert two[0]["root"].endswith("dtd/test")  # the dataset's own suite root
     # the world's base-to-new variant: one dataset, trained on the world's pool as in the other pipelines
     one = base2new_fanout(str(b2n_world), "", "", dataset="imagefolder", data_root="")
-    assert one == [{"group": "textile", "dataset": "imagefolder", "root": "", "version_check": True}]
+    assert one == [{"group": "photo", "dataset": "imagefolder", "root": "", "version_check": True}]
     suite = load_suite(str(tmp_path / "suite.yaml"), str(tmp_path))
     assert entries_of(suite, "eurosat") == ["eurosat/base", "eurosat/new"]  # a group: both halves
     assert entries_of(suite, "dtd/new") == ["dtd/new"] and entries_of(suite, "") == []
@@ -113,9 +113,9 @@ def test_base2new_end_to_end_on_the_worlds_base_to_new_variant(tmp_path, monkeyp
     assert prepared["subset"] == "base" and prepared["counts"]["classes"] == 5  # the first 5 of the 10 shapes
     results = json.loads((run_dir / "collect-base2new" / "results" / "results.json").read_text())
     saft = next(a for a in results["aggregates"] if a["model"] == "saft")
-    textile = saft["base_to_new"]["textile"]
-    b, n = textile["base"]["mean"], textile["new"]["mean"]
-    assert textile["hm"]["mean"] == pytest.approx(2 * b * n / (b + n)) and saft["hm"]["mean"] == pytest.approx(
+    photo = saft["base_to_new"]["photo"]
+    b, n = photo["base"]["mean"], photo["new"]["mean"]
+    assert photo["hm"]["mean"] == pytest.approx(2 * b * n / (b + n)) and saft["hm"]["mean"] == pytest.approx(
         2 * saft["base"]["mean"] * saft["new"]["mean"] / (saft["base"]["mean"] + saft["new"]["mean"]))
-    assert set(saft["per_dataset"]) == {"textile/base", "textile/new"}
+    assert set(saft["per_dataset"]) == {"photo/base", "photo/new"}
     assert "HM" in text

@@ -43,7 +43,7 @@ def mini_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     world_step(root, WorldParams(26, 8), log=lambda *_: None)
     suite = {"name": "synth-mini", "datasets": [
-        {"name": "textile", "dataset": "imagefolder", "root": "textile/test", "role": "id"},
+        {"name": "photo", "dataset": "imagefolder", "root": "photo/test", "role": "id"},
         {"name": "sketch", "dataset": "imagefolder", "root": "sketch/test", "role": "ood"}]}
     (root / "mini-suite.yaml").write_text(yaml.safe_dump(suite))
     return root
@@ -70,7 +70,7 @@ def test_retrain_end_to_end_then_from_cache_then_recomputed_on_new_data(mini_wor
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    pool = shutil.copytree(mini_world / "textile" / "pool", tmp_path / "pool")
+    pool = shutil.copytree(mini_world / "photo" / "pool", tmp_path / "pool")
     args = ["pipeline", "run", "--local", "--pipeline", "retrain", "--cache", "--params", str(REPO / "params.yaml"),
             "--out", str(tmp_path / "out")]
     for item in TINY + [f"data.root={pool}", f"evaluate.suite={mini_world / 'mini-suite.yaml'}",
@@ -94,7 +94,7 @@ def test_retrain_end_to_end_then_from_cache_then_recomputed_on_new_data(mini_wor
     assert chosen["config"]["lr"] == selection["chosen_lr"] and chosen["config"]["checkpoint_every"] == 3
     results = json.loads((run_dir / "collect" / "results" / "results.json").read_text())
     assert {a["model"] for a in results["aggregates"]} == {"zeroshot", "saft"}  # SAFT alone ships
-    assert set(results["aggregates"][0]["per_dataset"]) == {"textile", "sketch"}
+    assert set(results["aggregates"][0]["per_dataset"]) == {"photo", "sketch"}
     assert results["learning_rates"] == {"saft": selection["chosen_lr"]}
     version = json.loads((run_dir / "prepare" / "data" / "data_version.json").read_text())
     assert version["kind"] == "files" and version["root"] == str(pool)
@@ -195,7 +195,7 @@ def test_baselines_train_into_runs_that_gather_and_compare_read(mini_world, tmp_
 
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     data = tmp_path / "data"
-    prepare_dataset(mini_world / "textile" / "pool", data, shots=2, seed=1, val_shots=1)
+    prepare_dataset(mini_world / "photo" / "pool", data, shots=2, seed=1, val_shots=1)
     cfg = FinetuneStepConfig(model="tiny", method="random", lr=0.01, seed=1, steps=3, batch_size=8, warmup_steps=0,
                              device="cpu")
     baseline_task(str(data), str(tmp_path / "random"), cfg, density=0.01)
@@ -204,7 +204,7 @@ def test_baselines_train_into_runs_that_gather_and_compare_read(mini_world, tmp_
     assert (run.name, run.seed) == ("random", 1) and not list(tmp_path.glob("random/mask*"))
     for name, models in (("candidate", ("zeroshot", "saft")), ("baseline", ("random",))):
         records = [Record(m, d, role, top1, 10, None if m == "zeroshot" else 1, None if m == "zeroshot" else 1.0)
-                   for m in models for d, role, top1 in (("textile", "id", 0.6), ("sketch", "ood", 0.7))]
+                   for m in models for d, role, top1 in (("photo", "id", 0.6), ("sketch", "ood", 0.7))]
         write_json(tmp_path / name / "metrics.json", metrics_document(records, {"suite": "synth-mini", "model": "tiny"}))
     saft_run = tmp_path / "chosen" / "saft-seed1"
     saft_run.mkdir(parents=True)
@@ -254,7 +254,7 @@ def test_a_training_task_killed_mid_run_resumes_on_its_retry(mini_world, tmp_pat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     data, mask = tmp_path / "data", tmp_path / "mask"
-    prepare_dataset(mini_world / "textile" / "pool", data, shots=2, seed=1, val_shots=1)
+    prepare_dataset(mini_world / "photo" / "pool", data, shots=2, seed=1, val_shots=1)
     score_step(ScoreConfig(model="tiny", density=0.01, batch_size=8), data, mask, progress=False, log=None)
     settings = {"steps": 24, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 4}
     threads = torch.get_num_threads()

@@ -99,7 +99,7 @@ def test_nccl_two_processes_score_the_single_process_mask(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     run(saft_cli + ["world", "--out", "W", "--pool-per-class", "10", "--test-per-class", "4"])
-    run(saft_cli + ["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "3", "--out", "D"])
+    run(saft_cli + ["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", "3", "--out", "D"])
     score = ["score", "--model", "tiny", "--data", "D", "--batch-size", "4", "--density", "0.01", "--device", "cuda"]
     run(saft_cli + score + ["--out", "M1"])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "saft.cli",

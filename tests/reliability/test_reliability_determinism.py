@@ -42,7 +42,7 @@ def _losses(folder: Path) -> list[float]:
 @pytest.mark.slow
 def test_same_seed_same_mask_delta_and_metrics(tmp_path: Path) -> None:
     _saft(["world", "--out", "W", "--pool-per-class", "20", "--test-per-class", "2"], tmp_path)
-    _saft(["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "4", "--out", "D"], tmp_path)
+    _saft(["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", "4", "--out", "D"], tmp_path)
     for m in ("M1", "M2"):
         _saft(["score", "--model", "tiny", "--data", "D", "--seed", "3", "--out", m], tmp_path)
     assert (tmp_path / "M1/mask.safetensors").read_bytes() == (tmp_path / "M2/mask.safetensors").read_bytes()

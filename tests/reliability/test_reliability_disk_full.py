@@ -37,7 +37,7 @@ def prepared(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFT_TRACKING", "off")
     assert main(["world", "--out", "W", "--pool-per-class", "4", "--test-per-class", "1"]) == 0
-    assert main(["data", "prepare", "W/textile/pool", "--shots", "2", "--val-shots", "0", "--out", "D"]) == 0
+    assert main(["data", "prepare", "W/photo/pool", "--shots", "2", "--val-shots", "0", "--out", "D"]) == 0
     assert main(["score", "--model", "tiny", "--data", "D", "--out", "M", "--batch-size", "8"]) == 0
     return tmp_path
 

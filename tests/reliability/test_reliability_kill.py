@@ -47,7 +47,7 @@ def _is_atomic_temp(path: Path) -> bool:
 @pytest.mark.slow
 def test_sigkilled_finetune_resumes_to_the_same_delta(tmp_path: Path) -> None:
     _saft(["world", "--out", "W", "--pool-per-class", "20", "--test-per-class", "1"], tmp_path)
-    _saft(["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "4", "--out", "D"], tmp_path)
+    _saft(["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", "4", "--out", "D"], tmp_path)
     _saft(["score", "--model", "tiny", "--data", "D", "--out", "M"], tmp_path)
     train = ["finetune", "--model", "tiny", "--data", "D", "--mask", "M/mask.safetensors",
              "--steps", str(STEPS), "--checkpoint-every", str(EVERY)]

@@ -39,7 +39,7 @@ def prepared(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SAFT_TRACKING", "off")
     monkeypatch.delenv("SAFT_PARENT_RUN_ID", raising=False)
     assert main(["world", "--out", "W", "--pool-per-class", "4", "--test-per-class", "1"]) == 0
-    assert main(["data", "prepare", "--val-shots", "0", "W/textile/pool", "--shots", "2", "--out", "D"]) == 0
+    assert main(["data", "prepare", "--val-shots", "0", "W/photo/pool", "--shots", "2", "--out", "D"]) == 0
     score_task("D", "M", ScoreConfig(model="tiny", density=0.01, batch_size=4, device="cpu", num_workers=0))
     return tmp_path
 

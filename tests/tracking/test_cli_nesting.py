@@ -19,7 +19,7 @@ def test_step_command_logs_a_nested_run_under_the_exported_parent(tmp_path: Path
     monkeypatch.setenv("SAFT_PARENT_RUN_ID", parent)
     out = tmp_path / "world"
     assert main(["world", "--out", str(out), "--pool-per-class", "2", "--test-per-class", "1"]) == 0
-    assert main(["data", "prepare", "--val-shots", "0", str(out / "textile" / "pool"), "--shots", "1", "--out", str(tmp_path / "d")]) == 0
+    assert main(["data", "prepare", "--val-shots", "0", str(out / "photo" / "pool"), "--shots", "1", "--out", str(tmp_path / "d")]) == 0
     end_pipeline_run(parent)
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
@@ -54,7 +54,7 @@ def test_saft_repro_nests_every_dvc_stage_under_one_parent(tmp_path: Path, monke
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], check=True)
     stages = {"world": {"cmd": "saft world --out w --pool-per-class 2 --test-per-class 1", "outs": ["w"]},
-              "prepare": {"cmd": "saft data prepare w/textile/pool --shots 1 --val-shots 0 --out d", "deps": ["w"], "outs": ["d"]}}
+              "prepare": {"cmd": "saft data prepare w/photo/pool --shots 1 --val-shots 0 --out d", "deps": ["w"], "outs": ["d"]}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     assert main(["repro", "--params", "missing.yaml"]) == 0
 

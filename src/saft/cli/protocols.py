@@ -21,7 +21,8 @@ def world_config(args: argparse.Namespace) -> "WorldConfig":
         method, rates = parse_grid(text)
         grids[method] = rates
     return WorldConfig(out_dir=Path(args.out), world_dir=Path(args.world) if args.world else None, model=args.model,
-                       seeds=tuple(args.seeds), steps=args.steps, alphas=tuple(args.alpha), grids=grids,
+                       world=args.world_version, seeds=args.seeds and tuple(args.seeds), steps=args.steps,
+                       alphas=args.alpha and tuple(args.alpha), grids=grids,
                        methods=tuple(args.methods), density=args.density,
                        include=tuple(args.include or Eligibility.include),
                        exclude=tuple(Eligibility.exclude) + tuple(args.exclude or ()),
@@ -80,6 +81,9 @@ def _fewshot(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     from saft.protocols.methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHODS
     from saft.sparse.config import METHODS as FEWSHOT_METHODS  # the trained ones, each at its fixed rate
+    from saft.world.spec import DEFAULT_WORLD, WORLDS, get_world
+
+    task = get_world().task
 
     bm = sub.add_parser("benchmark", help="full protocols: learning-rate grids x seeds")
     bm_sub = bm.add_subparsers(dest="benchmark_command", required=True, metavar="PROTOCOL")
@@ -89,10 +93,14 @@ def register(sub) -> None:
                                         "checks the world's validity.")
     syn.add_argument("--out", default="runs/synthshift", help="output folder (default: runs/synthshift)")
     syn.add_argument("--model", default="tiny", help="model spec (default: tiny)")
-    syn.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
-    syn.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default: 100)")
-    syn.add_argument("--alpha", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
-                     help="interpolation weights of the deltas (default: 0.25 0.5 0.75 1)")
+    syn.add_argument("--world-version", choices=list(WORLDS), default=DEFAULT_WORLD,
+                     help=f"which embedded world; its task sets the defaults below (default: {DEFAULT_WORLD})")
+    syn.add_argument("--seeds", type=int, nargs="+",
+                     help=f"seeds (default: the world's, {' '.join(map(str, task.seeds))})")
+    syn.add_argument("--steps", type=int, help=f"optimizer steps per run (default: the world's, {task.steps})")
+    syn.add_argument("--alpha", type=float, nargs="+",
+                     help="interpolation weights of the deltas (default: the world's, "
+                          f"{' '.join(f'{a:g}' for a in task.alphas)}; validity check 5 needs 0.5)")
     syn.add_argument("--world", metavar="DIR", help="world root to render into or reuse (default: OUT/world)")
     syn.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
                      help="methods to compare; zero-shot is always evaluated, the validity checks need full, wiseft "

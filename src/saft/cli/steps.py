@@ -82,10 +82,18 @@ def _wiseft(args: argparse.Namespace) -> int:
 
 def _world(args: argparse.Namespace) -> int:
     from saft.steps.params import WorldParams
-    from saft.steps.world import world_step
+    from saft.steps.world import world_fingerprint_status, world_step
 
-    summary = world_step(args.out, WorldParams(pool_per_class=args.pool_per_class, test_per_class=args.test_per_class))
-    print(f"world in {summary['root']}: train pool {summary['train_root']}, suite {summary['suite']}")
+    if args.fingerprint:
+        status = world_fingerprint_status(args.version)
+        print(status["text"])
+        return 0 if status["matches"] is not False else 1
+    task = WorldParams()
+    summary = world_step(args.out, WorldParams(pool_per_class=args.pool_per_class or task.pool_per_class,
+                                               test_per_class=args.test_per_class or task.test_per_class),
+                         version=args.version)
+    print(f"world {summary['version']} in {summary['root']}: train pool {summary['train_root']}, "
+          f"suite {summary['suite']}")
     return 0
 
 
@@ -129,6 +137,8 @@ def _io(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
+    from saft.world.spec import DEFAULT_WORLD, WORLDS
+
     score = sub.add_parser("score", help="score parameter entries and write the SAFT mask",
                            description="Phase I of SAFT: gradients of the downstream loss at the pre-trained "
                                        "weights over the training manifest; keep the top entries.")
@@ -190,11 +200,19 @@ def register(sub) -> None:
 
     wo = sub.add_parser("world", help="render the embedded world (the default data) into a folder",
                         description="Deterministic: the same sizes give the same images; existing images are "
-                                    "kept. Writes the ID pool (textile/pool), test sets per domain and the "
-                                    "synthshift suite files.")
+                                    "kept. Writes the ID pool (<id domain>/pool), test sets per domain, the "
+                                    "synthshift suite files and world.json (the version). docs/world.md "
+                                    "describes the versions.")
     wo.add_argument("--out", default="runs/world", help="output folder (default: runs/world)")
-    wo.add_argument("--pool-per-class", type=int, default=64, help="ID pool images per class (default: 64)")
-    wo.add_argument("--test-per-class", type=int, default=100, help="test images per class and domain (default: 100)")
+    wo.add_argument("--version", choices=list(WORLDS), default=DEFAULT_WORLD,
+                    help=f"world version (default: {DEFAULT_WORLD}; the pipelines render the default)")
+    wo.add_argument("--fingerprint", action="store_true",
+                    help="print the version's fingerprint with the shipped model and compare it with the frozen "
+                         "one (exit 1 if they differ); renders nothing")
+    wo.add_argument("--pool-per-class", type=int, default=0,
+                    help="ID pool images per class (default: 0 = the version's, 64)")
+    wo.add_argument("--test-per-class", type=int, default=0,
+                    help="test images per class and domain (default: 0 = the version's, 100)")
     wo.set_defaults(func=_world)
 
     run = sub.add_parser("run", help="the whole pipeline in one process, from params.yaml",

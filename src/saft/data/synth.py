@@ -38,6 +38,7 @@ DOMAIN_WORDS = {"photo": "photo", "photo_v2": "photo", "clutter": "photo", "sket
                 "cartoon": "cartoon", "textile": "photo"}
 SIZE = 32
 _SCALE = 3  # render at 3x and downsample: clean anti-aliased edges at 32 px
+SHAPE_SCALE = (0.27, 0.40)  # an object's radius as a fraction of the image side
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return None  # circle, ring, crescent are drawn with ellipses
 
 
-def _shape_mask(shape: str, rng: random.Random, outline: int = 0) -> tuple[Image.Image, Image.Image]:
-    """(fill mask, outline mask) at render scale for one randomly placed shape."""
+def _shape_mask(shape: str, rng: random.Random, outline: int = 0,
+                scale: tuple[float, float] = SHAPE_SCALE) -> tuple[Image.Image, Image.Image]:
+    """(fill mask, outline mask) at render scale for one randomly placed shape (radius ``scale`` x size)."""
     big = SIZE * _SCALE
-    r = rng.uniform(0.27, 0.40) * big
+    r = rng.uniform(*scale) * big
     cx, cy = rng.uniform(r + 2, big - r - 2), rng.uniform(r + 2, big - r - 2)
     angle = rng.uniform(0, 2 * math.pi) if shape not in ("heart", "arrow") else rng.uniform(-0.5, 0.5)
     if shape == "arrow":
@@ -169,21 +171,35 @@ def _jitter(colour, rng: random.Random, amount: int = 25, mute: float = 0.0):
     return tuple(c)
 
 
-def render(domain: str, shape: str, index: int, seed: int = 0) -> Sample:
-    """One image of ``shape`` in ``domain``; a pure function of its arguments."""
+def check_names(domain: str, shape: str) -> None:
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; domains: {', '.join(DOMAINS)}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+
+
+def render(domain: str, shape: str, index: int, seed: int = 0) -> Sample:
+    """One image of ``shape`` in ``domain``; a pure function of its arguments."""
+    check_names(domain, shape)
     rng = _rng("saft-synth-v1", domain, shape, index, seed)
-    big = SIZE * _SCALE
     colour_name = rng.choice(sorted(COLOURS))
+    img = paint(domain, shape, colour_name, rng)
+    return Sample(downsample(img), shape, colour_name, domain)
+
+
+def downsample(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def paint(domain: str, shape: str, colour_name: str, rng: random.Random,
+          scale: tuple[float, float] = SHAPE_SCALE) -> np.ndarray:
+    """``shape`` in ``colour_name`` painted in ``domain``'s style at render scale (float RGB)."""
+    big = SIZE * _SCALE
     colour = COLOURS[colour_name]
     outline_px = {"sketch": 1, "cartoon": 2}.get(domain, 1)
-    fill, line = _shape_mask(shape, rng, outline_px)
+    fill, line = _shape_mask(shape, rng, outline_px, scale)
     fill_a = np.asarray(fill, dtype=np.float32)[..., None] / 255
     line_a = np.asarray(line, dtype=np.float32)[..., None] / 255
-
     if domain in ("photo", "clutter"):
         bg = _noise_background(rng, [rng.randint(20, 110) for _ in range(3)], 30, big)
         c = np.array(_jitter(colour, rng), dtype=np.float32)
@@ -213,8 +229,7 @@ def render(domain: str, shape: str, index: int, seed: int = 0) -> Sample:
     else:  # textile
         bg = _textile_background(rng, big)
         img = bg * (1 - fill_a) + _fabric(rng, _jitter(colour, rng, 15), big) * fill_a
-    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((SIZE, SIZE), Image.LANCZOS)
-    return Sample(out, shape, colour_name, domain)
+    return img
 
 
 def _add_clutter(img: np.ndarray, rng: random.Random, big: int) -> np.ndarray:

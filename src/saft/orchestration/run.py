@@ -62,7 +62,7 @@ def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
         data = {"datasets": ", ".join(t.name for t in plan), "root": "each dataset's suite root", "shots": d.shots,
                 "subset": d.subset}
     else:
-        data = {"dataset": d.dataset, "root": d.root or "the embedded world's textile pool", "split": d.split,
+        data = {"dataset": d.dataset, "root": d.root or "the embedded world's ID pool", "split": d.split,
                 "shots": d.shots, "subset": d.subset}
     out = {"data": data, "density": s.density, "score rule": s.rule, "batch size": f.batch_size,
            "warm-up steps": f.warmup_steps, "weight decay": f.weight_decay}

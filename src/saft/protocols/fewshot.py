@@ -1,7 +1,7 @@
 """The few-shot grid: accuracy against the number of shots per class, on the embedded world.
 
 For every ``shots`` in the grid (default 1, 2, 4, 8, 16, the CoOp protocol's counts) and
-every seed: draw that many training images per class from the world's textile pool
+every seed: draw that many training images per class from the world's ID pool
 (smaller draws are subsets of larger ones, see :mod:`saft.data.fewshot`), score the mask
 (SAFT; a random mask for ``random``), fine-tune every method at its fixed learning rate
 (default: the rates ``saft benchmark synthshift`` chose at 16 shots, ``params.yaml``'s

@@ -1,6 +1,6 @@
-"""The synthshift protocol: zero-shot, full fine-tuning, SAFT and a random mask on the world.
+"""The synthshift protocol: zero-shot and every compared method on a version of the embedded world.
 
-Per seed: draw the 16-shot split (plus an ID validation split) from the textile pool,
+Per seed: draw the 16-shot split (plus an ID validation split) from the world's ID pool,
 score the SAFT mask, draw a random mask of the same density, fine-tune every method at
 every learning rate of its grid, pick each method's rate on the ID validation split, and
 evaluate the ``synthshift`` suite. Validity checks decide whether the world shows the
@@ -10,11 +10,16 @@ never from SAFT's numbers, and only when full fine-tuning is among the methods r
 With ``b2n``, each seed also draws a 16-shot split of the base classes (the first half),
 trains every method there at the rate it was given on the full task for that seed (SAFT
 scores its mask on the base data), and the ``synthshift-b2n`` suite scores base and new
-classes of the textile test set.
+classes of the ID test set.
 
 The SAFT variant is configurable (eligible tensors, density, score rule, global or
 per-tensor selection) so that variants can be compared under the same protocol; the
 random mask is drawn at the same density over the same eligible tensors.
+
+The world version (``saft.world.spec``) sets the task: shots, validation shots, pool and
+test sizes, seeds, steps, batch and alphas default to the version's; results.json records
+the version, its fingerprint as measured now, whether that equals the frozen one, and every
+setting that deviates from the version's task (a run with deviations is not the benchmark).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from saft.steps.configs import WISEFT, WISEFT_ALPHAS
 from saft.steps.evaluate import DeltaRun, EvaluateConfig, evaluate_suite
 from saft.steps.prepared import PreparedData
 from saft.world.checks import Checks
-from saft.world.task import ID_DOMAIN, build_world
+from saft.world.spec import DEFAULT_WORLD, get_world, world_fingerprint
+from saft.world.task import build_world
 
 SELECTIONS = ("global", "layerwise")
 
@@ -52,16 +58,18 @@ class WorldConfig:
     out_dir: Path = Path("runs/synthshift")
     world_dir: Path | None = None  # default: out_dir/world
     model: str = "tiny"
-    seeds: tuple[int, ...] = (1, 2, 3)
-    shots: int = 16
-    val_shots: int = 8
+    world: str = DEFAULT_WORLD
+    # None: the world version's task (saft.world.spec.Task)
+    seeds: tuple[int, ...] | None = None
+    shots: int | None = None
+    val_shots: int | None = None
     density: float = 0.001
-    steps: int = 100
-    batch_size: int = 32
+    steps: int | None = None
+    batch_size: int | None = None
     grids: dict = field(default_factory=lambda: dict(DEFAULT_GRIDS))
-    alphas: tuple[float, ...] = (1.0,)
-    pool_per_class: int = 64
-    test_per_class: int = 100
+    alphas: tuple[float, ...] | None = None
+    pool_per_class: int | None = None
+    test_per_class: int | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS  # zero-shot is always evaluated
     include: tuple[str, ...] = Eligibility.include  # SAFT / random-mask eligibility (full FT keeps its own)
     exclude: tuple[str, ...] = Eligibility.exclude
@@ -70,6 +78,14 @@ class WorldConfig:
     b2n: bool = False
 
     def __post_init__(self) -> None:
+        task = get_world(self.world).task
+        for name in TASK_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(task, name))
+        self.seeds, self.alphas = tuple(self.seeds), tuple(float(a) for a in self.alphas)
+        if self.shots + self.val_shots > self.pool_per_class:
+            raise ValueError(f"shots ({self.shots}) + val_shots ({self.val_shots}) exceed the pool "
+                             f"({self.pool_per_class} images per class)")
         self.methods = tuple(self.methods)
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -90,6 +106,25 @@ class WorldConfig:
     @property
     def eligibility(self) -> Eligibility:
         return Eligibility(self.include, self.exclude)
+
+
+TASK_FIELDS = ("seeds", "shots", "val_shots", "steps", "batch_size", "alphas", "pool_per_class", "test_per_class")
+
+
+def protocol_deviations(cfg: WorldConfig) -> dict:
+    """Settings that differ from the world version's task (and grids from the protocol's): name -> [task, run]."""
+    task = get_world(cfg.world).task
+    out = {n: [_plain(getattr(task, n)), _plain(getattr(cfg, n))] for n in TASK_FIELDS
+           if _plain(getattr(task, n)) != _plain(getattr(cfg, n))}
+    out.update({f"grid.{m}": [DEFAULT_GRIDS.get(m), cfg.grids.get(m)] for m in cfg.methods
+                if m in DEFAULT_GRIDS and list(cfg.grids.get(m) or []) != list(DEFAULT_GRIDS[m])})
+    if cfg.density != 0.001:
+        out["density"] = [0.001, cfg.density]
+    return out
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def parse_grid(text: str) -> tuple[str, list[float]]:
@@ -145,11 +180,11 @@ def mask_landing(stats: list[dict]) -> dict:
             "per_tensor": dict(sorted(per_tensor.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 
-def _b2n_runs(cfg: WorldConfig, world: Path, seed_dir: Path, seed: int, loaded, lrs: dict[str, float],
+def _b2n_runs(cfg: WorldConfig, pool: Path, seed_dir: Path, seed: int, loaded, lrs: dict[str, float],
               log: Callable[[str], None], progress: bool) -> list[DeltaRun]:
     """Train every method on the base half of the classes at the rate chosen for this seed."""
     model = loaded.model
-    prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "b2n" / "data", shots=cfg.shots, seed=seed,
+    prepare_dataset(pool, seed_dir / "b2n" / "data", shots=cfg.shots, seed=seed,
                     subset="base", val_shots=0)
     data = PreparedData.open(seed_dir / "b2n" / "data")
     train = data.dataset(loaded.preprocess)
@@ -179,9 +214,19 @@ def b2n_table(aggregates: list[dict]) -> dict:
 def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
+    spec = get_world(cfg.world)
     world = build_world(cfg.world_dir or out / "world", pool_per_class=cfg.pool_per_class,
-                        test_per_class=cfg.test_per_class, log=log)
+                        test_per_class=cfg.test_per_class, version=spec.name, log=log)
     loaded = load_model(cfg.model)
+    fingerprint = world_fingerprint(spec, loaded.fingerprint)
+    frozen = (spec.frozen or {}).get("fingerprint")
+    deviations = protocol_deviations(cfg)
+    if frozen and fingerprint != frozen:
+        log(f"warning: world {spec.name} fingerprint {fingerprint[:12]} differs from the frozen {frozen[:12]} "
+            "(renderer, image library or model changed): these numbers are not the frozen world's")
+    if deviations:
+        log("protocol deviations from the world's task: " + ", ".join(f"{k} {v[1]} (task: {v[0]})"
+                                                                      for k, v in deviations.items()))
     model = loaded.model
     chosen_runs: list[DeltaRun] = []
     b2n_runs: list[DeltaRun] = []
@@ -192,7 +237,7 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
     mask_stats: dict[str, list[dict]] = {}
     for seed in cfg.seeds:
         seed_dir = out / f"seed{seed}"
-        prepare_dataset(world / ID_DOMAIN / "pool", seed_dir / "data", shots=cfg.shots, seed=seed,
+        prepare_dataset(world / spec.pool_dir, seed_dir / "data", shots=cfg.shots, seed=seed,
                         val_shots=cfg.val_shots)
         data = PreparedData.open(seed_dir / "data")
         train, val = data.dataset(loaded.preprocess), data.dataset(loaded.preprocess, "val")
@@ -233,7 +278,7 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                 seed_lr[WISEFT], sizes[WISEFT] = alpha, sizes["full"]
                 log(f"seed {seed} wiseft alpha {alpha:g}: ID val {100 * max(v for _, v in curve):5.1f}")
         if cfg.b2n:
-            b2n_runs += _b2n_runs(cfg, world, seed_dir, seed, loaded, seed_lr, log, progress)
+            b2n_runs += _b2n_runs(cfg, world / spec.pool_dir, seed_dir, seed, loaded, seed_lr, log, progress)
     log("evaluating the synthshift suite")
     suite = load_suite(str(world / "synthshift.yaml"), str(world))
     doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=chosen_runs, alphas=list(cfg.alphas)), suite,
@@ -257,6 +302,10 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
                "ood_at_matched_id": matched, "wiseft_alpha": {str(s): a for s, a in wiseft_alpha.items()},
                "checks_computed": checks is not None,
                "checks": checks.results if checks else {}, "checks_passed": checks.passed if checks else None,
+               "check_details": checks.details() if checks else {},
+               "world": spec.name, "world_fingerprint": fingerprint, "world_frozen": frozen,
+               "world_matches_frozen": frozen == fingerprint if frozen else None,
+               "protocol_deviations": deviations,
                "aggregates": doc["aggregates"], "b2n": b2n, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / EVAL.results, summary)
     return summary

@@ -74,11 +74,12 @@ def _digest(lines) -> str:
 
 
 def world_version(pool_per_class: int, test_per_class: int) -> DataVersion:
-    """The embedded world: its parameters and the renderer's version decide every pixel."""
+    """The embedded world: its version, parameters and the renderer's release decide every pixel."""
     from saft.version import __version__
+    from saft.world.spec import DEFAULT_WORLD
 
-    spec = json.dumps({"pool_per_class": pool_per_class, "test_per_class": test_per_class, "saft": __version__},
-                      sort_keys=True)
+    spec = json.dumps({"pool_per_class": pool_per_class, "test_per_class": test_per_class, "saft": __version__,
+                       "world": DEFAULT_WORLD}, sort_keys=True)
     return DataVersion(f"{WORLD}-{_digest([spec])[:16]}", WORLD, "")
 
 

@@ -1,8 +1,9 @@
 """Contrastive pre-training of the embedded tiny CLIP on captions of the embedded world.
 
 Captions are "a <domain word> of a <colour> <shape>" (or, a third of the time, without
-the colour) over the pre-training domains; the downstream ``textile`` domain is never
-shown. Many images share a caption, so the contrastive targets are soft: every pair with
+the colour) over the pre-training domains, framed plainly (``saft.data.synth``): neither
+v1's ``textile`` domain nor the collected world's camera (``saft.data.synth_v2``: small
+objects, distractors, a class-colour cue) is ever shown. Many images share a caption, so the contrastive targets are soft: every pair with
 the same caption counts as a positive.
 """
 

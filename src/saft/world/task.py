@@ -2,49 +2,86 @@
 
 Layout under a world root (every tree an ImageFolder, so every adapter and suite applies)::
 
-    textile/pool/<shape>/*.png    the downstream domain: few-shot train/val are drawn from here
-    textile/test/<shape>/*.png    the ID test set (no shortcut: colour is independent of shape)
-    <domain>/test/<shape>/*.png   OOD test sets: photo, photo_v2, sketch, cartoon, clutter
-    synthshift.yaml               the suite (ID textile, the others OOD)
-    synthshift-b2n.yaml           base-to-new on the textile test set
+    <id>/pool/<shape>/*.png       the ID domain's pool: few-shot train/val are drawn from here
+    <id>/test/<shape>/*.png       the ID test set
+    <domain>/test/<shape>/*.png   one OOD test set per OOD domain of the version
+    synthshift.yaml               the suite (ID first, then the OOD sets)
+    synthshift-b2n.yaml           base-to-new on the ID test set
+    world.json                    which version the images belong to
 
-Images are rendered with seeds that pre-training never used, so no test image was seen.
+``<id>`` is the version's ID domain (``photo`` in the default ``synthshift-v2``). Images are
+rendered with a seed pre-training never used, so no pool or test image was seen.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from saft.data.synth import write_domain
-from saft.io import atomic_path
+from saft.data.synth import SHAPES
+from saft.io import atomic_path, write_json
+from saft.world.spec import DEFAULT_WORLD, WORLD_SEED, World, get_world
 
-ID_DOMAIN = "textile"
-OOD_DOMAINS = ("photo", "photo_v2", "sketch", "cartoon", "clutter")
-WORLD_SEED = 7  # pre-training renders with seed 0
-POOL_PER_CLASS = 64
-TEST_PER_CLASS = 100
+_DEFAULT = get_world(DEFAULT_WORLD)
+ID_DOMAIN = _DEFAULT.id_domain  # of the default version, which the pipelines render
+OOD_DOMAINS = _DEFAULT.ood_domains
+POOL_PER_CLASS = _DEFAULT.task.pool_per_class
+TEST_PER_CLASS = _DEFAULT.task.test_per_class
+MARKER = "world.json"
+
+
+class WorldMismatchError(ValueError):
+    """A world folder holds another version's images."""
 
 
 def suite_document(name: str, entries: list[dict]) -> str:
     return yaml.safe_dump({"name": name, "datasets": entries}, sort_keys=False)
 
 
+def _check_marker(root: Path, world: World) -> None:
+    marker = root / MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text()).get("version")
+        if found != world.name:
+            raise WorldMismatchError(
+                f"{root} holds the {found} world, not {world.name}; give another folder (--out or --world) or "
+                f"delete {root} to render {world.name} there")
+    elif root.is_dir() and any((root / d).is_dir() for d in ("textile", "photo")):
+        raise WorldMismatchError(
+            f"{root} holds world images without a {MARKER} (rendered before world versions existed); delete it "
+            f"or give another folder (--out or --world)")
+
+
+def _write_images(root: Path, world: World, domain: str, per_class: int, start: int) -> None:
+    for i in range(start, start + per_class):
+        for shape in SHAPES:
+            path = root / shape / f"{i:05d}.png"
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                world.render(domain, shape, i, WORLD_SEED).image.save(tmp, format="PNG")
+
+
 def build_world(root: str | Path, *, pool_per_class: int = POOL_PER_CLASS, test_per_class: int = TEST_PER_CLASS,
-                log=print) -> Path:
-    """Render (or complete) the world under ``root``; existing images are kept."""
-    root = Path(root)
-    log(f"rendering the embedded world into {root} ({pool_per_class} pool + {test_per_class} test images per "
-        f"class and domain; existing files are reused)")
-    write_domain(root / ID_DOMAIN / "pool", ID_DOMAIN, pool_per_class, seed=WORLD_SEED)
-    write_domain(root / ID_DOMAIN / "test", ID_DOMAIN, test_per_class, seed=WORLD_SEED, start=10_000)
-    for domain in OOD_DOMAINS:
-        write_domain(root / domain / "test", domain, test_per_class, seed=WORLD_SEED, start=10_000)
-    entries = [{"name": ID_DOMAIN, "dataset": "imagefolder", "root": f"{ID_DOMAIN}/test", "role": "id"}]
-    entries += [{"name": d, "dataset": "imagefolder", "root": f"{d}/test", "role": "ood"} for d in OOD_DOMAINS]
-    b2n = [{"name": f"{ID_DOMAIN}/base", "dataset": "imagefolder", "root": f"{ID_DOMAIN}/test", "role": "base"},
-           {"name": f"{ID_DOMAIN}/new", "dataset": "imagefolder", "root": f"{ID_DOMAIN}/test", "role": "new"}]
+                version: str | None = None, log=print) -> Path:
+    """Render (or complete) world ``version`` under ``root``; existing images are kept."""
+    root, world = Path(root), get_world(version)
+    _check_marker(root, world)
+    log(f"rendering the embedded world {world.name} into {root} ({pool_per_class} pool + {test_per_class} test "
+        f"images per class and domain; existing files are reused)")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / MARKER, {"version": world.name, "id": world.id_domain, "ood": list(world.ood_domains)})
+    _write_images(root / world.pool_dir, world, world.id_domain, pool_per_class, 0)
+    for domain in world.domains:
+        _write_images(root / domain / "test", world, domain, test_per_class, 10_000)
+    idd = world.id_domain
+    entries = [{"name": idd, "dataset": "imagefolder", "root": f"{idd}/test", "role": "id"}]
+    entries += [{"name": d, "dataset": "imagefolder", "root": f"{d}/test", "role": "ood"} for d in world.ood_domains]
+    b2n = [{"name": f"{idd}/base", "dataset": "imagefolder", "root": f"{idd}/test", "role": "base"},
+           {"name": f"{idd}/new", "dataset": "imagefolder", "root": f"{idd}/test", "role": "new"}]
     for name, doc in (("synthshift.yaml", suite_document("synthshift", entries)),
                       ("synthshift-b2n.yaml", suite_document("synthshift-b2n", b2n))):
         with atomic_path(root / name) as tmp:
