@@ -52,6 +52,19 @@ def test_a_disjoint_test_set_is_checked_and_scored(trained: Path) -> None:
     assert meta["train_overlap"].startswith("checked: no evaluation image is one of the 30 images")  # 10 x (2 + 1)
 
 
+def test_a_delta_away_from_its_training_data_is_recorded_as_unchecked(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(trained / "F" / "delta.safetensors", lone / "delta.safetensors")  # no finetune record beside it
+    assert main(["evaluate", "--model", "tiny", "--suite", str(trained / "clean.yaml"), "--data-root", str(trained),
+                 "--delta", f"full:1={lone / 'delta.safetensors'}", "--out", str(tmp_path / "E"),
+                 "--num-workers", "0"]) == 0
+    meta = json.loads((tmp_path / "E" / "metrics.json").read_text())["meta"]
+    assert meta["train_overlap"].startswith("not checked for 1 delta(s) whose training data is not here")
+
+
 def test_class_names_a_classifier_cannot_use_are_refused_or_flagged() -> None:
     with pytest.raises(PrepareError, match="holds 1 class .*needs at least two"):
         check_class_names(["cat"], "root")

@@ -78,6 +78,11 @@ def test_world_cli_fingerprint_and_version(tmp_path, capsys):
     assert main(["world", "--out", str(tmp_path / "v1"), "--version", "synthshift-v1", "--pool-per-class", "1",
                  "--test-per-class", "1"]) == 0
     assert "world synthshift-v1" in capsys.readouterr().out and (tmp_path / "v1" / "textile" / "pool").is_dir()
+    assert main(["world", "--sheet", str(tmp_path / "sheet.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "sheet.png") as sheet:  # a column per class, two rows per domain
+        assert sheet.size == (70 + 96 * len(SHAPES), 16 + 96 * 2 * len(get_world().domains))
 
 
 def test_protocol_defaults_come_from_the_world_and_deviations_are_recorded():

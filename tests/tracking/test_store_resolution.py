@@ -128,3 +128,15 @@ def test_a_half_created_default_store_says_how_to_set_it_aside(folder):
         start_pipeline_run("p", {})
     message = str(err.value)
     assert f"mv {db.parent} {db.parent}.broken" in message and str(db) in message
+
+
+def test_an_error_that_quotes_a_tracking_uri_is_printed_without_its_password(monkeypatch, capsys):
+    import saft.cli as cli
+
+    def fail(args):
+        raise RuntimeError("no MLflow parent run tagged x on http://alice:s3cr3t-pw@tracking.example:5000")
+
+    monkeypatch.setattr(cli, "_run_command", fail)
+    assert cli.main(["world", "--fingerprint"]) == 2
+    err = capsys.readouterr().err
+    assert "s3cr3t-pw" not in err and "alice:***@tracking.example" in err

@@ -223,7 +223,7 @@ def _run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log file or a pipeline task's output: no redrawn progress bars in it
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from saft.tracking.config import use_store
+    from saft.tracking.config import redact, use_store
 
     args = build_parser().parse_args(argv)
     try:
@@ -233,5 +233,5 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        print(f"saft: error: {exc}", file=sys.stderr)
+        print(f"saft: error: {redact(str(exc))}", file=sys.stderr)  # a message may quote a tracking URI
         return 2

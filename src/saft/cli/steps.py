@@ -84,6 +84,11 @@ def _world(args: argparse.Namespace) -> int:
     from saft.steps.params import WorldParams
     from saft.steps.world import world_fingerprint_status, world_step
 
+    if args.sheet:
+        from saft.world.task import contact_sheet
+
+        print(f"wrote {contact_sheet(args.sheet, args.version)} (two pool images per class and domain)")
+        return 0
     if args.fingerprint:
         status = world_fingerprint_status(args.version)
         print(status["text"])
@@ -209,6 +214,8 @@ def register(sub) -> None:
     wo.add_argument("--fingerprint", action="store_true",
                     help="print the version's fingerprint with the shipped model and compare it with the frozen "
                          "one (exit 1 if they differ); renders nothing")
+    wo.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the version's domains and classes "
+                                                   "to PNG instead of rendering the world")
     wo.add_argument("--pool-per-class", type=int, default=0,
                     help="ID pool images per class (default: 0 = the version's, 64)")
     wo.add_argument("--test-per-class", type=int, default=0,

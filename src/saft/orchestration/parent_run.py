@@ -70,7 +70,7 @@ def find_parent_run(run: str) -> str:
         found = client.search_runs([experiment], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{run}'",
                                    max_results=2)
     if not found:
-        raise RuntimeError(f"no MLflow parent run tagged {PIPELINE_RUN_TAG}={run} on {config.uri}: the start-run "
+        raise RuntimeError(f"no MLflow parent run tagged {PIPELINE_RUN_TAG}={run} on {config.display}: the start-run "
                            "task creates it; check that every task reaches the same MLFLOW_TRACKING_URI")
     return found[0].info.run_id
 

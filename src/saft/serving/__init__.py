@@ -14,7 +14,7 @@ Library modules (no MLflow, no Kubernetes):
 * ``wheel``      the project wheel and pins a logged model's environment installs
 
 Above them: ``server`` (``saft serve``: the HTTP endpoint a KServe predictor runs, loading
-the pyfunc of ``saft.tracking.pyfunc``), ``kserve`` (the InferenceService manifest and its
-schema checks), ``kube`` (the Kubernetes API calls) and ``rollout`` (canary, promotion,
+the pyfunc of ``saft.tracking.pyfunc``), ``kserve`` (the InferenceService manifest, deployment
+modes and what each can do; the API server validates it), ``kube`` (the Kubernetes API calls) and ``rollout`` (canary, promotion,
 rollback), which ``saft.steps.deploy`` drives. See docs/serving.md.
 """

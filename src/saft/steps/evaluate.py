@@ -259,9 +259,13 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
         raise ValueError("nothing to evaluate: pass --delta NAME=PATH or keep the zero-shot model")
     deltas = {run.path: _checked_delta(run, loaded, device) for run in cfg.deltas}
     trained: dict[str, str] = {}
+    unchecked: list[str] = []  # deltas whose training images are not here: the record must not say "checked"
     if not cfg.allow_train_overlap:  # a delta scored on its own training images would be scored too high
         for run in cfg.deltas:
-            trained.update(trained_images(run, log=log))
+            images = trained_images(run, log=log)
+            trained.update(images)
+            if not images:
+                unchecked.append(run.path)
     loader = cfg.loader
     records = []
     for task in tasks:
@@ -291,6 +295,8 @@ def _evaluate(cfg: EvaluateConfig, suite: Suite, out_dir: str | Path, progress: 
                 f"(n={acc.n})")
     meta = {"suite": suite.name, "model": cfg.model, "base_fingerprint": loaded.fingerprint,
             "train_overlap": "not checked (--allow-train-overlap)" if cfg.allow_train_overlap else
+            f"not checked for {len(unchecked)} delta(s) whose training data is not here: {', '.join(unchecked)}"
+            if unchecked else
             f"checked: no evaluation image is one of the {len(trained)} images the deltas were trained or "
             "validated on"}
     doc = metrics_document(records, meta, reference)

@@ -352,7 +352,7 @@ def step_run(step: str, parent_run_id: str | None, params: Mapping[str, Any] | N
             try:
                 experiment_id = client.get_run(parent_run_id).info.experiment_id
             except MlflowException as exc:
-                raise TrackingError(f"parent run {parent_run_id!r} does not exist on {config.uri} "
+                raise TrackingError(f"parent run {parent_run_id!r} does not exist on {config.display} "
                                     f"({exc.error_code}); pass the id start_pipeline_run returned") from None
         else:
             experiment_id = get_or_create_experiment(client, config, experiment)

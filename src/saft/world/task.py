@@ -87,3 +87,25 @@ def build_world(root: str | Path, *, pool_per_class: int = POOL_PER_CLASS, test_
         with atomic_path(root / name) as tmp:
             tmp.write_text(doc)
     return root
+
+
+def contact_sheet(path: str | Path, version: str | None = None, per_class: int = 2, zoom: int = 3) -> Path:
+    """A PNG of the version's sets: one row per domain and index, one column per class (pool images, no test)."""
+    from PIL import Image, ImageDraw
+
+    world = get_world(version)
+    cell, label = 32 * zoom, 70
+    rows = [(d, i) for d in world.domains for i in range(per_class)]
+    sheet = Image.new("RGB", (label + cell * len(SHAPES), 16 + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, shape in enumerate(SHAPES):
+        draw.text((label + c * cell + 2, 2), shape, fill="black")
+    for r, (domain, index) in enumerate(rows):
+        y = 16 + r * cell
+        draw.text((2, y + cell // 2 - 6), domain + (" (ID)" if domain == world.id_domain else ""), fill="black")
+        for c, shape in enumerate(SHAPES):
+            img = world.render(domain, shape, index, WORLD_SEED).image.resize((cell, cell), Image.NEAREST)
+            sheet.paste(img, (label + c * cell, y))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return Path(path)
