@@ -20,7 +20,8 @@ from saft.orchestration.torchrun import evaluate_argv, finetune_argv, score_argv
 from saft.serving.kserve import PredictorSettings
 from saft.serving.rollout import RolloutConfig
 from saft.steps import params as P
-from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig, WiseftConfig
+from saft.steps.register import CLI_ONLY, PIPELINE_DEFAULTS, RegisterConfig
 
 REPO = find_repository()
 # step -> (config, the CLI command, the arguments the command needs beside the config's flags)
@@ -31,10 +32,15 @@ STEPS = {
     "prepare": (PrepareConfig, ["data", "prepare"], ["ROOT", "--out", "O"]),
     "deploy-predictor": (PredictorSettings, ["deploy"], ["--out", "O"]),
     "deploy-rollout": (RolloutConfig, ["deploy"], ["--out", "O"]),
+    "register": (RegisterConfig, ["register"], ["--metrics", "M", "--delta", "D", "--data", "A", "--model", "m",
+                                                "--out", "O"]),
+    "wiseft": (WiseftConfig, ["wiseft"], ["--data", "D", "--out", "O", "--delta", "F"]),
 }
 # params.yaml section of each step, and the fields a pipeline sets per task or run instead of in the section
 SECTIONS = {"score": "score", "finetune": "finetune", "evaluate": "evaluate", "prepare": "data",
-            "deploy-predictor": "deploy", "deploy-rollout": "deploy"}
+            "deploy-predictor": "deploy", "deploy-rollout": "deploy", "register": "register"}
+# where a section's default differs from the command line's on purpose (named beside the step's definition)
+SECTION_DEFAULTS = {"register": PIPELINE_DEFAULTS}
 PER_TASK = {
     "score": {"model", "kind", "seed", "device"},
     "finetune": {"model", "method", "lr", "seed", "device"},
@@ -42,6 +48,7 @@ PER_TASK = {
     "prepare": {"seed"},
     "deploy-predictor": {"extra_env"},
     "deploy-rollout": set(),
+    "register": set(CLI_ONLY),
 }
 LOADER = {f.name for f in dataclasses.fields(P.LoaderSettings)}
 
@@ -107,7 +114,7 @@ def test_the_torchrun_command_lines_parse_back_to_their_configs() -> None:
     assert from_arguments(EvaluateConfig, a, deltas=[DeltaRun.parse(d) for d in a.delta]) == ev
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", SECTIONS)
 def test_each_params_section_is_the_step_config_without_what_a_task_sets(step: str) -> None:
     cls, section = STEPS[step][0], getattr(P.PipelineParams(), SECTIONS[step])
     own = {f.name: f for f in dataclasses.fields(section)}
@@ -122,7 +129,7 @@ def test_each_params_section_is_the_step_config_without_what_a_task_sets(step: s
             continue
         assert name in own, f"params.yaml {SECTIONS[step]}: has no key {name}"
         assert section_types[name] == types_[name], name
-        assert default_of(own[name]) == default_of(f), name
+        assert default_of(own[name]) == SECTION_DEFAULTS.get(step, {}).get(name, default_of(f)), name
         assert meta(own[name])["help"] == meta(f)["help"], name
     if step in ("score", "finetune", "evaluate"):
         assert LOADER <= set(config), "a step that reads images takes the loader: section"
@@ -148,6 +155,7 @@ COMPONENTS = {
     "finetune_trainjob": (FinetuneStepConfig, _FINETUNE_SETTINGS, {"method", "device"}),
     "evaluate": (EvaluateConfig, LOADER, {"deltas", "only"}),
     "prepare": (PrepareConfig, set(), set()),
+    "register": (RegisterConfig, set(), set(CLI_ONLY)),
 }
 _TYPES = {str: str, int: int, float: float, bool: bool, list: list}
 
@@ -175,6 +183,41 @@ def test_components_take_every_setting_with_the_config_types_and_defaults(compon
         assert "settings" in params, f"component {component} takes its settings as JSON"
     if via_settings & LOADER and not via_settings - LOADER:
         assert "loader" in params
+
+
+def test_the_section_defaults_that_differ_from_the_command_line_are_named_and_real() -> None:
+    for step, redefaulted in SECTION_DEFAULTS.items():
+        cls, section = STEPS[step][0], getattr(P.PipelineParams(), SECTIONS[step])
+        for name, value in redefaulted.items():
+            assert defaults(cls)[name] != value == getattr(section, name), f"{step}.{name}"
+
+
+def test_register_params_build_the_step_config_and_reach_the_component() -> None:
+    p = P.PipelineParams()
+    cfg = p.register_config()
+    assert dataclasses.asdict(cfg) == {**defaults(RegisterConfig), **PIPELINE_DEFAULTS}
+    assert p.register_config("hm").gate == "hm"
+    args = shared_arguments(p)
+    for key, name in (("register_model_name", "model_name"), ("promote", "promote"),
+                      ("ood_tolerance", "ood_tolerance"), ("id_tolerance", "id_tolerance"),
+                      ("register_baseline", "baseline"), ("register_gate", "gate"), ("hm_tolerance", "hm_tolerance")):
+        assert args[key] == getattr(cfg, name), key
+    with pytest.raises(P.ParamsError, match=r"register\.method must be one of .*got 'sfat' \(did you mean saft\?\)"):
+        P.load_params(None, ["register.method=sfat"])
+    with pytest.raises(P.ParamsError, match=r"register\.ood_tolerance must be a fraction in \[0, 1\)"):
+        P.load_params(None, ["register.ood_tolerance=1.5"])
+
+
+def test_wiseft_alphas_are_one_setting_for_the_command_line_params_and_the_component() -> None:
+    own = {f.name: f for f in dataclasses.fields(P.FinetuneParams)}["wiseft_alphas"]
+    f = {f.name: f for f in dataclasses.fields(WiseftConfig)}["alphas"]
+    assert hints(P.FinetuneParams)["wiseft_alphas"] == hints(WiseftConfig)["alphas"] == list[float]
+    assert default_of(own) == default_of(f) and meta(own)["help"] == meta(f)["help"]
+    assert P.PipelineParams().wiseft_alphas() == default_of(f)
+    assert _component_parameters("train_method")["wiseft_alphas"].annotation is list
+    # the pipeline scores the alphas at the training's batch size and device, both of which default like wiseft's
+    ft = {f.name: f for f in dataclasses.fields(FinetuneStepConfig)}
+    assert default_of(ft["device"]) == defaults(WiseftConfig)["device"]
 
 
 def test_settings_json_carries_every_setting_and_refuses_unknown_keys() -> None:

@@ -324,28 +324,37 @@ def describe(cls, *, skip: typing.Iterable[str] = ()) -> list[tuple[str, str, ob
             for f in dataclasses.fields(cls) if f.name not in skip]
 
 
+def field_of(cls, name: str, *, default=MISSING) -> Field:
+    """A copy of ``cls``'s field ``name`` (its default, help and checks) for another dataclass: the same setting
+    under another name or in another section. ``default`` replaces its default (see :func:`section`)."""
+    f = cls.__dataclass_fields__[name]
+    if default is not MISSING:
+        return dataclasses.field(default=default, metadata=f.metadata)
+    if f.default_factory is not MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
 def section(name: str, *classes, drop: typing.Iterable[str] = (),
-            extra: typing.Sequence[tuple[str, object, Field]] = (), doc: str | None = None) -> type:
+            extra: typing.Sequence[tuple[str, object, Field]] = (), doc: str | None = None,
+            defaults: dict | None = None) -> type:
     """A dataclass holding the fields of ``classes`` but ``drop``, plus ``extra`` ``(name, type, field)``.
 
     A ``params.yaml`` section is its step's configuration without what the pipeline sets
     per task (the model, the seed, the method...): deriving it keeps one default and one
-    help text per setting.
+    help text per setting. ``defaults`` names the few settings whose pipeline default
+    differs from the command line's on purpose (kept beside the step's definition).
     """
-    drop = set(drop)
-    unknown = drop - {f.name for cls in classes for f in dataclasses.fields(cls)}
+    drop, defaults = set(drop), dict(defaults or {})
+    unknown = (drop | set(defaults)) - {f.name for cls in classes for f in dataclasses.fields(cls)}
     if unknown:
-        raise TypeError(f"section {name}: no field(s) {', '.join(sorted(unknown))} to drop")
+        raise TypeError(f"section {name}: no field(s) {', '.join(sorted(unknown))} to drop or redefault")
     spec = []
     for cls, f in ((cls, f) for cls in classes for f in dataclasses.fields(cls)):
         types_ = hints(cls)
         if f.name in drop:
             continue
-        if f.default_factory is not MISSING:
-            copy = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
-        else:
-            copy = dataclasses.field(default=f.default, metadata=f.metadata)
-        spec.append((f.name, types_[f.name], copy))
+        spec.append((f.name, types_[f.name], field_of(cls, f.name, default=defaults.get(f.name, MISSING))))
     out = dataclasses.make_dataclass(name, [*spec, *extra])
     out.__doc__ = doc or f"The {classes[0].__name__} settings a pipeline sets once for every task."
     out.__module__ = classes[0].__module__

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 from saft.config import add_arguments, from_arguments
-from saft.steps.configs import WISEFT_ALPHAS, EvaluateConfig, FinetuneStepConfig, ScoreConfig
+from saft.steps.configs import EvaluateConfig, FinetuneStepConfig, ScoreConfig, WiseftConfig
 
 
 def _main_rank() -> bool:
@@ -71,8 +72,9 @@ def _wiseft(args: argparse.Namespace) -> int:
     from saft.sparse.distributed import resolve_device
     from saft.steps.wiseft import WISEFT_FILE, WISEFT_PLOT, wiseft_step
 
-    doc = wiseft_step(args.model, args.data, args.delta, args.out, alphas=args.alpha, root=args.root,
-                      batch_size=args.batch_size, device=resolve_device(args.device))
+    cfg = from_arguments(WiseftConfig, args)
+    doc = wiseft_step(replace(cfg, device=resolve_device(cfg.device)), args.data, args.delta, args.out,
+                      root=args.root)
     print(f"wiseft: alpha {doc['chosen_alpha']:g} chosen on {doc['val_images']} ID validation images "
           f"(top-1 {100 * doc['chosen_val_top1']:.1f}); evaluate it with "
           f"--delta wiseft@{doc['chosen_alpha']:g}={args.delta}")
@@ -194,13 +196,8 @@ def register(sub) -> None:
                                     "prepared ID validation split for each alpha and keeps the best (ties to the "
                                     "smaller alpha; Wortsman et al. 2022). Writes wiseft.json and wiseft.png.")
     _io(wi)
-    wi.add_argument("--model", required=True, help="base model spec the delta was trained on")
     wi.add_argument("--delta", required=True, help="the full fine-tuning delta.safetensors")
-    wi.add_argument("--alpha", type=float, nargs="+", default=list(WISEFT_ALPHAS), metavar="ALPHA",
-                    help="mixing weights to score (default: 0 0.1 ... 1)")
-    wi.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
-    wi.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:N, or auto (cuda when visible; "
-                                                     "default)")
+    add_arguments(wi, WiseftConfig)
     wi.set_defaults(func=_wiseft)
 
     wo = sub.add_parser("world", help="render the embedded world (the default data) into a folder",

@@ -17,8 +17,11 @@ from saft.orchestration.tasks import (
     _log,
     delta_runs,
 )
+from saft.steps.register import PIPELINE_DEFAULTS, RegisterConfig
 from saft.steps.tracked import step_context
 from saft.layout import DECISION, PREPARED
+
+_REGISTER = RegisterConfig()  # the defaults of the step's one definition
 
 
 def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
@@ -37,14 +40,15 @@ def candidate_metrics(doc: dict, method: str, seed: int | None) -> dict:
 
 def register_task(model: str, results_dir: str, deltas_dir: str, data_dirs: list[str], out_dir: str, *,
                   method: str, model_name: str, promote: bool, ood_tolerance: float, id_tolerance: float,
-                  baseline: bool = True, parent_run_id: str = "", gate: str = "auto",
-                  hm_tolerance: float = 0.01, tracking: bool = True) -> dict:
+                  baseline: bool = PIPELINE_DEFAULTS["baseline"], parent_run_id: str = "",
+                  gate: str = _REGISTER.gate, hm_tolerance: float = _REGISTER.hm_tolerance,
+                  tracking: bool = True) -> dict:
     """Register the lowest seed's delta of ``method``, judged on that delta's own metrics.
 
     ``tracking`` False (``--no-tracking``, ``tracking: false``): nothing is registered in any
     registry, whatever the environment points at; the decision says so.
     """
-    from saft.steps.register import REGISTER_FILE, SKIPPED, RegisterConfig, register_step
+    from saft.steps.register import REGISTER_FILE, SKIPPED, register_step
 
     if not tracking:
         result = {"model_name": model_name, "version": None, "verdict": SKIPPED,

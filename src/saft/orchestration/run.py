@@ -201,16 +201,14 @@ def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, par
 def _register(params: PipelineParams, out: Path, runs: list[DeltaRun], parent: str | None, gate: str) -> dict:
     """Register the first seed's delta of ``register.method``, judged on that delta's own metrics."""
     from saft.io import write_json
-    from saft.steps.register import RegisterConfig, register_step
+    from saft.steps.register import register_step
 
     r = params.register
     candidate = min((run for run in runs if run.name == r.method), key=lambda run: run.seed)
     own = out / "register" / DECISION.candidate_metrics
     write_json(own, candidate_metrics(json.loads((out / "eval" / EVAL.metrics).read_text()), r.method,
                                       candidate.seed))
-    cfg = RegisterConfig(model_name=r.model_name, method=r.method, promote=r.promote, ood_tolerance=r.ood_tolerance,
-                         id_tolerance=r.id_tolerance, gate=gate, hm_tolerance=r.hm_tolerance, baseline=r.baseline)
-    return register_step(cfg, own, candidate.path, out / "register",
+    return register_step(params.register_config(gate), own, candidate.path, out / "register",
                          base_model=params.model, data_dir=Path(candidate.path).parent.parent / "data",
                          parent_run_id=parent)
 

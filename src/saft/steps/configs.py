@@ -155,3 +155,18 @@ class EvaluateConfig(LoaderSettings):
         check(self)
 
 
+@dataclass
+class WiseftConfig:
+    """WiSE-FT's choice of alpha for a full fine-tuning delta (``saft wiseft``; in a pipeline the alphas are
+    ``finetune.wiseft_alphas`` and the batch size and device those of the training)."""
+
+    model: str = setting("", required=True, help="base model spec the delta was trained on")
+    alphas: list[float] = setting(factory=lambda: list(WISEFT_ALPHAS), flag="--alpha", metavar="ALPHA",
+                                  help="wiseft: mixing weights of base + alpha * (full's delta) scored on ID "
+                                       "validation; the best is reported")
+    batch_size: int = setting(128, minimum=1, help="images per batch")
+    device: str = setting("auto", help="torch device: cpu, cuda, cuda:N, or auto (cuda when visible)")
+
+    def __post_init__(self) -> None:
+        check(self)
+        check_alphas(self.alphas)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from saft.config import ConfigError, check, describe, did_you_mean, from_mapping, section, setting, to_mapping
+from saft.config import (ConfigError, check, describe, did_you_mean, field_of, from_mapping, section, setting,
+                         to_mapping)
 from saft.data.prepare import PrepareConfig
 from saft.io import atomic_path
 from saft.loader import LoaderSettings
@@ -24,8 +25,9 @@ from saft.serving.kserve import PredictorSettings
 from saft.serving.rollout import RolloutConfig
 from saft.sparse.config import METHODS, default_lr
 from saft.eval.metrics import ZERO_SHOT
-from saft.steps.configs import (COMPARED, DEFAULT_COMPARED, WISEFT, WISEFT_ALPHAS, EvaluateConfig, FinetuneStepConfig,
-                                ScoreConfig, check_alphas)
+from saft.steps.configs import (COMPARED, DEFAULT_COMPARED, WISEFT, EvaluateConfig, FinetuneStepConfig, ScoreConfig,
+                                WiseftConfig, check_alphas)
+from saft.steps.register import CLI_ONLY, PIPELINE_DEFAULTS, RegisterConfig
 from saft.layout import RESOLVED_PARAMS
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -76,9 +78,7 @@ FinetuneParams = section("FinetuneParams", FinetuneStepConfig, drop=PER_TASK + (
                                                 help="learning-rate grid per method: every rate is trained and the "
                                                      "best on ID validation kept, per seed (e.g. {lora: [1e-4, 3e-4, "
                                                      "1e-3]}); a method not named trains at its lr above alone")),
-    ("wiseft_alphas", list[float], setting(factory=lambda: list(WISEFT_ALPHAS),
-                                           help="wiseft: mixing weights of base + alpha * (full's delta) scored on "
-                                                "ID validation; the best is reported")),
+    ("wiseft_alphas", list[float], field_of(WiseftConfig, "alphas")),
 ])
 EvaluateParams = section("EvaluateParams", EvaluateConfig,
                          drop=("model", "device", "deltas", "zeroshot", "only") + LOADER,
@@ -101,21 +101,10 @@ class RetrainParams:
                                    help="comparisons trained at finetune.lr and evaluated, never registered")
 
 
-@dataclass
-class RegisterParams:
-    """The registry and the promotion gate (saft register)."""
-
-    enabled: bool = setting(True, help="register the candidate (false: nothing is registered)")
-    model_name: str = setting("saft-tiny", help="registered model name")
-    method: str = setting("saft", choices=METHODS, help="the method whose delta is the candidate")
-    promote: bool = setting(True, help="apply the promotion gate (false: register only)")
-    ood_tolerance: float = setting(0.01, minimum=0.0, help="largest OOD-mean drop vs champion and vs zero-shot")
-    id_tolerance: float = setting(0.01, minimum=0.0, help="largest ID drop vs champion")
-    gate: str = setting("auto", choices=("auto", "id_ood", "hm"),
-                        help="gate metric: auto (hm, the base-to-new harmonic mean, on a base/new suite; else "
-                             "id_ood), id_ood or hm")
-    hm_tolerance: float = setting(0.01, minimum=0.0, help="largest HM drop vs champion and vs zero-shot (gate hm)")
-    baseline: bool = setting(True, help="no champion yet: register the zero-shot base first and promote it")
+RegisterParams = section("RegisterParams", RegisterConfig, drop=CLI_ONLY, defaults=PIPELINE_DEFAULTS,
+                         doc="The registry and the promotion gate (saft register).", extra=[
+    ("enabled", bool, setting(True, help="register the candidate (false: nothing is registered)")),
+])
 
 
 DeployParams = section("DeployParams", PredictorSettings, RolloutConfig, drop=("extra_env",),
@@ -230,6 +219,13 @@ class PipelineParams:
                               deltas=list(deltas), only=list(only), device=self.device,
                               zeroshot=ZERO_SHOT in self.finetune.methods)
 
+    def register_config(self, gate: str | None = None) -> RegisterConfig:
+        """``register:`` as the step's configuration (``gate``: the metric resolved for the suite)."""
+        values = to_mapping(self.register, skip=("enabled",))
+        if gate:
+            values["gate"] = gate
+        return RegisterConfig(**values)
+
     def validate(self, source: str = "params") -> "PipelineParams":
         def fail(msg: str) -> None:
             raise ParamsError(f"{source}: {msg}")
@@ -242,7 +238,8 @@ class PipelineParams:
                 fail(f"{_section_of(self, part)}.{err}")
         for name, build in (("score", lambda: self.score_config("saft", 0)),
                             ("finetune", lambda: self.finetune_config((self.trained_methods() or ["saft"])[0], 0)),
-                            ("evaluate", self.evaluate_config), ("data", lambda: self.prepare_config(0))):
+                            ("evaluate", self.evaluate_config), ("data", lambda: self.prepare_config(0)),
+                            ("register", self.register_config)):
             try:  # every check of the steps themselves (across fields too), with the section named
                 build()
             except (ConfigError, ValueError) as err:
@@ -274,6 +271,9 @@ class PipelineParams:
                 check_alphas(f.wiseft_alphas)
             except ValueError as err:
                 fail(f"finetune.wiseft_alphas: {err}")
+        if self.register.method not in METHODS:
+            fail(f"register.method must be one of {', '.join(METHODS)}, got {self.register.method!r}"
+                 f"{did_you_mean(self.register.method, METHODS)}")
         if self.register.enabled and self.register.method not in f.methods:
             fail(f"register.method {self.register.method} is not among finetune.methods {f.methods}")
         if self.data.subset not in SUBSETS:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from saft.config import ConfigError, check, setting
 from saft.eval.metrics import METRICS_SCHEMA, ZERO_SHOT
 from saft.io import shorten, write_json
 from saft.layout import DECISION, FINETUNE
@@ -41,19 +42,52 @@ BASELINE_TAG = "saft.baseline"
 BASELINE_ARTIFACT = "baseline-model"
 
 
+GATES = ("auto", "id_ood", "hm")
+TOLERANCES = ("ood_tolerance", "id_tolerance", "hm_tolerance")
+
+
 @dataclass
 class RegisterConfig:
-    model_name: str = "saft-tiny"
-    method: str = "saft"
-    promote: bool = True
-    ood_tolerance: float = 0.01
-    id_tolerance: float = 0.01
-    gate: str = "auto"  # auto | id_ood | hm
-    hm_tolerance: float = 0.01
-    alpha: float = 1.0
-    register_full: bool = False
-    baseline: bool = False  # register the zero-shot base as the first champion when there is none
-    experiment: str = "saft"  # used only when there is no parent run
+    """The registry and the promotion gate: ``saft register``'s flags, ``params.yaml``'s ``register:`` section
+    (without ``alpha``, ``register_full`` and ``experiment``) and the register component's parameters."""
+
+    model_name: str = setting("saft-tiny", help="registered model name")
+    method: str = setting("saft", help="the candidate: its model name in the metrics document, as given to "
+                                       "evaluate --delta (a pipeline: the method whose delta is registered)")
+    promote: bool = setting(True, help="apply the promotion gate after registering (off: register only)")
+    ood_tolerance: float = setting(0.01, minimum=0.0, help="largest allowed drop of OOD mean top-1 against "
+                                                           "zero-shot and the champion, as a fraction (0.01 = one "
+                                                           "point)")
+    id_tolerance: float = setting(0.01, minimum=0.0, help="largest allowed drop of ID top-1 against zero-shot and "
+                                                          "the champion, as a fraction (0.01 = one point)")
+    gate: str = setting("auto", choices=GATES,
+                        help="what the gate compares: id_ood (ID and OOD mean), hm (base-to-new harmonic mean), or "
+                             "auto: hm on a base-to-new suite, id_ood otherwise")
+    hm_tolerance: float = setting(0.01, minimum=0.0, help="largest allowed drop of the base-to-new HM against "
+                                                          "zero-shot and the champion, as a fraction (gate hm)")
+    baseline: bool = setting(False, help="when the model has no champion yet, first register the zero-shot base "
+                                         "(an empty delta) and promote it, so the candidate is judged against it and "
+                                         "a champion always exists (default on in params.yaml, off for saft register)")
+    alpha: float = setting(1.0, help="candidate's delta scale: its aggregate at this alpha is compared and served")
+    register_full: bool = setting(False, help="register a full fine-tuning (dense) delta too; by default "
+                                              "baselines are only logged")
+    experiment: str = setting("saft", help="MLflow experiment of a standalone run (no --parent-run-id)")
+
+    def __post_init__(self) -> None:
+        check(self)
+        for name in TOLERANCES:
+            if not getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a fraction in [0, 1) (0.01 = one point of top-1), got "
+                                  f"{getattr(self, name):g}")
+
+
+PIPELINE_DEFAULTS = {"baseline": True}
+"""Where ``params.yaml``'s ``register:`` default differs from ``saft register``'s: a pipeline run registers the
+zero-shot base as the first champion (so ``models:/NAME@champion`` resolves after it); on the command line that
+is opt-in (``--baseline``)."""
+CLI_ONLY = ("alpha", "register_full", "experiment")
+"""Settings of ``saft register`` a pipeline does not take: it registers the delta at alpha 1, never a dense
+baseline, under the run's parent."""
 
 
 def read_metrics(path: str | Path) -> dict:
@@ -267,5 +301,5 @@ def register_step(cfg: RegisterConfig, metrics_path: str | Path, delta_path: str
     return result
 
 
-__all__ = ["BASELINE_TAG", "REGISTER_FILE", "RegisterConfig", "document_gate", "read_metrics", "register_step",
-           "select_aggregate"]
+__all__ = ["BASELINE_TAG", "CLI_ONLY", "GATES", "PIPELINE_DEFAULTS", "REGISTER_FILE", "RegisterConfig", "document_gate",
+           "read_metrics", "register_step", "select_aggregate"]

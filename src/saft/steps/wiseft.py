@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from saft.io import atomic_path, write_json
-from saft.steps.configs import WISEFT_ALPHAS as DEFAULT_ALPHAS, check_alphas
+from saft.steps.configs import WiseftConfig, check_alphas
 from saft.steps.record import run_once
 
 WISEFT_DIR = "wiseft"  # beside the delta: its own folder, its own step record
@@ -34,11 +34,12 @@ def choose_alpha(curve: list[dict]) -> dict:
     return max(curve, key=lambda c: (c["val_top1"], -c["alpha"]))
 
 
-def wiseft_step(model_spec: str, data_dir: str | Path, delta_path: str | Path, out_dir: str | Path, *,
-                alphas=DEFAULT_ALPHAS, root: str | None = None, batch_size: int = 128, device: str = "cpu",
-                log: Callable[[str], None] | None = print) -> dict:
-    """Choose WiSE-FT's alpha for the full fine-tuning delta ``delta_path``; returns the ``wiseft.json`` document."""
-    alphas = check_alphas(alphas)
+def wiseft_step(cfg: WiseftConfig, data_dir: str | Path, delta_path: str | Path, out_dir: str | Path, *,
+                root: str | None = None, log: Callable[[str], None] | None = print) -> dict:
+    """Choose WiSE-FT's alpha for the full fine-tuning delta ``delta_path`` (``cfg.device`` resolved: not auto);
+    returns the ``wiseft.json`` document."""
+    model_spec, batch_size, device = cfg.model, cfg.batch_size, cfg.device
+    alphas = check_alphas(cfg.alphas)
     params = {"model": model_spec, "alphas": alphas, "root": root, "batch_size": batch_size, "device": device}
     run_once("wiseft", out_dir, params, [Path(data_dir), Path(delta_path)], [WISEFT_FILE, WISEFT_PLOT],
              lambda: _choose(model_spec, data_dir, delta_path, out_dir, alphas, root, batch_size, device,
@@ -111,4 +112,4 @@ def read_wiseft(folder: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-__all__ = ["DEFAULT_ALPHAS", "WISEFT_DIR", "WISEFT_FILE", "choose_alpha", "read_wiseft", "wiseft_step"]
+__all__ = ["WISEFT_DIR", "WISEFT_FILE", "choose_alpha", "read_wiseft", "wiseft_step"]
