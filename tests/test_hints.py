@@ -87,3 +87,12 @@ def test_every_flag_named_in_a_message_exists_somewhere() -> None:
     bad = sorted({f"{path.relative_to(SRC)}:{line}: {flag}" for path, line, text in _strings()
                   for flag in FLAG.findall(text) if flag not in known and " " in text.strip()})
     assert not bad, "flags that no saft command takes:\n" + "\n".join(bad)
+
+
+def test_a_mistyped_dataset_name_gets_the_closest_supported_one(tmp_path: Path, capsys) -> None:
+    from saft.cli import main
+
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "out"), "--dataset", "imagenett"]) != 0
+    err = capsys.readouterr().err
+    assert "dataset 'imagenett' is not supported (did you mean imagenet?)" in err and "imagefolder" in err
+    assert len(err.strip().splitlines()) == 1

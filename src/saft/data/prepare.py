@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from saft.config import did_you_mean
 from saft.data.adapters import DatasetAdapter, UnknownDatasetError, get_adapter, list_adapters
 from saft.data.drawn import draw_checked, listed_entries, refuse_bad_draw
 from saft.data.fewshot import subsample_classes
@@ -188,7 +189,8 @@ def check_dataset(dataset: str) -> str:
     """Return ``dataset`` if an adapter exists for it, else raise naming the supported ones."""
     if dataset not in SUPPORTED_DATASETS:
         raise PrepareError(
-            f"dataset {dataset!r} is not supported; supported datasets: {', '.join(SUPPORTED_DATASETS)}. "
+            f"dataset {dataset!r} is not supported{did_you_mean(dataset, SUPPORTED_DATASETS)}; supported datasets: "
+            f"{', '.join(SUPPORTED_DATASETS)}. "
             "Arrange other datasets as <root>/<class name>/<image> and use 'imagefolder'"
         )
     return dataset
