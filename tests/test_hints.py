@@ -96,3 +96,5 @@ def test_a_mistyped_dataset_name_gets_the_closest_supported_one(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "dataset 'imagenett' is not supported (did you mean imagenet?)" in err and "imagefolder" in err
     assert len(err.strip().splitlines()) == 1
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "out"), "--dataset", "cifar10"]) != 0
+    assert "did you mean" not in capsys.readouterr().err  # no far-fetched guess (ucf101)

@@ -73,9 +73,9 @@ def flag_name(f: Field) -> str:
     return meta(f)["flag"] or "--" + f.name.replace("_", "-")
 
 
-def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    """`` (did you mean X?)`` for the closest option, or ``""``."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+def did_you_mean(word: str, options: typing.Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean X?)`` for the closest option at least ``cutoff`` alike (difflib's ratio), or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -189,8 +189,9 @@ def check_dataset(dataset: str) -> str:
     """Return ``dataset`` if an adapter exists for it, else raise naming the supported ones."""
     if dataset not in SUPPORTED_DATASETS:
         raise PrepareError(
-            f"dataset {dataset!r} is not supported{did_you_mean(dataset, SUPPORTED_DATASETS)}; supported datasets: "
-            f"{', '.join(SUPPORTED_DATASETS)}. "
+            # 0.7: names of a family share letters and digits (cifar10 is no typo of ucf101)
+            f"dataset {dataset!r} is not supported{did_you_mean(dataset, SUPPORTED_DATASETS, cutoff=0.7)}; "
+            f"supported datasets: {', '.join(SUPPORTED_DATASETS)}. "
             "Arrange other datasets as <root>/<class name>/<image> and use 'imagefolder'"
         )
     return dataset
