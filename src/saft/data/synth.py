@@ -22,7 +22,6 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -244,12 +243,6 @@ def _add_clutter(img: np.ndarray, rng: random.Random, big: int) -> np.ndarray:
         x0, y0, s = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(big * 0.08, big * 0.18)
         draw.ellipse((x0, y0, x0 + s, y0 + s * rng.uniform(0.4, 1)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
     return np.asarray(d, dtype=np.float32)
-
-
-def iter_domain(domain: str, per_class: int, seed: int = 0, start: int = 0) -> Iterator[Sample]:
-    for i in range(start, start + per_class):
-        for shape in SHAPES:
-            yield render(domain, shape, i, seed)
 
 
 def write_domain(root: str | Path, domain: str, per_class: int, seed: int = 0, start: int = 0) -> Path:

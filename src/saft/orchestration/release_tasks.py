@@ -91,10 +91,6 @@ def _tag_version(model_name: str, version: str, data_version: dict) -> None:
             client.set_model_version_tag(model_name, version, key, value)
 
 
-def verdict_of(decision_dir: str) -> str:
-    return str(json.loads((Path(decision_dir) / DECISION.register).read_text()).get("verdict", ""))
-
-
 def deploy_config(settings: str | dict, *, model_name: str, version: str, image: str = ""):
     """params.yaml's ``deploy:`` section (as the pipeline's JSON) as a DeployConfig for ``version``; the predictor
     runs ``image`` (the pipeline's) unless the section names another."""
