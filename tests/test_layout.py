@@ -41,3 +41,14 @@ def test_no_module_but_saft_layout_spells_an_artifact_file_name() -> None:
                     and node.value in names:
                 found.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.value!r}")
     assert not found, "spell these through saft.layout:\n" + "\n".join(found)
+
+
+def test_the_benchmark_wiseft_and_base_file_names_are_layout_names_too() -> None:
+    owned = {n for layout in LAYOUTS for n in layout.names().values()}
+    assert {"wiseft.json", "wiseft.png", "chosen_lr.json", "fewshot.json", "fewshot.md", "fewshot.png",
+            "weights.safetensors", "delta.safetensors"} <= owned
+    # the delta's name is spelled once, not re-exported under an alias by the modules that use it
+    aliased = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+               if any(isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DELTA_FILE"
+                                                        for t in n.targets) for n in ast.walk(ast.parse(p.read_text())))]
+    assert not aliased, aliased

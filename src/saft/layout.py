@@ -88,9 +88,22 @@ class FinetuneFolder(_Layout):
     resume: str = "resume.json"  # pipeline tasks: where they checkpointed and from which step they resumed
     checkpoints: str = "checkpoints"
     trainjob: str = "trainjob.json"  # the TrainJob that trained it (several nodes)
+    wiseft: str = "wiseft"  # full fine-tuning in a benchmark: WiSE-FT's choice of alpha (a WiseftFolder)
     what: str = "a finetune output folder"
     made_by: str = "saft finetune --model M --data D --out FOLDER"
     required: tuple[str, ...] = ("delta", "history", "record")
+
+
+@dataclass(frozen=True)
+class WiseftFolder(_Layout):
+    """``saft wiseft`` (in a benchmark: ``wiseft/`` beside full fine-tuning's delta): the alpha chosen on ID
+    validation and its curve."""
+
+    record: str = "wiseft.json"
+    plot: str = "wiseft.png"
+    what: str = "a WiSE-FT output folder"
+    made_by: str = "saft wiseft --model M --data D --delta F --out FOLDER"
+    required: tuple[str, ...] = ("record",)
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,39 @@ class ModelArtifacts(_Layout):
 
 
 @dataclass(frozen=True)
+class BaseWeights(_Layout):
+    """A stored base model (``saft.serving.bases``): its weights, once per fingerprint, in the cache, a registry
+    artifact or a bucket."""
+
+    weights: str = "weights.safetensors"  # format saft-base/1, with the spec that rebuilds the model
+    what: str = "a stored base model"
+    made_by: str = "saft register"
+    required: tuple[str, ...] = ("weights",)
+
+
+@dataclass(frozen=True)
+class SynthshiftBenchmarkFolder(_Layout):
+    """``saft benchmark synthshift``: what the benchmark chose (beside the files of saft.protocols.synthshift)."""
+
+    chosen_lr: str = "chosen_lr.json"  # each method's rate (and WiSE-FT's alpha) chosen on ID validation
+    what: str = "a synthshift benchmark output folder"
+    made_by: str = "saft benchmark synthshift --out FOLDER"
+    required: tuple[str, ...] = ("chosen_lr",)
+
+
+@dataclass(frozen=True)
+class FewshotFolder(_Layout):
+    """``saft benchmark fewshot``: accuracy against shots per class, over seeds."""
+
+    results: str = "fewshot.json"
+    table: str = "fewshot.md"
+    plot: str = "fewshot.png"
+    what: str = "a few-shot benchmark output folder"
+    made_by: str = "saft benchmark fewshot --out FOLDER"
+    required: tuple[str, ...] = ("results", "table", "plot")
+
+
+@dataclass(frozen=True)
 class WorldTaskFolder(_Layout):
     """The pipelines' world task: the rendered world, or a record that the data lives elsewhere."""
 
@@ -162,7 +208,12 @@ DECISION = DecisionFolder()
 DEPLOYMENT = DeploymentFolder()
 WORLD_TASK = WorldTaskFolder()
 MODEL = ModelArtifacts()
-LAYOUTS = (PREPARED, MASK, FINETUNE, EVAL, DECISION, DEPLOYMENT, WORLD_TASK, MODEL)
+WISEFT_OUT = WiseftFolder()
+BASE = BaseWeights()
+SYNTHSHIFT_BENCHMARK = SynthshiftBenchmarkFolder()
+FEWSHOT = FewshotFolder()
+LAYOUTS = (PREPARED, MASK, FINETUNE, WISEFT_OUT, EVAL, DECISION, DEPLOYMENT, WORLD_TASK, MODEL, BASE,
+           SYNTHSHIFT_BENCHMARK, FEWSHOT)
 
-__all__ = ["DECISION", "DEPLOYMENT", "EVAL", "FINETUNE", "LAYOUTS", "MASK", "PREPARED", "RESOLVED_PARAMS",
-           "STEP_RECORD", "WORLD_TASK", "MODEL", "LayoutError"]
+__all__ = ["BASE", "DECISION", "DEPLOYMENT", "EVAL", "FEWSHOT", "FINETUNE", "LAYOUTS", "MASK", "PREPARED",
+           "RESOLVED_PARAMS", "STEP_RECORD", "SYNTHSHIFT_BENCHMARK", "WISEFT_OUT", "WORLD_TASK", "MODEL", "LayoutError"]

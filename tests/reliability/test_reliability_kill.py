@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from saft.sparse.checkpoint import CHECKPOINT_NAME, DIGEST_NAME
-from saft.steps.finetune import CHECKPOINT_DIR, DELTA_FILE, HISTORY_FILE
+from saft.layout import FINETUNE
+from saft.steps.finetune import CHECKPOINT_DIR, HISTORY_FILE
 from saft.steps.record import RECORD_FILE
 
 SAFT = [sys.executable, "-m", "saft.cli"]
@@ -78,7 +79,7 @@ def test_sigkilled_finetune_resumes_to_the_same_delta(tmp_path: Path) -> None:
     visible = [p for p in files if not _is_atomic_temp(p)]
     assert visible == [Path(CHECKPOINT_DIR) / n for n in (CHECKPOINT_NAME, DIGEST_NAME)], \
         f"unexpected files after the kill: {files}"
-    assert not (f1 / DELTA_FILE).exists() and not (f1 / RECORD_FILE).exists()
+    assert not (f1 / FINETUNE.delta).exists() and not (f1 / RECORD_FILE).exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # complete and readable
     killed_at = state["step"]
     assert killed_at in range(EVERY, STEPS, EVERY), killed_at
@@ -87,7 +88,7 @@ def test_sigkilled_finetune_resumes_to_the_same_delta(tmp_path: Path) -> None:
     _saft(train + ["--out", "F1", "--resume"], tmp_path)
     _saft(train + ["--out", "F2"], tmp_path)
 
-    assert (f1 / DELTA_FILE).read_bytes() == (tmp_path / "F2" / DELTA_FILE).read_bytes()
+    assert (f1 / FINETUNE.delta).read_bytes() == (tmp_path / "F2" / FINETUNE.delta).read_bytes()
     # It really resumed: the first records are the checkpoint's, timings included (a
     # restart from step 0 would have measured new images/s values).
     resumed = json.loads((f1 / HISTORY_FILE).read_text())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saft.serving.bases import BASE_WEIGHTS_FILE, BaseMismatch, BaseRef, BaseUnavailable, load_base
+from saft.layout import BASE
+from saft.serving.bases import BaseMismatch, BaseRef, BaseUnavailable, load_base
 from saft.serving.bundle import HEAD_FILE, MODEL_REF_FILE, load_classifier, read_reference
 
 
@@ -30,7 +31,7 @@ def test_the_model_references_a_stored_base_and_holds_a_float16_head(served_fold
     ref = _reference(served_folder)
     base = BaseRef.from_json(ref["base"])
     assert base.fingerprint == ref["base_fingerprint"] == load_model("tiny").fingerprint
-    assert Path(base.uri, BASE_WEIGHTS_FILE).is_file() and base.model == "tiny"
+    assert Path(base.uri, BASE.weights).is_file() and base.model == "tiny"
     artifacts = sorted(p.name for p in (served_folder / "model" / "artifacts").iterdir())
     assert artifacts == ["delta.safetensors", "head.safetensors", "model_ref.json"]  # no checkpoint
     tensors, meta = load_tensors(served_folder / "model" / "artifacts" / HEAD_FILE, "saft-head/1", "head")
@@ -77,10 +78,10 @@ def test_other_weights_are_refused_with_both_fingerprints(served_folder, tmp_pat
 
     monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
     ref = _reference(served_folder)
-    tensors, meta = load_tensors(Path(ref["base"]["uri"]) / BASE_WEIGHTS_FILE, "saft-base/1", "base weights")
+    tensors, meta = load_tensors(Path(ref["base"]["uri"]) / BASE.weights, "saft-base/1", "base weights")
     name = next(iter(sorted(tensors)))
     tensors[name] = tensors[name] + 0.01
-    wrong = save_tensors(tmp_path / "wrong" / BASE_WEIGHTS_FILE, tensors, meta, "saft-base/1")
+    wrong = save_tensors(tmp_path / "wrong" / BASE.weights, tensors, meta, "saft-base/1")
     moved = {**ref, "base": {**ref["base"], "uri": str(wrong.parent)}}
     with pytest.raises(BaseMismatch) as err:
         _load(served_folder, moved)
@@ -107,7 +108,7 @@ def test_a_damaged_cache_entry_is_dropped_and_refetched(served_folder, tmp_path,
 
     monkeypatch.setenv("SAFT_CACHE_DIR", str(tmp_path / "cache"))
     ref = BaseRef.from_json(_reference(served_folder)["base"])
-    cached = bases.cache_dir() / ref.fingerprint / BASE_WEIGHTS_FILE
+    cached = bases.cache_dir() / ref.fingerprint / BASE.weights
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not safetensors")
     assert load_base(ref).fingerprint == ref.fingerprint
@@ -118,7 +119,7 @@ def test_the_base_loads_from_s3(served_folder, s3_bucket, tmp_path) -> None:
     """An s3:// source (moto): downloaded once into the content-addressed cache, then checked."""
     client, bucket = s3_bucket
     ref = BaseRef.from_json(_reference(served_folder)["base"])
-    client.upload_file(str(Path(ref.uri) / BASE_WEIGHTS_FILE), bucket, f"bases/{ref.fingerprint}/{BASE_WEIGHTS_FILE}")
+    client.upload_file(str(Path(ref.uri) / BASE.weights), bucket, f"bases/{ref.fingerprint}/{BASE.weights}")
     on_s3 = BaseRef(ref.fingerprint, ref.spec, "saft-tiny-vit@/nowhere/weights.safetensors",
                     f"s3://{bucket}/bases/{ref.fingerprint}", ref.sha256, ref.bytes)
     assert load_base(on_s3).fingerprint == ref.fingerprint

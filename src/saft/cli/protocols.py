@@ -31,11 +31,12 @@ def world_config(args: argparse.Namespace) -> "WorldConfig":
 
 def _synthshift(args: argparse.Namespace) -> int:
     from saft.io import write_json
+    from saft.layout import SYNTHSHIFT_BENCHMARK
     from saft.protocols.synthshift import run_world
     from saft.world.table import format_checks, format_results
 
     summary = run_world(world_config(args))  # a bad option raises ValueError before anything runs
-    write_json(Path(args.out) / "chosen_lr.json", {"chosen_lr": summary["chosen_lr"],
+    write_json(Path(args.out) / SYNTHSHIFT_BENCHMARK.chosen_lr, {"chosen_lr": summary["chosen_lr"],
                                                    "per_seed": summary["chosen_lr_per_seed"],
                                                    **({"wiseft_alpha": summary["wiseft_alpha"]}
                                                       if summary.get("wiseft_alpha") else {})})
@@ -69,12 +70,13 @@ def fewshot_config(args: argparse.Namespace) -> "FewShotConfig":
 
 
 def _fewshot(args: argparse.Namespace) -> int:
-    from saft.protocols.fewshot import PLOT_FILE, RESULTS_FILE, format_fewshot, run_fewshot
+    from saft.layout import FEWSHOT
+    from saft.protocols.fewshot import format_fewshot, run_fewshot
 
     summary = run_fewshot(fewshot_config(args), progress=args.progress)
     print()
     print(format_fewshot(summary))
-    print(f"\nwrote {Path(args.out) / RESULTS_FILE}, {Path(args.out) / PLOT_FILE}")
+    print(f"\nwrote {Path(args.out) / FEWSHOT.results}, {Path(args.out) / FEWSHOT.plot}")
     return 0
 
 

@@ -70,7 +70,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _wiseft(args: argparse.Namespace) -> int:
     from saft.sparse.distributed import resolve_device
-    from saft.steps.wiseft import WISEFT_FILE, WISEFT_PLOT, wiseft_step
+    from saft.layout import WISEFT_OUT
+    from saft.steps.wiseft import wiseft_step
 
     cfg = from_arguments(WiseftConfig, args)
     doc = wiseft_step(replace(cfg, device=resolve_device(cfg.device)), args.data, args.delta, args.out,
@@ -78,7 +79,7 @@ def _wiseft(args: argparse.Namespace) -> int:
     print(f"wiseft: alpha {doc['chosen_alpha']:g} chosen on {doc['val_images']} ID validation images "
           f"(top-1 {100 * doc['chosen_val_top1']:.1f}); evaluate it with "
           f"--delta wiseft@{doc['chosen_alpha']:g}={args.delta}")
-    print(f"wrote {args.out}/{WISEFT_FILE}, {WISEFT_PLOT}")
+    print(f"wrote {args.out}/{WISEFT_OUT.record}, {WISEFT_OUT.plot}")
     return 0
 
 

@@ -42,7 +42,6 @@ from saft.steps.collect import collect_step, results_text
 from saft.steps.configs import WISEFT, DeltaRun
 from saft.orchestration.eval_tasks import rates_of_deltas
 from saft.steps.evaluate import evaluate_suite
-from saft.steps.finetune import DELTA_FILE
 from saft.sparse.distributed import resolve_device
 from saft.steps.params import PipelineParams, write_resolved
 from saft.orchestration.plan import TrainingTask, check_protocol, training_plan
@@ -52,7 +51,7 @@ from saft.orchestration.tasks import prepare_task, score_task
 from saft.steps.tracked import step_context
 from saft.orchestration.tune import tune_task
 from saft.steps.world import world_step, world_suite
-from saft.layout import DECISION, EVAL
+from saft.layout import DECISION, EVAL, FINETUNE
 
 
 def report_settings(params: PipelineParams, plan: list[TrainingTask]) -> dict:
@@ -190,7 +189,7 @@ def _train(params: PipelineParams, task: TrainingTask, out: Path, seed: int, par
                            progress=progress, log=log)
         log(f"{what}: {method} lr {result['lr']:g}, {result['trained_values']:,} values, "
             f"final loss {result['final_loss']:.3f}")
-        runs.append(DeltaRun(method, str(task_dir / method / DELTA_FILE), seed))
+        runs.append(DeltaRun(method, str(task_dir / method / FINETUNE.delta), seed))
         if wiseft:
             runs.append(DeltaRun(WISEFT, runs[-1].path, seed, result["wiseft_alpha"]))
             log(f"{what}: wiseft alpha {result['wiseft_alpha']:g} (chosen on ID validation)")

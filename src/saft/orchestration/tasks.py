@@ -27,7 +27,6 @@ from saft.steps.tracked import step_context
 from saft.layout import DECISION, DEPLOYMENT, EVAL, FINETUNE, MASK, PREPARED, WORLD_TASK
 
 MASK_FILE = MASK.mask
-DELTA_FILE = FINETUNE.delta
 HISTORY_FILE = FINETUNE.history
 FINETUNE_FILE = FINETUNE.record
 METRICS_FILE = EVAL.metrics
@@ -37,7 +36,7 @@ RESUME_FILE = FINETUNE.resume
 DEPLOY_FILE = DEPLOYMENT.deploy
 CANDIDATE_METRICS_FILE = DECISION.candidate_metrics
 FILES_DIR = PREPARED.files
-RUN_FILES = (DELTA_FILE, HISTORY_FILE, FINETUNE_FILE)
+RUN_FILES = (FINETUNE.delta, HISTORY_FILE, FINETUNE_FILE)
 
 
 def _log(msg: str) -> None:
@@ -329,7 +328,7 @@ def finetune_task(data_dir: str, mask_dir: str | None, out_dir: str, cfg, *, par
             summary = finetune_step(cfg, data_dir, out_dir, mask_path=mask, root=prepared_root(data_dir),
                                     progress=progress, log=log, resume=ckpt is not None, checkpoint_dir=ckpt)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
-        tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
+        tracker.log_artifact(str(Path(out_dir) / FINETUNE.delta))
         if ckpt is not None:
             tracker.set_tags({"saft.resumed_from_step": str(resumed)})
     if ckpt is not None:
@@ -434,7 +433,7 @@ def _runs(delta_dirs: list[str]) -> list:
     runs = []
     for folder in delta_dirs:
         record = json.loads((Path(folder) / FINETUNE_FILE).read_text())
-        run = DeltaRun(record["config"]["method"], str(Path(folder) / DELTA_FILE), record["config"]["seed"])
+        run = DeltaRun(record["config"]["method"], str(Path(folder) / FINETUNE.delta), record["config"]["seed"])
         runs.append(run)
         chosen = read_wiseft(folder) if run.name == "full" else None
         if chosen is not None:

@@ -86,7 +86,7 @@ def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cf
     from its checkpoints. The folder is removed once the delta is copied out.
     """
     from saft.orchestration.trainjob import launch_trainjob
-    from saft.orchestration.tasks import DELTA_FILE, HISTORY_FILE, RUN_FILES, checkpoint_dir_for, prepared_root, with_epochs
+    from saft.orchestration.tasks import HISTORY_FILE, RUN_FILES, checkpoint_dir_for, prepared_root, with_epochs
 
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"trainjob: nodes ({nodes}) and gpus_per_node ({gpus_per_node}) must be >= 1")
@@ -112,7 +112,7 @@ def finetune_trainjob_task(data_dir: str, mask_dir: str | None, out_dir: str, cf
         for f in RUN_FILES:
             shutil.copyfile(Path(result["out_dir"]) / f, Path(out_dir) / f)
         tracker.log_history(json.loads((Path(out_dir) / HISTORY_FILE).read_text()))
-        tracker.log_artifact(str(Path(out_dir) / DELTA_FILE))
+        tracker.log_artifact(str(Path(out_dir) / FINETUNE.delta))
         tracker.set_tags({"saft.trainjob": result["name"], "saft.trainjob.queued_s": str(result["queued_s"]),
                           "saft.trainjob.running_s": str(result["running_s"])})
     write_json(Path(out_dir) / TRAINJOB_FILE, {"name": result["name"], "namespace": result["namespace"],

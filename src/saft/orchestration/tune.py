@@ -78,18 +78,18 @@ def wiseft_task(model: str, data_dir: str, full_dir: str, alphas: Sequence[float
                 device: str = "auto", seed: int | None = None, parent_run_id: str = "", log=_log) -> dict:
     """WiSE-FT's alpha for the full fine-tuning output ``full_dir``, written into ``full_dir/wiseft/``."""
     from saft.sparse.distributed import resolve_device
-    from saft.steps.finetune import DELTA_FILE
+    from saft.layout import FINETUNE, WISEFT_OUT
     from saft.steps.configs import WiseftConfig
-    from saft.steps.wiseft import WISEFT_DIR, WISEFT_PLOT, wiseft_step
+    from saft.steps.wiseft import WISEFT_DIR, wiseft_step
 
     name = "wiseft" + ("" if seed is None else f" seed{seed}")
     with step_context(name, parent_run_id, {"alphas": list(alphas)}) as tracker:
         cfg = WiseftConfig(model=model, alphas=list(alphas), batch_size=batch_size, device=resolve_device(device))
-        doc = wiseft_step(cfg, data_dir, Path(full_dir) / DELTA_FILE, Path(full_dir) / WISEFT_DIR,
+        doc = wiseft_step(cfg, data_dir, Path(full_dir) / FINETUNE.delta, Path(full_dir) / WISEFT_DIR,
                           root=prepared_root(data_dir), log=log)
         tracker.log_metrics({f"val_top1.alpha_{c['alpha']:g}": c["val_top1"] for c in doc["curve"]}
                             | {"chosen_alpha": doc["chosen_alpha"]})
-        tracker.log_artifact(str(Path(full_dir) / WISEFT_DIR / WISEFT_PLOT))
+        tracker.log_artifact(str(Path(full_dir) / WISEFT_DIR / WISEFT_OUT.plot))
     return doc
 
 

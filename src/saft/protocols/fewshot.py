@@ -27,15 +27,15 @@ from saft.eval.plots import colour
 from saft.eval.report import fmt
 from saft.eval.suites import load_suite
 from saft.io import atomic_path, write_json
+from saft.layout import FEWSHOT, FINETUNE
 from saft.sparse.config import MASK_METHODS, METHODS, default_lr
 from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
 from saft.steps.evaluate import evaluate_suite
-from saft.steps.finetune import DELTA_FILE, finetune_step
+from saft.steps.finetune import finetune_step
 from saft.steps.score import MASK_FILE, score_step
 from saft.world.task import ID_DOMAIN, build_world
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
-RESULTS_FILE, TABLE_FILE, PLOT_FILE = "fewshot.json", "fewshot.md", "fewshot.png"
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _train(cfg: FewShotConfig, seed_dir: Path, shots: int, seed: int, log) -> li
                                   lr=cfg.lrs[method], warmup_steps=cfg.steps // 10, seed=seed)
         summary = finetune_step(fcfg, data, seed_dir / method, mask_path=mask, progress=False, log=None)
         log(f"{shots:>2} shots seed {seed} {method:<6} lr {cfg.lrs[method]:g}: final loss {summary['final_loss']:.3f}")
-        runs.append(DeltaRun(method, str(seed_dir / method / DELTA_FILE), seed))
+        runs.append(DeltaRun(method, str(seed_dir / method / FINETUNE.delta), seed))
     return runs
 
 
@@ -122,10 +122,10 @@ def run_fewshot(cfg: FewShotConfig, log: Callable[[str], None] = print, progress
                                      "(std none with one seed)",
                                "ood_mean": "mean top-1 over the OOD datasets, then mean and sample std over seeds"},
                "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(out / RESULTS_FILE, summary)
-    with atomic_path(out / TABLE_FILE) as tmp:
+    write_json(out / FEWSHOT.results, summary)
+    with atomic_path(out / FEWSHOT.table) as tmp:
         tmp.write_text(format_fewshot(summary) + "\n")
-    with atomic_path(out / PLOT_FILE) as tmp:
+    with atomic_path(out / FEWSHOT.plot) as tmp:
         tmp.write_bytes(fewshot_png(summary))
     return summary
 

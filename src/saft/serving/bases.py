@@ -31,11 +31,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from saft.io import shorten
+from saft.layout import BASE
 
 log = logging.getLogger(__name__)
 
 BASE_FORMAT = "saft-base/1"
-BASE_WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS_ENV = "SAFT_BASE_WEIGHTS"
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -117,7 +117,7 @@ def save_base_weights(loaded, folder: str | Path, model_spec: str | None = None)
     else:
         raise BaseMismatch(f"cannot store base {loaded.spec}: no model spec rebuilds its fingerprint "
                            f"{loaded.fingerprint[:12]}... from its weights ({'; '.join(tried)})")
-    path = Path(folder) / BASE_WEIGHTS_FILE
+    path = Path(folder) / BASE.weights
     save_tensors(path, state, {"fingerprint": loaded.fingerprint, "spec": candidate, "model": model_spec}, BASE_FORMAT)
     return BaseRef(loaded.fingerprint, candidate, model_spec, None, sha256_file(path), path.stat().st_size)
 
@@ -137,7 +137,7 @@ def _load_file(path: Path, ref: BaseRef, device: str, origin: str):
 
 
 def _cached(ref: BaseRef) -> Path:
-    return cache_dir() / ref.fingerprint / BASE_WEIGHTS_FILE
+    return cache_dir() / ref.fingerprint / BASE.weights
 
 
 # How an MLflow URI is downloaded: set by saft.tracking (which sits above this layer) to a download from the one
@@ -155,7 +155,7 @@ def _download_mlflow(uri: str, target: Path) -> Path:
             if uri.startswith("models:/"):
                 name, _, version = uri[len("models:/"):].strip("/").partition("/")
                 uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
-            source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+            source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE.weights}"
             return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target_dir)
     else:
         download = MLFLOW_DOWNLOAD
@@ -169,14 +169,14 @@ def _fetch_s3(uri: str, ref: BaseRef) -> Path:
     from saft.data.storage import open_storage
 
     if not uri.rstrip("/").endswith(".safetensors"):
-        uri = f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+        uri = f"{uri.rstrip('/')}/{BASE.weights}"
     parent, _, name = uri.rpartition("/")
     return open_storage(parent, cache_dir=cache_dir() / "blobs").fetch(name, ref.sha256)
 
 
 def _local(uri: str) -> Path:
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    return path / BASE_WEIGHTS_FILE if path.is_dir() else path
+    return path / BASE.weights if path.is_dir() else path
 
 
 def _fetch(uri: str, ref: BaseRef) -> Path:

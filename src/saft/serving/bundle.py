@@ -34,7 +34,6 @@ MODEL_REF_FILE = MODEL.model_ref
 MODEL_REF_FORMAT = "saft-model-ref/2"
 LEGACY_FORMAT = "saft-model-ref/1"
 HEAD_FILE = MODEL.head
-DELTA_FILE = MODEL.delta
 _REQUIRED = ("base_model", "base_fingerprint", "alpha", "method", "classes", "templates")
 _TEXT_MODULES = ("transformer", "token_embedding", "ln_final", "text")
 _TEXT_TENSORS = ("positional_embedding", "text_projection", "attn_mask")

@@ -15,7 +15,6 @@ from saft.steps.prepared import PreparedData
 from saft.steps.record import run_once
 from saft.layout import FINETUNE
 
-DELTA_FILE = FINETUNE.delta
 HISTORY_FILE = FINETUNE.history
 CONFIG_FILE = FINETUNE.record
 CHECKPOINT_DIR = FINETUNE.checkpoints
@@ -48,7 +47,7 @@ def finetune_step(cfg: FinetuneStepConfig, data_dir: str | Path, out_dir: str | 
     params = {"model": cfg.model, "config": training.to_dict(), "root": data.root, "device": cfg.device,
               "skip_corrupt": cfg.skip_corrupt, "prompts": cfg.prompts}
     dist, device = from_env(cfg.device)  # under torchrun: this rank's part of every global batch
-    return run_once("finetune", out_dir, params, inputs, [DELTA_FILE, HISTORY_FILE, CONFIG_FILE],
+    return run_once("finetune", out_dir, params, inputs, [FINETUNE.delta, HISTORY_FILE, CONFIG_FILE],
                     lambda: _finetune(cfg, training, data, out_dir, mask_path, resume, device, progress, dist,
                                       checkpoint_dir), log=log, dist=dist)
 
@@ -73,7 +72,7 @@ def _finetune(cfg: FinetuneStepConfig, training: FinetuneConfig, data: PreparedD
                "trained_values": result.delta.num_values, "seconds": result.seconds,
                "final_loss": result.history[-1]["loss"] if result.history else None, **meta}
     if dist.is_main:  # the delta and its records appear together or not at all (a full disk leaves none)
-        with atomic_paths(out / DELTA_FILE, out / HISTORY_FILE, out / CONFIG_FILE) as (delta, history, record):
+        with atomic_paths(out / FINETUNE.delta, out / HISTORY_FILE, out / CONFIG_FILE) as (delta, history, record):
             save_delta(result.delta, delta)
             write_json(history, result.history)
             write_json(record, summary)

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from saft.io import atomic_path, write_json
+from saft.layout import FINETUNE, WISEFT_OUT
 from saft.steps.configs import WiseftConfig, check_alphas
 from saft.steps.record import run_once
 
-WISEFT_DIR = "wiseft"  # beside the delta: its own folder, its own step record
-WISEFT_FILE = "wiseft.json"
-WISEFT_PLOT = "wiseft.png"
+WISEFT_DIR = FINETUNE.wiseft  # beside the delta: its own folder, its own step record
 WISEFT_SCHEMA = "saft-wiseft/1"
 def choose_alpha(curve: list[dict]) -> dict:
     """Highest ``val_top1``; ties to the smaller alpha."""
@@ -41,10 +40,10 @@ def wiseft_step(cfg: WiseftConfig, data_dir: str | Path, delta_path: str | Path,
     model_spec, batch_size, device = cfg.model, cfg.batch_size, cfg.device
     alphas = check_alphas(cfg.alphas)
     params = {"model": model_spec, "alphas": alphas, "root": root, "batch_size": batch_size, "device": device}
-    run_once("wiseft", out_dir, params, [Path(data_dir), Path(delta_path)], [WISEFT_FILE, WISEFT_PLOT],
+    run_once("wiseft", out_dir, params, [Path(data_dir), Path(delta_path)], [WISEFT_OUT.record, WISEFT_OUT.plot],
              lambda: _choose(model_spec, data_dir, delta_path, out_dir, alphas, root, batch_size, device,
                              log or (lambda _: None)), log=log)
-    return json.loads((Path(out_dir) / WISEFT_FILE).read_text())
+    return json.loads((Path(out_dir) / WISEFT_OUT.record).read_text())
 
 
 def _choose(model_spec, data_dir, delta_path, out_dir, alphas, root, batch_size, device, log) -> dict:
@@ -77,8 +76,8 @@ def _choose(model_spec, data_dir, delta_path, out_dir, alphas, root, batch_size,
            "delta": Path(delta_path).name, "chosen_alpha": best["alpha"], "chosen_val_top1": best["val_top1"],
            "curve": curve}
     out = Path(out_dir)
-    _plot(doc, out / WISEFT_PLOT)
-    write_json(out / WISEFT_FILE, doc)
+    _plot(doc, out / WISEFT_OUT.plot)
+    write_json(out / WISEFT_OUT.record, doc)
     log(f"wiseft: chose alpha {best['alpha']:g} (validation top-1 {100 * best['val_top1']:.1f})")
     return {"chosen_alpha": best["alpha"]}
 
@@ -108,8 +107,8 @@ def _plot(doc: dict, path: Path) -> None:
 
 def read_wiseft(folder: str | Path) -> dict | None:
     """The WiSE-FT choice made for the full fine-tuning delta in ``folder``, None when there is none."""
-    path = Path(folder) / WISEFT_DIR / WISEFT_FILE
+    path = Path(folder) / WISEFT_DIR / WISEFT_OUT.record
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-__all__ = ["WISEFT_DIR", "WISEFT_FILE", "choose_alpha", "read_wiseft", "wiseft_step"]
+__all__ = ["WISEFT_DIR", "choose_alpha", "read_wiseft", "wiseft_step"]

@@ -378,13 +378,13 @@ def download_from_store(uri: str, target_dir: str) -> str:
     every command resolves, never MLflow's own default; what saft.serving.bases uses once tracking is loaded."""
     import mlflow.artifacts
 
-    from saft.serving.bases import BASE_WEIGHTS_FILE
+    from saft.layout import BASE
 
     config = resolve_config()
     with tracking_call(config, f"downloading the base weights {uri}"):
         if uri.startswith("models:/"):
             name, _, version = uri[len("models:/"):].strip("/").partition("/")
             uri = make_client(config).get_model_version_download_uri(name, version)
-        source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE_WEIGHTS_FILE}"
+        source = uri if uri.rstrip("/").endswith(".safetensors") else f"{uri.rstrip('/')}/{BASE.weights}"
         return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target_dir, tracking_uri=config.uri)
 

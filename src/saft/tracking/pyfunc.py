@@ -41,12 +41,13 @@ import mlflow.pyfunc
 import pandas as pd
 
 from saft.data.storage import sha256_file  # noqa: F401  (the register step hashes deltas with it)
+from saft.layout import MODEL
 from saft.progress import quiet_logger
-from saft.serving.bundle import (DELTA_FILE, HEAD_FILE, MODEL_REF_FILE, MODEL_REF_FORMAT,  # noqa: F401
+from saft.serving.bundle import (HEAD_FILE, MODEL_REF_FILE, MODEL_REF_FORMAT,  # noqa: F401
                                  model_reference)
 from saft.serving.protocol import example_image_b64
 
-DELTA_ARTIFACT = DELTA_FILE
+DELTA_ARTIFACT = MODEL.delta
 MODEL_ARTIFACT_PATH = "model"
 IMAGE_COLUMN = "image"
 URL_COLUMN = "url"
@@ -265,7 +266,7 @@ def build_model_folder(folder: str | Path, *, base_model: str, classes, template
     base = load_model(base_model)
     if delta_path is None:
         delta_path = Delta({}, {}, base.fingerprint, {"method": method, "base_model": base_model}).save(
-            folder / DELTA_FILE)
+            folder / MODEL.delta)
     reference = model_reference(base_model=base_model, base_fingerprint=base.fingerprint, classes=classes,
                                 templates=templates, alpha=alpha, method=method, delta_sha256=sha256_file(delta_path))
     base_ref = replace(save_base_weights(base, folder / "base", base_model), uri=str((folder / "base").resolve()))
