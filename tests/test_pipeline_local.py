@@ -12,6 +12,7 @@ from saft.cli import main
 from saft.steps.configs import DEFAULT_COMPARED as DEFAULT_METHODS
 from saft.steps.params import ParamsError, load_params, write_resolved
 from saft.steps.record import RECORD_FILE, run_once
+from saft.world.task import OOD_DOMAINS
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["seeds=[1]", "finetune.steps=6", "finetune.warmup_steps=1", "world.pool_per_class=26", "world.test_per_class=8",
@@ -270,13 +271,13 @@ def test_kfp_local_pipeline_end_to_end_with_tracking(tmp_path: Path, monkeypatch
     assert {a["model"] for a in summary["aggregates"]} == set(DEFAULT_METHODS)  # the default method list
     assert summary["sizes"]["wiseft"] == summary["sizes"]["full"] and "1" in summary["wiseft_alpha"]
     per_dataset = summary["aggregates"][0]["per_dataset"]
-    assert len(per_dataset) == 6  # one evaluation task per suite dataset, merged
+    assert len(per_dataset) == 1 + len(OOD_DOMAINS)  # one evaluation task per suite dataset, merged
     assert "OOD mean" in text
     # kfp.local's own output went to the log; the terminal got a line per task
     assert "Executing task" in (tmp_path / "kfp" / "kfp.log").read_text() and "Executing task" not in text
-    # 21 tasks for one seed: start, data-version, world, protocol, prepare, 4 x train-method, gather-seed,
-    # gather-deltas, suite-datasets, 6 x evaluate, collect, register, finish
-    assert text.count("  task ") == 21 and len(text.splitlines()) < 80
+    # for one seed: start, data-version, world, protocol, prepare, 4 x train-method, gather-seed,
+    # gather-deltas, suite-datasets, an evaluate per suite dataset, collect, register, finish
+    assert text.count("  task ") == 15 + 1 + len(OOD_DOMAINS) and len(text.splitlines()) < 80
     assert text.count("train-method: success") == 4
     decision = sorted((tmp_path / "kfp" / "kfp").glob("*/register/decision/register.json"))
     assert decision, "the register task wrote no decision"

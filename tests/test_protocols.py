@@ -52,7 +52,7 @@ def test_base_to_new_on_the_embedded_world(tmp_path, monkeypatch, capsys):
     assert classes == sorted(SHAPES)[:5]  # the first half of the 10 shape folders, in label order
     doc = json.loads((out / "eval" / "metrics.json").read_text())
     assert {(r["dataset"], r["role"], r["group"]) for r in doc["records"]} == {
-        ("textile/base", "base", "textile"), ("textile/new", "new", "textile")}
+        ("photo/base", "base", "photo"), ("photo/new", "new", "photo")}
     saft = next(a for a in doc["aggregates"] if a["model"] == "saft")
     assert saft["hm"]["mean"] == pytest.approx(harmonic_mean(saft["base"]["mean"], saft["new"]["mean"]))
     assert saft["base"]["std"] is None  # one seed: no spread, and the report shows none
@@ -105,7 +105,7 @@ def test_the_protocol_is_checked_before_anything_trains(tmp_path):
 
     world = str(tmp_path / "run" / "world")
     assert protocol_task(json.dumps(load_params(None, ["data.subset=base"]).to_dict()), world) == "hm"
-    assert suite_datasets(world, "synthshift-b2n", "") == ["textile/base", "textile/new"]
+    assert suite_datasets(world, "synthshift-b2n", "") == ["photo/base", "photo/new"]
     with pytest.raises(ParamsError, match="data.subset: base"):
         protocol_task(json.dumps(load_params(None, ["evaluate.suite=synthshift-b2n"]).to_dict()), world)
 
