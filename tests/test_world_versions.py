@@ -96,3 +96,20 @@ def test_protocol_defaults_come_from_the_world_and_deviations_are_recorded():
     assert WorldConfig(world="synthshift-v1").val_shots == 8
     with pytest.raises(ValueError, match="exceed the pool"):
         WorldConfig(shots=40, val_shots=40)
+
+
+def test_a_killed_benchmark_resumes_from_the_deltas_it_left(tmp_path):
+    from dataclasses import replace
+
+    from saft.protocols.synthshift import WorldConfig, run_world
+
+    cfg = WorldConfig(out_dir=tmp_path, model="saft-tiny-clip@random", seeds=(1,), steps=2, batch_size=16,
+                      methods=("full", "saft"), grids={"full": [1e-4], "saft": [1e-3]}, pool_per_class=6,
+                      test_per_class=2, shots=2, val_shots=2, alphas=(1.0,))
+    first = run_world(cfg, log=lambda *_: None)
+    logs: list[str] = []
+    again = run_world(replace(cfg, resume=True), log=logs.append)
+    assert sum("reusing" in line for line in logs) == 2 and again["aggregates"] == first["aggregates"]
+    logs.clear()
+    run_world(replace(cfg, resume=True, steps=3), log=logs.append)  # another configuration: trained anew
+    assert not any("reusing" in line for line in logs)

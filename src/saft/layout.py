@@ -15,6 +15,7 @@ from pathlib import Path
 
 STEP_RECORD = "step.json"  # saft.steps.record: the inputs and parameters a step's outputs were made from
 RESOLVED_PARAMS = "params.resolved.yaml"  # the parameters of a run (file + overrides + defaults)
+WORLD_MARKER = "world.json"  # saft.world.task: which version of the embedded world a world folder holds
 
 
 class LayoutError(ValueError):

@@ -26,7 +26,7 @@ def world_config(args: argparse.Namespace) -> "WorldConfig":
                        methods=tuple(args.methods), density=args.density,
                        include=tuple(args.include or Eligibility.include),
                        exclude=tuple(Eligibility.exclude) + tuple(args.exclude or ()),
-                       score_rule=args.score_rule, selection=args.selection, b2n=args.b2n)
+                       score_rule=args.score_rule, selection=args.selection, b2n=args.b2n, resume=args.resume)
 
 
 def _synthshift(args: argparse.Namespace) -> int:
@@ -127,6 +127,9 @@ def register(sub) -> None:
                           "round(density * size) best entries (default: global)")
     syn.add_argument("--no-b2n", dest="b2n", action="store_false",
                      help="skip base-to-new (training on the base half of the classes at the chosen rates)")
+    syn.add_argument("--resume", action="store_true",
+                     help="reuse the deltas a killed run left in OUT when they were trained with the same "
+                          "configuration, data and base (scores, validation and evaluation are recomputed)")
     syn.set_defaults(func=_synthshift)
 
     few = bm_sub.add_parser("fewshot", help="the few-shot grid: accuracy against shots per class, over seeds",

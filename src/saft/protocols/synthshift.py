@@ -40,7 +40,8 @@ from saft.io import write_json
 from saft.layout import EVAL, FINETUNE, MASK
 from saft.models import load_model
 from saft.protocols.methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHODS
-from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, finetune, importance_scores,
+from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, FinetuneResult, finetune,
+                         importance_scores,
                          load_delta, random_mask, save_delta, select_mask)
 from saft.sparse.mask import Mask, select_mask_layerwise
 from saft.steps.configs import WISEFT, WISEFT_ALPHAS
@@ -76,6 +77,7 @@ class WorldConfig:
     score_rule: str = "abs_mean"
     selection: str = "global"
     b2n: bool = False
+    resume: bool = False  # reuse deltas a killed run left, when trained with the same configuration and data
 
     def __post_init__(self) -> None:
         task = get_world(self.world).task
@@ -162,10 +164,25 @@ def _masks(cfg: WorldConfig, model, loader, prompts, seed: int, meta: dict, prog
     return masks
 
 
-def _train(cfg: WorldConfig, model, train, prompts, method: str, lr: float, seed: int, mask, meta, progress):
+def _train(cfg: WorldConfig, model, train, prompts, method: str, lr: float, seed: int, mask, meta, progress,
+           out: Path, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Train one run into ``out`` (its delta and history), or, with ``resume``, reuse the delta already there
+    when it was trained with the same configuration on the same data from the same base."""
     fcfg = FinetuneConfig(method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
                           warmup_steps=cfg.steps // 10, seed=seed)
-    return finetune(model, train, prompts, config=fcfg, mask=mask, meta=meta, progress=progress)
+    delta_path, history_path = out / FINETUNE.delta, out / FINETUNE.history
+    if cfg.resume and delta_path.is_file() and history_path.is_file():
+        done = load_delta(delta_path)
+        same = (json.loads(done.meta.get("config", "null")) == json.loads(json.dumps(fcfg.to_dict()))
+                and done.meta.get("manifest_hash") == meta["manifest_hash"]
+                and (mask is None or done.meta.get("mask_manifest_hash") == meta["manifest_hash"]))
+        if same:
+            log(f"seed {seed} {method:<6} lr {lr:.0e}: reusing {delta_path} (--resume)")
+            return FinetuneResult(done, json.loads(history_path.read_text()), fcfg.to_dict(), 0.0)
+    result = finetune(model, train, prompts, config=fcfg, mask=mask, meta=meta, progress=progress)
+    save_delta(result.delta, delta_path)
+    write_json(history_path, result.history)  # the report's training curves
+    return result
 
 
 def mask_landing(stats: list[dict]) -> dict:
@@ -194,9 +211,9 @@ def _b2n_runs(cfg: WorldConfig, pool: Path, seed_dir: Path, seed: int, loaded, l
     masks = _masks(cfg, model, loader, prompts, seed, meta, progress)
     runs = []
     for method in (m for m in cfg.methods if m != WISEFT):
-        result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks.get(method), meta, progress)
-        path = save_delta(result.delta, seed_dir / "b2n" / method / FINETUNE.delta)
-        write_json(path.parent / FINETUNE.history, result.history)
+        result = _train(cfg, model, train, prompts, method, lrs[method], seed, masks.get(method), meta, progress,
+                        seed_dir / "b2n" / method, log)
+        path = seed_dir / "b2n" / method / FINETUNE.delta
         runs.append(DeltaRun(method, str(path), seed))
         log(f"seed {seed} {method:<6} base-to-new: trained on {len(data.classes)} base classes at lr "
             f"{lrs[method]:.0e} ({result.seconds:.1f} s)")
@@ -256,9 +273,9 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
         for method in (m for m in cfg.methods if m != WISEFT):
             best = None
             for lr in cfg.grids[method]:
-                result = _train(cfg, model, train, prompts, method, lr, seed, masks.get(method), meta, progress)
-                path = save_delta(result.delta, seed_dir / method / _lr_label(lr) / FINETUNE.delta)
-                write_json(path.parent / FINETUNE.history, result.history)  # the report's training curves
+                result = _train(cfg, model, train, prompts, method, lr, seed, masks.get(method), meta, progress,
+                                seed_dir / method / _lr_label(lr), log)
+                path = seed_dir / method / _lr_label(lr) / FINETUNE.delta
                 val_acc = delta_top1(model, result.delta, val, prompts)
                 grid_log.append({"seed": seed, "method": method, "lr": lr, "val_acc": val_acc,
                                  "final_loss": result.history[-1]["loss"], "seconds": result.seconds})

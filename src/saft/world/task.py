@@ -22,6 +22,7 @@ import yaml
 
 from saft.data.synth import SHAPES
 from saft.io import atomic_path, write_json
+from saft.layout import WORLD_MARKER
 from saft.world.spec import DEFAULT_WORLD, WORLD_SEED, World, get_world
 
 _DEFAULT = get_world(DEFAULT_WORLD)
@@ -29,7 +30,7 @@ ID_DOMAIN = _DEFAULT.id_domain  # of the default version, which the pipelines re
 OOD_DOMAINS = _DEFAULT.ood_domains
 POOL_PER_CLASS = _DEFAULT.task.pool_per_class
 TEST_PER_CLASS = _DEFAULT.task.test_per_class
-MARKER = "world.json"
+MARKER = WORLD_MARKER
 
 
 class WorldMismatchError(ValueError):
