@@ -67,7 +67,7 @@ def test_arguments_need_the_base_subset_and_leave_out_registration() -> None:
     with pytest.raises(ValueError, match="data.subset: base"):
         pipeline_arguments("base2new", load_params(REPO / "params.yaml"))
     args = pipeline_arguments("base2new", load_params(REPO / "params.yaml", ["data.subset=base", "seeds=[4, 5]"]))
-    assert args["seed"] == 4 and args["data_subset"] == "base" and args["lr_saft"] == 0.003
+    assert args["seed"] == 4 and args["data_subset"] == "base" and args["lr_saft"] == load_params(REPO / "params.yaml").finetune.lr["saft"]
     assert not {"register_enabled", "promote", "split"} & set(args)
 
 

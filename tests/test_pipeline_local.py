@@ -23,7 +23,7 @@ def test_repository_params_file_loads_and_matches_the_defaults() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.model == "tiny" and params.seeds == [1, 2, 3] and params.embedded
     assert params.finetune.lr == load_params(None).learning_rates()
-    assert {m: params.finetune.lr[m] for m in ("saft", "full", "random")} == {"saft": 3e-3, "full": 1e-4, "random": 1e-2}
+    assert {m: params.finetune.lr[m] for m in ("saft", "full", "random")} == {"saft": 1e-3, "full": 1e-4, "random": 3e-2}
     assert params.finetune.methods == ["zeroshot", "full", "wiseft", "lora", "saft", "random"]
     assert params.to_dict() == {**load_params(None).to_dict(), "finetune": {
         **load_params(None).to_dict()["finetune"], "lr": params.finetune.lr}}
