@@ -245,11 +245,13 @@ def _add_clutter(img: np.ndarray, rng: random.Random, big: int) -> np.ndarray:
     return np.asarray(d, dtype=np.float32)
 
 
-def write_domain(root: str | Path, domain: str, per_class: int, seed: int = 0, start: int = 0) -> Path:
-    """An ImageFolder tree ``root/<shape>/<index>.png`` (existing files are kept)."""
+def write_domain(root: str | Path, domain: str, per_class: int, seed: int = 0, start: int = 0,
+                 renderer=None) -> Path:
+    """An ImageFolder tree ``root/<shape>/<index>.png`` (existing files are kept); ``renderer`` (default:
+    :func:`render`) is any function of (domain, shape, index, seed) returning a :class:`Sample`."""
     from saft.io import atomic_path
 
-    root = Path(root)
+    root, draw = Path(root), renderer or render
     for i in range(start, start + per_class):
         for shape in SHAPES:
             path = root / shape / f"{i:05d}.png"
@@ -257,5 +259,5 @@ def write_domain(root: str | Path, domain: str, per_class: int, seed: int = 0, s
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                render(domain, shape, i, seed).image.save(tmp, format="PNG")
+                draw(domain, shape, i, seed).image.save(tmp, format="PNG")
     return root

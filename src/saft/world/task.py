@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from saft.data.synth import SHAPES
+from saft.data.synth import SHAPES, write_domain
 from saft.io import atomic_path, write_json
 from saft.layout import WORLD_MARKER
 from saft.world.spec import DEFAULT_WORLD, WORLD_SEED, World, get_world
@@ -55,17 +55,6 @@ def _check_marker(root: Path, world: World) -> None:
             f"or give another folder (--out or --world)")
 
 
-def _write_images(root: Path, world: World, domain: str, per_class: int, start: int) -> None:
-    for i in range(start, start + per_class):
-        for shape in SHAPES:
-            path = root / shape / f"{i:05d}.png"
-            if path.exists():
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                world.render(domain, shape, i, WORLD_SEED).image.save(tmp, format="PNG")
-
-
 def build_world(root: str | Path, *, pool_per_class: int = POOL_PER_CLASS, test_per_class: int = TEST_PER_CLASS,
                 version: str | None = None, log=print) -> Path:
     """Render (or complete) world ``version`` under ``root``; existing images are kept."""
@@ -75,9 +64,9 @@ def build_world(root: str | Path, *, pool_per_class: int = POOL_PER_CLASS, test_
         f"images per class and domain; existing files are reused)")
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / MARKER, {"version": world.name, "id": world.id_domain, "ood": list(world.ood_domains)})
-    _write_images(root / world.pool_dir, world, world.id_domain, pool_per_class, 0)
+    write_domain(root / world.pool_dir, world.id_domain, pool_per_class, WORLD_SEED, 0, world.render)
     for domain in world.domains:
-        _write_images(root / domain / "test", world, domain, test_per_class, 10_000)
+        write_domain(root / domain / "test", domain, test_per_class, WORLD_SEED, 10_000, world.render)
     idd = world.id_domain
     entries = [{"name": idd, "dataset": "imagefolder", "root": f"{idd}/test", "role": "id"}]
     entries += [{"name": d, "dataset": "imagefolder", "root": f"{d}/test", "role": "ood"} for d in world.ood_domains]
