@@ -3,8 +3,8 @@
 # `saft bench step` (full, masked-dense, saft, the floor, PEFT LoRA r=8 and SHiRA, rounds interleaved in
 # one process) at ViT-B-32 x 10 classes (batch 16) and ViT-B-16 x 1000 classes (batch 8 and 32), each in
 # fp32 and under bf16 autocast. Each run writes OUT/NAME.json and OUT/NAME.log with `uptime` before and
-# after it (timings are only comparable on an otherwise idle machine). ViT-B-16 x 1000 takes ~10-20 min a
-# configuration on a 2-core CPU: run it in the background, e.g.
+# after it (timings are only comparable on an otherwise idle machine). On a 2-core CPU a ViT-B-16 x 1000
+# configuration takes 6-13 min, the whole matrix ~35 min: run it in the background, e.g.
 #   nohup scripts/bench-step-matrix.sh runs/bench/step-matrix > runs/bench/step-matrix.log 2>&1 &
 # Environment: WARMUP / REPEATS (rounds; defaults 1 / 3 for ViT-B-16 x 1000, 2 / 5 for ViT-B-32),
 # ONLY=NAME to run one configuration, DEVICE (default cpu), EXTRA (more `saft bench step` options).
