@@ -40,6 +40,7 @@ def test_every_method_runs_interleaved_on_the_same_batch_and_reports_ratios():
     assert report["ratios_vs_full"]["full"]["state_bytes"] == 1.0
     assert methods["lora"]["r"] == 8 and methods["shira"]["matched_to_entries"] == k
     assert report["peak_memory"].startswith("not reported")  # the CPU
+    assert report["environment"]["torch_linear_flatten_3d"] == "1"  # the setting `import saft` makes
     assert set(report["targets"]) == {"saft_vs_floor_max", "saft_at_floor", "saft_faster_than_lora",
                                       "saft_faster_than_shira"}
     text = format_step_benchmark(report)

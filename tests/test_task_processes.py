@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_distributed import DELTA_TOLERANCE, _env, toy_world
+from test_distributed import _env, toy_world
 
 from saft.eval.suites import load_suite, suite_document
 from saft.steps.configs import FinetuneStepConfig
 from saft.orchestration.eval_tasks import evaluate_task
 from saft.orchestration.torchrun import PROCESSES_ENV, LaunchError, task_processes
+from saft.sparse.distributed import values_agree
 from saft.steps.score import ScoreConfig
 from saft.orchestration.tasks import finetune_task, score_task
 
@@ -79,8 +80,8 @@ def test_score_finetune_and_evaluate_tasks_on_two_processes_match_one(world: Pat
     assert one.keys() == two.keys()
     for name in one:
         if one[name].is_floating_point():
-            scale = float(one[name].abs().max()) or 1.0
-            assert float((one[name] - two[name]).abs().max()) <= DELTA_TOLERANCE * scale, name
+            check = values_agree(one[name], two[name])
+            assert check["passed"], (name, check)
         else:
             assert torch.equal(one[name], two[name]), name
     assert json.loads((world / "F2/finetune.json").read_text())["processes"] == 2

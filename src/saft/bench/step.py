@@ -89,7 +89,9 @@ def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 def environment(device: torch.device, **extra) -> dict:
     """What a step benchmark ran on: torch, the machine and the device (plus ``extra``)."""
+    # the setting `import saft` makes (saft/__init__.py): it moves frozen attention's CPU bf16 times
     return {"torch": torch.__version__, **extra, "machine": platform.machine(), "processor": platform.processor(),
+            "torch_linear_flatten_3d": os.environ.get("TORCH_LINEAR_FLATTEN_3D"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
