@@ -121,7 +121,8 @@ def values_agree(reference: torch.Tensor, other: torch.Tensor) -> dict:
     """Compare one tensor's trained values with the one-process ``reference`` by :data:`VALUES_RULE`."""
     ref, oth = reference.detach().float().reshape(-1).cpu(), other.detach().float().reshape(-1).cpu()
     if ref.shape != oth.shape:
-        return {"passed": False, "reason": f"{oth.numel()} values vs {ref.numel()}"}
+        return {"max_abs_diff": float("inf"), "max_abs_value": 0.0, "beyond_tolerance": max(ref.numel(), oth.numel()),
+                "allowed_beyond": 0, "passed": False, "reason": f"{oth.numel()} values vs {ref.numel()}"}
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     scale = scale or 1.0
     diff = (ref - oth).abs()
