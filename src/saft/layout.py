@@ -16,6 +16,8 @@ from pathlib import Path
 STEP_RECORD = "step.json"  # saft.steps.record: the inputs and parameters a step's outputs were made from
 RESOLVED_PARAMS = "params.resolved.yaml"  # the parameters of a run (file + overrides + defaults)
 WORLD_MARKER = "world.json"  # saft.world.task: which version of the embedded world a world folder holds
+WORLD_SUITE = "synthshift.yaml"  # saft.world.task: the world's suite (ID first, then the OOD sets)
+WORLD_B2N_SUITE = "synthshift-b2n.yaml"  # saft.world.task: base-to-new on the ID test set
 
 
 class LayoutError(ValueError):

@@ -27,7 +27,7 @@ from saft.eval.plots import colour
 from saft.eval.report import fmt
 from saft.eval.suites import load_suite
 from saft.io import atomic_path, write_json
-from saft.layout import FEWSHOT, FINETUNE
+from saft.layout import FEWSHOT, FINETUNE, WORLD_SUITE
 from saft.sparse.config import MASK_METHODS, METHODS, default_lr
 from saft.steps.configs import DeltaRun, EvaluateConfig, FinetuneStepConfig, ScoreConfig
 from saft.steps.evaluate import evaluate_suite
@@ -97,7 +97,7 @@ def run_fewshot(cfg: FewShotConfig, log: Callable[[str], None] = print, progress
     out = Path(cfg.out_dir)
     world = build_world(cfg.world_dir or out / "world", pool_per_class=cfg.pool_per_class,
                         test_per_class=cfg.test_per_class, log=log)
-    suite = load_suite(str(world / "synthshift.yaml"), str(world))
+    suite = load_suite(str(world / WORLD_SUITE), str(world))
     curves: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     zeroshot = None
     for shots in cfg.shots:

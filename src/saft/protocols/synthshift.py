@@ -37,7 +37,7 @@ from saft.eval import delta_top1
 from saft.eval.alpha_curve import ood_at_matched_id
 from saft.eval.suites import load_suite
 from saft.io import write_json
-from saft.layout import EVAL, FINETUNE, MASK
+from saft.layout import EVAL, FINETUNE, MASK, WORLD_B2N_SUITE, WORLD_SUITE
 from saft.models import load_model
 from saft.protocols.methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHODS
 from saft.sparse import (SCORE_RULES, ClassPrompts, Eligibility, FinetuneConfig, FinetuneResult, finetune,
@@ -297,13 +297,13 @@ def run_world(cfg: WorldConfig, log: Callable[[str], None] = print, progress: bo
         if cfg.b2n:
             b2n_runs += _b2n_runs(cfg, world / spec.pool_dir, seed_dir, seed, loaded, seed_lr, log, progress)
     log("evaluating the synthshift suite")
-    suite = load_suite(str(world / "synthshift.yaml"), str(world))
+    suite = load_suite(str(world / WORLD_SUITE), str(world))
     doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=chosen_runs, alphas=list(cfg.alphas)), suite,
                          out / "eval", progress=progress, log=lambda *_: None)
     b2n = None
     if cfg.b2n:
         log("evaluating the synthshift-b2n suite")
-        b2n_suite = load_suite(str(world / "synthshift-b2n.yaml"), str(world))
+        b2n_suite = load_suite(str(world / WORLD_B2N_SUITE), str(world))
         b2n_doc = evaluate_suite(EvaluateConfig(model=cfg.model, deltas=b2n_runs, alphas=[1.0]), b2n_suite,
                                  out / "eval-b2n", progress=progress, log=lambda *_: None)
         b2n = {"table": b2n_table(b2n_doc["aggregates"]), "aggregates": b2n_doc["aggregates"]}

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from saft.layout import WORLD_B2N_SUITE as B2N_SUITE_FILE
+from saft.layout import WORLD_SUITE as SUITE_FILE
 from saft.steps.params import WorldParams
 from saft.world.spec import get_world, world_fingerprint
 from saft.world.task import build_world
 
-SUITE_FILE = "synthshift.yaml"
-B2N_SUITE_FILE = "synthshift-b2n.yaml"
 POOL_DIR = get_world().pool_dir  # the default version's, which the pipelines render
 WORLD_SUITES = ("", "synthshift", "synthshift-b2n")  # evaluate.suite values that name the world's own suites
 

@@ -22,7 +22,7 @@ import yaml
 
 from saft.data.synth import SHAPES, write_domain
 from saft.io import atomic_path, write_json
-from saft.layout import WORLD_MARKER
+from saft.layout import WORLD_B2N_SUITE, WORLD_MARKER, WORLD_SUITE
 from saft.world.spec import DEFAULT_WORLD, WORLD_SEED, World, get_world
 
 _DEFAULT = get_world(DEFAULT_WORLD)
@@ -72,8 +72,8 @@ def build_world(root: str | Path, *, pool_per_class: int = POOL_PER_CLASS, test_
     entries += [{"name": d, "dataset": "imagefolder", "root": f"{d}/test", "role": "ood"} for d in world.ood_domains]
     b2n = [{"name": f"{idd}/base", "dataset": "imagefolder", "root": f"{idd}/test", "role": "base"},
            {"name": f"{idd}/new", "dataset": "imagefolder", "root": f"{idd}/test", "role": "new"}]
-    for name, doc in (("synthshift.yaml", suite_document("synthshift", entries)),
-                      ("synthshift-b2n.yaml", suite_document("synthshift-b2n", b2n))):
+    for name, doc in ((WORLD_SUITE, suite_document("synthshift", entries)),
+                      (WORLD_B2N_SUITE, suite_document("synthshift-b2n", b2n))):
         with atomic_path(root / name) as tmp:
             tmp.write_text(doc)
     return root
