@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from saft.world.task import OOD_DOMAINS
-from safetensors.torch import load_file
 
 SAFT = [sys.executable, "-m", "saft.cli"]
 ABS_VALUES, REL_LOSS = 1e-6, 1e-5

@@ -123,8 +123,7 @@ def values_agree(reference: torch.Tensor, other: torch.Tensor) -> dict:
     if ref.shape != oth.shape:
         return {"max_abs_diff": float("inf"), "max_abs_value": 0.0, "beyond_tolerance": max(ref.numel(), oth.numel()),
                 "allowed_beyond": 0, "passed": False, "reason": f"{oth.numel()} values vs {ref.numel()}"}
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    scale = scale or 1.0
+    scale = (float(ref.abs().max()) if ref.numel() else 0.0) or 1.0
     diff = (ref - oth).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
     beyond = int((diff > VALUE_TOLERANCE * scale).sum())

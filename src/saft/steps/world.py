@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from saft.layout import WORLD_B2N_SUITE as B2N_SUITE_FILE
-from saft.layout import WORLD_SUITE as SUITE_FILE
+from saft.layout import WORLD_B2N_SUITE, WORLD_SUITE
 from saft.steps.params import WorldParams
 from saft.world.spec import get_world, world_fingerprint
 from saft.world.task import build_world
@@ -20,7 +19,7 @@ def world_suite(suite: str, subset: str = "all") -> str | None:
     training subset is ``base``); None when ``suite`` names something else."""
     if suite not in WORLD_SUITES:
         return None
-    return B2N_SUITE_FILE if suite == "synthshift-b2n" or (not suite and subset == "base") else SUITE_FILE
+    return WORLD_B2N_SUITE if suite == "synthshift-b2n" or (not suite and subset == "base") else WORLD_SUITE
 
 
 def world_step(out_dir: str | Path, params: WorldParams | None = None, *, version: str | None = None,
@@ -30,7 +29,7 @@ def world_step(out_dir: str | Path, params: WorldParams | None = None, *, versio
     root = build_world(out_dir, pool_per_class=params.pool_per_class, test_per_class=params.test_per_class,
                        version=world.name, log=log)
     return {"root": str(root), "version": world.name, "train_root": str(root / world.pool_dir),
-            "suite": str(root / SUITE_FILE), "b2n_suite": str(root / B2N_SUITE_FILE)}
+            "suite": str(root / WORLD_SUITE), "b2n_suite": str(root / WORLD_B2N_SUITE)}
 
 
 def world_fingerprint_status(version: str | None = None, model: str = "tiny") -> dict:
